@@ -105,7 +105,7 @@ def kd_loss_op(
             if student.device.type == "cpu":
                 grad_scale = float(grad_scale)
     if n == 0:
-        rows, grad = student.new_zeros((0,), dtype=torch.float32), None
+        rows = student.new_zeros((0,), dtype=torch.float32)
         grad = student.new_zeros((0, c)) if need_grad else None
     else:
         backend = select_backend(student.device)
@@ -168,6 +168,11 @@ def _kd_backward(ctx, grad_loss: Tensor, _grad_of_saved_grad: Tensor):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_loss.numel() != 0 and grad.dim() == 1:
         raise RuntimeError("kd_loss was computed without a gradient (no_grad or student without requires_grad)")
+    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
+        # Being traced (torch.compile / AOTAutograd): the saved gradient is a graph output there,
+        # and mutating it is not allowed, so scale out of place.
+        scale = grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1)
+        return (grad * scale.to(grad.dtype),) + (None,) * 11
     kd_loss_scale_grad_(grad, grad_loss)
     return (grad,) + (None,) * 11
 
