@@ -1,0 +1,50 @@
+"""Noise in soft labels (thesis section 4.8, eq. 4.4): y' = normalise(y + U).
+
+The spec is "uniform:S" or "normal:S". The training engine draws the noise itself, anew every
+epoch (`rbkd.engine.Distillation(noise=...)`); this module checks specs before a run starts and
+holds the reference version used by the analyses and tests:
+
+    uniform:S   U ~ Uniform[0, S)          (non-negative: y + U stays a valid weight)
+    normal:S    U ~ Normal(0, S^2)          then clamped at 0
+    y' = (y + U) / sum(y + U)               rows sum to 1 again
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NOISE_KINDS = ("uniform", "normal")
+
+
+def parse_noise(spec: str) -> tuple[str, float]:
+    """Read a noise spec: "uniform:0.1" -> ("uniform", 0.1). ValueError with the accepted form otherwise."""
+    kind, sep, value = spec.partition(":")
+    kind = kind.strip().lower()
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = float("nan")
+    if kind not in NOISE_KINDS or not sep or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"cannot read noise {spec!r}; write uniform:S or normal:S with a scale S > 0, "
+            "e.g. --noise normal:0.01"
+        )
+    return kind, scale
+
+
+def add_noise(probs: Tensor, spec: str, *, generator: torch.Generator | None = None) -> Tensor:
+    """Add noise to probability rows and renormalise them; returns float32 [N, C]."""
+    kind, scale = parse_noise(spec)
+    p = probs.double()
+    if kind == "uniform":
+        noise = torch.rand(p.shape, generator=generator, dtype=torch.float64) * scale
+    else:
+        noise = torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale
+    noisy = (p + noise.to(p.device)).clamp_min(0.0)
+    total = noisy.sum(dim=1, keepdim=True)
+    # A row whose every entry was clamped to 0 falls back to the clean row.
+    noisy = torch.where(total > 0, noisy / total.clamp_min(1e-300), p)
+    return noisy.float()

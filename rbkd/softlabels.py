@@ -1,0 +1,292 @@
+"""Soft labels: a teacher's raw logits for one dataset split, stored as safetensors.
+
+A soft-label file holds the *logits* (not probabilities at some T), so any temperature can be
+derived later: `softmax(logits / T)`. Tensors:
+
+    logits   [N, C] float32   raw teacher logits
+    labels   [N]    int64     the dataset's hard labels at `indices` (checked on load)
+    indices  [N]    int64     positions of the rows in the dataset split
+
+String metadata: `rbkd_format` ("1"), `dataset`, `split`, `num_classes`, `teacher`
+("runs/t1@sha256:<hex of its model.safetensors>"), `created` (ISO 8601, UTC).
+
+Reading validates everything a later run relies on and raises `SoftLabelsError` (a `ValueError`)
+with one line naming the file and what to do next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rbkd.analysis.files import write_bytes
+
+FORMAT_VERSION = "1"
+TENSOR_KEYS = ("logits", "labels", "indices")
+METADATA_KEYS = ("rbkd_format", "dataset", "split", "num_classes", "teacher", "created")
+SPLITS = ("train", "test")
+TRAIN_FILE = "soft_labels_train.safetensors"
+TEST_FILE = "soft_labels_test.safetensors"
+
+
+class SoftLabelsError(ValueError):
+    """A soft-label file is missing, corrupt, or does not fit the data it is used with."""
+
+
+@dataclass
+class SoftLabels:
+    """Teacher logits for one split, with the dataset indices and labels they belong to."""
+
+    logits: Tensor  # [N, C] float32, raw teacher logits
+    labels: Tensor  # [N] int64
+    indices: Tensor  # [N] int64, positions in the dataset split
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def dataset(self) -> str:
+        return self.metadata.get("dataset", "")
+
+    @property
+    def split(self) -> str:
+        return self.metadata.get("split", "")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[1])
+
+    @property
+    def teacher(self) -> str:
+        return self.metadata.get("teacher", "")
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def probs(self, T: float = 1.0) -> Tensor:
+        """Soft labels at temperature T: softmax(logits / T), float32 [N, C]."""
+        if not T > 0:
+            raise ValueError(f"temperature T must be > 0, got {T}")
+        return torch.softmax(self.logits.double() / T, dim=1).float()
+
+    def dense_logits(self, num_examples: int) -> Tensor:
+        """Logits scattered into a [num_examples, C] table aligned with the dataset split.
+
+        Rows the file does not cover are NaN, so using one by mistake shows up at once.
+        """
+        out = torch.full((num_examples, self.num_classes), float("nan"), dtype=torch.float32)
+        out[self.indices] = self.logits
+        return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_id(teacher_run: str | os.PathLike, teacher_sha256: str) -> str:
+    """The `teacher` metadata string: "<run path>@sha256:<hex>"."""
+    return f"{teacher_run}@sha256:{teacher_sha256}"
+
+
+def write_soft_labels(
+    path: str | os.PathLike,
+    logits: Tensor,
+    labels: Tensor,
+    indices: Tensor,
+    *,
+    dataset: str,
+    split: str,
+    teacher_run: str | os.PathLike,
+    teacher_sha256: str,
+) -> Path:
+    """Write a soft-label file atomically; returns its path. Inputs are checked, not coerced."""
+    from safetensors.torch import save
+
+    logits = logits.detach().to("cpu", torch.float32).contiguous()
+    labels = labels.detach().to("cpu").contiguous()
+    indices = indices.detach().to("cpu").contiguous()
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
+    n, c = logits.shape
+    if labels.dtype != torch.int64 or labels.shape != (n,):
+        raise ValueError(f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    if indices.dtype != torch.int64 or indices.shape != (n,):
+        raise ValueError(f"indices must be int64 [{n}], got {indices.dtype} {tuple(indices.shape)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    metadata = {
+        "rbkd_format": FORMAT_VERSION,
+        "dataset": str(dataset),
+        "split": split,
+        "num_classes": str(c),
+        "teacher": teacher_id(teacher_run, teacher_sha256),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    data = save({"logits": logits, "labels": labels, "indices": indices}, metadata=metadata)
+    return write_bytes(path, data)
+
+
+def _fail(path: Path, what: str, todo: str) -> SoftLabelsError:
+    return SoftLabelsError(f"soft-label file {path}: {what}; {todo}")
+
+
+_REGENERATE = "regenerate it with `rbkd soft-labels --teacher RUN --split SPLIT --out FILE`"
+
+
+def read_soft_labels(path: str | os.PathLike, *, dataset: Any | None = None) -> SoftLabels:
+    """Read and validate a soft-label file; with `dataset`, also check that it belongs to it.
+
+    `dataset` is an `rbkd.data.ImageDataset` (its name, number of classes, length and labels are
+    compared). Every problem raises `SoftLabelsError` with one line naming the file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(
+            path, "no such file", "write one with `rbkd soft-labels --teacher RUN --out FILE`"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            keys = set(f.keys())
+            missing = [k for k in TENSOR_KEYS if k not in keys]
+            if missing:
+                raise _fail(path, f"missing tensor(s) {', '.join(missing)}", _REGENERATE)
+            tensors = {k: f.get_tensor(k) for k in TENSOR_KEYS}
+    except SoftLabelsError:
+        raise
+    except Exception as e:  # safetensors raises its own error type, or OSError, for bad files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _fail(path, f"not a readable safetensors file ({reason})", _REGENERATE) from e
+
+    missing = [k for k in METADATA_KEYS if k not in metadata]
+    if missing:
+        raise _fail(path, f"missing metadata {', '.join(missing)}", _REGENERATE)
+    if metadata["rbkd_format"] != FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"format {metadata['rbkd_format']!r}, this rbkd reads format {FORMAT_VERSION!r}",
+            _REGENERATE,
+        )
+    logits, labels, indices = (tensors[k] for k in TENSOR_KEYS)
+    if logits.dtype != torch.float32 or logits.dim() != 2:
+        raise _fail(
+            path,
+            f"logits must be float32 [N, C], got {logits.dtype} {tuple(logits.shape)}",
+            _REGENERATE,
+        )
+    n, c = logits.shape
+    for name, t in (("labels", labels), ("indices", indices)):
+        if t.dtype != torch.int64 or tuple(t.shape) != (n,):
+            raise _fail(
+                path, f"{name} must be int64 [{n}], got {t.dtype} {tuple(t.shape)}", _REGENERATE
+            )
+    if metadata["num_classes"] != str(c):
+        raise _fail(
+            path, f"metadata says {metadata['num_classes']} classes, logits have {c}", _REGENERATE
+        )
+    if metadata["split"] not in SPLITS:
+        raise _fail(path, f"unknown split {metadata['split']!r}", _REGENERATE)
+    if n and not torch.isfinite(logits).all():
+        raise _fail(path, "logits contain NaN or inf", _REGENERATE)
+    if n and (labels.min() < 0 or labels.max() >= c):
+        raise _fail(path, f"labels outside [0, {c})", _REGENERATE)
+    if n and (indices.min() < 0 or indices.unique().numel() != n):
+        raise _fail(path, "indices must be distinct and >= 0", _REGENERATE)
+
+    soft = SoftLabels(logits, labels, indices, metadata, path)
+    if dataset is not None:
+        check_matches_dataset(soft, dataset)
+    return soft
+
+
+def dataset_name(dataset: Any) -> str:
+    return str(getattr(dataset, "name", getattr(dataset, "dataset", "")))
+
+
+def dataset_labels(dataset: Any) -> Tensor:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = dataset.targets
+    return torch.as_tensor(labels).long()
+
+
+def dataset_num_classes(dataset: Any) -> int:
+    c = getattr(dataset, "num_classes", None)
+    if c is None:
+        c = len(dataset.classes)
+    return int(c)
+
+
+def check_matches_dataset(soft: SoftLabels, dataset: Any) -> None:
+    """Raise `SoftLabelsError` unless `soft` belongs to `dataset` (name, classes, labels)."""
+    path = soft.path or Path("<memory>")
+    name = dataset_name(dataset)
+    todo = "generate soft labels for this dataset with `rbkd soft-labels --teacher RUN`"
+    if name and soft.dataset != name:
+        raise _fail(path, f"made for dataset {soft.dataset!r}, not {name!r}", todo)
+    c = dataset_num_classes(dataset)
+    if soft.num_classes != c:
+        raise _fail(path, f"has {soft.num_classes} classes, dataset {name!r} has {c}", todo)
+    split = getattr(dataset, "split", None)
+    if isinstance(split, str) and split and soft.split != split:
+        raise _fail(path, f"made for the {soft.split} split, not {split}", todo)
+    labels = dataset_labels(dataset)
+    if len(soft) and int(soft.indices.max()) >= labels.numel():
+        raise _fail(
+            path,
+            f"indices reach {int(soft.indices.max())} but the {name} {split or ''} split "
+            f"has {labels.numel()} examples".replace("  ", " "),
+            todo,
+        )
+    wrong = (labels[soft.indices] != soft.labels).nonzero().flatten()
+    if wrong.numel():
+        i = int(wrong[0])
+        raise _fail(
+            path,
+            f"labels differ from the dataset's at {wrong.numel()} row(s) (first: index "
+            f"{int(soft.indices[i])}, file {int(soft.labels[i])}, dataset {int(labels[soft.indices[i]])})",
+            todo,
+        )
+
+
+def soft_labels_from_model(
+    model: torch.nn.Module,
+    dataset: Any,
+    path: str | os.PathLike,
+    *,
+    teacher_run: str | os.PathLike,
+    split: str,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1024,
+) -> Path:
+    """Run the teacher over the whole split and write its logits (`rbkd.engine.predict_logits`)."""
+    from rbkd.engine import predict_logits, resolve_device
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    logits = predict_logits(model, dataset, device=dev, batch_size=batch_size)
+    labels = dataset_labels(dataset)
+    indices = torch.arange(labels.numel(), dtype=torch.int64)
+    model_file = Path(teacher_run) / "model.safetensors"
+    return write_soft_labels(
+        path,
+        logits,
+        labels,
+        indices,
+        dataset=dataset_name(dataset),
+        split=split,
+        teacher_run=teacher_run,
+        teacher_sha256=sha256_file(model_file),
+    )
