@@ -1,0 +1,42 @@
+"""Datasets for rbkd: Fashion-MNIST (the default), MNIST and CIFAR-10, read from their standard
+files without pickle code execution, found on disk or fetched from the public mirrors.
+
+>>> from rbkd.data import load_dataset
+>>> train = load_dataset("fashion-mnist", "train")   # uint8 images [60000, 1, 28, 28]
+>>> x = train.normalize(train.images[:256].to("cuda"))  # float32, normalised on the GPU
+"""
+
+from rbkd.data.dataset import ImageDataset, load_dataset
+from rbkd.data.download import fetch
+from rbkd.data.errors import (
+    DATA_ERRORS,
+    DataError,
+    DatasetFetchError,
+    DatasetNotFoundError,
+    UnknownDatasetError,
+    UnsafePickleError,
+)
+from rbkd.data.locate import cache_dir, find_dataset, locate_dataset, search_roots
+from rbkd.data.registry import DATASETS, DEFAULT_DATASET, SPLITS, DatasetInfo, RemoteFile, get_info
+
+__all__ = [
+    "DATASETS",
+    "DATA_ERRORS",
+    "DEFAULT_DATASET",
+    "SPLITS",
+    "DataError",
+    "DatasetFetchError",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "RemoteFile",
+    "UnknownDatasetError",
+    "UnsafePickleError",
+    "cache_dir",
+    "fetch",
+    "find_dataset",
+    "get_info",
+    "load_dataset",
+    "locate_dataset",
+    "search_roots",
+]
