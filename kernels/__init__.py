@@ -1,1 +1,35 @@
+"""Triton kernels of the fused KD ops (rbkd.kernels).
 
+One op per module; each exposes host launchers taking torch tensors:
+
+    temperature_softmax_forward(x, T, log) / temperature_softmax_backward(y, grad, T, log)
+    kd_loss_forward(student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index,
+                    grad_scale, need_grad) -> (loss[N] float32, grad[N, C] | None)
+    soft_label_entropy_forward(x, temps, kind, normalize) -> [K, N] float32
+
+Importing this package never fails: without Triton (or with a broken install) TRITON_AVAILABLE is
+False, TRITON_IMPORT_ERROR says why, and the launchers are absent.
+"""
+
+TRITON_IMPORT_ERROR: str | None = None
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # noqa: BLE001 - a broken triton must not break `import rbkd`
+    TRITON_AVAILABLE = False
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    TRITON_AVAILABLE = True
+
+if TRITON_AVAILABLE:
+    from .kd_loss import kd_loss_forward
+    from .soft_label_entropy import soft_label_entropy_forward
+    from .temperature_softmax import temperature_softmax_backward, temperature_softmax_forward
+
+__all__ = [
+    "TRITON_AVAILABLE",
+    "TRITON_IMPORT_ERROR",
+    "kd_loss_forward",
+    "soft_label_entropy_forward",
+    "temperature_softmax_backward",
+    "temperature_softmax_forward",
+]
