@@ -1,0 +1,119 @@
+"""Bad input, backend choice, torch.library registration and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import cpu_backends
+
+import rbkd.ops as ops
+from rbkd.ops import library
+
+Z = torch.randn(6, 10)
+T_ = torch.randn(6, 10)
+Y = torch.randint(0, 10, (6,))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"teacher": torch.randn(6, 11)}, ValueError, "teacher has shape"),
+        ({"teacher": torch.randn(6, 10, dtype=torch.float64)}, TypeError, "teacher must be float32"),
+        ({"student_logits": torch.randn(6, 10).int()}, TypeError, "student_logits must be float32"),
+        ({"student_logits": torch.randn(60)}, ValueError, "student_logits must be 2-D"),
+        ({"labels": Y.int()}, TypeError, "labels must be int64, got int32"),
+        ({"labels": Y[:5]}, ValueError, r"labels must have shape \[6\]"),
+        ({"labels": torch.tensor([0, 1, 2, 10, 4, 5])}, ValueError, r"labels\[3\] = 10 is outside"),
+        ({"labels": torch.tensor([0, 1, 2, -5, 4, 5])}, ValueError, r"labels\[3\] = -5"),
+        ({"T": 0.0}, ValueError, "T must be a finite number > 0"),
+        ({"T": -2.0}, ValueError, "T must be a finite number > 0"),
+        ({"T": float("nan")}, ValueError, "T must be a finite number > 0"),
+        ({"T": float("inf")}, ValueError, "T must be a finite number > 0"),
+        ({"T": "9"}, TypeError, "T must be a float"),
+        ({"T": torch.tensor([1.0, 2, 3, 0, 1, 1])}, ValueError, r"T\[3\] = 0.0"),
+        ({"T": torch.ones(5)}, ValueError, "one value per row"),
+        ({"alpha": 1.5}, ValueError, r"alpha must be in \[0, 1\]"),
+        ({"alpha": torch.tensor([0.5, 0.5, 2, 0.5, 0.5, 0.5])}, ValueError, r"alpha\[2\] = 2.0"),
+        ({"teacher_kind": "logit"}, ValueError, "teacher_kind must be one of"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"teacher_kind": "probs"}, ValueError, "rows must be probabilities"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_kd_loss_bad_input_names_the_argument(kwargs, error, match):
+    args = {"student_logits": Z, "teacher": T_, "labels": Y} | kwargs
+    student, teacher, labels = args.pop("student_logits"), args.pop("teacher"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        ops.kd_loss(student, teacher, labels, **args)
+
+
+def test_other_ops_bad_input():
+    with pytest.raises(ValueError, match="T must be a finite number > 0"):
+        ops.temperature_softmax(Z, T=0)
+    with pytest.raises(TypeError, match="logits must be float32"):
+        ops.temperature_softmax(Z.long())
+    with pytest.raises(ValueError, match="at least one class"):
+        ops.temperature_softmax(torch.randn(3, 0))
+    with pytest.raises(ValueError, match="T must be a finite number > 0"):
+        ops.soft_label_entropy(Z, [1.0, -1.0])
+    with pytest.raises(ValueError, match="T must be 1"):
+        ops.soft_label_entropy(torch.softmax(Z, -1), 2.0, teacher_kind="probs")
+    with pytest.raises(ValueError, match="rows must be probabilities"):
+        ops.soft_label_entropy(Z, teacher_kind="probs")
+    with pytest.raises(ValueError, match="must be 2-D"):
+        ops.soft_label_entropy(torch.randn(2, 3, 4))
+
+
+def test_backend_selection(monkeypatch):
+    assert "torch" in ops.available_backends()
+    monkeypatch.setenv("RBKD_BACKEND", "torch")
+    assert ops.select_backend(torch.device("cpu")).NAME == "torch"
+    monkeypatch.setenv("RBKD_BACKEND", "nonsense")
+    with pytest.raises(ops.BackendError, match="unknown backend 'nonsense'"):
+        ops.kd_loss(Z, T_, Y)
+    monkeypatch.delenv("RBKD_BACKEND")
+    expected = "cpu" if "cpu" in ops.available_backends() else "torch"
+    assert ops.select_backend(torch.device("cpu")).NAME == expected
+    with ops.use_backend("torch"):
+        assert ops.select_backend(torch.device("cpu")).NAME == "torch"
+    assert ops.select_backend(torch.device("cpu")).NAME == expected
+
+
+def test_named_backend_that_cannot_serve_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendError, match="cuda"):
+        ops.kd_loss(Z, T_, Y)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendError, match="triton"):
+        ops.soft_label_entropy(Z)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck(backend):
+    z = torch.randn(6, 10, requires_grad=True)
+    with ops.use_backend(backend):
+        for args in [
+            (z, T_, Y, None, 3.0, None, 0.5, 0, True, -100, 2, True),
+            (z, T_, None, torch.rand(6) + 0.5, 1.0, torch.rand(6), 0.0, 0, False, -100, 0, True),
+            (z, torch.softmax(T_, -1), Y, None, 2.0, None, 0.9, 1, True, -100, 1, True),
+        ]:
+            torch.library.opcheck(library.kd_loss_op, args)
+        torch.library.opcheck(library.temperature_softmax_op, (z, 2.0, True))
+        torch.library.opcheck(library.soft_label_entropy_op, (z, torch.tensor([1.0, 9.0]), 0, True))
+
+
+def test_torch_compile_traces_a_model_without_graph_breaks():
+    model = torch.nn.Linear(8, 10)
+    x, teacher, labels = torch.randn(16, 8), torch.randn(16, 10), torch.randint(0, 10, (16,))
+
+    def step(x):
+        logits = model(x)
+        loss = ops.kd_loss(logits, teacher, labels, T=4.0, alpha=0.9)
+        return loss + 0.1 * ops.soft_label_entropy(logits, [1.0, 4.0]).mean()
+
+    compiled = torch.compile(step, fullgraph=True)  # fullgraph: a graph break is an error
+    loss = compiled(x)
+    loss.backward()
+    grad_compiled = model.weight.grad.clone()
+    model.zero_grad()
+    step(x).backward()
+    torch.testing.assert_close(grad_compiled, model.weight.grad, atol=1e-6, rtol=1e-5)
