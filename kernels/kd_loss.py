@@ -49,20 +49,11 @@ def _kd_loss_fwd_kernel(
     t_row = t_ptr + row * t_row_stride
     cols = tl.arange(0, BLOCK)
 
-    if T_ROWS:
-        T = tl.load(T_ptr + row)
-    else:
-        T = T_scalar
+    T = tl.load(T_ptr + row) if T_ROWS else T_scalar
     inv_t = 1.0 / T
-    if T_SQUARED:
-        s = T * T
-    else:
-        s = 1.0
+    s = T * T if T_SQUARED else 1.0
     if HAS_LABELS:
-        if ALPHA_ROWS:
-            alpha = tl.load(alpha_ptr + row)
-        else:
-            alpha = alpha_scalar
+        alpha = tl.load(alpha_ptr + row) if ALPHA_ROWS else alpha_scalar
         y = tl.load(labels_ptr + row)
         # Out-of-range labels are ignored rather than trusted: the kernel never reads z[y] there.
         valid = (y != ignore_index) & (y >= 0) & (y < C)
@@ -110,10 +101,7 @@ def _kd_loss_fwd_kernel(
         log_dt = tl.log(D_t)
 
     if NEED_GRAD:
-        if GS_PTR:
-            gs = tl.load(gs_ptr)
-        else:
-            gs = gs_scalar
+        gs = tl.load(gs_ptr) if GS_PTR else gs_scalar
         kd_g = alpha * s * inv_t * gs
         ce_g = (1.0 - alpha) * gs
         grad_row = grad_ptr + row * C
@@ -181,7 +169,9 @@ def kd_loss_forward(
     """
     N, C = student.shape
     if teacher_kind not in (TEACHER_LOGITS, TEACHER_PROBS, TEACHER_LOG_PROBS):
-        raise ValueError(f"teacher_kind must be 0 (logits), 1 (probs) or 2 (log_probs), got {teacher_kind}")
+        raise ValueError(
+            f"teacher_kind must be 0 (logits), 1 (probs) or 2 (log_probs), got {teacher_kind}"
+        )
     loss = torch.empty(N, dtype=torch.float32, device=student.device)
     grad = torch.empty((N, C), dtype=student.dtype, device=student.device) if need_grad else None
     if N == 0:

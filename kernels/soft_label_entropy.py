@@ -116,7 +116,7 @@ def soft_label_entropy_forward(
             _entropy_probs_kernel[(N,)](
                 x, x.stride(0), out, K, N, C, inv_log_c,
                 BLOCK=block, num_warps=pick_num_warps(block),
-            )
+            )  # fmt: skip
         return out
     if kind != KIND_LOGITS:
         raise ValueError(f"kind must be 0 (logits) or 1 (probs), got {kind}")

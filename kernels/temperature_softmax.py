@@ -44,10 +44,7 @@ def _temperature_softmax_fwd_kernel(
     x_row = x_ptr + row * x_row_stride
     out_row = out_ptr + row * C
     cols = tl.arange(0, BLOCK)
-    if T_ROWS:
-        inv_t = 1.0 / tl.load(T_ptr + row)
-    else:
-        inv_t = 1.0 / T_scalar
+    inv_t = 1.0 / tl.load(T_ptr + row) if T_ROWS else 1.0 / T_scalar
 
     m = tl.full([BLOCK], NEG_FLT_MAX, tl.float32)
     d = tl.zeros([BLOCK], tl.float32)
@@ -86,10 +83,7 @@ def _temperature_softmax_bwd_kernel(
     g_row = g_ptr + row * g_row_stride
     gi_row = gi_ptr + row * C
     cols = tl.arange(0, BLOCK)
-    if T_ROWS:
-        inv_t = 1.0 / tl.load(T_ptr + row)
-    else:
-        inv_t = 1.0 / T_scalar
+    inv_t = 1.0 / tl.load(T_ptr + row) if T_ROWS else 1.0 / T_scalar
 
     # First pass: the row reduction, sum(g * y) for softmax, sum(g) for log_softmax.
     acc = tl.zeros([BLOCK], tl.float32)
@@ -109,10 +103,7 @@ def _temperature_softmax_bwd_kernel(
         mask = offs < C
         g = tl.load(g_row + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if LOG:
-            gi = (g - tl.exp(y) * total) * inv_t
-        else:
-            gi = y * (g - total) * inv_t
+        gi = (g - tl.exp(y) * total) * inv_t if LOG else y * (g - total) * inv_t
         tl.store(gi_row + offs, gi.to(gi_ptr.dtype.element_ty), mask=mask)
 
 
