@@ -1,0 +1,234 @@
+"""fit(): the one training loop, for teacher training and distillation alike.
+
+The training set lives on the device as uint8; a batch is an index slice of a permutation drawn
+from (seed, epoch), normalised on the fly. Under torchrun each rank takes its contiguous share of
+every GLOBAL batch, so `batch_size` means the same thing for any number of processes.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rbkd.engine import checkpoint as ckpt
+from rbkd.engine import distributed
+from rbkd.engine.config import TrainConfig, derive_seed, make_generator
+from rbkd.engine.evaluate import evaluation_sums, metrics_from_sums
+from rbkd.engine.progress import EpochProgress
+from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_json, write_metrics
+from rbkd.engine.runinfo import check_resumable, run_config
+
+_ORDER_STREAM, _DROPOUT_STREAM = 0, 1  # seed streams (objectives.py uses 2 for noise)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; raised before the optimizer applies that step."""
+
+
+class DeviceDataset:
+    """`dataset`'s images and labels moved to `device` once (images stay uint8: 4x smaller)."""
+
+    def __init__(self, dataset, device: torch.device):
+        self.source, self.name, self.split = dataset, dataset.name, dataset.split
+        self.num_classes = dataset.num_classes
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+
+    def normalize(self, batch: Tensor) -> Tensor:
+        return self.source.normalize(batch)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def _transfer_set(indices: Tensor | None, n: int) -> Tensor:
+    if indices is None:
+        return torch.arange(n)
+    indices = torch.as_tensor(indices).to(torch.int64).flatten().cpu()
+    if len(indices) == 0 or int(indices.min()) < 0 or int(indices.max()) >= n:
+        raise ValueError(f"indices must be a non-empty set of training-set rows in [0, {n})")
+    return indices
+
+
+def fit(
+    model: nn.Module,
+    train,
+    test,
+    cfg: TrainConfig,
+    objective,
+    *,
+    run_dir: Path | None = None,
+    indices: Tensor | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    extra_config: dict | None = None,
+) -> dict:
+    """Train `model` in place on `train[indices]` against `objective`; evaluate on `test` after
+    every epoch; write `run_dir` (rank 0). Returns the final metrics (see docs/engine-api.md)."""
+    ctx = distributed.setup(cfg.device)
+    device, world = ctx.device, ctx.world_size
+    run_dir = Path(run_dir) if run_dir is not None else None
+    model.to(device)
+    objective.validate(train)
+    objective.to(device)
+    rows = _transfer_set(indices, len(train))
+    data, test_data = DeviceDataset(train, device), DeviceDataset(test, device)
+    optimizer = make_optimizer(model, cfg)
+    config = run_config(model, train, test, cfg, objective, rows, world, extra_config)
+
+    start_epoch, history = 0, []
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt.has_checkpoint(run_dir):
+            check_resumable(run_dir, config)
+            start_epoch, _ = ckpt.load_checkpoint(run_dir, model, optimizer)
+            history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
+        elif not resume and (
+            ckpt.has_checkpoint(run_dir) or (run_dir / "model.safetensors").exists()
+        ):
+            raise RunDirError(
+                f"{run_dir} already holds a run: pass resume=True (--resume) to "
+                "continue it, or choose a new run directory"
+            )
+        if ctx.is_main:
+            write_json(run_dir / "config.json", config)
+
+    synced_bn = distributed.sync_batchnorm(model, ctx)
+    net = distributed.wrap_model(model, ctx)
+    n, batch = len(rows), cfg.batch_size
+    steps = math.ceil(n / batch)
+    rows_dev = rows.to(device)
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with (
+            torch.random.fork_rng(devices=devices),
+            EpochProgress(progress and ctx.is_main, cfg.epochs) as bar,
+        ):
+            for epoch in range(start_epoch, cfg.epochs):
+                # Everything random in an epoch derives from (seed, epoch): resuming at any epoch,
+                # on any number of ranks, replays exactly what an uninterrupted run would do.
+                torch.manual_seed(derive_seed(cfg.seed, epoch, _DROPOUT_STREAM, ctx.rank))
+                objective.start_epoch(epoch, cfg.seed)
+                order = rows_dev[
+                    torch.randperm(n, generator=make_generator(cfg.seed, epoch, _ORDER_STREAM)).to(
+                        device
+                    )
+                ]
+                net.train()
+                bar.start(epoch, steps)
+                t0, seen, loss_sum, correct_sum = time.perf_counter(), 0, 0.0, 0.0
+                for step in range(steps):
+                    global_rows = order[step * batch : (step + 1) * batch]
+                    count = len(global_rows)  # the last global batch may be short
+                    idx = ctx.shard(global_rows)
+                    x = data.normalize(data.images[idx])
+                    y = data.labels[idx]
+                    logits = net(x)
+                    loss = objective(logits, y, idx)  # sum over this rank's rows
+                    # DDP averages gradients over ranks: scaling the local sum by world / count
+                    # makes that average the gradient of the mean over the global batch, exactly
+                    # what one process computes for the same batch (short last batch included).
+                    optimizer.zero_grad(set_to_none=True)
+                    (loss * (world / count)).backward()
+                    stats = torch.stack(
+                        [loss.detach().float(), (logits.detach().argmax(1) == y).sum().float()]
+                    )
+                    batch_loss, batch_correct = ctx.all_reduce_sum(stats).tolist()
+                    if not math.isfinite(batch_loss):  # every rank sees the same reduced value
+                        raise TrainingDiverged(
+                            f"loss became {batch_loss / count} at epoch {epoch + 1}, step "
+                            f"{step + 1}/{steps} (lr={cfg.lr}, batch_size={batch}); the weights "
+                            "were not updated: lower the learning rate or check the inputs"
+                        )
+                    optimizer.step()
+                    seen += count
+                    loss_sum, correct_sum = loss_sum + batch_loss, correct_sum + batch_correct
+                    bar.step(
+                        loss_sum / seen,
+                        correct_sum / seen,
+                        seen / max(time.perf_counter() - t0, 1e-9),
+                    )
+                train_time = time.perf_counter() - t0
+                sums = evaluation_sums(
+                    model,
+                    test_data,
+                    device=device,
+                    batch_size=cfg.eval_batch_size,
+                    indices=ctx.shard(torch.arange(len(test_data))),
+                )
+                scores = metrics_from_sums(ctx.all_reduce_sum(sums))
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": loss_sum / n,
+                    "train_accuracy": correct_sum / n,
+                    "test_loss": scores["loss"],
+                    "test_accuracy": scores["accuracy"],
+                    "per_class_accuracy": scores["per_class_accuracy"],
+                    "samples_per_s": n / train_time,
+                    "epoch_time_s": train_time,
+                }
+                history.append(row)
+                bar.log(
+                    f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                    f"acc {row['train_accuracy']:.2%} | test loss {scores['loss']:.4f} "
+                    f"acc {scores['accuracy']:.2%} | {row['samples_per_s']:,.0f} samples/s"
+                )
+                if run_dir is not None and ctx.is_main:
+                    ckpt.save_checkpoint(
+                        run_dir,
+                        model,
+                        optimizer,
+                        epoch + 1,
+                        {"seed": cfg.seed, "world_size": world},
+                    )
+                    write_metrics(run_dir, history)
+        final = _final_metrics(model, test_data, cfg, ctx, history)
+        if run_dir is not None and ctx.is_main:
+            save_model(run_dir, model)
+            write_json(run_dir / "config.json", {**config, "final_metrics": final})
+        return final
+    finally:
+        if synced_bn:
+            for name, child in model.named_children():
+                setattr(model, name, distributed.revert_sync_batchnorm(child))
+        ctx.close()
+
+
+def _final_metrics(model, test_data, cfg, ctx, history) -> dict:
+    if history:
+        last = history[-1]
+        test = {
+            "loss": last["test_loss"],
+            "accuracy": last["test_accuracy"],
+            "per_class_accuracy": last["per_class_accuracy"],
+        }
+    else:  # nothing trained (epochs=0, or resuming a finished run without its metrics)
+        sums = evaluation_sums(
+            model,
+            test_data,
+            device=ctx.device,
+            batch_size=cfg.eval_batch_size,
+            indices=ctx.shard(torch.arange(len(test_data))),
+        )
+        test = metrics_from_sums(ctx.all_reduce_sum(sums))
+    times = [r["epoch_time_s"] for r in history]
+    samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in history)
+    return {
+        "test_accuracy": test["accuracy"],
+        "per_class_accuracy": test["per_class_accuracy"],
+        "test_loss": test["loss"],
+        "train_loss": history[-1]["train_loss"] if history else math.nan,
+        "train_accuracy": history[-1]["train_accuracy"] if history else math.nan,
+        "epochs": history[-1]["epoch"] if history else 0,
+        "samples_per_s": samples / sum(times) if times else math.nan,
+        "train_time_s": sum(times),
+    }

@@ -1,0 +1,186 @@
+"""What the model is trained against: hard labels, a teacher's soft labels, or smoothed labels.
+
+An objective maps a batch (logits, hard labels, dataset indices of the rows) to the SUM of the
+per-example losses (float32). The loop divides by the global batch size itself, which is what
+keeps the gradient of a data-parallel step equal to the single-process one (see loop.py).
+"""
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rbkd.engine.config import make_generator
+
+_NOISE_STREAM = 2  # seed stream id of soft-label noise (batch order is 0, dropout 1)
+
+
+def tensor_sha256(t: Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _kd_loss():
+    # Imported on first use so that the engine imports even where rbkd.ops is broken or absent.
+    from rbkd.ops import kd_loss
+
+    return kd_loss
+
+
+class CrossEntropy:
+    """Teacher training (and the no-distillation baseline): CE on the hard labels."""
+
+    name = "cross_entropy"
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def validate(self, train) -> None:
+        pass
+
+    def to(self, device: torch.device) -> "CrossEntropy":
+        return self
+
+    def start_epoch(self, epoch: int, seed: int) -> None:
+        pass
+
+    def __call__(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def parse_noise(noise: str | None) -> tuple[str, float] | None:
+    """ "uniform:S" | "normal:S" -> (kind, S); None -> None."""
+    if noise is None:
+        return None
+    kind, _, scale = noise.partition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = -1.0
+    if kind not in ("uniform", "normal") or not value >= 0:
+        raise ValueError(f"noise must look like 'uniform:0.1' or 'normal:0.05', got {noise!r}")
+    return kind, value
+
+
+class Distillation:
+    """Response-based KD (thesis eq. 3.5, Hinton et al. 2015) against precomputed teacher logits.
+
+    `teacher_logits[i]` belongs to row i of the TRAINING dataset (not of the transfer subset).
+    With `noise`, the thesis's section 4.8 experiment: noise U is added to the teacher's
+    probabilities at T, which are renormalised and redrawn every epoch (so one example gets a
+    different target each epoch): "uniform:S" adds U[0, S); "normal:S" adds N(0, S^2) and clamps
+    at 0 (a probability cannot be negative) before renormalising.
+    """
+
+    name = "distillation"
+
+    def __init__(
+        self,
+        teacher_logits: Tensor,
+        T: float,
+        alpha: float,
+        t_squared: bool = True,
+        noise: str | None = None,
+    ):
+        if teacher_logits.ndim != 2:
+            raise ValueError(
+                f"teacher_logits must be [N, C], got shape {tuple(teacher_logits.shape)}"
+            )
+        if not T > 0:
+            raise ValueError(f"T must be > 0, got {T}")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.teacher_logits = teacher_logits.detach().float()
+        self.T, self.alpha, self.t_squared, self.noise = float(T), float(alpha), t_squared, noise
+        self._noise = parse_noise(noise)
+        self._targets = self.teacher_logits  # what kd_loss sees this epoch (probs with noise)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "T": self.T,
+            "alpha": self.alpha,
+            "t_squared": self.t_squared,
+            "noise": self.noise,
+            "teacher_logits_sha256": tensor_sha256(self.teacher_logits),
+        }
+
+    def validate(self, train) -> None:
+        n, c = self.teacher_logits.shape
+        if n != len(train) or c != train.num_classes:
+            raise ValueError(
+                f"teacher_logits has shape {(n, c)} but the training set {train.name}/"
+                f"{train.split} has {len(train)} rows and {train.num_classes} classes: soft "
+                "labels must come from the same dataset and split as the training set"
+            )
+
+    def to(self, device: torch.device) -> "Distillation":
+        self.teacher_logits = self.teacher_logits.to(device)
+        self._targets = self._targets.to(device)
+        return self
+
+    def start_epoch(self, epoch: int, seed: int) -> None:
+        if self._noise is None:
+            return
+        kind, scale = self._noise
+        # Drawn on the CPU from (seed, epoch): every device and every rank sees the same noise.
+        gen = make_generator(seed, epoch, _NOISE_STREAM)
+        shape = self.teacher_logits.shape
+        if kind == "uniform":
+            noise = torch.rand(shape, generator=gen) * scale
+        else:
+            noise = torch.randn(shape, generator=gen) * scale
+        probs = torch.softmax(self.teacher_logits / self.T, dim=1)
+        probs = (probs + noise.to(probs.device)).clamp_min(0)
+        self._targets = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def __call__(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        return _kd_loss()(
+            logits,
+            self._targets[index],
+            labels if self.alpha < 1 else None,
+            T=self.T,
+            alpha=self.alpha,
+            teacher_kind="logits" if self._noise is None else "probs",
+            t_squared=self.t_squared,
+            reduction="sum",
+        )
+
+
+class LabelSmoothing:
+    """Label smoothing (Szegedy et al. 2016): targets (1 - A) * onehot + A / C. Computed as KL
+    against the smoothed targets, which differs from CE against them by the targets' (constant)
+    entropy and so has the same gradient."""
+
+    name = "label_smoothing"
+
+    def __init__(self, A: float):
+        if not 0 <= A <= 1:
+            raise ValueError(f"A must be in [0, 1], got {A}")
+        self.A = float(A)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "A": self.A}
+
+    def validate(self, train) -> None:
+        pass
+
+    def to(self, device: torch.device) -> "LabelSmoothing":
+        return self
+
+    def start_epoch(self, epoch: int, seed: int) -> None:
+        pass
+
+    def __call__(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        c = logits.shape[1]
+        targets = F.one_hot(labels, c).float() * (1 - self.A) + self.A / c
+        return _kd_loss()(
+            logits,
+            targets,
+            None,
+            T=1.0,
+            alpha=1.0,
+            teacher_kind="probs",
+            t_squared=False,
+            reduction="sum",
+        )

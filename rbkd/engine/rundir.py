@@ -1,0 +1,136 @@
+"""The run directory: config.json, metrics.jsonl, model.safetensors; and load_run to read it back.
+
+Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
+half-written file behind: a reader sees the previous version or the new one.
+"""
+
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rbkd.io import atomic_path, atomic_write_bytes
+
+CONFIG, METRICS, MODEL = "config.json", "metrics.jsonl", "model.safetensors"
+
+
+class RunDirError(ValueError):
+    """A run directory (or a file in it) cannot be used; the message says which and what to do."""
+
+
+def _json_safe(obj):
+    # JSON has no NaN: per-class accuracy of an absent class is written as null.
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """The whole metrics.jsonl, rewritten atomically (a few hundred bytes per epoch)."""
+    text = "".join(json.dumps(_json_safe(r)) + "\n" for r in rows)
+    atomic_write_bytes(run_dir / METRICS, text.encode())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def package_versions() -> dict:
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "rbkd": version("rbkd"),
+        "numpy": version("numpy"),
+        "safetensors": version("safetensors"),
+    }
+
+
+def save_model(run_dir: Path, model: nn.Module) -> None:
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"dataset": str(getattr(model, "dataset", "")), "arch": str(getattr(model, "arch", ""))}
+    with atomic_path(run_dir / MODEL) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {run_dir} is not a run directory (pass the folder that "
+            "`rbkd train` or fit(run_dir=...) wrote)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); the run directory is damaged") from e
+    for key in ("dataset", "arch"):
+        if key not in config:
+            raise RunDirError(f"{path} has no {key!r}: it was not written by rbkd.engine.fit")
+    return config
+
+
+def load_run(run_dir: str | Path, *, device="cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode with the final weights, config dict) of a finished run."""
+    from rbkd.models import build_model
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    path = run_dir / MODEL
+    if not path.exists():
+        hint = (
+            "the run did not finish: continue it with resume=True (`rbkd train ... --resume`)"
+            if (run_dir / "checkpoint.json").exists()
+            else "train it first"
+        )
+        raise FileNotFoundError(f"{path} not found: {hint}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = f.metadata() or {}
+        weights = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise RunDirError(
+            f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated; "
+            "re-run the training (or resume it from checkpoint.safetensors)"
+        ) from e
+    model = build_model(config["dataset"], config["arch"])
+    if saved.get("arch") and (saved.get("dataset"), saved.get("arch")) != (
+        config["dataset"],
+        config["arch"],
+    ):
+        raise RunDirError(
+            f"{path} holds a {saved.get('dataset')}/{saved.get('arch')} model but config.json "
+            f"says {config['dataset']}/{config['arch']}: the files come from different runs"
+        )
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise RunDirError(
+            f"{path} does not match the {config['dataset']}/{config['arch']} architecture of this "
+            f"rbkd version ({e}); it was written by a different model definition (rbkd "
+            f"{config.get('versions', {}).get('rbkd', '?')}) — retrain, or load it with that version"
+        ) from e
+    return model.to(device).eval(), config
