@@ -1,0 +1,101 @@
+"""`rbkd data ...`: see which datasets are on this machine and fetch the missing ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rbkd.data import DATASETS, fetch, get_info, locate_dataset, search_roots
+from rbkd.data.locate import resolve_file
+
+app = typer.Typer(
+    help="Find, list and fetch the datasets (fashion-mnist, mnist, cifar10).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Folder searched first, before $RBKD_DATA, the cache and /usr/share/datasets.",
+        file_okay=False,
+    ),
+]
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.1f} MB"
+
+
+@app.command("list")
+def list_datasets(data_dir: DataDirOption = None) -> None:
+    """Show each dataset, where it was found (or "not found") and its size.
+
+    Folders are searched in this order: --data-dir, $RBKD_DATA, the cache folder
+    ($XDG_CACHE_HOME/rbkd or ~/.cache/rbkd), then /usr/share/datasets.
+
+    Example: rbkd data list --data-dir ./data
+    """
+    console = Console()
+    table = Table(title="Datasets")
+    table.add_column("dataset")
+    table.add_column("classes", justify="right")
+    table.add_column("image (C, H, W)")
+    table.add_column("train / test", justify="right")
+    table.add_column("location")
+    table.add_column("on disk", justify="right")
+    for name, info in DATASETS.items():
+        folder = locate_dataset(name, data_dir)
+        if folder is None:
+            location, size = "[red]not found[/red]", "-"
+        else:
+            files = [resolve_file(folder, filename) for filename in info.files]
+            location = str(folder)
+            size = _megabytes(sum(path.stat().st_size for path in files if path is not None))
+        table.add_row(
+            name,
+            str(info.num_classes),
+            "x".join(map(str, info.image_shape)),
+            f"{info.split_sizes['train']:,} / {info.split_sizes['test']:,}",
+            location,
+            size,
+        )
+    console.print(table)
+    roots = ", ".join(str(root) for root in search_roots(data_dir))
+    console.print(f"searched: {roots}")
+
+
+@app.command("fetch")
+def fetch_dataset(
+    name: Annotated[str, typer.Argument(help="fashion-mnist, mnist or cifar10.")],
+    dest: Annotated[
+        Path | None,
+        typer.Option(
+            "--dest",
+            help="Folder to write into [default: the cache folder, e.g. ~/.cache/rbkd/NAME].",
+            file_okay=False,
+        ),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option("--base-url", help="Download from this mirror instead of the public ones."),
+    ] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
+    ] = True,
+) -> None:
+    """Download a dataset, verify its SHA-256 and store it (atomically: no partial files).
+
+    Files already there with the right checksum are kept. CIFAR-10's archive is unpacked into
+    cifar-10-batches-py/, refusing members that would land outside it.
+
+    Example: rbkd data fetch mnist --dest ./data/mnist
+    """
+    info = get_info(name)
+    folder = fetch(info.name, dest, base_url=base_url, progress=progress)
+    Console().print(f"{info.title} is in {folder}")

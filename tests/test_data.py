@@ -1,0 +1,548 @@
+"""rbkd.data: IDX and CIFAR readers, the restricted unpickler, the search path, normalisation,
+atomic writes, and one check on the real Fashion-MNIST from Debian's package."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rbkd.data.locate as locate
+from rbkd.data import (
+    DATASETS,
+    DEFAULT_DATASET,
+    DataError,
+    DatasetNotFoundError,
+    ImageDataset,
+    UnknownDatasetError,
+    UnsafePickleError,
+    find_dataset,
+    load_dataset,
+)
+from rbkd.data.cifar import read_cifar_batch, safe_load_pickle
+from rbkd.data.idx import read_idx, write_idx
+from rbkd.io import atomic_path, atomic_write_bytes
+
+
+def _load_data_fixtures():
+    if "data_fixtures" not in sys.modules:
+        path = Path(__file__).with_name("data_fixtures.py")
+        spec = importlib.util.spec_from_file_location("data_fixtures", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["data_fixtures"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["data_fixtures"]
+
+
+fx = _load_data_fixtures()
+
+REAL_DEBIAN_ROOT = Path("/usr/share/datasets")
+
+
+@pytest.fixture(autouse=True)
+def isolated_roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Path]:
+    """Point every search root at an empty temporary folder: no test sees the machine's data."""
+    roots = {name: tmp_path / "roots" / name for name in ("env", "xdg", "home", "debian")}
+    monkeypatch.delenv("RBKD_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(roots["xdg"]))
+    monkeypatch.setenv("HOME", str(roots["home"]))
+    monkeypatch.setattr(locate, "DEBIAN_DATASETS_ROOT", roots["debian"])
+    roots["cache"] = roots["xdg"] / "rbkd"
+    return roots
+
+
+# ---------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_idx_dataset_round_trip(tmp_path: Path, name: str, gz: bool) -> None:
+    arrays = fx.make_idx_dataset(tmp_path / name, n_train=13, n_test=5, gz=gz)
+    for split in ("train", "test"):
+        ds = load_dataset(name, split, data_dir=tmp_path)
+        images, labels = arrays[split]
+        assert isinstance(ds, ImageDataset)
+        assert (ds.name, ds.split, ds.num_classes, len(ds)) == (name, split, 10, len(labels))
+        assert ds.images.dtype == torch.uint8 and ds.images.shape == (len(labels), 1, 28, 28)
+        assert ds.labels.dtype == torch.int64 and ds.labels.shape == (len(labels),)
+        assert torch.equal(ds.images[:, 0], torch.from_numpy(images))
+        assert torch.equal(ds.labels, torch.from_numpy(labels.astype(np.int64)))
+        assert ds.class_names == DATASETS[name].class_names and len(ds.class_names) == 10
+        assert ds.root == tmp_path / name
+        image, label = ds[3]
+        assert image.shape == (1, 28, 28) and int(label) == 3
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""], ids=["gz", "raw"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 28, 28), (2, 5, 4, 3)])
+def test_write_idx_read_idx_round_trip(tmp_path: Path, shape: tuple[int, ...], suffix: str) -> None:
+    array = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
+    path = tmp_path / f"a-idx{len(shape)}-ubyte{suffix}"
+    write_idx(path, array)
+    assert path.read_bytes()[:2] == (b"\x1f\x8b" if suffix else b"\x00\x00")
+    back = read_idx(path)
+    assert back.dtype == np.uint8 and back.shape == shape and np.array_equal(back, array)
+    assert back.flags.writeable
+
+
+def _corrupt(case: str, folder: Path) -> tuple[Path, str]:
+    """Break one file of a tiny dataset in `folder`; return the broken file and a message bit."""
+    images_gz, labels_gz = folder / fx.IDX_FILES["train"][0], folder / fx.IDX_FILES["train"][1]
+    good_images = np.zeros((4, 28, 28), np.uint8)
+    if case == "labels-magic":
+        labels_gz.write_bytes(fx.idx_bytes(np.zeros((4, 28, 28), np.uint8)))  # an images file
+        return labels_gz, "magic number 2051, expected 2049"
+    if case == "not-idx":
+        images_gz.write_bytes(fx.idx_bytes(good_images, magic=0x12345678))
+        return images_gz, "not an IDX file"
+    if case == "truncated-gzip":
+        images_gz.write_bytes(images_gz.read_bytes()[:-30])
+        return images_gz, "truncated gzip"
+    if case == "corrupt-gzip":
+        data = bytearray(images_gz.read_bytes())
+        data[-8:-4] = bytes(b ^ 0xFF for b in data[-8:-4])  # break the CRC
+        images_gz.write_bytes(bytes(data))
+        return images_gz, "corrupt gzip"
+    if case == "short-payload":
+        images_gz.write_bytes(fx.idx_bytes(good_images, gz=False)[:-100])
+        return images_gz, "truncated"
+    if case == "long-payload":
+        raw = fx.idx_bytes(good_images, gz=False) + b"\x00" * 5
+        images_gz.write_bytes(raw)
+        return images_gz, "too long"
+    if case == "short-header":
+        images_gz.write_bytes(b"\x00\x00\x08\x03\x00\x00")
+        return images_gz, "IDX header"
+    if case == "tiny-file":
+        labels_gz.write_bytes(b"\x00\x00")
+        return labels_gz, "not an IDX file"
+    if case == "count-mismatch":
+        labels_gz.write_bytes(fx.idx_bytes(np.zeros(3, np.uint8)))
+        return labels_gz, "3 labels"
+    if case == "label-range":
+        labels_gz.write_bytes(fx.idx_bytes(np.array([0, 1, 10, 2], np.uint8)))
+        images_gz.write_bytes(fx.idx_bytes(good_images))
+        return labels_gz, "label 10"
+    if case == "image-size":
+        images_gz.write_bytes(fx.idx_bytes(np.zeros((4, 27, 28), np.uint8)))
+        return images_gz, "27x28"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "labels-magic",
+        "not-idx",
+        "truncated-gzip",
+        "corrupt-gzip",
+        "short-payload",
+        "long-payload",
+        "short-header",
+        "tiny-file",
+        "count-mismatch",
+        "label-range",
+        "image-size",
+    ],
+)
+def test_corrupt_idx_files_raise_data_error_naming_the_file(tmp_path: Path, case: str) -> None:
+    folder = tmp_path / "mnist"
+    fx.make_idx_dataset(folder, n_train=4, n_test=2, gz=True)
+    broken, words = _corrupt(case, folder)
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", "train", data_dir=tmp_path)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert str(broken) in message, message
+    assert words in message, message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------- CIFAR
+
+
+def test_cifar_round_trip(tmp_path: Path) -> None:
+    arrays = fx.make_cifar_folder(tmp_path / "cifar-10-batches-py", per_batch=3)
+    for split, n in (("train", 15), ("test", 3)):
+        ds = load_dataset("cifar10", split, data_dir=tmp_path)
+        images, labels = arrays[split]
+        assert ds.images.dtype == torch.uint8 and ds.images.shape == (n, 3, 32, 32)
+        assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == labels.tolist()
+        assert torch.equal(ds.images, torch.from_numpy(images))
+        assert ds.class_names[0] == "airplane" and ds.num_classes == 10
+        assert ds.images.is_contiguous()
+
+
+def test_cifar_reads_python2_style_pickles(tmp_path: Path) -> None:
+    """The real batches come from Python 2's cPickle: byte-string opcodes, no _codecs.encode,
+    and numpy.core (not numpy._core) in the global's module name."""
+    images = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    # Hand-written protocol 2, the way cPickle wrote it (SHORT_BINSTRING / BINSTRING for str).
+    dtype_part = (
+        b"cnumpy\ndtype\nq\x03U\x02u1K\x00K\x01\x87Rq\x04"
+        b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    )
+    raw = images.tobytes()
+    array_part = (
+        b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85U\x01b\x87R"
+        b"(K\x01K\x02M\x00\x0c\x86"
+        + dtype_part
+        + b"\x89T"
+        + len(raw).to_bytes(4, "little")
+        + raw
+        + b"tb"
+    )
+    data = (
+        b"\x80\x02}q\x00(U\x04dataq\x05" + array_part + b"U\x06labelsq\x06]q\x07(K\x07K\x02e"
+        b"U\x0bbatch_labelq\x08U\x03oneq\tu."
+    )
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(data)
+    got_images, got_labels = read_cifar_batch(path)
+    assert got_images.shape == (2, 3, 32, 32) and got_images.dtype == np.uint8
+    assert np.array_equal(got_images.reshape(2, 3072), images)
+    assert got_labels.tolist() == [7, 2] and got_labels.dtype == np.int64
+
+
+class _RunsShell:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class _Evals:
+    def __reduce__(self):
+        return (eval, ("__import__('os').getcwd()",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_malicious_pickle_is_refused_and_not_run(tmp_path: Path, protocol: int) -> None:
+    marker = tmp_path / "pwned"
+    payload = {b"data": _RunsShell(f"touch {marker}"), b"labels": [0]}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(UnsafePickleError) as info:
+        read_cifar_batch(path)
+    message = str(info.value)
+    assert str(path) in message and "system" in message and "refused" in message, message
+    assert isinstance(info.value, DataError)
+    assert not marker.exists(), "the pickle's os.system call ran"
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (_Evals(), "eval"),
+        (np.array([1, "a"], dtype=object), "numpy dtype 'O"),
+        (np.ma.masked_array([1, 2]), "numpy.ma"),
+        (Path("/etc/passwd"), "pathlib"),
+        ({1, 2}, "set"),
+    ],
+    ids=["eval", "object-array", "masked-array", "path", "set"],
+)
+def test_restricted_unpickler_refuses_anything_but_plain_data(payload: object, words: str) -> None:
+    with pytest.raises(DataError, match="batch.pkl") as info:
+        safe_load_pickle(pickle.dumps({b"data": payload}, protocol=2), "batch.pkl")
+    assert words in str(info.value)
+
+
+def test_build_on_an_allowed_global_is_refused() -> None:
+    # GLOBAL _codecs.encode, then BUILD it with a state dict: would patch our stand-in in place.
+    data = b"\x80\x02c_codecs\nencode\n}X\x01\x00\x00\x00xK\x01sb."
+    with pytest.raises(UnsafePickleError, match="refused to set state"):
+        safe_load_pickle(data, "x.pkl")
+
+
+def test_safe_load_pickle_keeps_plain_data() -> None:
+    value = {
+        b"a": [1, 2.5, None, True, "text", b"\x00\xff"],
+        "nested": ({"k": (1, 2)},),
+        b"arr": np.arange(12, dtype=np.int64).reshape(3, 4),
+        b"f32": np.asfortranarray(np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)),
+        b"empty": b"",
+    }
+    for protocol in (2, 3, 4, 5):
+        got = safe_load_pickle(pickle.dumps(value, protocol=protocol))
+        assert got[b"a"] == value[b"a"] and got["nested"] == value["nested"]
+        assert got[b"empty"] == b""
+        for key in (b"arr", b"f32"):
+            assert got[key].dtype == value[key].dtype and np.array_equal(got[key], value[key])
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("truncated", "not a readable CIFAR batch"),
+        ("not-dict", "not a dict"),
+        ("no-labels", "no 'data' or no 'labels'"),
+        ("row-size", "3071 bytes"),
+        ("count", "2 images but 3 labels"),
+        ("range", "labels must lie in [0, 10)"),
+        ("dtype", "uint8"),
+    ],
+)
+def test_corrupt_cifar_batches_raise_data_error_naming_the_file(
+    tmp_path: Path, case: str, words: str
+) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    fx.make_cifar_folder(folder, per_batch=2)
+    path = folder / "data_batch_3"
+    good = fx.cifar_batch_bytes(np.zeros((2, 3, 32, 32), np.uint8), [1, 2])
+    data = {
+        "truncated": good[: len(good) // 2],
+        "not-dict": pickle.dumps([1, 2], protocol=2),
+        "no-labels": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}, protocol=2),
+        "row-size": pickle.dumps(
+            {b"data": np.zeros((2, 3071), np.uint8), b"labels": [1, 2]}, protocol=2
+        ),
+        "count": pickle.dumps(
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2, 3]}, protocol=2
+        ),
+        "range": fx.cifar_batch_bytes(np.zeros((2, 3, 32, 32), np.uint8), [1, 10]),
+        "dtype": pickle.dumps(
+            {b"data": np.zeros((2, 3072), np.int16), b"labels": [1, 2]}, protocol=2
+        ),
+    }[case]
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+    assert str(path) in str(info.value) and words in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("name, channels", [("fashion-mnist", 1), ("mnist", 1), ("cifar10", 3)])
+def test_normalize_per_channel_and_per_batch(name: str, channels: int) -> None:
+    info = DATASETS[name]
+    n = 5
+    h, w = info.image_shape[1:]
+    images = torch.randint(0, 256, (n, channels, h, w), dtype=torch.uint8)
+    ds = ImageDataset(
+        name, "train", images, torch.zeros(n, dtype=torch.int64), 10, info.class_names,
+        mean=info.mean, std=info.std,
+    )  # fmt: skip
+    batch = ds.images[1:4]
+    out = ds.normalize(batch)
+    assert out.dtype == torch.float32 and out.shape == batch.shape and out.device == batch.device
+    mean = torch.tensor(info.mean, dtype=torch.float64).view(channels, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float64).view(channels, 1, 1)
+    expected = (batch.double() / 255 - mean) / std
+    err = (out.double() - expected).abs()
+    assert err.max() < 1e-5, (
+        f"max error {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
+    )
+    assert torch.equal(ds.normalize(batch[0]), out[0])  # one [C, H, W] image
+    assert ds.images.dtype == torch.uint8  # the dataset itself is never converted
+
+
+def test_normalize_rejects_wrong_input() -> None:
+    ds = ImageDataset(
+        "mnist", "test", torch.zeros(2, 1, 28, 28, dtype=torch.uint8),
+        torch.zeros(2, dtype=torch.int64), 10, DATASETS["mnist"].class_names,
+        mean=(0.1307,), std=(0.3081,),
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="uint8"):
+        ds.normalize(torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="channels|\\[N, 1, H, W\\]"):
+        ds.normalize(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_normalize_on_gpu() -> None:
+    ds = ImageDataset(
+        "cifar10", "test", torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
+        torch.zeros(4, dtype=torch.int64), 10, DATASETS["cifar10"].class_names,
+        mean=DATASETS["cifar10"].mean, std=DATASETS["cifar10"].std,
+    )  # fmt: skip
+    out = ds.normalize(ds.images.cuda())
+    assert out.is_cuda and torch.allclose(out.cpu(), ds.normalize(ds.images), atol=1e-6)
+
+
+# ---------------------------------------------------------------- search order
+
+
+def test_search_order_data_dir_env_cache_debian(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_roots: dict[str, Path]
+) -> None:
+    explicit = tmp_path / "explicit"
+    fx.make_idx_dataset(explicit / "fashion-mnist", n_train=1)
+    fx.make_idx_dataset(isolated_roots["env"], n_train=2)  # files in the root itself
+    fx.make_idx_dataset(isolated_roots["cache"] / "fashion-mnist", n_train=3)
+    fx.make_idx_dataset(isolated_roots["debian"] / "fashion-mnist", n_train=4)
+    monkeypatch.setenv("RBKD_DATA", str(isolated_roots["env"]))
+
+    assert find_dataset("fashion-mnist", explicit) == explicit / "fashion-mnist"
+    assert len(load_dataset("fashion-mnist", data_dir=explicit)) == 1
+    assert find_dataset("fashion-mnist") == isolated_roots["env"]
+    assert len(load_dataset("fashion-mnist")) == 2
+    monkeypatch.delenv("RBKD_DATA")
+    assert find_dataset("fashion-mnist") == isolated_roots["cache"] / "fashion-mnist"
+    assert len(load_dataset("fashion-mnist")) == 3
+    (isolated_roots["cache"] / "fashion-mnist" / fx.IDX_FILES["test"][1]).unlink()
+    assert find_dataset("fashion-mnist") == isolated_roots["debian"] / "fashion-mnist"
+    assert len(load_dataset("fashion-mnist")) == 4
+    # A data_dir that lacks the dataset falls through to the rest of the search path.
+    assert find_dataset("fashion-mnist", tmp_path / "empty") == isolated_roots["debian"] / (
+        "fashion-mnist"
+    )
+
+
+def test_cache_dir_defaults_to_home_without_xdg(
+    monkeypatch: pytest.MonkeyPatch, isolated_roots: dict[str, Path]
+) -> None:
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    folder = isolated_roots["home"] / ".cache" / "rbkd" / "mnist"
+    fx.make_idx_dataset(folder)
+    assert find_dataset("mnist") == folder
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG spec says
+    assert find_dataset("mnist") == folder
+
+
+def test_rbkd_data_may_list_several_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fx.make_idx_dataset(tmp_path / "b" / "mnist")
+    monkeypatch.setenv("RBKD_DATA", os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert find_dataset("mnist") == tmp_path / "b" / "mnist"
+
+
+@pytest.mark.parametrize(
+    "layout", ["cifar10/cifar-10-batches-py", "cifar-10-batches-py", "cifar10", ""]
+)
+def test_cifar_folder_layouts(tmp_path: Path, layout: str) -> None:
+    folder = tmp_path / layout if layout else tmp_path
+    fx.make_cifar_folder(folder, per_batch=1)
+    assert find_dataset("cifar10", tmp_path) == folder
+
+
+def test_not_found_is_one_clear_line(
+    tmp_path: Path, isolated_roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RBKD_DATA", str(isolated_roots["env"]))
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "mine")
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert "\n" not in message
+    assert message.startswith("Fashion-MNIST not found (looked in: ")
+    for root in (tmp_path / "mine", isolated_roots["env"], isolated_roots["cache"]):
+        assert str(root) in message
+    assert str(isolated_roots["debian"]) in message
+    assert message.index(str(tmp_path / "mine")) < message.index(str(isolated_roots["env"]))
+    assert message.index(str(isolated_roots["cache"])) < message.index(
+        str(isolated_roots["debian"])
+    )
+    assert (
+        "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)" in message
+    )
+    assert message.endswith("or run `rbkd data fetch fashion-mnist`")
+
+    with pytest.raises(DatasetNotFoundError, match="rbkd data fetch cifar10"):
+        find_dataset("cifar10")
+
+
+def test_partial_copy_is_reported(tmp_path: Path) -> None:
+    fx.make_idx_dataset(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match="lacks t10k-images-idx3-ubyte.gz"):
+        find_dataset("mnist", tmp_path)
+
+
+def test_unknown_names_and_splits(tmp_path: Path) -> None:
+    with pytest.raises(UnknownDatasetError, match="choose one of fashion-mnist, mnist, cifar10"):
+        load_dataset("imagenet")
+    fx.make_idx_dataset(tmp_path / "fashion-mnist")
+    assert load_dataset("Fashion_MNIST", data_dir=tmp_path).name == "fashion-mnist"
+    with pytest.raises(ValueError, match="split must be one of train, test"):
+        load_dataset("fashion-mnist", "val", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_contract() -> None:
+    assert DEFAULT_DATASET == "fashion-mnist" and list(DATASETS) == [
+        "fashion-mnist",
+        "mnist",
+        "cifar10",
+    ]
+    for name, info in DATASETS.items():
+        channels = info.image_shape[0]
+        assert info.name == name and info.num_classes == len(info.class_names) == 10
+        assert len(info.mean) == len(info.std) == channels
+        assert all(0 < s < 1 for s in info.std) and all(0 < m < 1 for m in info.mean)
+        for remote in info.downloads:
+            assert len(remote.sha256) == 64 and int(remote.sha256, 16) >= 0
+            assert len(remote.md5) == 32 and remote.size > 0
+        assert info.mirrors and all(m.startswith(("https://", "http://")) for m in info.mirrors)
+    assert DATASETS["mnist"].mirrors[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+    assert "fashion-mnist" in DATASETS["fashion-mnist"].mirrors[0]
+    assert DATASETS["cifar10"].mirrors[0] == "https://www.cs.toronto.edu/~kriz/"
+    assert DATASETS["cifar10"].downloads[0].filename == "cifar-10-python.tar.gz"
+
+
+# ---------------------------------------------------------------- rbkd.io
+
+
+def test_atomic_write_bytes(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"")
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_atomic_path_failure_keeps_old_file_and_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_bytes(b"half of the new")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # nothing visible before the block succeeds
+    assert target.read_bytes() == b"new"
+
+
+# ---------------------------------------------------------------- the real thing
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (REAL_DEBIAN_ROOT / "fashion-mnist").is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist)",
+)
+def test_real_fashion_mnist_from_debian(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(locate, "DEBIAN_DATASETS_ROOT", REAL_DEBIAN_ROOT)
+    assert find_dataset("fashion-mnist") == REAL_DEBIAN_ROOT / "fashion-mnist"
+    train = load_dataset("fashion-mnist", "train")
+    test = load_dataset("fashion-mnist", "test")
+    assert (len(train), len(test)) == (60_000, 10_000)
+    assert train.images.shape == (60_000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.num_classes == 10 and train.class_names[9] == "Ankle boot"
+    assert torch.bincount(train.labels, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(test.labels, minlength=10).tolist() == [1000] * 10
+    # The registry's normalisation constants are this split's statistics (from a histogram:
+    # no float copy of the 47 MB of pixels).
+    counts = torch.bincount(train.images.flatten(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = (counts * values).sum() / counts.sum()
+    std = ((counts * (values - mean) ** 2).sum() / counts.sum()).sqrt()
+    assert abs(mean.item() - train.mean[0]) < 1e-3 and abs(std.item() - train.std[0]) < 1e-3
