@@ -1,0 +1,324 @@
+"""Triton kernels (rbkd.kernels) against float64 torch math written out here.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors). Triton
+reads that variable when a kernel is *decorated*, i.e. when rbkd.kernels is first imported, and
+the variable would also leak into every test module that runs after this one (the triton backend
+accepts CPU tensors under it). So this module never sets it in the pytest process: when the
+kernels in this process are not interpreted, test_interpreter_suite re-runs this file in a child
+`python -m pytest` with TRITON_INTERPRET=1 and asserts on its result, whatever imported triton
+first. Run `TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py` to see the cases one by one.
+
+GPU tests (realistic vocabularies, bf16) run in the parent process when CUDA is there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rbkd.kernels as K
+
+ROOT = Path(__file__).resolve().parents[1]
+INF = float("inf")
+
+
+def _interpreted() -> bool:
+    if not K.TRITON_AVAILABLE:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from rbkd.kernels import kd_loss
+
+    return isinstance(kd_loss._kd_loss_fwd_kernel, InterpretedFunction)
+
+
+IN_INTERPRETER = _interpreted()
+HAS_GPU = torch.cuda.is_available() and not IN_INTERPRETER
+
+interp = pytest.mark.skipif(
+    not IN_INTERPRETER,
+    reason="interpreter case: run by test_interpreter_suite in a TRITON_INTERPRET=1 subprocess",
+)
+# numpy warns on the -inf arithmetic the kernels do on purpose (masked lanes, -inf logits).
+quiet = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device (and TRITON_INTERPRET unset)"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (atol, rtol) for tensors written in the input dtype; float32 outputs (losses, entropies) use
+# FP32_TOL whatever the input dtype, since the reference reads the same rounded inputs.
+TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
+FP32_TOL = (2e-5, 2e-5)
+
+
+def assert_close(actual, expected, tol, what):
+    """Like torch.testing.assert_close against float64, reporting the first mismatches and
+    NaN/inf disagreements by index."""
+    atol, rtol = tol
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double().cpu(), expected.double().cpu()
+    same = (a == e) | (a.isnan() & e.isnan())  # inf == inf, NaN where NaN is expected
+    close = same | ((a - e).abs() <= atol + rtol * e.abs())
+    if bool(close.all()):
+        return
+    bad = (~close).nonzero().tolist()
+    worst = ((a - e).abs().nan_to_num(nan=INF) * ~close).argmax().item()
+    lines = [f"{what}: {len(bad)} of {a.numel()} mismatched (atol={atol}, rtol={rtol})"]
+    for idx in bad[:8]:
+        lines.append(f"  at {tuple(idx)}: got {a[tuple(idx)].item()!r}, expected {e[tuple(idx)].item()!r}")
+    lines.append(f"  worst |diff| at flat index {worst}: {a.flatten()[worst].item()!r} vs {e.flatten()[worst].item()!r}")
+    raise AssertionError("\n".join(lines))
+
+
+def col(value, n):
+    """A float or [N] tensor as a float64 [N, 1] column."""
+    if isinstance(value, torch.Tensor):
+        return value.double().reshape(-1, 1)
+    return torch.full((n, 1), float(value), dtype=torch.float64)
+
+
+def rows(n, c, dtype, scale=3.0, stride_pad=0, seed=0):
+    """[n, c] random rows; stride_pad > 0 makes them a column slice of a wider tensor."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(n, c + stride_pad, generator=g, dtype=torch.float64) * scale
+    return full.to(dtype)[:, :c]
+
+
+def per_row_T(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + 4 * torch.rand(n, generator=g)).float()
+
+
+# ---- float64 references, written from csrc/README.md --------------------------------------------
+
+
+def ref_softmax(x, T, log):
+    z = x.double() / col(T, x.shape[0])
+    return torch.log_softmax(z, -1) if log else torch.softmax(z, -1)
+
+
+def ref_softmax_bwd(y, g, T, log):
+    y, g, Tc = y.double(), g.double(), col(T, y.shape[0])
+    if log:
+        return (g - y.exp() * g.sum(-1, keepdim=True)) / Tc
+    return y * (g - (g * y).sum(-1, keepdim=True)) / Tc
+
+
+def ref_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale):
+    z, t = z.double(), t.double()
+    n, c = z.shape
+    Tc = col(T, n)
+    log_ps = torch.log_softmax(z / Tc, -1)
+    log_pt = [lambda: torch.log_softmax(t / Tc, -1), t.log, lambda: t][kind]()
+    p_t = log_pt.exp()
+    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)
+    s = Tc[:, 0] ** 2 if t_squared else torch.ones(n, dtype=torch.float64)
+    a = torch.ones(n, dtype=torch.float64) if labels is None else col(alpha, n)[:, 0]
+    # A zero weight drops its term (no 0 * inf), as the kernel documents.
+    loss = torch.where(a * s != 0, a * s * kl, 0.0)
+    grad = (a * s)[:, None] / Tc * (log_ps.exp() - p_t)
+    valid = torch.ones(n, dtype=torch.bool)
+    if labels is not None:
+        valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
+        y = torch.where(valid, labels, 0)
+        ce = torch.logsumexp(z, -1) - z.gather(1, y[:, None])[:, 0]
+        loss = loss + torch.where(a != 1, (1 - a) * ce, 0.0)
+        onehot = torch.nn.functional.one_hot(y, c).double() if c else torch.zeros(n, 0, dtype=torch.float64)
+        grad = grad + (1 - a)[:, None] * (torch.softmax(z, -1) - onehot)
+    gs = float(grad_scale) if not isinstance(grad_scale, torch.Tensor) else grad_scale.item()
+    return torch.where(valid, loss, 0.0), torch.where(valid[:, None], grad, 0.0) * gs
+
+
+def ref_entropy(x, temps, kind, normalize):
+    x = x.double()
+    n, c = x.shape
+    if kind == 0:
+        log_p = torch.log_softmax(x[None] / temps.double()[:, None, None], -1)
+    else:
+        log_p = x.log()[None].expand(len(temps), n, c)
+    p = log_p.exp()
+    h = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    if normalize:
+        h = h / math.log(c) if c > 1 else torch.zeros_like(h)
+    return h
+
+
+# ---- the subprocess driver and compile checks (parent process) ----------------------------------
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="already running interpreted: the cases run here")
+@pytest.mark.skipif(not K.TRITON_AVAILABLE, reason=f"triton not importable: {K.TRITON_IMPORT_ERROR}")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"interpreted kernel tests failed (rc={proc.returncode}):\n{out[-8000:]}"
+    assert " passed" in out and "failed" not in out, out[-4000:]
+
+
+def test_import_without_triton():
+    code = "import sys; sys.modules['triton'] = None; import rbkd.kernels as k; "
+    code += "from rbkd.ops.backends import triton as b; "
+    code += "assert not k.TRITON_AVAILABLE and not b.is_available(), k.TRITON_IMPORT_ERROR"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _compile_variants():
+    b16, f32 = "*bf16", "*fp32"
+    yield "temperature_softmax", "_temperature_softmax_fwd_kernel", {"x_ptr": b16, "out_ptr": b16}, [
+        dict(T_ROWS=tr, LOG=lg, BLOCK=4096) for tr in (False, True) for lg in (False, True)
+    ]
+    yield "temperature_softmax", "_temperature_softmax_bwd_kernel", {"y_ptr": b16, "g_ptr": b16, "gi_ptr": b16}, [
+        dict(T_ROWS=False, LOG=lg, BLOCK=4096) for lg in (False, True)
+    ]
+    flags = dict(T_ROWS=True, ALPHA_ROWS=True, T_SQUARED=True, GS_PTR=True, BLOCK=2048)
+    yield "kd_loss", "_kd_loss_fwd_kernel", {"s_ptr": b16, "t_ptr": f32, "labels_ptr": "*i64", "grad_ptr": b16}, [
+        dict(flags, TEACHER_KIND=k, HAS_LABELS=lab, NEED_GRAD=ng) for k in (0, 1, 2) for lab in (False, True) for ng in (False, True)
+    ]
+    yield "soft_label_entropy", "_entropy_logits_kernel", {"x_ptr": b16}, [dict(K_PAD=1, BLOCK=4096), dict(K_PAD=8, BLOCK=512)]
+    yield "soft_label_entropy", "_entropy_probs_kernel", {"x_ptr": f32}, [dict(BLOCK=4096)]
+
+
+@pytest.mark.skipif(not K.TRITON_AVAILABLE, reason=f"triton not importable: {K.TRITON_IMPORT_ERROR}")
+@pytest.mark.skipif(IN_INTERPRETER, reason="interpreted kernels cannot be compiled")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter accepts Python the compiler rejects; compile every variant for an H100
+    (no GPU needed) and check, where cuobjdump is there, that no registers spill."""
+    import importlib
+    import shutil
+    import tempfile
+
+    pytest.importorskip("triton.backends.nvidia", reason="triton built without the CUDA backend")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    cuobjdump = str(cuobjdump) if cuobjdump.exists() else shutil.which("cuobjdump")
+    scalars = {"C": "i32", "K": "i32", "N": "i32", "ignore_index": "i64", "inv_log_c": "fp32"}
+    for module, name, ptr_types, variants in _compile_variants():
+        fn = getattr(importlib.import_module(f"rbkd.kernels.{module}"), name)
+        for constexprs in variants:
+            sig = {}
+            for p in fn.params:
+                if p.name in constexprs:
+                    sig[p.name] = "constexpr"
+                elif p.name.endswith("_ptr"):
+                    sig[p.name] = ptr_types.get(p.name, "*fp32")
+                elif p.name.endswith("_stride"):
+                    sig[p.name] = "i32"
+                else:
+                    sig[p.name] = scalars.get(p.name, "fp32")
+            warps = max(1, min(16, constexprs["BLOCK"] * constexprs.get("K_PAD", 1) // 256))
+            src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            if cuobjdump is None:
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            assert "LOCAL:0" in usage, f"{name} {constexprs}: registers spill to local memory:\n{usage}"
+
+
+# ---- interpreted cases (CPU tensors, TRITON_INTERPRET=1) ----------------------------------------
+# C = 300 runs with a 64-column block and C = 37 with 16, so the online accumulation crosses
+# several blocks and a ragged last one; the other C fit one block.
+SHAPES_C = [(1, None), (2, None), (10, None), (37, 16), (300, 64)]
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("N", [0, 1, 5])
+@pytest.mark.parametrize("C,block", SHAPES_C)
+def test_softmax_shapes(C, block, N, log):
+    x = rows(N, C, torch.float32)
+    T = 2.0 if N != 5 else per_row_T(N)
+    y = K.temperature_softmax_forward(x, T, log, block_size=block)
+    assert y.dtype == x.dtype and y.is_contiguous()
+    assert_close(y, ref_softmax(x, T, log), TOL[torch.float32], "softmax forward")
+    g = rows(N, C, torch.float32, scale=1.0, seed=3)
+    gi = K.temperature_softmax_backward(y, g, T, log, block_size=block)
+    # Also against autograd through the float64 forward, not only the closed form.
+    xr = x.double().requires_grad_()
+    ref_softmax(xr, T, log).backward(g.double())
+    assert_close(gi, xr.grad, TOL[torch.float32], "softmax backward")
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_dtypes_strides_extremes(dtype, log):
+    N, C = 5, 300
+    x = rows(N, C, dtype, stride_pad=7)  # row stride 307
+    x[0, :3] = 1e4
+    x[1, 5:9] = -1e4
+    x[2, 10:20] = -INF
+    T = per_row_T(N)
+    y = K.temperature_softmax_forward(x, T, log, block_size=64)
+    assert y.dtype == dtype
+    assert_close(y, ref_softmax(x, T, log), TOL[dtype], f"softmax forward {dtype}")
+    g = rows(N, C + 3, dtype, scale=1.0, seed=4)[:, 3:]
+    gi = K.temperature_softmax_backward(y, g, T, log, block_size=64)
+    assert gi.dtype == dtype
+    ref = ref_softmax_bwd(y, g, T, log)
+    assert_close(gi, ref, (TOL[dtype][0] * ref.abs().max().item(), TOL[dtype][1]), f"softmax backward {dtype}")
+
+
+def _teacher(kind, N, C, dtype, stride_pad=0, seed=2):
+    t = rows(N, C, torch.float64, stride_pad=stride_pad, seed=seed)
+    if kind == 1:
+        t = torch.softmax(t, -1)
+    elif kind == 2:
+        t = torch.log_softmax(t, -1)
+    return t.to(dtype)
+
+
+def _check_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, block, dtype=None):
+    dtype = dtype or z.dtype
+    loss, grad = K.kd_loss_forward(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True, block_size=block)
+    ref_loss, ref_grad = ref_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale)
+    assert loss.dtype == torch.float32 and grad.dtype == z.dtype and grad.is_contiguous()
+    assert_close(loss, ref_loss, FP32_TOL, "kd loss")
+    scale = max(ref_grad.abs().max().item(), 1e-30) if ref_grad.numel() else 1.0
+    assert_close(grad, ref_grad, (TOL[dtype][0] * scale, TOL[dtype][1]), "kd grad")
+    loss2, none = K.kd_loss_forward(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, False, block_size=block)
+    assert none is None
+    assert_close(loss2, loss, (0.0, 0.0), "kd loss without grad")
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("with_labels", [False, True])
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("N", [0, 1, 5])
+@pytest.mark.parametrize("C,block", SHAPES_C)
+def test_kd_loss_shapes(C, block, N, kind, with_labels):
+    z = rows(N, C, torch.float32)
+    t = _teacher(kind, N, C, torch.float32)
+    labels = None
+    if with_labels:
+        labels = torch.arange(N, dtype=torch.int64) % C
+        if N == 5:
+            labels[1] = -100
+    per_row = N == 5  # per-row T and alpha on the biggest batch, scalars elsewhere
+    T = per_row_T(N) if per_row else 2.0
+    alpha = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0])[:N] if per_row else 0.5
+    grad_scale = torch.tensor(0.25) if per_row else 1.0 / max(N, 1)
+    _check_kd(z, t, labels, T, alpha, kind, per_row or C == 37, -100, grad_scale, block)
