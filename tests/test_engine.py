@@ -321,3 +321,34 @@ def test_load_run_errors_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "arch": "general"}))
     with pytest.raises(RunDirError, match="different runs"):
         load_run(tmp_path)
+
+
+def test_progress_bar_checkpoint_contents_and_caller_rng(tmp_path, capsys):
+    model = build_model("mnist", "baseline", seed=0)
+    state = torch.get_rng_state()
+    fit(
+        model,
+        TRAIN,
+        TEST,
+        TrainConfig(**{**CFG, "epochs": 1}),
+        CrossEntropy(),
+        run_dir=tmp_path,
+        progress=True,
+    )
+    fit(
+        model,
+        TRAIN,
+        TEST,
+        TrainConfig(**{**CFG, "epochs": 2}),
+        CrossEntropy(),
+        run_dir=tmp_path,
+        resume=True,
+        progress=True,
+    )
+    assert torch.equal(torch.get_rng_state(), state), "fit must not consume the caller's RNG"
+    assert "epoch 2/2" in capsys.readouterr().out
+    tensors = load_file(tmp_path / "checkpoint.safetensors")
+    assert tensors["rng.cpu"].dtype == torch.uint8
+    assert {"model.head.weight", "optimizer.0.exp_avg", "optimizer.0.step"} <= set(tensors)
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["epoch"] == 2 and meta["optimizer"]["param_groups"][0]["lr"] == CFG["lr"]

@@ -75,8 +75,29 @@ def fit(
     """Train `model` in place on `train[indices]` against `objective`; evaluate on `test` after
     every epoch; write `run_dir` (rank 0). Returns the final metrics (see docs/engine-api.md)."""
     ctx = distributed.setup(cfg.device)
-    device, world = ctx.device, ctx.world_size
     run_dir = Path(run_dir) if run_dir is not None else None
+    try:
+        # The run reseeds the global RNG (dropout); fork_rng hands the caller's state back after.
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            return _fit(
+                model,
+                train,
+                test,
+                cfg,
+                objective,
+                ctx,
+                run_dir,
+                indices,
+                resume,
+                progress,
+                extra_config,
+            )
+    finally:
+        ctx.close()
+
+
+def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, progress, extra_config):
+    device, world = ctx.device, ctx.world_size
     model.to(device)
     objective.validate(train)
     objective.to(device)
@@ -84,45 +105,22 @@ def fit(
     data, test_data = DeviceDataset(train, device), DeviceDataset(test, device)
     optimizer = make_optimizer(model, cfg)
     config = run_config(model, train, test, cfg, objective, rows, world, extra_config)
-
-    start_epoch, history = 0, []
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt.has_checkpoint(run_dir):
-            check_resumable(run_dir, config)
-            start_epoch, _ = ckpt.load_checkpoint(run_dir, model, optimizer)
-            history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
-        elif not resume and (
-            ckpt.has_checkpoint(run_dir) or (run_dir / "model.safetensors").exists()
-        ):
-            raise RunDirError(
-                f"{run_dir} already holds a run: pass resume=True (--resume) to "
-                "continue it, or choose a new run directory"
-            )
-        if ctx.is_main:
-            write_json(run_dir / "config.json", config)
+    start_epoch, history = _open_run_dir(run_dir, resume, config, model, optimizer, ctx)
 
     synced_bn = distributed.sync_batchnorm(model, ctx)
     net = distributed.wrap_model(model, ctx)
     n, batch = len(rows), cfg.batch_size
     steps = math.ceil(n / batch)
-    rows_dev = rows.to(device)
-    devices = [device] if device.type == "cuda" else []
+    rows = rows.to(device)
     try:
-        with (
-            torch.random.fork_rng(devices=devices),
-            EpochProgress(progress and ctx.is_main, cfg.epochs) as bar,
-        ):
+        with EpochProgress(progress and ctx.is_main, cfg.epochs) as bar:
             for epoch in range(start_epoch, cfg.epochs):
                 # Everything random in an epoch derives from (seed, epoch): resuming at any epoch,
                 # on any number of ranks, replays exactly what an uninterrupted run would do.
                 torch.manual_seed(derive_seed(cfg.seed, epoch, _DROPOUT_STREAM, ctx.rank))
                 objective.start_epoch(epoch, cfg.seed)
-                order = rows_dev[
-                    torch.randperm(n, generator=make_generator(cfg.seed, epoch, _ORDER_STREAM)).to(
-                        device
-                    )
-                ]
+                perm = torch.randperm(n, generator=make_generator(cfg.seed, epoch, _ORDER_STREAM))
+                order = rows[perm.to(device)]
                 net.train()
                 bar.start(epoch, steps)
                 t0, seen, loss_sum, correct_sum = time.perf_counter(), 0, 0.0, 0.0
@@ -130,8 +128,7 @@ def fit(
                     global_rows = order[step * batch : (step + 1) * batch]
                     count = len(global_rows)  # the last global batch may be short
                     idx = ctx.shard(global_rows)
-                    x = data.normalize(data.images[idx])
-                    y = data.labels[idx]
+                    x, y = data.normalize(data.images[idx]), data.labels[idx]
                     logits = net(x)
                     loss = objective(logits, y, idx)  # sum over this rank's rows
                     # DDP averages gradients over ranks: scaling the local sum by world / count
@@ -139,9 +136,10 @@ def fit(
                     # what one process computes for the same batch (short last batch included).
                     optimizer.zero_grad(set_to_none=True)
                     (loss * (world / count)).backward()
-                    stats = torch.stack(
-                        [loss.detach().float(), (logits.detach().argmax(1) == y).sum().float()]
-                    )
+                    correct = (logits.detach().argmax(1) == y).sum()
+                    stats = torch.stack([loss.detach().float(), correct.float()])
+                    # .tolist() syncs with the device once per step: the price of refusing a NaN
+                    # step before it reaches the weights (and of an honest progress bar).
                     batch_loss, batch_correct = ctx.all_reduce_sum(stats).tolist()
                     if not math.isfinite(batch_loss):  # every rank sees the same reduced value
                         raise TrainingDiverged(
@@ -150,22 +148,15 @@ def fit(
                             "were not updated: lower the learning rate or check the inputs"
                         )
                     optimizer.step()
-                    seen += count
-                    loss_sum, correct_sum = loss_sum + batch_loss, correct_sum + batch_correct
-                    bar.step(
-                        loss_sum / seen,
-                        correct_sum / seen,
-                        seen / max(time.perf_counter() - t0, 1e-9),
+                    seen, loss_sum, correct_sum = (
+                        seen + count,
+                        loss_sum + batch_loss,
+                        correct_sum + batch_correct,
                     )
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    bar.step(loss_sum / seen, correct_sum / seen, seen / elapsed)
                 train_time = time.perf_counter() - t0
-                sums = evaluation_sums(
-                    model,
-                    test_data,
-                    device=device,
-                    batch_size=cfg.eval_batch_size,
-                    indices=ctx.shard(torch.arange(len(test_data))),
-                )
-                scores = metrics_from_sums(ctx.all_reduce_sum(sums))
+                scores = _evaluate_sharded(model, test_data, cfg, ctx)
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": loss_sum / n,
@@ -183,24 +174,50 @@ def fit(
                     f"acc {scores['accuracy']:.2%} | {row['samples_per_s']:,.0f} samples/s"
                 )
                 if run_dir is not None and ctx.is_main:
-                    ckpt.save_checkpoint(
-                        run_dir,
-                        model,
-                        optimizer,
-                        epoch + 1,
-                        {"seed": cfg.seed, "world_size": world},
-                    )
+                    info = {"seed": cfg.seed, "world_size": world}
+                    ckpt.save_checkpoint(run_dir, model, optimizer, epoch + 1, info)
                     write_metrics(run_dir, history)
-        final = _final_metrics(model, test_data, cfg, ctx, history)
-        if run_dir is not None and ctx.is_main:
-            save_model(run_dir, model)
-            write_json(run_dir / "config.json", {**config, "final_metrics": final})
-        return final
     finally:
         if synced_bn:
             for name, child in model.named_children():
                 setattr(model, name, distributed.revert_sync_batchnorm(child))
-        ctx.close()
+    final = _final_metrics(model, test_data, cfg, ctx, history)
+    if run_dir is not None and ctx.is_main:
+        save_model(run_dir, model)
+        write_json(run_dir / "config.json", {**config, "final_metrics": final})
+    return final
+
+
+def _open_run_dir(run_dir, resume, config, model, optimizer, ctx) -> tuple[int, list[dict]]:
+    """(completed epochs, their metrics): from the checkpoint when resuming, else (0, [])."""
+    if run_dir is None:
+        return 0, []
+    start_epoch, history = 0, []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt.has_checkpoint(run_dir):
+        check_resumable(run_dir, config)
+        start_epoch, _ = ckpt.load_checkpoint(run_dir, model, optimizer)
+        history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
+    elif not resume and (ckpt.has_checkpoint(run_dir) or (run_dir / "model.safetensors").exists()):
+        raise RunDirError(
+            f"{run_dir} already holds a run: pass resume=True (--resume) to continue it, or "
+            "choose a new run directory"
+        )
+    if ctx.is_main:
+        write_json(run_dir / "config.json", config)
+    return start_epoch, history
+
+
+def _evaluate_sharded(model, test_data, cfg, ctx) -> dict:
+    """Each rank scores its shard of the test set; the summed counts are the full-set result."""
+    sums = evaluation_sums(
+        model,
+        test_data,
+        device=ctx.device,
+        batch_size=cfg.eval_batch_size,
+        indices=ctx.shard(torch.arange(len(test_data))),
+    )
+    return metrics_from_sums(ctx.all_reduce_sum(sums))
 
 
 def _final_metrics(model, test_data, cfg, ctx, history) -> dict:
@@ -212,14 +229,7 @@ def _final_metrics(model, test_data, cfg, ctx, history) -> dict:
             "per_class_accuracy": last["per_class_accuracy"],
         }
     else:  # nothing trained (epochs=0, or resuming a finished run without its metrics)
-        sums = evaluation_sums(
-            model,
-            test_data,
-            device=ctx.device,
-            batch_size=cfg.eval_batch_size,
-            indices=ctx.shard(torch.arange(len(test_data))),
-        )
-        test = metrics_from_sums(ctx.all_reduce_sum(sums))
+        test = _evaluate_sharded(model, test_data, cfg, ctx)
     times = [r["epoch_time_s"] for r in history]
     samples = sum(r["samples_per_s"] * r["epoch_time_s"] for r in history)
     return {
