@@ -77,7 +77,7 @@ def fetch_dataset(
         Path | None,
         typer.Option(
             "--dest",
-            help="Folder to write into [default: the cache folder, e.g. ~/.cache/rbkd/NAME].",
+            help="Folder to write into (default: the cache folder, e.g. ~/.cache/rbkd/NAME).",
             file_okay=False,
         ),
     ] = None,
