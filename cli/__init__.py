@@ -1,1 +1,1 @@
-X=1
+"""The `rbkd` command line (Typer): one module per command group, joined in `rbkd.cli.app`."""

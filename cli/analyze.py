@@ -1,0 +1,234 @@
+"""`rbkd analyze ...`: soft-label entropy against temperature, penultimate-layer projections."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rbkd.cli.common import (
+    DataDirOpt,
+    DeviceOpt,
+    SeedOpt,
+    TListOpt,
+    check_choice,
+    console,
+    escape,
+    handle_errors,
+    new_app,
+    parse_int_list,
+)
+from rich.table import Table
+
+app = new_app(help="Analyse soft labels and representations (thesis sections 4.5-4.7).")
+
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")]
+
+
+def _num(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.4f}"
+
+
+@app.command("entropy")
+@handle_errors
+def entropy(
+    soft_labels: Annotated[
+        list[Path] | None,
+        typer.Option("--soft-labels", help="Soft-label file (repeatable: one curve each)."),
+    ] = None,
+    teacher: Annotated[
+        list[Path] | None,
+        typer.Option("--teacher", help="Teacher run folder (repeatable: one curve each)."),
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="With --teacher: which split's soft labels.")
+    ] = "train",
+    T: TListOpt = "1,3,6,9,12,15,18,20",
+    per_class: Annotated[
+        bool, typer.Option("--per-class", help="Also show the mean entropy of each class.")
+    ] = False,
+    label_smoothing_curve: Annotated[
+        bool,
+        typer.Option(
+            "--label-smoothing-curve",
+            help="Add the entropy of label-smoothed targets (1-A)*onehot + A/C for A = 0.1, "
+            "0.3, 0.5, 0.7, 0.9: flat lines, since LS targets do not depend on T.",
+        ),
+    ] = False,
+    plot: PlotOpt = None,
+    json_out: JsonOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Mean soft-label entropy (nats) at each temperature T, overall and per class.
+
+    Entropy grows with T; at the same T a teacher that keeps similarity information between
+    classes has higher entropy (thesis figures 4.4, 5.2-5.4). All temperatures are computed in
+    one pass with rbkd.ops.soft_label_entropy. Pass several --teacher/--soft-labels to compare.
+
+    Example:
+
+        rbkd analyze entropy --teacher runs/t1 --T 1:20 --label-smoothing-curve --plot entropy.png --json entropy.json
+    """
+    from rbkd.analysis.entropy import (
+        entropy_table,
+        parse_temperatures,
+    )
+    from rbkd.analysis.entropy import (
+        label_smoothing_curve as ls_curve,
+    )
+    from rbkd.analysis.files import write_json
+    from rbkd.analysis.plots import plot_entropy_curves
+    from rbkd.analysis.runs import teacher_soft_labels
+    from rbkd.data import load_dataset
+    from rbkd.engine import read_config
+    from rbkd.softlabels import SPLITS, read_soft_labels
+
+    temps = parse_temperatures(T)
+    check_choice(split, SPLITS, "--split")
+    sources = [("file", p) for p in soft_labels or []] + [("run", p) for p in teacher or []]
+    if not sources:
+        raise ValueError("give --soft-labels FILE or --teacher RUN (either may be repeated)")
+
+    tables: dict[str, dict] = {}
+    num_classes = None
+    class_names: list[str] = []
+    for kind, path in sources:
+        if kind == "file":
+            soft = read_soft_labels(path)
+        else:
+            ds = load_dataset(read_config(path)["dataset"], split, data_dir)
+            soft = teacher_soft_labels(path, split, ds)
+            class_names = list(ds.class_names)
+        if num_classes is not None and soft.num_classes != num_classes:
+            raise ValueError(f"{path} has {soft.num_classes} classes, the others {num_classes}")
+        num_classes = soft.num_classes
+        name = str(path)
+        while name in tables:
+            name += "'"
+        table = entropy_table(soft.logits, soft.labels, temps, num_classes=soft.num_classes)
+        tables[name] = {
+            **table.to_dict(),
+            "dataset": soft.dataset,
+            "split": soft.split,
+            "teacher": soft.teacher,
+        }
+
+    out = Table(title="mean soft-label entropy (nats) vs temperature")
+    out.add_column("T", justify="right")
+    for name in tables:
+        out.add_column(escape(name), justify="right")
+    for i, t in enumerate(temps):
+        out.add_row(f"{t:g}", *[_num(tab["mean_entropy"][i]) for tab in tables.values()])
+    console.print(out)
+    if per_class:
+        for name, tab in tables.items():
+            pc = Table(title=f"per-class mean entropy: {escape(name)}")
+            pc.add_column("T", justify="right")
+            for k in range(tab["num_classes"]):
+                label = class_names[k] if k < len(class_names) else str(k)
+                pc.add_column(escape(label), justify="right")
+            for i, t in enumerate(temps):
+                pc.add_row(f"{t:g}", *[_num(v) for v in tab["per_class_entropy"][i]])
+            console.print(pc)
+    ls = ls_curve(num_classes) if label_smoothing_curve else None
+    if ls:
+        lt = Table(title="label smoothing reference (independent of T)")
+        lt.add_column("A", justify="right")
+        lt.add_column("entropy (nats)", justify="right")
+        for a, h in ls.items():
+            lt.add_row(a, _num(h))
+        console.print(lt)
+    console.print(
+        f"maximum possible entropy (uniform over {num_classes} classes): "
+        f"{math.log(num_classes):.4f} nats"
+    )
+    if json_out is not None:
+        write_json(
+            json_out,
+            {
+                "unit": "nats",
+                "temperatures": temps,
+                "sources": tables,
+                "label_smoothing": ls,
+                "max_entropy": math.log(num_classes),
+            },
+        )
+        console.print(f"wrote {escape(json_out)}")
+    if plot is not None:
+        plot_entropy_curves(
+            plot, tables, per_class=per_class, label_smoothing=ls, max_entropy=math.log(num_classes)
+        )
+        console.print(f"wrote {escape(plot)}")
+
+
+@app.command("projection")
+@handle_errors
+def projection(
+    teacher: Annotated[
+        Path, typer.Option("--teacher", help="Run folder of the model to look at (any run).")
+    ],
+    classes: Annotated[str, typer.Option("--classes", help="Three classes, e.g. 0,1,2.")] = "0,1,2",
+    per_class: Annotated[
+        int, typer.Option("--per-class", help="Examples per class (random, seeded).")
+    ] = 100,
+    split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
+    seed: SeedOpt = 0,
+    plot: PlotOpt = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Write index,label,x,y rows here.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Project penultimate-layer activations of three classes onto the plane through their
+    class templates (rows of the final layer), as in Müller et al. 2019 and thesis fig. 5.14.
+
+    Tight clusters: little similarity information kept (LS-like); broad clusters: more. The
+    table gives each cluster's spread (mean distance to its centre / mean distance between
+    centres).
+
+    Example:
+
+        rbkd analyze projection --teacher runs/t1 --classes 0,2,4 --plot projection.png --csv projection.csv
+    """
+    from rbkd.analysis.files import write_csv
+    from rbkd.analysis.plots import plot_projection
+    from rbkd.analysis.projection import project_model
+    from rbkd.data import load_dataset
+    from rbkd.engine import load_run
+    from rbkd.softlabels import SPLITS
+
+    check_choice(split, SPLITS, "--split")
+    ks = parse_int_list(classes, "--classes")
+    if per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {per_class}")
+    model, config = load_run(teacher)
+    ds = load_dataset(config["dataset"], split, data_dir)
+    proj = project_model(model, ds, ks, per_class=per_class, seed=seed, device=device)
+    names = list(ds.class_names)
+    table = Table(title=f"penultimate projection: {escape(teacher)} ({config['arch']})")
+    table.add_column("class", justify="right")
+    table.add_column("name")
+    table.add_column("examples", justify="right")
+    table.add_column("spread", justify="right")
+    for k in ks:
+        table.add_row(
+            str(k), escape(names[k]), str(int((proj.labels == k).sum())), _num(proj.spread[k])
+        )
+    console.print(table)
+    if csv_out is not None:
+        write_csv(csv_out, ["index", "label", "x", "y"], proj.rows())
+        console.print(f"wrote {escape(csv_out)}")
+    if plot is not None:
+        plot_projection(
+            plot,
+            proj.coords.tolist(),
+            proj.labels.tolist(),
+            ks,
+            proj.template_coords.tolist(),
+            class_names=names,
+            title=f"{config['arch']} {config['dataset']}: penultimate layer",
+        )
+        console.print(f"wrote {escape(plot)}")

@@ -1,0 +1,73 @@
+"""The `rbkd` command: every command group joined into one Typer app.
+
+rbkd train-teacher | soft-labels | distill | analyze ... | experiment ... | models | info | data ...
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rbkd.cli import analyze, distill, experiments, info, models, softlabels, train
+from rbkd.cli.common import console, debug_enabled, new_app, report_error
+
+app = new_app(
+    help="Response-based knowledge distillation: train teachers, distill students, and test "
+    "the soft-label hypothesis (entropy vs T, missing classes, transfer sets, batch size)."
+)
+
+app.add_typer(train.app)
+app.add_typer(softlabels.app)
+app.add_typer(distill.app)
+app.add_typer(analyze.app, name="analyze")
+app.add_typer(experiments.app, name="experiment")
+app.add_typer(models.app)
+app.add_typer(info.app)
+
+try:  # `rbkd data` lives in cli/data.py (the data layer's own commands)
+    from rbkd.cli import data as _data
+except ImportError:  # pragma: no cover - only in a checkout without it
+    _data = None
+if _data is not None and hasattr(_data, "app"):
+    app.add_typer(_data.app, name="data")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        import rbkd
+
+        console.print(f"rbkd {rbkd.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version_callback, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Response-based knowledge distillation (thesis: "Response-Based Knowledge Distillation").
+
+    Example:
+
+        rbkd train-teacher --capacity small --epochs 1 --limit 2000 --out runs/t1
+    """
+
+
+def main() -> None:
+    """Console-script entry point: the last line of defence for errors outside a command."""
+    try:
+        app()
+    except Exception as exc:  # commands report their own errors; this catches the rest
+        if debug_enabled():
+            raise
+        report_error(exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

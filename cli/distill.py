@@ -1,0 +1,156 @@
+"""`rbkd distill`: train a student on a teacher's soft labels (or on label-smoothed targets)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import typer
+from rbkd.cli.common import (
+    AlphaOpt,
+    BatchSizeOpt,
+    DataDirOpt,
+    DeviceOpt,
+    EpochsOpt,
+    ExcludeClassOpt,
+    LabelSmoothingOpt,
+    LimitOpt,
+    LrOpt,
+    NoiseOpt,
+    OptimizerOpt,
+    OutDirOpt,
+    PerClassOpt,
+    ProgressOpt,
+    SeedOpt,
+    SelectOpt,
+    SoftLabelsOpt,
+    StudentOpt,
+    TeacherOpt,
+    TOpt,
+    TSquaredOpt,
+    console,
+    escape,
+    handle_errors,
+    new_app,
+)
+from rich.table import Table
+
+app = new_app()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2%}"
+
+
+def print_report(report: dict) -> None:
+    """The terminal table of one distillation run."""
+    source = report["source"]
+    if source["kind"] == "label_smoothing":
+        what = f"label smoothing A={report['label_smoothing']:g}"
+    else:
+        what = f"{source['teacher']} at T={report['T']:g}"
+    if report.get("noise"):
+        what += f", noise {report['noise']}"
+    t = report["transfer"]
+    summary = Table(title=f"{report['student']} student on {report['dataset']}", show_header=False)
+    summary.add_row("run folder", escape(report["run_dir"]))
+    summary.add_row("targets", escape(what))
+    chosen = (
+        "all examples" if t["per_class"] is None else f"{t['per_class']} per class ({t['select']})"
+    )
+    summary.add_row("transfer set", f"{t['size']} examples: {chosen}")
+    summary.add_row("test accuracy", _pct(report["test_accuracy"]))
+    if t["excluded_classes"]:
+        names = ", ".join(map(str, t["excluded_classes"]))
+        summary.add_row(
+            f"accuracy on excluded class(es) {names}", _pct(report["excluded_accuracy"])
+        )
+    console.print(summary)
+
+    per = Table(title="test accuracy per class")
+    per.add_column("class", justify="right")
+    per.add_column("name")
+    per.add_column("transfer examples", justify="right")
+    per.add_column("accuracy", justify="right")
+    names = report.get("class_names") or []
+    for k, acc in enumerate(report["per_class_accuracy"]):
+        excluded = k in t["excluded_classes"]
+        row = [
+            str(k),
+            escape(names[k]) if k < len(names) else "",
+            "excluded" if excluded else str(t["per_class_counts"][k]),
+            _pct(acc),
+        ]
+        per.add_row(*row, style="bold yellow" if excluded else None)
+    console.print(per)
+
+
+@app.command("distill")
+@handle_errors
+def distill(
+    teacher: TeacherOpt = None,
+    soft_labels: SoftLabelsOpt = None,
+    T: TOpt = 9.0,
+    alpha: AlphaOpt = 0.99,
+    t_squared: TSquaredOpt = True,
+    student: StudentOpt = "general",
+    exclude_class: ExcludeClassOpt = None,
+    per_class: PerClassOpt = None,
+    select: SelectOpt = "entropy",
+    label_smoothing: LabelSmoothingOpt = None,
+    noise: NoiseOpt = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", help="Dataset (needed only with --label-smoothing)."),
+    ] = None,
+    epochs: EpochsOpt = 10,
+    batch_size: BatchSizeOpt = 64,
+    lr: LrOpt = 1e-3,
+    optimizer: OptimizerOpt = "adam",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    out: OutDirOpt = None,
+    limit: LimitOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Distill a student from a teacher's soft labels at temperature T (loss: rbkd.ops.kd_loss).
+
+    The targets come from one of: --teacher RUN (its soft_labels_train.safetensors),
+    --soft-labels FILE, or --label-smoothing A (no teacher: (1-A)*onehot + A/C, the LS
+    baseline). The transfer set is the training split, less every class given with
+    --exclude-class (the missing-class test; its accuracy is reported), or N examples per class
+    with --per-class N, chosen by highest soft-label entropy at T or at random. --noise adds
+    uniform:S or normal:S noise to the soft labels, redrawn every epoch. The report goes to the
+    terminal and to report.json and config.json in the run folder.
+
+    Example:
+
+        rbkd distill --teacher runs/t1 --T 9 --exclude-class 3 --epochs 1 --limit 2000 --out runs/s1
+    """
+    from rbkd.analysis.runs import DistillSpec
+    from rbkd.analysis.runs import distill as run_distill
+    from rbkd.engine import TrainConfig
+
+    spec = DistillSpec(
+        teacher=teacher,
+        soft_labels=soft_labels,
+        label_smoothing=label_smoothing,
+        dataset=dataset,
+        T=T,
+        alpha=alpha,
+        t_squared=t_squared,
+        student=student,
+        exclude_classes=list(exclude_class or []),
+        per_class=per_class,
+        select=select,
+        noise=noise,
+        data_dir=data_dir,
+        limit=limit,
+    )
+    spec.check()
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
+    )
+    report = run_distill(spec, cfg, out=out, progress=progress)
+    print_report(report)

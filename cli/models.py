@@ -1,0 +1,57 @@
+"""`rbkd models`: the thesis's teachers and students with their parameter counts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rbkd.cli.common import console, escape, handle_errors, new_app
+from rich import box
+from rich.table import Table
+
+app = new_app()
+
+
+@app.command("models")
+@handle_errors
+def models(
+    layers: Annotated[
+        bool, typer.Option("--layers", help="Also describe each model's layers.")
+    ] = False,
+) -> None:
+    """List every model (dataset x arch) with our parameter count next to the thesis's.
+
+    Teachers are `small` and `large` (thesis Appendix A), students `general` and `baseline`
+    (Appendix B).
+
+    Example:
+
+        rbkd models
+    """
+    from rbkd.models import list_models
+
+    table = Table(
+        title="rbkd models",
+        caption="c/d/dr/bn: conv, dense, dropout and batch-norm layers",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    for col in ("dataset", "arch", "role"):
+        table.add_column(col, no_wrap=True)
+    for col in ("parameters", "thesis", "diff", "c/d/dr/bn"):
+        table.add_column(col, justify="right", no_wrap=True)
+    if layers:
+        table.add_column("layers")
+    for m in list_models():
+        table.add_row(
+            m.dataset,
+            m.arch,
+            m.role,
+            f"{m.parameters:,}",
+            f"{m.thesis_parameters:,}",
+            f"{m.relative_error:+.1%}",
+            f"{m.conv}/{m.dense}/{m.dropout}/{m.bn}",
+            *([escape(m.description)] if layers else []),
+        )
+    console.print(table)

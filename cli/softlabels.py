@@ -1,0 +1,74 @@
+"""`rbkd soft-labels`: write a teacher's soft labels (raw logits) for one split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rbkd.cli.common import (
+    DataDirOpt,
+    DeviceOpt,
+    LimitOpt,
+    check_choice,
+    console,
+    escape,
+    handle_errors,
+    new_app,
+)
+from rich.table import Table
+
+app = new_app()
+
+
+@app.command("soft-labels")
+@handle_errors
+def soft_labels(
+    teacher: Annotated[
+        Path, typer.Option("--teacher", help="Teacher run folder (from train-teacher).")
+    ],
+    split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="File to write (default: RUN/soft_labels_SPLIT.safetensors)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    limit: LimitOpt = None,
+) -> None:
+    """Run a teacher over a dataset split and save its logits as a soft-label file.
+
+    The file (safetensors) holds `logits` [N, C] float32, `labels` and `indices` [N] int64, and
+    metadata naming the dataset, split and teacher (its run folder and the SHA-256 of its
+    model.safetensors), so any temperature can be derived later and a mismatch is caught.
+
+    Example:
+
+        rbkd soft-labels --teacher runs/t1 --split test --limit 2000 --out runs/t1-test.safetensors
+    """
+    from rbkd.analysis.entropy import entropy_at
+    from rbkd.analysis.runs import limit_dataset
+    from rbkd.data import load_dataset
+    from rbkd.engine import load_run, read_config
+    from rbkd.softlabels import SPLITS, read_soft_labels, soft_labels_from_model
+
+    check_choice(split, SPLITS, "--split")
+    config = read_config(teacher)
+    model, _ = load_run(teacher)
+    ds = limit_dataset(load_dataset(config["dataset"], split, data_dir), limit)
+    path = out if out is not None else teacher / f"soft_labels_{split}.safetensors"
+    soft_labels_from_model(model, ds, path, teacher_run=teacher, split=split, device=device)
+    soft = read_soft_labels(path, dataset=ds)
+    table = Table(title="soft labels", show_header=False)
+    table.add_row("file", escape(path))
+    table.add_row("dataset / split", f"{soft.dataset} / {soft.split}")
+    table.add_row("examples x classes", f"{len(soft)} x {soft.num_classes}")
+    table.add_row("teacher", escape(soft.teacher))
+    table.add_row(
+        "teacher accuracy on them", f"{(soft.logits.argmax(1) == soft.labels).float().mean():.2%}"
+    )
+    for T in (1.0, 9.0):
+        table.add_row(
+            f"mean entropy, T={T:g}", f"{float(entropy_at(soft.logits, T).mean()):.4f} nats"
+        )
+    console.print(table)
