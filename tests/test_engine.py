@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rbkd.engine import (
     CrossEntropy,
@@ -320,6 +320,9 @@ def test_load_run_errors_name_the_file_and_the_fix(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "arch": "general"}))
     with pytest.raises(RunDirError, match="different runs"):
+        load_run(tmp_path)
+    save_file({"head.weight": torch.zeros(3, 3)}, str(weights_file))  # no metadata, wrong tensors
+    with pytest.raises(RunDirError, match="does not match the mnist/general architecture"):
         load_run(tmp_path)
 
 
