@@ -196,6 +196,19 @@ def test_fetch_cifar10_unpacks_and_loads(tmp_path: Path, monkeypatch: pytest.Mon
     assert ds.labels.tolist() == arrays["train"][1].tolist()
 
 
+def test_fetch_cifar10_into_the_cache_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_roots: dict[str, Path]
+) -> None:
+    fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-py", per_batch=1)
+    archive = fx.cifar_archive_bytes(tmp_path / "source" / "cifar-10-batches-py")
+    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": archive})
+    with fx.loopback_server({"/cifar-10-python.tar.gz": archive}) as (url, _):
+        folder = fetch("cifar10", base_url=url, progress=False)
+    assert folder == isolated_roots["cache"] / "cifar10" / "cifar-10-batches-py"
+    assert find_dataset("cifar10") == folder
+    assert len(load_dataset("cifar10", "test")) == 1
+
+
 @pytest.mark.parametrize(
     "evil_name, words",
     [

@@ -180,7 +180,7 @@ def fetch(
     base_url: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Download a dataset into `dest` (default: the cache folder, e.g. ~/.cache/rbkd/mnist) and
+    """Download a dataset into `dest` (default: the cache folder, ~/.cache/rbkd/<name>) and
     return the folder that now holds its files, ready for `load_dataset(..., data_dir=...)`.
 
     Files already present with the right SHA-256 are not downloaded again. `base_url` replaces
@@ -188,7 +188,9 @@ def fetch(
     `DatasetFetchError`s saying what failed and where to put the files by hand.
     """
     info = get_info(name)
-    dest = Path(dest).expanduser() if dest is not None else cache_dir() / info.folder_names[0]
+    # The cache subfolder is the dataset's name, the first place `find_dataset` looks in a root
+    # (CIFAR-10's archive then unpacks to cifar10/cifar-10-batches-py/, also on the search path).
+    dest = Path(dest).expanduser() if dest is not None else cache_dir() / info.name
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
