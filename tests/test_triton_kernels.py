@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import rbkd.kernels as K
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 INF = float("inf")
@@ -31,9 +30,8 @@ INF = float("inf")
 def _interpreted() -> bool:
     if not K.TRITON_AVAILABLE:
         return False
-    from triton.runtime.interpreter import InterpretedFunction
-
     from rbkd.kernels import kd_loss
+    from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(kd_loss._kd_loss_fwd_kernel, InterpretedFunction)
 
@@ -63,7 +61,9 @@ def assert_close(actual, expected, tol, what):
     """Like torch.testing.assert_close against float64, reporting the first mismatches and
     NaN/inf disagreements by index."""
     atol, rtol = tol
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     a, e = actual.double().cpu(), expected.double().cpu()
     same = (a == e) | (a.isnan() & e.isnan())  # inf == inf, NaN where NaN is expected
     close = same | ((a - e).abs() <= atol + rtol * e.abs())
@@ -73,8 +73,12 @@ def assert_close(actual, expected, tol, what):
     worst = ((a - e).abs().nan_to_num(nan=INF) * ~close).argmax().item()
     lines = [f"{what}: {len(bad)} of {a.numel()} mismatched (atol={atol}, rtol={rtol})"]
     for idx in bad[:8]:
-        lines.append(f"  at {tuple(idx)}: got {a[tuple(idx)].item()!r}, expected {e[tuple(idx)].item()!r}")
-    lines.append(f"  worst |diff| at flat index {worst}: {a.flatten()[worst].item()!r} vs {e.flatten()[worst].item()!r}")
+        lines.append(
+            f"  at {tuple(idx)}: got {a[tuple(idx)].item()!r}, expected {e[tuple(idx)].item()!r}"
+        )
+    lines.append(
+        f"  worst |diff| at flat index {worst}: {a.flatten()[worst].item()!r} vs {e.flatten()[worst].item()!r}"
+    )
     raise AssertionError("\n".join(lines))
 
 
@@ -131,7 +135,11 @@ def ref_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale):
         y = torch.where(valid, labels, 0)
         ce = torch.logsumexp(z, -1) - z.gather(1, y[:, None])[:, 0]
         loss = loss + torch.where(a != 1, (1 - a) * ce, 0.0)
-        onehot = torch.nn.functional.one_hot(y, c).double() if c else torch.zeros(n, 0, dtype=torch.float64)
+        onehot = (
+            torch.nn.functional.one_hot(y, c).double()
+            if c
+            else torch.zeros(n, 0, dtype=torch.float64)
+        )
         grad = grad + (1 - a)[:, None] * (torch.softmax(z, -1) - onehot)
     gs = float(grad_scale) if not isinstance(grad_scale, torch.Tensor) else grad_scale.item()
     return torch.where(valid, loss, 0.0), torch.where(valid[:, None], grad, 0.0) * gs
@@ -155,7 +163,9 @@ def ref_entropy(x, temps, kind, normalize):
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="already running interpreted: the cases run here")
-@pytest.mark.skipif(not K.TRITON_AVAILABLE, reason=f"triton not importable: {K.TRITON_IMPORT_ERROR}")
+@pytest.mark.skipif(
+    not K.TRITON_AVAILABLE, reason=f"triton not importable: {K.TRITON_IMPORT_ERROR}"
+)
 def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
@@ -163,7 +173,9 @@ def test_interpreter_suite():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"interpreted kernel tests failed (rc={proc.returncode}):\n{out[-8000:]}"
+    assert proc.returncode == 0, (
+        f"interpreted kernel tests failed (rc={proc.returncode}):\n{out[-8000:]}"
+    )
     assert " passed" in out and "failed" not in out, out[-4000:]
 
 
@@ -172,27 +184,50 @@ def test_import_without_triton():
     code += "from rbkd.ops.backends import triton as b; "
     code += "assert not k.TRITON_AVAILABLE and not b.is_available(), k.TRITON_IMPORT_ERROR"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _compile_variants():
     b16, f32 = "*bf16", "*fp32"
-    yield "temperature_softmax", "_temperature_softmax_fwd_kernel", {"x_ptr": b16, "out_ptr": b16}, [
-        dict(T_ROWS=tr, LOG=lg, BLOCK=4096) for tr in (False, True) for lg in (False, True)
-    ]
-    yield "temperature_softmax", "_temperature_softmax_bwd_kernel", {"y_ptr": b16, "g_ptr": b16, "gi_ptr": b16}, [
-        dict(T_ROWS=False, LOG=lg, BLOCK=4096) for lg in (False, True)
-    ]
+    yield (
+        "temperature_softmax",
+        "_temperature_softmax_fwd_kernel",
+        {"x_ptr": b16, "out_ptr": b16},
+        [dict(T_ROWS=tr, LOG=lg, BLOCK=4096) for tr in (False, True) for lg in (False, True)],
+    )
+    yield (
+        "temperature_softmax",
+        "_temperature_softmax_bwd_kernel",
+        {"y_ptr": b16, "g_ptr": b16, "gi_ptr": b16},
+        [dict(T_ROWS=False, LOG=lg, BLOCK=4096) for lg in (False, True)],
+    )
     flags = dict(T_ROWS=True, ALPHA_ROWS=True, T_SQUARED=True, GS_PTR=True, BLOCK=2048)
-    yield "kd_loss", "_kd_loss_fwd_kernel", {"s_ptr": b16, "t_ptr": f32, "labels_ptr": "*i64", "grad_ptr": b16}, [
-        dict(flags, TEACHER_KIND=k, HAS_LABELS=lab, NEED_GRAD=ng) for k in (0, 1, 2) for lab in (False, True) for ng in (False, True)
-    ]
-    yield "soft_label_entropy", "_entropy_logits_kernel", {"x_ptr": b16}, [dict(K_PAD=1, BLOCK=4096), dict(K_PAD=8, BLOCK=512)]
+    yield (
+        "kd_loss",
+        "_kd_loss_fwd_kernel",
+        {"s_ptr": b16, "t_ptr": f32, "labels_ptr": "*i64", "grad_ptr": b16},
+        [
+            dict(flags, TEACHER_KIND=k, HAS_LABELS=lab, NEED_GRAD=ng)
+            for k in (0, 1, 2)
+            for lab in (False, True)
+            for ng in (False, True)
+        ],
+    )
+    yield (
+        "soft_label_entropy",
+        "_entropy_logits_kernel",
+        {"x_ptr": b16},
+        [dict(K_PAD=1, BLOCK=4096), dict(K_PAD=8, BLOCK=512)],
+    )
     yield "soft_label_entropy", "_entropy_probs_kernel", {"x_ptr": f32}, [dict(BLOCK=4096)]
 
 
-@pytest.mark.skipif(not K.TRITON_AVAILABLE, reason=f"triton not importable: {K.TRITON_IMPORT_ERROR}")
+@pytest.mark.skipif(
+    not K.TRITON_AVAILABLE, reason=f"triton not importable: {K.TRITON_IMPORT_ERROR}"
+)
 @pytest.mark.skipif(IN_INTERPRETER, reason="interpreted kernels cannot be compiled")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
 def test_kernels_compile_for_sm90_without_spills():
@@ -225,14 +260,20 @@ def test_kernels_compile_for_sm90_without_spills():
                     sig[p.name] = scalars.get(p.name, "fp32")
             warps = max(1, min(16, constexprs["BLOCK"] * constexprs.get("K_PAD", 1) // 256))
             src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            kernel = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+            )
             if cuobjdump is None:
                 continue
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(kernel.asm["cubin"])
                 f.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-            assert "LOCAL:0" in usage, f"{name} {constexprs}: registers spill to local memory:\n{usage}"
+                usage = subprocess.run(
+                    [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True
+                ).stdout
+            assert "LOCAL:0" in usage, (
+                f"{name} {constexprs}: registers spill to local memory:\n{usage}"
+            )
 
 
 # ---- interpreted cases (CPU tensors, TRITON_INTERPRET=1) ----------------------------------------
@@ -278,7 +319,12 @@ def test_softmax_dtypes_strides_extremes(dtype, log):
     gi = K.temperature_softmax_backward(y, g, T, log, block_size=64)
     assert gi.dtype == dtype
     ref = ref_softmax_bwd(y, g, T, log)
-    assert_close(gi, ref, (TOL[dtype][0] * ref.abs().max().item(), TOL[dtype][1]), f"softmax backward {dtype}")
+    assert_close(
+        gi,
+        ref,
+        (TOL[dtype][0] * ref.abs().max().item(), TOL[dtype][1]),
+        f"softmax backward {dtype}",
+    )
 
 
 def _teacher(kind, N, C, dtype, stride_pad=0, seed=2):
@@ -292,13 +338,17 @@ def _teacher(kind, N, C, dtype, stride_pad=0, seed=2):
 
 def _check_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, block, dtype=None):
     dtype = dtype or z.dtype
-    loss, grad = K.kd_loss_forward(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True, block_size=block)
+    loss, grad = K.kd_loss_forward(
+        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True, block_size=block
+    )
     ref_loss, ref_grad = ref_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale)
     assert loss.dtype == torch.float32 and grad.dtype == z.dtype and grad.is_contiguous()
     assert_close(loss, ref_loss, FP32_TOL, "kd loss")
     scale = max(ref_grad.abs().max().item(), 1e-30) if ref_grad.numel() else 1.0
     assert_close(grad, ref_grad, (TOL[dtype][0] * scale, TOL[dtype][1]), "kd grad")
-    loss2, none = K.kd_loss_forward(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, False, block_size=block)
+    loss2, none = K.kd_loss_forward(
+        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, False, block_size=block
+    )
     assert none is None
     assert_close(loss2, loss, (0.0, 0.0), "kd loss without grad")
 
@@ -322,3 +372,135 @@ def test_kd_loss_shapes(C, block, N, kind, with_labels):
     alpha = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0])[:N] if per_row else 0.5
     grad_scale = torch.tensor(0.25) if per_row else 1.0 / max(N, 1)
     _check_kd(z, t, labels, T, alpha, kind, per_row or C == 37, -100, grad_scale, block)
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kd_loss_dtypes_strides_extremes(dtype, kind):
+    N, C = 5, 300
+    z = rows(N, C, dtype, stride_pad=5)  # student row stride 305
+    z[0, :2] = 1e4
+    z[1, 7:11] = -1e4
+    z[3, 40:60] = -INF  # student -inf where the teacher has mass: KL = +inf on that row
+    t = _teacher(kind, N, C, torch.float32, stride_pad=11)  # teacher float32, row stride 311
+    if kind == 0:
+        t[2, :] *= 3000  # a near one-hot teacher (+-1e4 logits)
+        t[4, 100:140] = -INF  # teacher probability exactly 0 there
+        t[3, 40:60] = -INF  # ...and both sides -inf on row 3: 0 * log 0 = 0, KL stays finite
+    labels = torch.tensor([0, 8, 299, 50, 120])  # row 3: z_y = -inf, CE = +inf
+    alpha = torch.tensor([0.5, 0.0, 0.7, 1.0, 0.2])  # alpha = 1 drops the infinite CE of row 3
+    _check_kd(z, t, labels, per_row_T(N), alpha, kind, True, -100, torch.tensor(0.5), 64)
+    _check_kd(z, t, None, 3.0, 1.0, kind, False, -100, 1.0, None)
+
+
+@interp
+@quiet
+def test_kd_loss_ignored_and_out_of_range_labels():
+    N, C = 5, 37
+    z = rows(N, C, torch.bfloat16)
+    t = _teacher(0, N, C, torch.bfloat16)
+    # Out-of-range labels are ignored rows, never a read of z[y] out of bounds.
+    wild = torch.tensor([C, -1, 10**12, -(10**12), -100])
+    loss, grad = K.kd_loss_forward(z, t, wild, 2.0, 0.5, 0, True, -100, 1.0, True, block_size=16)
+    assert loss.eq(0).all() and grad.eq(0).all()
+    every = torch.full((N,), 7)  # ignore_index other than -100: all rows ignored
+    loss, grad = K.kd_loss_forward(z, t, every, 2.0, 0.5, 0, True, 7, 1.0, True)
+    assert loss.eq(0).all() and grad.eq(0).all() and not grad.isnan().any()
+    mixed = torch.tensor([3, 7, 36, 37, 0])
+    _check_kd(z, t, mixed, per_row_T(N), 0.3, 0, False, 7, 1.0, 16)
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("N", [0, 1, 5])
+@pytest.mark.parametrize("C,block", SHAPES_C)
+def test_entropy_logits_shapes(C, block, N, normalize):
+    x = rows(N, C, torch.float32)
+    temps = torch.tensor([0.5, 1.0, 4.0])  # K = 3: one padding temperature in the tile
+    h = K.soft_label_entropy_forward(x, temps, 0, normalize, block_size=block)
+    assert h.dtype == torch.float32 and h.shape == (3, N)
+    assert_close(h, ref_entropy(x, temps, 0, normalize), FP32_TOL, "entropy")
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entropy_dtypes_strides_extremes(dtype):
+    N, C = 5, 300
+    x = rows(N, C, dtype, stride_pad=9)
+    x[0] *= 3000  # +-1e4 logits: near one-hot at T = 1, still spread at T = 1e4
+    x[1, :150] = -INF
+    x[2, 1:] = -INF  # a single finite logit: entropy exactly 0
+    temps = torch.tensor([0.25, 1.0, 2.0, 10.0, 1e4])  # K = 5 pads to 8
+    h = K.soft_label_entropy_forward(x, temps, 0, True, block_size=32)
+    assert_close(h, ref_entropy(x, temps, 0, True), FP32_TOL, f"entropy {dtype}")
+    assert h[:, 2].eq(0).all()
+    h1 = K.soft_label_entropy_forward(x, temps[:1], 0, False)  # default block, K = 1
+    assert_close(h1, ref_entropy(x, temps[:1], 0, False), FP32_TOL, f"entropy K=1 {dtype}")
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("C,block", SHAPES_C)
+def test_entropy_probs(C, block):
+    N = 5
+    p = torch.softmax(rows(N, C, torch.float64), -1)
+    p[0, : C // 2] = 0.0  # 0 * log 0 = 0
+    p = p.to(torch.float32)
+    for normalize in (False, True):
+        h = K.soft_label_entropy_forward(p, torch.ones(2), 1, normalize, block_size=block)
+        assert h.shape == (2, N)
+        assert_close(h, ref_entropy(p, torch.ones(2), 1, normalize), FP32_TOL, "entropy of probs")
+    assert K.soft_label_entropy_forward(p, None, 1, False).shape == (1, N)
+
+
+@interp
+@quiet
+def test_backend_interface_matches_reference_backend():
+    """The triton backend through the interface rbkd.ops dispatches to, against the project's
+    pure-torch oracle (rbkd/ops/backends/reference.py)."""
+    from rbkd.ops.backends import reference
+    from rbkd.ops.backends import triton as backend
+
+    assert backend.NAME == "triton" and backend.is_available()
+    assert backend.supports(torch.device("cpu")) and backend.supports(torch.device("cuda"))
+    N, C = 4, 53
+    x = rows(N, C, torch.float32)
+    for log in (False, True):
+        y = backend.softmax_forward(x, 2.0, log)
+        assert_close(
+            y, reference.softmax_forward(x, 2.0, log), TOL[torch.float32], "backend softmax"
+        )
+        g = rows(N, C, torch.float32, seed=5)
+        assert_close(
+            backend.softmax_backward(y, g, 2.0, log),
+            reference.softmax_backward(y, g, 2.0, log),
+            TOL[torch.float32],
+            "backend softmax bwd",
+        )
+    t = _teacher(0, N, C, torch.float32)
+    labels = torch.tensor([1, -100, 52, 0])
+    args = (x, t, labels, per_row_T(N), 0.4, 0, True, -100, torch.tensor(0.25), True)
+    (loss, grad), (rloss, rgrad) = backend.kd_loss_forward(*args), reference.kd_loss_forward(*args)
+    assert_close(loss, rloss, FP32_TOL, "backend kd loss")
+    assert_close(grad, rgrad, TOL[torch.float32], "backend kd grad")
+    temps = torch.tensor([1.0, 3.0])
+    assert_close(
+        backend.entropy_forward(x, temps, 0, True),
+        reference.entropy_forward(x, temps, 0, True),
+        FP32_TOL,
+        "backend entropy",
+    )
+
+
+def test_backend_supports_cpu_only_when_interpreting(monkeypatch):
+    from rbkd.ops.backends import triton as backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not backend.supports(torch.device("cpu"))
+    assert backend.supports(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.supports(torch.device("cpu"))
