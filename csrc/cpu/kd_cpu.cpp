@@ -1,0 +1,312 @@
+// kd_loss_fwd on the CPU: per-row loss and the saved gradient in one fused pass over each row.
+//
+// C > kSmallC: one row per task. Pass 1 reads the row from DRAM (max of student and teacher;
+// float16/bfloat16 converted to float32 on the way), pass 2 forms the exps from L2 and keeps them,
+// pass 3 writes the gradient. Keeping the exps costs L2 traffic but halves the exps (the
+// arithmetic, not memory, is what limits a 2-core machine here).
+// C <= kSmallC: rows are the SIMD lanes. A block of kLanes rows is transposed into a [C][kLanes]
+// tile, so a 10-class row does not waste 6 of 16 lanes, and every per-row quantity is a vector.
+#include "cpu_common.h"
+#include "cpu_kernels.h"
+#include "rbkd_rows.h"
+
+namespace rbkd::cpu {
+namespace {
+
+constexpr int64_t kSmallC = 32;
+constexpr int kLanes = 16;
+
+struct RowParams {
+  float inv_T, alpha, kl_scale;
+  int64_t label;  // -1 when there is no CE term
+  bool valid;
+};
+
+RBKD_INLINE RowParams row_params(const KdLossArgs& a, int64_t i) {
+  RowParams p;
+  const float T = row_param(a.T_rows, a.T, i);
+  p.inv_T = 1.0f / T;
+  p.kl_scale = a.t_squared ? T * T : 1.0f;
+  p.alpha = a.labels != nullptr ? row_param(a.alpha_rows, a.alpha, i) : 1.0f;
+  p.label = -1;
+  p.valid = true;
+  if (a.labels != nullptr) {
+    const int64_t y = a.labels[i];
+    p.valid = label_valid(y, a.ignore_index, a.C);
+    p.label = p.valid ? y : -1;
+  }
+  return p;
+}
+
+// grad_j = kd_grad(es_j / S_s, et_j / S_t, ece_j / S_ce, false, c), written as dtype D.
+template <int D>
+RBKD_INLINE void store_grad(void* row, const float* es, const float* et, const float* ece,
+                            float inv_Ss, float inv_St, float inv_Sce, KdGradCoef c, int64_t n) {
+  auto* p = static_cast<typename Storage<D>::type*>(row);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    store<D>(p, j, kd_grad(es[j] * inv_Ss, et[j] * inv_St, ece[j] * inv_Sce, false, c));
+  }
+}
+
+RBKD_INLINE void store_one(void* row, int dtype, int64_t j, float v) {
+  if (dtype == kFloat32) {
+    store<kFloat32>(static_cast<float*>(row), j, v);
+  } else if (dtype == kFloat16) {
+    store<kFloat16>(static_cast<uint16_t*>(row), j, v);
+  } else {
+    store<kBFloat16>(static_cast<uint16_t*>(row), j, v);
+  }
+}
+
+RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
+  const int64_t C = a.C;
+  const int64_t s_size = dtype_size(a.s_dtype);
+  void* g_row = a.grad != nullptr ? static_cast<char*>(a.grad) + i * C * s_size : nullptr;
+  const RowParams rp = row_params(a, i);
+  if (!rp.valid) {
+    a.loss[i] = 0.0f;
+    if (g_row != nullptr) memset(g_row, 0, static_cast<size_t>(C * s_size));
+    return;
+  }
+  const bool has_ce = a.labels != nullptr;
+  const bool sep_ce = has_ce && rp.inv_T != 1.0f;  // CE needs its own exps unless T == 1
+  float* zbuf = scratch;
+  float* tbuf = scratch + C;
+  float* es = scratch + 2 * C;
+  float* et = scratch + 3 * C;
+  float* ece = sep_ce ? scratch + 4 * C : es;
+
+  // Pass 1: the rows as float32 and their maxima.
+  float mz, mt;
+  const float* z = row_as_float(static_cast<const char*>(a.student) + i * a.s_row_stride * s_size,
+                                a.s_dtype, zbuf, C, &mz);
+  const float* t = row_as_float(
+      static_cast<const char*>(a.teacher) + i * a.t_row_stride * dtype_size(a.t_dtype), a.t_dtype,
+      tbuf, C, &mt);
+
+  // Pass 2: exps, their sums and the KL accumulator.
+  const float inv_T = rp.inv_T;
+  float Ss = 0.0f, St = 0.0f, A = 0.0f, Sce = 0.0f;
+  if (a.teacher_kind == kLogits) {
+#pragma omp simd reduction(+ : Ss, St, A)
+    for (int64_t j = 0; j < C; ++j) {
+      const float zs = (z[j] - mz) * inv_T;
+      const float ts = (t[j] - mt) * inv_T;
+      const float e_s = fast_exp(zs);
+      const float e_t = fast_exp(ts);
+      es[j] = e_s;
+      et[j] = e_t;
+      Ss += e_s;
+      St += e_t;
+      A += kl_term(e_t, ts, zs);
+    }
+  } else {
+    const bool log_probs = a.teacher_kind == kLogProbs;
+#pragma omp simd reduction(+ : Ss, St, A)
+    for (int64_t j = 0; j < C; ++j) {
+      const float zs = (z[j] - mz) * inv_T;
+      const float e_s = fast_exp(zs);
+      const float p = log_probs ? fast_exp(t[j]) : t[j];
+      const float lp = log_probs ? t[j] : fast_log(t[j]);
+      es[j] = e_s;
+      et[j] = p;
+      Ss += e_s;
+      St += p;
+      A += kl_term(p, lp, zs);
+    }
+  }
+  if (sep_ce) {
+#pragma omp simd reduction(+ : Sce)
+    for (int64_t j = 0; j < C; ++j) {
+      ece[j] = fast_exp(z[j] - mz);
+      Sce += ece[j];
+    }
+  } else {
+    Sce = Ss;
+  }
+
+  const float kl = kl_finish(A, St, Ss, a.teacher_kind);
+  const float ce = has_ce ? ce_finish(Sce, mz, z[rp.label]) : 0.0f;
+  a.loss[i] = kd_row_loss(ce, kl, rp.alpha, rp.kl_scale, has_ce);
+  if (g_row == nullptr) return;
+
+  // Pass 3: the gradient, from the kept exps.
+  const float gs = a.grad_scale_ptr != nullptr ? *a.grad_scale_ptr : a.grad_scale;
+  const KdGradCoef c = kd_grad_coef(rp.alpha, rp.kl_scale, inv_T, has_ce, gs);
+  const float inv_Ss = 1.0f / Ss;
+  const float inv_St = a.teacher_kind == kLogits ? 1.0f / St : 1.0f;
+  const float inv_Sce = 1.0f / Sce;
+  if (a.s_dtype == kFloat32) {
+    store_grad<kFloat32>(g_row, es, et, ece, inv_Ss, inv_St, inv_Sce, c, C);
+  } else if (a.s_dtype == kFloat16) {
+    store_grad<kFloat16>(g_row, es, et, ece, inv_Ss, inv_St, inv_Sce, c, C);
+  } else {
+    store_grad<kBFloat16>(g_row, es, et, ece, inv_Ss, inv_St, inv_Sce, c, C);
+  }
+  if (has_ce) {
+    const int64_t y = rp.label;
+    store_one(g_row, a.s_dtype, y,
+              kd_grad(es[y] * inv_Ss, et[y] * inv_St, ece[y] * inv_Sce, true, c));
+  }
+}
+
+// Loads a [C][kLanes] tile: tile[j][r] = row (i0 + r), element j; missing rows read as 0.
+template <int D>
+RBKD_INLINE void load_tile(const void* base, int64_t row_stride, int64_t i0, int rows, int64_t C,
+                           float (*tile)[kLanes]) {
+  using S = typename Storage<D>::type;
+  for (int r = 0; r < kLanes; ++r) {
+    if (r < rows) {
+      const S* p = static_cast<const S*>(base) + (i0 + r) * row_stride;
+      for (int64_t j = 0; j < C; ++j) tile[j][r] = load<D>(p, j);
+    } else {
+      for (int64_t j = 0; j < C; ++j) tile[j][r] = 0.0f;
+    }
+  }
+}
+
+RBKD_INLINE void load_tile_any(int dtype, const void* base, int64_t row_stride, int64_t i0,
+                               int rows, int64_t C, float (*tile)[kLanes]) {
+  if (dtype == kFloat32) {
+    load_tile<kFloat32>(base, row_stride, i0, rows, C, tile);
+  } else if (dtype == kFloat16) {
+    load_tile<kFloat16>(base, row_stride, i0, rows, C, tile);
+  } else {
+    load_tile<kBFloat16>(base, row_stride, i0, rows, C, tile);
+  }
+}
+
+template <int D>
+RBKD_INLINE void store_tile(void* base, int64_t i0, int rows, int64_t C,
+                            const float (*tile)[kLanes]) {
+  using S = typename Storage<D>::type;
+  for (int r = 0; r < rows; ++r) {
+    S* p = static_cast<S*>(base) + (i0 + r) * C;
+    for (int64_t j = 0; j < C; ++j) store<D>(p, j, tile[j][r]);
+  }
+}
+
+// kLanes rows at once (C <= kSmallC). Pass 1 folds each lane's row into online (max, sum) pairs,
+// pass 2 recomputes the exps with the final maxima for the KL term and the gradient: the same
+// two-pass scheme as the CUDA kernel.
+RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
+  const int64_t C = a.C;
+  const int rows = static_cast<int>(std::min<int64_t>(kLanes, a.N - i0));
+  alignas(64) float z[kSmallC][kLanes];
+  alignas(64) float t[kSmallC][kLanes];
+  alignas(64) float g[kSmallC][kLanes];
+  alignas(64) float inv_T[kLanes], alpha[kLanes], kl_scale[kLanes];
+  alignas(64) int32_t label[kLanes];
+  alignas(64) float valid[kLanes];
+  for (int r = 0; r < kLanes; ++r) {
+    RowParams p{1.0f, 1.0f, 1.0f, -1, false};
+    if (r < rows) p = row_params(a, i0 + r);
+    inv_T[r] = p.inv_T;
+    alpha[r] = p.alpha;
+    kl_scale[r] = p.kl_scale;
+    label[r] = static_cast<int32_t>(p.label);
+    valid[r] = p.valid ? 1.0f : 0.0f;
+  }
+  load_tile_any(a.s_dtype, a.student, a.s_row_stride, i0, rows, C, z);
+  load_tile_any(a.t_dtype, a.teacher, a.t_row_stride, i0, rows, C, t);
+
+  const bool has_ce = a.labels != nullptr;
+  const int kind = a.teacher_kind;
+  alignas(64) float mz[kLanes], Ss[kLanes], mce[kLanes], Sce[kLanes], mt[kLanes], St[kLanes];
+  for (int r = 0; r < kLanes; ++r) {
+    mz[r] = mce[r] = mt[r] = -INFINITY;
+    Ss[r] = Sce[r] = St[r] = 0.0f;
+  }
+  for (int64_t j = 0; j < C; ++j) {
+#pragma omp simd
+    for (int r = 0; r < kLanes; ++r) {
+      online_push(mz[r], Ss[r], z[j][r], inv_T[r]);
+      if (has_ce) online_push(mce[r], Sce[r], z[j][r], 1.0f);
+      if (kind == kLogits) {
+        online_push(mt[r], St[r], t[j][r], inv_T[r]);
+      } else {
+        St[r] += kind == kLogProbs ? fast_exp(t[j][r]) : t[j][r];
+      }
+    }
+  }
+
+  const float gs = a.grad_scale_ptr != nullptr ? *a.grad_scale_ptr : a.grad_scale;
+  alignas(64) float A[kLanes], inv_Ss[kLanes], inv_St[kLanes], inv_Sce[kLanes];
+  alignas(64) float c_ce[kLanes], c_kl[kLanes], zy[kLanes];
+#pragma omp simd
+  for (int r = 0; r < kLanes; ++r) {
+    A[r] = 0.0f;
+    zy[r] = 0.0f;
+    inv_Ss[r] = 1.0f / Ss[r];
+    inv_St[r] = kind == kLogits ? 1.0f / St[r] : 1.0f;
+    inv_Sce[r] = 1.0f / Sce[r];
+    const KdGradCoef c = kd_grad_coef(alpha[r], kl_scale[r], inv_T[r], has_ce, gs * valid[r]);
+    c_ce[r] = c.c_ce;
+    c_kl[r] = c.c_kl;
+  }
+  for (int64_t j = 0; j < C; ++j) {
+#pragma omp simd
+    for (int r = 0; r < kLanes; ++r) {
+      const float zs = (z[j][r] - mz[r]) * inv_T[r];
+      const float p_s = fast_exp(zs) * inv_Ss[r];
+      float p, lp;
+      if (kind == kLogits) {
+        lp = (t[j][r] - mt[r]) * inv_T[r];
+        p = fast_exp(lp);
+      } else if (kind == kLogProbs) {
+        lp = t[j][r];
+        p = fast_exp(lp);
+      } else {
+        p = t[j][r];
+        lp = fast_log(p);
+      }
+      A[r] += kl_term(p, lp, zs);
+      const bool is_label = j == label[r];
+      zy[r] = is_label ? z[j][r] : zy[r];
+      const float p_ce = has_ce ? fast_exp(z[j][r] - mce[r]) * inv_Sce[r] : 0.0f;
+      const KdGradCoef c{c_ce[r], c_kl[r]};
+      // Invalid lanes have zero coefficients; the select also clears a NaN from padding.
+      g[j][r] = valid[r] != 0.0f ? kd_grad(p_s, p * inv_St[r], p_ce, is_label, c) : 0.0f;
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float kl = kl_finish(A[r], St[r], Ss[r], kind);
+    const float ce = has_ce ? ce_finish(Sce[r], mce[r], zy[r]) : 0.0f;
+    a.loss[i0 + r] = valid[r] != 0.0f ? kd_row_loss(ce, kl, alpha[r], kl_scale[r], has_ce) : 0.0f;
+  }
+  if (a.grad == nullptr) return;
+  if (a.s_dtype == kFloat32) {
+    store_tile<kFloat32>(a.grad, i0, rows, C, g);
+  } else if (a.s_dtype == kFloat16) {
+    store_tile<kFloat16>(a.grad, i0, rows, C, g);
+  } else {
+    store_tile<kBFloat16>(a.grad, i0, rows, C, g);
+  }
+}
+
+}  // namespace
+
+void kd_loss_fwd(const KdLossArgs& a, int num_threads) {
+  if (a.N == 0) return;
+  if (a.C == 0) {
+    for (int64_t i = 0; i < a.N; ++i) a.loss[i] = 0.0f;
+    return;
+  }
+  if (a.C <= kSmallC) {
+    const int64_t blocks = (a.N + kLanes - 1) / kLanes;
+    const int nt = pick_threads(num_threads, a.N * a.C * 4, blocks);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) kd_rows_small(a, b * kLanes);
+    return;
+  }
+  const int nt = pick_threads(num_threads, a.N * a.C * 4, a.N);
+#pragma omp parallel num_threads(nt)
+  {
+    float* scratch = thread_scratch(5 * a.C);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.N; ++i) kd_row(a, i, scratch);
+  }
+}
+
+}  // namespace rbkd::cpu

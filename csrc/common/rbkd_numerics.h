@@ -1,0 +1,177 @@
+// Scalar numerics shared by the CPU and the CUDA kernels: bit casts, the three storage dtypes and
+// a vectorisable exp/log. Every function is RBKD_HD (host + device) and branch-free enough for
+// `#pragma omp simd` loops to vectorise it, so the CPU tests exercise the exact math CUDA runs.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __CUDACC__
+#define RBKD_HD __host__ __device__
+#define RBKD_INLINE __forceinline__
+#else
+#define RBKD_HD
+// always_inline: the CPU kernels are compiled once per ISA (target_clones); a helper that is not
+// inlined would run with the baseline ISA and break the loop's vectorisation.
+#define RBKD_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace rbkd {
+
+// Storage dtype codes of the ABI (csrc/README.md).
+enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// Teacher representations of kd_loss_fwd.
+enum TeacherKind : int { kLogits = 0, kProbs = 1, kLogProbs = 2 };
+
+RBKD_HD RBKD_INLINE uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+RBKD_HD RBKD_INLINE float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// ---- dtype conversions, bitwise (no F16C / bf16 hardware needed), round-to-nearest-even ----
+
+RBKD_HD RBKD_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t normal = (em << 13) + (112u << 23);  // rebias the exponent 15 -> 127
+  const uint32_t inf_nan = (em << 13) | 0x7f800000u;
+  // Subnormals (and zero): em * 2^-24 is exact in float.
+  const uint32_t sub = float_bits(static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f);
+  const uint32_t r = em >= 0x7c00u ? inf_nan : (em < 0x0400u ? sub : normal);
+  return bits_float(r | sign);
+}
+
+RBKD_HD RBKD_INLINE uint16_t float_to_half(float f) {
+  const uint32_t x = float_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t a = x & 0x7fffffffu;
+  // |f| >= 2^16 always overflows; NaN stays a (quiet) NaN.
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // |f| < 2^-14: adding 0.5 rounds (RNE) to a multiple of 2^-24, the half subnormal step.
+  const uint32_t sub = float_bits(bits_float(a) + 0.5f) - 0x3f000000u;
+  // Normal: rebias, round to nearest even on the 13 dropped bits (a carry into the exponent is
+  // exactly the right result, up to inf).
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t r = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
+  return static_cast<uint16_t>(r | sign);
+}
+
+RBKD_HD RBKD_INLINE float bf16_to_float(uint16_t b) {
+  return bits_float(static_cast<uint32_t>(b) << 16);
+}
+
+RBKD_HD RBKD_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t x = float_bits(f);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t nan = (x >> 16) | 0x0040u;
+  return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// Element j of a row stored as dtype D, as float32.
+template <int D>
+struct Storage {
+  using type = uint16_t;
+};
+template <>
+struct Storage<kFloat32> {
+  using type = float;
+};
+
+template <int D>
+RBKD_HD RBKD_INLINE float load(const typename Storage<D>::type* p, int64_t j) {
+  if constexpr (D == kFloat32) {
+    return p[j];
+  } else if constexpr (D == kFloat16) {
+    return half_to_float(p[j]);
+  } else {
+    return bf16_to_float(p[j]);
+  }
+}
+
+template <int D>
+RBKD_HD RBKD_INLINE void store(typename Storage<D>::type* p, int64_t j, float v) {
+  if constexpr (D == kFloat32) {
+    p[j] = v;
+  } else if constexpr (D == kFloat16) {
+    p[j] = float_to_half(v);
+  } else {
+    p[j] = float_to_bf16(v);
+  }
+}
+
+// ---- exp and log, vectorisable: range reduction + polynomial, no libm calls ----
+
+// exp(x) in float, within ~1 ulp for -87.3 <= x <= 88 (Cody-Waite reduction by ln 2, the Cephes
+// expf polynomial). x < -87.3, -inf included, gives 0 (the true value is subnormal); x > 88 gives
+// +inf (the kernels only ever pass x <= 0, after subtracting the row max); NaN stays NaN.
+RBKD_HD RBKD_INLINE float fast_exp(float x) {
+  const float lo = -87.33654f;  // log(2^-126): the smallest normal result
+  const float hi = 88.0f;       // keeps n <= 127 below
+  const float xc = x < lo ? lo : (x > hi ? hi : x);  // NaN passes through the compares
+  const float shifter = 12582912.0f;                // 1.5 * 2^23: adding it rounds to an integer
+  const float k = xc * 1.44269504088896341f + shifter;
+  const float n = k - shifter;
+  float r = xc - n * 0.693359375f;  // ln 2 split in two so n * C1 is exact
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(float_bits(k) - float_bits(shifter));
+  const float scale = bits_float(static_cast<uint32_t>(ni + 127) << 23);
+  const float res = y * scale;
+  return x < lo ? 0.0f : (x > hi ? INFINITY : res);
+}
+
+// log(x) in float, within ~1 ulp (Cephes logf). log(0) = -inf, log(+inf) = +inf, x < 0 or NaN -> NaN.
+RBKD_HD RBKD_INLINE float fast_log(float x) {
+  const bool subnormal = x < 1.17549435e-38f;
+  const float xs = subnormal ? x * 8388608.0f : x;  // * 2^23 makes subnormals normal
+  const uint32_t u = float_bits(xs);
+  // xs = m * 2^e with m in [0.5, 1)
+  int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 126;
+  const float m = bits_float((u & 0x007fffffu) | 0x3f000000u);
+  const bool below = m < 0.707106781186547524f;  // move m into [sqrt(1/2), sqrt(2))
+  e = below ? e - 1 : e;
+  const float f = below ? (m + m) - 1.0f : m - 1.0f;
+  const float fe = static_cast<float>(e) - (subnormal ? 23.0f : 0.0f);
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float r = f + y;
+  r = r + fe * 0.693359375f;
+  r = x == 0.0f ? -INFINITY : r;
+  r = x == INFINITY ? INFINITY : r;
+  return (x < 0.0f || x != x) ? NAN : r;
+}
+
+}  // namespace rbkd

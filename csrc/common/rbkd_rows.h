@@ -1,0 +1,100 @@
+// Per-row formulas shared by the CPU and the CUDA kernels (the math of csrc/README.md).
+//
+// A row is reduced to a few float32 numbers: maxima m, sums S = sum_j exp((x_j - m) * scale) and
+// the KL accumulator A; the functions here update, combine and finish them. Conventions:
+//   zs_j = (z_j - m_z) / T  (tempered, max-shifted student logit; log p_s_j = zs_j - log S_s)
+//   teacher logits:   ts_j = (t_j - m_t) / T, e_j = exp(ts_j), S_t = sum e_j
+//   teacher probs / log-probs: p_j and log p_j directly, S_t = sum p_j (1 up to rounding)
+#pragma once
+
+#include "rbkd_numerics.h"
+
+namespace rbkd {
+
+RBKD_HD RBKD_INLINE float max_f(float a, float b) { return b > a ? b : a; }
+
+// Online softmax: fold x into (m, s), s = sum exp((x_i - m) * scale). -inf adds nothing, also
+// when m is still -inf (so -inf - -inf never makes a NaN); a NaN x makes s NaN.
+RBKD_HD RBKD_INLINE void online_push(float& m, float& s, float x, float scale) {
+  const float e = x == -INFINITY ? 0.0f : fast_exp(-fabsf(x - m) * scale);
+  s = x > m ? s * e + 1.0f : s + e;
+  m = x > m ? x : m;
+}
+
+// Combine two partial (max, sum) pairs of the same scale. An empty partial (s == 0, m == -inf)
+// contributes nothing, so combining with it never computes -inf - -inf.
+RBKD_HD RBKD_INLINE void combine_max_sum(float& m, float& s, float m2, float s2, float scale) {
+  const float mn = max_f(m, m2);
+  const float a = s == 0.0f ? 0.0f : s * fast_exp((m - mn) * scale);
+  const float b = s2 == 0.0f ? 0.0f : s2 * fast_exp((m2 - mn) * scale);
+  s = a + b;
+  m = mn;
+}
+
+// One term of sum_j p_j (log p_j - log p_s_j) (up to the log S terms of kl_finish): 0 where p == 0,
+// so 0 * log 0 = 0, also where teacher and student are both -inf (log p - zs would be NaN).
+RBKD_HD RBKD_INLINE float kl_term(float p, float log_p, float zs) {
+  return p > 0.0f ? p * (log_p - zs) : 0.0f;
+}
+
+// KL(p_t || p_s) of a row from A = sum_j kl_term(., ., zs_j), S_s and S_t (see the conventions).
+RBKD_HD RBKD_INLINE float kl_finish(float A, float S_t, float S_s, int teacher_kind) {
+  if (teacher_kind == kLogits) {
+    return A / S_t + (fast_log(S_s) - fast_log(S_t));
+  }
+  return A + S_t * fast_log(S_s);
+}
+
+// Cross entropy of the untempered student: log sum_j exp(z_j - m_z) + m_z - z_y.
+RBKD_HD RBKD_INLINE float ce_finish(float S_ce, float m_z, float z_label) {
+  return fast_log(S_ce) + (m_z - z_label);
+}
+
+// Per-row loss: (1 - a) * CE + a * s * KL (CE skipped when the coefficient is 0).
+RBKD_HD RBKD_INLINE float kd_row_loss(float ce, float kl, float alpha, float kl_scale, bool has_ce) {
+  const float kd = alpha * kl_scale * kl;
+  return has_ce ? (1.0f - alpha) * ce + kd : kd;
+}
+
+// Coefficients of the gradient of one row, grad_scale folded in:
+//   dL/dz_j = c_ce * (softmax(z)_j - [j == y]) + c_kl * (p_s_j - p_t_j)
+struct KdGradCoef {
+  float c_ce;
+  float c_kl;
+};
+RBKD_HD RBKD_INLINE KdGradCoef kd_grad_coef(float alpha, float kl_scale, float inv_T, bool has_ce,
+                                            float grad_scale) {
+  KdGradCoef c;
+  c.c_ce = has_ce ? (1.0f - alpha) * grad_scale : 0.0f;
+  c.c_kl = alpha * kl_scale * inv_T * grad_scale;
+  return c;
+}
+
+// One gradient element; p_s - p_t is formed in float32 before any cast to the output dtype.
+RBKD_HD RBKD_INLINE float kd_grad(float p_s, float p_t, float p_ce, bool is_label, KdGradCoef c) {
+  return c.c_ce * (p_ce - (is_label ? 1.0f : 0.0f)) + c.c_kl * (p_s - p_t);
+}
+
+// Entropy of softmax(x / T) from S = sum e_j and B = sum entropy_term(e_j, xs_j), xs_j = (x_j - m) / T:
+// H = -sum p_j log p_j = log S - B / S.
+RBKD_HD RBKD_INLINE float entropy_term(float e, float xs) { return e > 0.0f ? e * xs : 0.0f; }
+RBKD_HD RBKD_INLINE float entropy_finish_logits(float S, float B) { return fast_log(S) - B / S; }
+// Rows that are probabilities already: H = -sum_j p_j log p_j = -B, B = sum entropy_term(p_j, log p_j).
+RBKD_HD RBKD_INLINE float entropy_finish_probs(float B) { return -B; }
+// Divided by log C when normalising; 0 for C == 1 (the only distribution there has entropy 0).
+RBKD_HD RBKD_INLINE float entropy_normalizer(int64_t C, bool normalize) {
+  if (!normalize) return 1.0f;
+  return C > 1 ? 1.0f / logf(static_cast<float>(C)) : 0.0f;
+}
+
+// Per-row parameter: the [N] float32 array when given, else the scalar.
+RBKD_HD RBKD_INLINE float row_param(const float* rows, float scalar, int64_t i) {
+  return rows != nullptr ? rows[i] : scalar;
+}
+
+// A label takes part when it is not ignore_index and lies in [0, C); anything else is ignored.
+RBKD_HD RBKD_INLINE bool label_valid(int64_t y, int64_t ignore_index, int64_t C) {
+  return y != ignore_index && y >= 0 && y < C;
+}
+
+}  // namespace rbkd

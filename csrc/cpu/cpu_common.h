@@ -1,0 +1,104 @@
+// Plumbing shared by the CPU kernels: ISA multi-versioning, thread counts, per-thread scratch and
+// whole-row dtype conversion.
+#pragma once
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <algorithm>
+
+#include "rbkd_numerics.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Row kernels are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at load
+// time by an ifunc resolver, so one wheel runs everywhere and still uses the machine's vector
+// width. The helpers they call are always_inline (RBKD_INLINE) so they inherit the clone's ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define RBKD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef RBKD_CLONES
+#define RBKD_CLONES
+#endif
+
+namespace rbkd::cpu {
+
+// Threads worth waking for `work` elements: a parallel region costs a few microseconds (our
+// runtime waits passively, see rbkd/ops/backends/cpu.py), about the time of 64k elements.
+inline int pick_threads(int num_threads, int64_t work, int64_t tasks) {
+  int64_t nt = std::max(1, num_threads);
+  nt = std::min<int64_t>(nt, std::max<int64_t>(1, work / 65536));
+  nt = std::min<int64_t>(nt, std::max<int64_t>(1, tasks));
+  return static_cast<int>(nt);
+}
+
+// Grow-only, 64-byte aligned float scratch owned by the calling thread (OpenMP threads persist,
+// so a row-sized buffer is allocated once rather than mmap'ed and faulted in on every call).
+inline float* thread_scratch(int64_t n_floats) {
+  struct Buffer {
+    float* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { free(data); }
+  };
+  thread_local Buffer buf;
+  if (buf.size < n_floats) {
+    free(buf.data);
+    const int64_t bytes = ((n_floats * 4 + 63) / 64) * 64;
+    buf.data = static_cast<float*>(aligned_alloc(64, static_cast<size_t>(bytes)));
+    buf.size = buf.data != nullptr ? n_floats : 0;
+  }
+  return buf.data;
+}
+
+// Converts row[0, n) of dtype D to float32 into dst and returns its max (-inf for an empty row;
+// NaNs are skipped here and surface later through the exps).
+template <int D>
+RBKD_INLINE float convert_max(const void* row, float* dst, int64_t n) {
+  const auto* p = static_cast<const typename Storage<D>::type*>(row);
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = load<D>(p, j);
+    dst[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+RBKD_INLINE float row_max(const float* x, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// The row as float32: the input itself for float32, else converted into buf. *max gets its max.
+RBKD_INLINE const float* row_as_float(const void* row, int dtype, float* buf, int64_t n,
+                                      float* max) {
+  if (dtype == kFloat32) {
+    *max = row_max(static_cast<const float*>(row), n);
+    return static_cast<const float*>(row);
+  }
+  *max = dtype == kFloat16 ? convert_max<kFloat16>(row, buf, n) : convert_max<kBFloat16>(row, buf, n);
+  return buf;
+}
+
+// Writes src[0, n) * scale to row (dtype D).
+template <int D>
+RBKD_INLINE void store_scaled(void* row, const float* src, float scale, int64_t n) {
+  auto* p = static_cast<typename Storage<D>::type*>(row);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) store<D>(p, j, src[j] * scale);
+}
+
+inline const char* dtype_name(int dtype) {
+  return dtype == kFloat32 ? "float32" : dtype == kFloat16 ? "float16" : "bfloat16";
+}
+
+inline int64_t dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+}  // namespace rbkd::cpu
