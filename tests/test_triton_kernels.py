@@ -45,10 +45,9 @@ interp = pytest.mark.skipif(
 )
 # numpy warns on the -inf arithmetic the kernels do on purpose (masked lanes, -inf logits).
 quiet = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-gpu = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device (and TRITON_INTERPRET unset)"),
-]
+needs_gpu = pytest.mark.skipif(
+    not HAS_GPU, reason="needs a CUDA device (and TRITON_INTERPRET unset)"
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) for tensors written in the input dtype; float32 outputs (losses, entropies) use
@@ -191,12 +190,15 @@ def test_import_without_triton():
 
 
 def _compile_variants():
+    # Triton turns an int argument equal to 1 into a constexpr (C = 1, a row stride of 1), which
+    # changes the code it compiles: those variants are listed too.
     b16, f32 = "*bf16", "*fp32"
     yield (
         "temperature_softmax",
         "_temperature_softmax_fwd_kernel",
         {"x_ptr": b16, "out_ptr": b16},
-        [dict(T_ROWS=tr, LOG=lg, BLOCK=4096) for tr in (False, True) for lg in (False, True)],
+        [dict(T_ROWS=tr, LOG=lg, BLOCK=4096) for tr in (False, True) for lg in (False, True)]
+        + [dict(T_ROWS=False, LOG=True, BLOCK=1, C=1, x_row_stride=1)],
     )
     yield (
         "temperature_softmax",
@@ -214,6 +216,11 @@ def _compile_variants():
             for k in (0, 1, 2)
             for lab in (False, True)
             for ng in (False, True)
+        ]
+        + [
+            dict(
+                flags, TEACHER_KIND=0, HAS_LABELS=True, NEED_GRAD=True, BLOCK=1, C=1, ignore_index=1
+            )
         ],
     )
     yield (
@@ -222,7 +229,12 @@ def _compile_variants():
         {"x_ptr": b16},
         [dict(K_PAD=1, BLOCK=4096), dict(K_PAD=8, BLOCK=512)],
     )
-    yield "soft_label_entropy", "_entropy_probs_kernel", {"x_ptr": f32}, [dict(BLOCK=4096)]
+    yield (
+        "soft_label_entropy",
+        "_entropy_probs_kernel",
+        {"x_ptr": f32},
+        [dict(BLOCK=4096), dict(BLOCK=1, C=1, K=1, N=1)],
+    )
 
 
 @pytest.mark.skipif(
@@ -504,3 +516,124 @@ def test_backend_supports_cpu_only_when_interpreting(monkeypatch):
     assert backend.supports(torch.device("cuda"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.supports(torch.device("cpu"))
+
+
+# ---- realistic shapes on a GPU ------------------------------------------------------------------
+# Each case is a function of the device and the shape, so the interpreter also runs it (on
+# small C) and a GPU machine is not the first to execute the test code itself.
+
+
+def _vocab_case(device, N, C, kind):
+    g = torch.Generator(device=device).manual_seed(0)
+    wide = torch.randn(N, C + 64, generator=g, device=device, dtype=torch.float32) * 4
+    z = wide.to(torch.bfloat16)[:, :C]  # non-contiguous rows, as a slice of padded logits
+    t = torch.randn(N, C, generator=g, device=device) * 4
+    # kind 1: float32 teacher probabilities for a bf16 student; kind 0: bf16 logits.
+    t = torch.softmax(t, -1) if kind == 1 else t.to(torch.bfloat16)
+    labels = torch.randint(0, C, (N,), generator=g, device=device)
+    labels[::7] = -100
+    T = (0.5 + 4 * torch.rand(N, generator=g, device=device)).float()
+    grad_scale = torch.tensor(1.0 / N, device=device)
+    loss, grad = K.kd_loss_forward(z, t, labels, T, 0.5, kind, True, -100, grad_scale, True)
+    ref_loss, ref_grad = ref_kd(
+        z.cpu(), t.cpu(), labels.cpu(), T.cpu(), 0.5, kind, True, -100, 1.0 / N
+    )
+    assert_close(loss, ref_loss, (1e-4, 1e-4), f"kd loss C={C}")
+    assert_close(grad, ref_grad, (1e-2 * ref_grad.abs().max().item(), 1e-2), f"kd grad C={C}")
+
+
+def _softmax_entropy_case(device, N, C, dtype):
+    g = torch.Generator(device=device).manual_seed(1)
+    x = (torch.randn(N, C, generator=g, device=device) * 4).to(dtype)
+    for log in (False, True):
+        y = K.temperature_softmax_forward(x, 2.0, log)
+        assert_close(y, ref_softmax(x.cpu(), 2.0, log), TOL[dtype], f"softmax C={C}")
+        go = torch.randn(N, C, generator=g, device=device).to(dtype)
+        gi = K.temperature_softmax_backward(y, go, 2.0, log)
+        ref = ref_softmax_bwd(y.cpu(), go.cpu(), 2.0, log)
+        assert_close(
+            gi, ref, (TOL[dtype][0] * ref.abs().max().item(), TOL[dtype][1]), f"softmax bwd C={C}"
+        )
+    temps = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0], device=device)
+    h = K.soft_label_entropy_forward(x, temps, 0, True)
+    assert_close(h, ref_entropy(x.cpu(), temps.cpu(), 0, True), (1e-5, 1e-4), f"entropy C={C}")
+
+
+@interp
+@quiet
+def test_realistic_cases_run_interpreted():
+    _vocab_case("cpu", 8, 300, 0)
+    _vocab_case("cpu", 8, 300, 1)
+    _softmax_entropy_case("cpu", 3, 300, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kind", [0, 1])
+@pytest.mark.parametrize("C", [32000, 128256])
+def test_gpu_kd_loss_vocab(C, kind):
+    _vocab_case("cuda", 64, C, kind)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    "C,dtype", [(32000, torch.bfloat16), (128256, torch.bfloat16), (262144 + 17, torch.float32)]
+)
+def test_gpu_softmax_and_entropy(C, dtype):
+    _softmax_entropy_case("cuda", 16, C, dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_no_host_sync():
+    """Per-row T, alpha and a device grad_scale: the launch must not synchronize (CUDA-graph and
+    overlap friendly)."""
+    N, C = 256, 32000
+    z = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+    t = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, C, (N,), device="cuda")
+    T = torch.full((N,), 2.0, device="cuda")
+    alpha = torch.full((N,), 0.5, device="cuda")
+    gs = torch.tensor(1.0 / N, device="cuda")
+    temps = torch.tensor([1.0, 4.0], device="cuda")
+    run = lambda: (  # noqa: E731
+        K.kd_loss_forward(z, t, labels, T, alpha, 0, True, -100, gs, True),
+        K.temperature_softmax_forward(z, T, False),
+        K.soft_label_entropy_forward(z, temps, 0, True),
+    )
+    run()  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_rows_past_int32_offsets():
+    """N * C > 2^31: row offsets must be 64-bit. Checks the last rows, which an int32 offset
+    would send out of bounds or wrap to the start."""
+    N, C = 16800, 128256  # 2.15e9 elements per tensor, 4.3 GB in bf16
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    z = torch.empty(N, C, device="cuda", dtype=torch.bfloat16).normal_()
+    t = torch.empty(N, C, device="cuda", dtype=torch.bfloat16).normal_()
+    loss, grad = K.kd_loss_forward(z, t, None, 2.0, 1.0, 0, True, -100, 1.0, True)
+    tail = slice(N - 3, N)
+    ref_loss, ref_grad = ref_kd(z[tail].cpu(), t[tail].cpu(), None, 2.0, 1.0, 0, True, -100, 1.0)
+    assert_close(loss[tail], ref_loss, (1e-4, 1e-4), "kd loss, last rows")
+    assert_close(
+        grad[tail], ref_grad, (1e-2 * ref_grad.abs().max().item(), 1e-2), "kd grad, last rows"
+    )
+    del grad
+    y = K.temperature_softmax_forward(z, 1.0, True)
+    assert_close(
+        y[tail],
+        ref_softmax(z[tail].cpu(), 1.0, True),
+        TOL[torch.bfloat16],
+        "log_softmax, last rows",
+    )
