@@ -46,7 +46,9 @@ def pick_block(C: int, max_block: int, override: int | None = None) -> int:
 def pick_num_warps(block: int) -> int:
     """Eight columns per thread: a bf16/fp16 thread then issues one 16-byte vector load per
     block and a float32 one two, the width the memory system serves best.  Capped at 16 warps so
-    a program still fits twice per SM alongside its registers."""
+    a program still fits twice per SM alongside its registers.  Small C (10 classes) gets one
+    warp per row with idle lanes; such batches are a few MB and launch-latency bound, so packing
+    several rows per program would not show."""
     return max(1, min(16, block // 256))
 
 

@@ -109,7 +109,8 @@ def _kd_loss_fwd_kernel(
     # Pass 2: KL terms p_t * (log p_t - log p_s), 0 where p_t == 0 (0 * log 0 = 0, also when
     # both sides are -inf), and the gradient. p_s - p_t is formed in float32 before the cast.
     kl = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
+    # Without a gradient to zero-fill, an ignored row skips this pass too.
+    for start in range(0, C if NEED_GRAD else C_read, BLOCK):
         offs = start + cols
         mask = offs < C
         rmask = offs < C_read

@@ -221,6 +221,20 @@ def _compile_variants():
             dict(
                 flags, TEACHER_KIND=0, HAS_LABELS=True, NEED_GRAD=True, BLOCK=1, C=1, ignore_index=1
             )
+        ]
+        + [  # scalars everywhere: alpha, s and grad_scale become Python floats in the kernel
+            dict(
+                flags,
+                T_ROWS=False,
+                ALPHA_ROWS=False,
+                T_SQUARED=False,
+                GS_PTR=False,
+                TEACHER_KIND=k,
+                HAS_LABELS=lab,
+                NEED_GRAD=True,
+            )
+            for k in (0, 2)
+            for lab in (False, True)
         ],
     )
     yield (
