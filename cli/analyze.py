@@ -18,8 +18,8 @@ from rbkd.cli.common import (
     handle_errors,
     new_app,
     parse_int_list,
+    titled_table,
 )
-from rich.table import Table
 
 app = new_app(help="Analyse soft labels and representations (thesis sections 4.5-4.7).")
 
@@ -27,8 +27,8 @@ PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot h
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")]
 
 
-def _num(x: float) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:.4f}"
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
 @app.command("entropy")
@@ -115,7 +115,7 @@ def entropy(
             "teacher": soft.teacher,
         }
 
-    out = Table(title="mean soft-label entropy (nats) vs temperature")
+    out = titled_table("mean soft-label entropy (nats) vs temperature")
     out.add_column("T", justify="right")
     for name in tables:
         out.add_column(escape(name), justify="right")
@@ -124,17 +124,17 @@ def entropy(
     console.print(out)
     if per_class:
         for name, tab in tables.items():
-            pc = Table(title=f"per-class mean entropy: {escape(name)}")
-            pc.add_column("T", justify="right")
+            pc = titled_table(f"per-class mean entropy (nats): {escape(name)}")
+            pc.add_column("class")
+            for t in temps:
+                pc.add_column(f"T={t:g}", justify="right")
             for k in range(tab["num_classes"]):
-                label = class_names[k] if k < len(class_names) else str(k)
-                pc.add_column(escape(label), justify="right")
-            for i, t in enumerate(temps):
-                pc.add_row(f"{t:g}", *[_num(v) for v in tab["per_class_entropy"][i]])
+                label = f"{k} {class_names[k]}" if k < len(class_names) else str(k)
+                pc.add_row(escape(label), *[_num(row[k], 3) for row in tab["per_class_entropy"]])
             console.print(pc)
     ls = ls_curve(num_classes) if label_smoothing_curve else None
     if ls:
-        lt = Table(title="label smoothing reference (independent of T)")
+        lt = titled_table("label smoothing reference (independent of T)")
         lt.add_column("A", justify="right")
         lt.add_column("entropy (nats)", justify="right")
         for a, h in ls.items():
@@ -208,7 +208,7 @@ def projection(
     ds = load_dataset(config["dataset"], split, data_dir)
     proj = project_model(model, ds, ks, per_class=per_class, seed=seed, device=device)
     names = list(ds.class_names)
-    table = Table(title=f"penultimate projection: {escape(teacher)} ({config['arch']})")
+    table = titled_table(f"penultimate projection: {escape(teacher)} ({config['arch']})")
     table.add_column("class", justify="right")
     table.add_column("name")
     table.add_column("examples", justify="right")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEBUG_VAR = "RBKD_DEBUG"
@@ -183,3 +184,11 @@ def escape(text: object) -> str:
     from rich.markup import escape as _escape
 
     return _escape(str(text))
+
+
+def titled_table(title: str, **kwargs: Any) -> Table:
+    """A rich Table at least as wide as its title, so the title never wraps mid-phrase."""
+    from rich.text import Text
+
+    kwargs.setdefault("min_width", min(len(Text.from_markup(title).plain) + 4, 100))
+    return Table(title=title, **kwargs)

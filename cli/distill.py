@@ -32,8 +32,8 @@ from rbkd.cli.common import (
     escape,
     handle_errors,
     new_app,
+    titled_table,
 )
-from rich.table import Table
 
 app = new_app()
 
@@ -48,11 +48,14 @@ def print_report(report: dict) -> None:
     if source["kind"] == "label_smoothing":
         what = f"label smoothing A={report['label_smoothing']:g}"
     else:
-        what = f"{source['teacher']} at T={report['T']:g}"
+        run, _, digest = source["teacher"].partition("@sha256:")
+        what = f"{run} (sha256 {digest[:12]}) at T={report['T']:g}"
     if report.get("noise"):
         what += f", noise {report['noise']}"
     t = report["transfer"]
-    summary = Table(title=f"{report['student']} student on {report['dataset']}", show_header=False)
+    summary = titled_table(f"{report['student']} student on {report['dataset']}", show_header=False)
+    summary.add_column(no_wrap=True)
+    summary.add_column(overflow="fold")
     summary.add_row("run folder", escape(report["run_dir"]))
     summary.add_row("targets", escape(what))
     chosen = (
@@ -67,7 +70,7 @@ def print_report(report: dict) -> None:
         )
     console.print(summary)
 
-    per = Table(title="test accuracy per class")
+    per = titled_table("test accuracy per class")
     per.add_column("class", justify="right")
     per.add_column("name")
     per.add_column("transfer examples", justify="right")

@@ -35,9 +35,9 @@ from rbkd.cli.common import (
     handle_errors,
     new_app,
     parse_int_list,
+    titled_table,
 )
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 app = new_app(help="Run the thesis's experiments: loops of distillations with result tables.")
 
@@ -167,7 +167,7 @@ def missing_class(
     )
     write_csv(out / "results.csv", cols, [[r[k] for k in cols] for r in rows])
     header = "A=" + f"{label_smoothing:g}" if label_smoothing is not None else None
-    table = Table(title="student accuracy on the missing class")
+    table = titled_table("student accuracy on the missing class")
     table.add_column("missing class")
     for t in temps:
         table.add_column(header or f"T={t:g}", justify="right")
@@ -295,7 +295,7 @@ def transfer_set(
                 write_json(out / "results.json", {"experiment": "transfer-set", "rows": rows})
     cols = ("source", "per_class", "select", "T", "transfer_size", "test_accuracy", "run_dir")
     write_csv(out / "results.csv", cols, [[r[k] for k in cols] for r in rows])
-    table = Table(title=f"student test accuracy vs examples per class ({select} at T={T:g})")
+    table = titled_table(f"student test accuracy vs examples per class ({select} at T={T:g})")
     table.add_column("per class", justify="right")
     for name, _ in specs:
         table.add_column(escape(name), justify="right")
@@ -402,7 +402,7 @@ def batch_sweep(
             on_step=on_step,
         )
         progress.advance(task)
-    table = Table(title=f"{capacity} teacher on {dataset}: batch size sweep (entropy at T={T:g})")
+    table = titled_table(f"{capacity} teacher on {dataset}: batch size sweep (entropy at T={T:g})")
     for col in ("batch size", "epochs", "teacher accuracy", "mean entropy (nats)"):
         table.add_column(col, justify="right")
     if student:

@@ -6,8 +6,7 @@ import os
 import platform
 from importlib import metadata
 
-from rbkd.cli.common import console, escape, handle_errors, new_app
-from rich.table import Table
+from rbkd.cli.common import console, escape, handle_errors, new_app, titled_table
 
 app = new_app()
 
@@ -76,7 +75,7 @@ def info() -> None:
 
         rbkd info
     """
-    table = Table(title="rbkd info", show_header=False)
+    table = titled_table("rbkd info", show_header=False)
     for key, value in collect_info().items():
         table.add_row(key, escape(value))
     console.print(table)

@@ -15,8 +15,8 @@ from rbkd.cli.common import (
     escape,
     handle_errors,
     new_app,
+    titled_table,
 )
-from rich.table import Table
 
 app = new_app()
 
@@ -59,7 +59,7 @@ def soft_labels(
     path = out if out is not None else teacher / f"soft_labels_{split}.safetensors"
     soft_labels_from_model(model, ds, path, teacher_run=teacher, split=split, device=device)
     soft = read_soft_labels(path, dataset=ds)
-    table = Table(title="soft labels", show_header=False)
+    table = titled_table("soft labels", show_header=False)
     table.add_row("file", escape(path))
     table.add_row("dataset / split", f"{soft.dataset} / {soft.split}")
     table.add_row("examples x classes", f"{len(soft)} x {soft.num_classes}")

@@ -22,8 +22,8 @@ from rbkd.cli.common import (
     escape,
     handle_errors,
     new_app,
+    titled_table,
 )
-from rich.table import Table
 
 app = new_app()
 
@@ -85,7 +85,7 @@ def train_teacher(
     )
     m = result["metrics"]
     soft = read_soft_labels(result["soft_labels"]["train"])
-    table = Table(title=f"{capacity} teacher on {dataset}", show_header=False)
+    table = titled_table(f"{capacity} teacher on {dataset}", show_header=False)
     table.add_row("run folder", escape(result["run_dir"]))
     table.add_row("epochs", str(m["epochs"]))
     table.add_row("test accuracy", f"{m['test_accuracy']:.2%}")

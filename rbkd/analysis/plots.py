@@ -83,17 +83,32 @@ def plot_projection(
     class_names: Sequence[str] | None = None,
     title: str = "Penultimate-layer projection",
 ) -> Path:
-    """Scatter plot of projected activations, one colour per class, templates as stars."""
+    """Scatter plot of projected activations, one colour per class. The class templates are
+    drawn as stars, scaled by one common factor so the farthest sits at the edge of the data
+    (final-layer weights are usually far smaller than the activations)."""
     fig = Figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
     colors = ("tab:blue", "tab:orange", "tab:green")
+    radius = max((math.hypot(x, y) for x, y in coords), default=1.0)
+    t_radius = max((math.hypot(x, y) for x, y in template_coords), default=0.0)
+    scale = radius / t_radius if t_radius > 0 else 1.0
     for k, color, t in zip(classes, colors, template_coords, strict=True):
         pts = [xy for xy, y in zip(coords, labels, strict=True) if y == k]
         name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.scatter(xs, ys, s=8, alpha=0.6, color=color, label=name)
-        ax.scatter([t[0]], [t[1]], marker="*", s=250, color=color, edgecolors="black")
+        ax.scatter(
+            [t[0] * scale], [t[1] * scale], marker="*", s=250, color=color, edgecolors="black"
+        )
+    ax.text(
+        0.01,
+        0.01,
+        f"stars: class templates x {scale:.3g}",
+        transform=ax.transAxes,
+        fontsize=7,
+        color="gray",
+    )
     ax.set_title(title)
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(loc="best", fontsize=8)

@@ -196,6 +196,8 @@ class DistillSpec:
         check_temperature(self.T)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"--per-class must be >= 1, got {self.per_class}")
         if self.label_smoothing is not None:
             if not 0.0 < self.label_smoothing < 1.0:
                 raise ValueError(
@@ -214,8 +216,6 @@ class DistillSpec:
             raise ValueError(
                 f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}"
             )
-        if self.per_class is not None and self.per_class < 1:
-            raise ValueError(f"--per-class must be >= 1, got {self.per_class}")
         if self.noise is not None:
             parse_noise(self.noise)
         if self.limit is not None and self.limit < 1:
