@@ -98,7 +98,10 @@ def kd_loss_rows(
         a = alpha.to(dtype) if isinstance(alpha, Tensor) else alpha
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         ce = torch.logsumexp(z, dim=-1) - z.gather(1, safe.unsqueeze(1)).squeeze(1)
-        loss = (1 - a) * ce + a * scale * kl
+        # A term with zero weight is dropped, as the fused kernels do: 0 * inf would be NaN.
+        ce_part = torch.where(torch.as_tensor(1 - a) > 0, (1 - a) * ce, torch.zeros_like(ce))
+        kl_part = torch.where(torch.as_tensor(a) > 0, a * scale * kl, torch.zeros_like(kl))
+        loss = ce_part + kl_part
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
