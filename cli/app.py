@@ -14,7 +14,11 @@ from rbkd.cli.common import console, debug_enabled, new_app, report_error
 
 app = new_app(
     help="Response-based knowledge distillation: train teachers, distill students, and test "
-    "the soft-label hypothesis (entropy vs T, missing classes, transfer sets, batch size)."
+    "the soft-label hypothesis (entropy vs T, missing classes, transfer sets, batch size).\n\n"
+    "Start with a teacher; every command has its own example in its --help.\n\n"
+    "Example:\n\n"
+    "    rbkd train-teacher --capacity small --epochs 1 --batch-size 128 --limit 2000 "
+    "--out runs/t1"
 )
 
 app.add_typer(train.app)
@@ -50,12 +54,7 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    """Response-based knowledge distillation (thesis: "Response-Based Knowledge Distillation").
-
-    Example:
-
-        rbkd train-teacher --capacity small --epochs 1 --limit 2000 --out runs/t1
-    """
+    """Response-based knowledge distillation (the thesis's experiments as commands)."""
 
 
 def main() -> None:
