@@ -50,10 +50,12 @@ RBKD_HD RBKD_INLINE float ce_finish(float S_ce, float m_z, float z_label) {
   return fast_log(S_ce) + (m_z - z_label);
 }
 
-// Per-row loss: (1 - a) * CE + a * s * KL (CE skipped when the coefficient is 0).
+// Per-row loss: (1 - a) * CE + a * s * KL. A term whose weight is 0 is dropped rather than
+// multiplied (0 * inf would be NaN): alpha = 1 ignores an infinite CE, alpha = 0 an infinite KL.
 RBKD_HD RBKD_INLINE float kd_row_loss(float ce, float kl, float alpha, float kl_scale, bool has_ce) {
-  const float kd = alpha * kl_scale * kl;
-  return has_ce ? (1.0f - alpha) * ce + kd : kd;
+  const float ce_part = has_ce && 1.0f - alpha > 0.0f ? (1.0f - alpha) * ce : 0.0f;
+  const float kl_part = alpha > 0.0f ? alpha * kl_scale * kl : 0.0f;
+  return ce_part + kl_part;
 }
 
 // Coefficients of the gradient of one row, grad_scale folded in:

@@ -1,0 +1,349 @@
+"""The CPU kernels (rbkd._C through rbkd.ops.backends.cpu) against float64 torch math written here.
+
+The kernels share their numerics with the CUDA ones (csrc/common), so these cases also cover the
+math the GPU runs. Inputs are rounded to the tested dtype first and the float64 oracle reads the
+same rounded values; outputs written in float16/bfloat16 get that dtype's tolerance, float32
+outputs (losses, entropies) a float32 one whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+cpu = pytest.importorskip("rbkd.ops.backends.cpu")
+if not cpu.is_available():  # pragma: no cover - depends on the build
+    pytest.skip("rbkd._C is not built", allow_module_level=True)
+from rbkd import _C  # noqa: E402
+
+INF = float("inf")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (atol, rtol) for outputs stored in the input dtype.
+TOL = {torch.float32: (1e-6, 2e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (8e-3, 1e-2)}
+LOSS_TOL = (2e-5, 2e-5)  # float32 outputs
+CS = [1, 2, 10, 17, 1000, 32785]
+NS = [0, 1, 7, 300]
+
+
+def assert_close(actual, expected, tol, what):
+    """actual vs the float64 oracle; on failure name the first mismatched indices (NaN/inf too)."""
+    atol, rtol = tol
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    same = (a == e) | (a.isnan() & e.isnan())
+    close = same | ((a - e).abs() <= atol + rtol * e.abs())
+    if bool(close.all()):
+        return
+    bad = (~close).nonzero().tolist()
+    lines = [f"{what}: {len(bad)} of {a.numel()} mismatched (atol={atol}, rtol={rtol})"]
+    for idx in bad[:6]:
+        lines.append(f"  first mismatch at {tuple(idx)}: got {a[tuple(idx)].item()!r}, "
+                     f"expected {e[tuple(idx)].item()!r}")  # fmt: skip
+    raise AssertionError("\n".join(lines))
+
+
+def rand_rows(n, c, dtype, scale=3.0, seed=0, strided=False):
+    """[n, c] rows in dtype; strided makes them the [:, :c] slice of an [n, 2c] tensor."""
+    g = torch.Generator().manual_seed(seed)
+    full = (torch.randn(n, 2 * c if strided else c, generator=g) * scale).to(dtype)
+    return full[:, :c]
+
+
+def col(value, n):
+    if isinstance(value, torch.Tensor):
+        return value.double().reshape(-1, 1)
+    return torch.full((n, 1), float(value), dtype=torch.float64)
+
+
+# ---- float64 oracles, from csrc/README.md ----------------------------------------------------------
+
+
+def oracle_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale):
+    z, t = z.double(), t.double()
+    n, c = z.shape
+    Tc = col(T, n)
+    log_ps = torch.log_softmax(z / Tc, -1)
+    if kind == 0:
+        log_pt = torch.log_softmax(t / Tc, -1)
+        pt = log_pt.exp()
+    elif kind == 1:
+        pt, log_pt = t, t.log()
+    else:
+        pt, log_pt = t.exp(), t
+    kl = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
+    s = (Tc * Tc).reshape(-1) if t_squared else torch.ones(n, dtype=torch.float64)
+    if labels is None:
+        a = torch.ones(n, dtype=torch.float64)
+        valid = torch.ones(n, dtype=torch.bool)
+        loss = s * kl
+        onehot = torch.zeros_like(z)
+        ce_coef = torch.zeros(n, dtype=torch.float64)
+    else:
+        a = col(alpha, n).reshape(-1)
+        valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        ce = torch.logsumexp(z, -1) - z.gather(1, safe[:, None]).squeeze(1)
+        ce_part = torch.where(1 - a > 0, (1 - a) * ce, torch.zeros_like(ce))
+        kl_part = torch.where(a > 0, a * s * kl, torch.zeros_like(kl))
+        loss = ce_part + kl_part
+        onehot = torch.nn.functional.one_hot(safe, c).double() if c > 0 else torch.zeros_like(z)
+        ce_coef = 1 - a
+    grad = ce_coef[:, None] * (torch.softmax(z, -1) - onehot) + (a * s)[:, None] / Tc * (
+        log_ps.exp() - pt
+    )
+    grad = torch.where(valid[:, None], grad, torch.zeros_like(grad)) * grad_scale
+    return torch.where(valid, loss, torch.zeros_like(loss)), grad
+
+
+def oracle_entropy(x, temps, kind, normalize):
+    x = x.double()
+    n, c = x.shape
+    out = []
+    for T in temps.tolist():
+        log_p = torch.log_softmax(x / T, -1) if kind == 0 else x.log()
+        p = log_p.exp()
+        out.append(-torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1))
+    h = torch.stack(out) if out else torch.zeros(0, n, dtype=torch.float64)
+    if normalize:
+        h = h / math.log(c) if c > 1 else torch.zeros_like(h)
+    return h
+
+
+def teacher_of(kind, c, n, dtype, seed, strided=False, T=2.0):
+    t = rand_rows(n, c, torch.float32, seed=seed, strided=strided)
+    if kind == 1:
+        t = torch.softmax(t / T, -1)
+    elif kind == 2:
+        t = torch.log_softmax(t / T, -1)
+    return t.to(dtype)
+
+
+def run_kd(z, t, labels, T, alpha, kind, t_squared=True, ignore_index=-100, grad_scale=0.5):
+    loss, grad = cpu.kd_loss_forward(
+        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True
+    )
+    ref_loss, ref_grad = oracle_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale)
+    assert loss.dtype == torch.float32 and grad.dtype == z.dtype and grad.is_contiguous()
+    return loss, grad, ref_loss, ref_grad
+
+
+def loss_tol(ref_loss):
+    """float32 tolerance, scaled to the loss magnitudes (a KL of 1e4 has a float32 ulp of 1e-3)."""
+    scale = max(1.0, ref_loss.abs().max().item()) if ref_loss.numel() else 1.0
+    return (LOSS_TOL[0] * scale, LOSS_TOL[1])
+
+
+def grad_tol(dtype, ref_grad):
+    atol, rtol = TOL[dtype]
+    scale = ref_grad.abs().max().item() if ref_grad.numel() else 1.0
+    return (atol * max(scale, 1e-3) * 2, rtol)
+
+
+SHAPES = [(n, c) for n in NS for c in CS if not (n == 300 and c == 32785)]
+
+
+# ---- kd_loss_fwd ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["logits", "probs", "log_probs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", SHAPES)
+def test_kd_loss_and_grad(n, c, dtype, kind):
+    z = rand_rows(n, c, dtype, seed=c + n)
+    t = teacher_of(kind, c, n, dtype, seed=c + n + 1)
+    g = torch.Generator().manual_seed(n)
+    labels = torch.randint(0, c, (n,), generator=g)
+    if n > 2:
+        labels[1] = -100  # ignored row
+    # Per-row T and alpha on some shapes, scalars on the others.
+    per_row = (n + c) % 2 == 0
+    T = (0.5 + 4 * torch.rand(n, generator=g)) if per_row else 3.0
+    alpha = torch.rand(n, generator=g) if per_row else 0.7
+    loss, grad, ref_loss, ref_grad = run_kd(z, t, labels, T, alpha, kind)
+    assert_close(loss, ref_loss, loss_tol(ref_loss), f"loss n={n} c={c}")
+    assert_close(grad, ref_grad, grad_tol(dtype, ref_grad), f"grad n={n} c={c}")
+
+
+@pytest.mark.parametrize("c", [10, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kd_pure_distillation_no_labels(c, dtype):
+    z, t = rand_rows(33, c, dtype, seed=3), rand_rows(33, c, dtype, seed=4)
+    for t_squared in (True, False):
+        loss, grad, ref_loss, ref_grad = run_kd(z, t, None, 4.0, 0.3, 0, t_squared=t_squared)
+        assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
+        assert_close(grad, ref_grad, grad_tol(dtype, ref_grad), "grad")
+
+
+@pytest.mark.parametrize("c", [10, 1000])
+def test_kd_strided_rows(c):
+    z = rand_rows(40, c, torch.float32, seed=5, strided=True)
+    t = rand_rows(40, c, torch.float32, seed=6, strided=True)
+    assert z.stride(0) == 2 * c and t.stride(0) == 2 * c
+    labels = torch.arange(40) % c
+    loss, grad, ref_loss, ref_grad = run_kd(z, t, labels, 2.0, 0.5, 0)
+    assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
+    assert_close(grad, ref_grad, grad_tol(torch.float32, ref_grad), "grad")
+
+
+@pytest.mark.parametrize("c", [10, 17, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kd_large_logits(c, dtype):
+    """Logits of +-1e4: nothing overflows, the KL of far-apart rows stays finite and accurate."""
+    g = torch.Generator().manual_seed(c)
+    z = (torch.randint(0, 2, (20, c), generator=g).float() * 2e4 - 1e4).to(dtype)
+    t = (torch.randint(0, 2, (20, c), generator=g).float() * 2e4 - 1e4).to(dtype)
+    labels = torch.arange(20) % c
+    loss, grad, ref_loss, ref_grad = run_kd(z, t, labels, 1.0, 0.5, 0)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all()
+    assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
+    assert_close(grad, ref_grad, grad_tol(dtype, ref_grad), "grad")
+
+
+@pytest.mark.parametrize("c", [10, 17, 1000])
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["logits", "probs", "log_probs"])
+def test_kd_minus_inf_at_same_positions(c, kind):
+    """-inf in student and teacher at the same classes: 0 * log 0 = 0, no NaN anywhere."""
+    z = rand_rows(19, c, torch.float32, seed=7).clone()
+    t = rand_rows(19, c, torch.float32, seed=8).clone()
+    mask = torch.zeros(19, c, dtype=torch.bool)
+    mask[:, ::3] = True
+    mask[:, 1] = False  # keep a finite class in every row, for the label too
+    z[mask] = -INF
+    t[mask] = -INF
+    if kind == 1:
+        t = torch.softmax(t, -1)  # exact zeros there
+    elif kind == 2:
+        t = torch.log_softmax(t, -1)  # -inf there
+    labels = torch.full((19,), 1)
+    loss, grad, ref_loss, ref_grad = run_kd(z, t, labels, 2.0, 0.5, kind)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[mask] == 0).all()
+    assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
+    assert_close(grad, ref_grad, grad_tol(torch.float32, ref_grad), "grad")
+
+
+@pytest.mark.parametrize("c", [10, 1000])
+def test_kd_ignored_and_out_of_range_labels(c):
+    z, t = rand_rows(50, c, torch.float32, seed=9), rand_rows(50, c, torch.float32, seed=10)
+    labels = torch.full((50,), -100)
+    loss, grad, _, _ = run_kd(z, t, labels, 2.0, 0.5, 0)
+    assert (loss == 0).all() and (grad == 0).all(), "all rows ignored"
+    # Labels outside [0, C) that are not ignore_index are ignored too (and never read).
+    labels = torch.tensor([c, c + 5, -1, -7, 2**40, 0] * 8 + [1, -100])
+    loss, grad, ref_loss, ref_grad = run_kd(z, t, labels, 2.0, 0.5, 0)
+    bad = (labels < 0) | (labels >= c)
+    assert (loss[bad] == 0).all() and (grad[bad] == 0).all()
+    assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
+    assert_close(grad, ref_grad, grad_tol(torch.float32, ref_grad), "grad")
+
+
+def test_kd_no_grad_and_tensor_grad_scale():
+    z, t = rand_rows(9, 30, torch.float32, seed=11), rand_rows(9, 30, torch.float32, seed=12)
+    labels = torch.arange(9)
+    loss, grad = cpu.kd_loss_forward(z, t, labels, 2.0, 0.5, 0, True, -100, 1.0, False)
+    assert grad is None
+    ref_loss, ref_grad = oracle_kd(z, t, labels, 2.0, 0.5, 0, True, -100, 0.25)
+    assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
+    _, grad = cpu.kd_loss_forward(z, t, labels, 2.0, 0.5, 0, True, -100, torch.tensor(0.25), True)
+    assert_close(grad, ref_grad, grad_tol(torch.float32, ref_grad), "grad")
+
+
+# ---- temperature softmax -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", SHAPES)
+def test_softmax_fwd_bwd(n, c, dtype, log):
+    x = rand_rows(n, c, dtype, seed=n * 7 + c, strided=c % 2 == 1)
+    y = cpu.softmax_forward(x, 2.5, log)
+    atol, rtol = TOL[dtype]
+    ref = torch.softmax(x.double() / 2.5, -1)
+    if log:
+        ref = torch.log_softmax(x.double() / 2.5, -1)
+        atol = atol * 8  # log-probabilities of up to ~30 in magnitude
+    assert_close(y, ref, (atol, rtol), "forward")
+    g = rand_rows(n, c, dtype, scale=1.0, seed=1, strided=True)
+    grad_in = cpu.softmax_backward(y, g, 2.5, log)
+    yd, gd = y.double(), g.double()
+    if log:
+        ref_bwd = (gd - yd.exp() * gd.sum(-1, keepdim=True)) / 2.5
+    else:
+        ref_bwd = yd * (gd - (gd * yd).sum(-1, keepdim=True)) / 2.5
+    scale = max(1.0, ref_bwd.abs().max().item()) if ref_bwd.numel() else 1.0
+    assert_close(grad_in, ref_bwd, (TOL[dtype][0] * scale * 4, TOL[dtype][1]), "backward")
+
+
+def test_softmax_extreme_and_minus_inf():
+    x = torch.tensor([[1e4, -1e4, 0.0, -INF], [-INF, 3.0, -INF, 3.0]])
+    assert_close(cpu.softmax_forward(x, 1.0, False), torch.softmax(x.double(), -1), (0, 1e-6), "sm")
+    assert_close(
+        cpu.softmax_forward(x, 1.0, True), torch.log_softmax(x.double(), -1), (0, 1e-6), "lsm"
+    )
+
+
+# ---- soft_label_entropy --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", SHAPES)
+def test_entropy_logits(n, c, dtype, normalize):
+    x = rand_rows(n, c, dtype, seed=n + 3 * c, strided=True)
+    temps = torch.tensor([0.5, 1.0, 4.0, 20.0])
+    out = cpu.entropy_forward(x, temps, 0, normalize)
+    ref = oracle_entropy(x, temps, 0, normalize)
+    scale = max(1.0, math.log(max(c, 1)))
+    assert_close(out, ref, (LOSS_TOL[0] * scale, 1e-4), "entropy")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("c", CS)
+def test_entropy_probs(c, normalize):
+    x = torch.softmax(rand_rows(30, c, torch.float32, seed=c), -1)
+    x[:, 0] = 0.0  # an exact zero: 0 * log 0 = 0
+    out = cpu.entropy_forward(x, torch.ones(1), 1, normalize)
+    ref = oracle_entropy(x, torch.ones(1), 1, normalize)
+    assert_close(out, ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
+
+
+def test_entropy_one_read_for_many_temperatures():
+    """K temperatures give K rows of output, each equal to a K = 1 call."""
+    x = rand_rows(64, 100, torch.float32, seed=2)
+    temps = torch.linspace(0.5, 20, 20)
+    out = cpu.entropy_forward(x, temps, 0, False)
+    for k in (0, 7, 19):
+        assert torch.equal(out[k], cpu.entropy_forward(x, temps[k : k + 1], 0, False)[0])
+
+
+# ---- the binding boundary --------------------------------------------------------------------------
+
+
+def test_bindings_reject_bad_arguments():
+    x = torch.zeros(2, 3)
+    out = torch.empty(2, 3)
+    with pytest.raises(ValueError, match=r"x_dtype code 7 is not one of 0 \(float32\)"):
+        _C.temperature_softmax_fwd(x.data_ptr(), 7, 3, out.data_ptr(), 2, 3, 1.0, False, 1)
+    with pytest.raises(ValueError, match="C must be >= 0"):
+        _C.temperature_softmax_fwd(x.data_ptr(), 0, 3, out.data_ptr(), 2, -3, 1.0, False, 1)
+    with pytest.raises(ValueError, match="out is a null pointer"):
+        _C.temperature_softmax_fwd(x.data_ptr(), 0, 3, 0, 2, 3, 1.0, False, 1)
+    with pytest.raises(ValueError, match="T must be a positive finite temperature"):
+        _C.temperature_softmax_fwd(x.data_ptr(), 0, 3, out.data_ptr(), 2, 3, 0.0, False, 1)
+    with pytest.raises(ValueError, match="num_threads"):
+        _C.temperature_softmax_fwd(x.data_ptr(), 0, 3, out.data_ptr(), 2, 3, 1.0, False, 0)
+    loss = torch.empty(2)
+    with pytest.raises(ValueError, match=r"kd_loss_fwd: teacher_kind 5 is not one of"):
+        _C.kd_loss_fwd(x.data_ptr(), 0, 3, x.data_ptr(), 0, 3, 5, 0, -100, 1.0, 0, 0.5, 0, True,
+                       2, 3, loss.data_ptr(), 0, 1.0, 0, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="soft_label_entropy_fwd: temps is a null pointer"):
+        _C.soft_label_entropy_fwd(x.data_ptr(), 0, 3, 0, 0, 2, 2, 3, out.data_ptr(), False, 1)
+    # N = 0 touches no memory, so null pointers are fine there.
+    _C.temperature_softmax_fwd(0, 0, 3, 0, 0, 3, 1.0, False, 1)
+
+
+def test_backend_interface():
+    assert cpu.NAME == "cpu" and cpu.is_available()
+    assert cpu.supports(torch.device("cpu")) and not cpu.supports(torch.device("meta"))
