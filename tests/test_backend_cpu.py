@@ -30,7 +30,9 @@ NS = [0, 1, 7, 300]
 def assert_close(actual, expected, tol, what):
     """actual vs the float64 oracle; on failure name the first mismatched indices (NaN/inf too)."""
     atol, rtol = tol
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     a, e = actual.double(), expected.double()
     same = (a == e) | (a.isnan() & e.isnan())
     close = same | ((a - e).abs() <= atol + rtol * e.abs())
@@ -124,7 +126,9 @@ def run_kd(z, t, labels, T, alpha, kind, t_squared=True, ignore_index=-100, grad
     loss, grad = cpu.kd_loss_forward(
         z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True
     )
-    ref_loss, ref_grad = oracle_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale)
+    ref_loss, ref_grad = oracle_kd(
+        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale
+    )
     assert loss.dtype == torch.float32 and grad.dtype == z.dtype and grad.is_contiguous()
     return loss, grad, ref_loss, ref_grad
 

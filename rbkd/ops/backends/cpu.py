@@ -70,7 +70,14 @@ def softmax_forward(x: Tensor, T: float, log: bool) -> Tensor:
     n, c = x.shape
     out = torch.empty((n, c), dtype=x.dtype, device=x.device)
     _C.temperature_softmax_fwd(
-        x.data_ptr(), dtype_code(x), row_stride(x), out.data_ptr(), n, c, float(T), bool(log),
+        x.data_ptr(),
+        dtype_code(x),
+        row_stride(x),
+        out.data_ptr(),
+        n,
+        c,
+        float(T),
+        bool(log),
         _num_threads(),
     )
     return out
@@ -82,8 +89,16 @@ def softmax_backward(y: Tensor, grad: Tensor, T: float, log: bool) -> Tensor:
     n, c = y.shape
     grad_in = torch.empty((n, c), dtype=y.dtype, device=y.device)
     _C.temperature_softmax_bwd(
-        y.data_ptr(), grad.data_ptr(), row_stride(grad), grad_in.data_ptr(), dtype_code(y), n, c,
-        float(T), bool(log), _num_threads(),
+        y.data_ptr(),
+        grad.data_ptr(),
+        row_stride(grad),
+        grad_in.data_ptr(),
+        dtype_code(y),
+        n,
+        c,
+        float(T),
+        bool(log),
+        _num_threads(),
     )
     return grad_in
 
@@ -126,7 +141,16 @@ def entropy_forward(x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Ten
     k = temps.numel()
     out = torch.empty((k, n), dtype=torch.float32, device=x.device)
     _C.soft_label_entropy_fwd(
-        x.data_ptr(), dtype_code(x), row_stride(x), int(kind), temps.data_ptr(), k, n, c,
-        out.data_ptr(), bool(normalize), _num_threads(),
+        x.data_ptr(),
+        dtype_code(x),
+        row_stride(x),
+        int(kind),
+        temps.data_ptr(),
+        k,
+        n,
+        c,
+        out.data_ptr(),
+        bool(normalize),
+        _num_threads(),
     )
     return out
