@@ -60,7 +60,7 @@ def _root(
 def main() -> None:
     """Console-script entry point: the last line of defence for errors outside a command."""
     try:
-        app()
+        app(prog_name="rbkd")
     except Exception as exc:  # commands report their own errors; this catches the rest
         if debug_enabled():
             raise

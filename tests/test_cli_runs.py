@@ -415,3 +415,15 @@ def test_every_help_example_really_works(tiny_data, tmp_path, monkeypatch):
         assert result.exit_code == 0, f"{line}\n{result.output}{result.exception!r}"
     assert (tmp_path / "runs" / "t1" / "soft_labels_train.safetensors").exists()
     assert (tmp_path / "entropy.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize("source", ["teacher", "soft-labels"])
+def test_distill_with_limit_uses_the_rows_that_remain(teacher, tiny_data, tmp_path, source):
+    run, _ = teacher
+    arg = run if source == "teacher" else run / "soft_labels_train.safetensors"
+    out = tmp_path / "lim"
+    invoke("distill", f"--{source}", arg, "--limit", "50", "--out", out, *FAST)
+    report = _report(out)
+    assert report["transfer"]["size"] == 50
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_data"]["size"] == 50 and config["test_data"]["size"] == 50

@@ -133,7 +133,7 @@ def teacher_soft_labels(teacher: Path, split: str, dataset, *, device: str = "cp
     read_config(teacher)  # a clear error if this is not a run folder
     path = teacher / (TRAIN_FILE if split == "train" else TEST_FILE)
     if path.exists():
-        return read_soft_labels(path, dataset=dataset)
+        return fit_to_dataset(read_soft_labels(path), dataset)
     model, _ = load_run(teacher)
     logits = predict_logits(model, dataset, device=resolve_device(device))
     labels = dataset.labels.clone()
@@ -144,6 +144,23 @@ def teacher_soft_labels(teacher: Path, split: str, dataset, *, device: str = "cp
         "teacher": teacher_id(teacher, sha256_file(teacher / "model.safetensors")),
     }
     return SoftLabels(logits.float(), labels, torch.arange(len(labels)), meta, None)
+
+
+def fit_to_dataset(soft: SoftLabels, dataset) -> SoftLabels:
+    """Drop the rows past the end of `dataset` (a split cut with --limit), then check that the
+    rest belongs to it (`check_matches_dataset`)."""
+    keep = soft.indices < len(dataset)
+    if not bool(keep.all()):
+        soft = dataclasses.replace(
+            soft, logits=soft.logits[keep], labels=soft.labels[keep], indices=soft.indices[keep]
+        )
+    if len(soft) == 0:
+        raise SoftLabelsError(
+            f"soft-label file {soft.path}: none of its rows fall in the first {len(dataset)} "
+            "examples of the split; use a larger --limit"
+        )
+    check_matches_dataset(soft, dataset)
+    return soft
 
 
 def source_dataset(teacher: Path | None, soft_labels: Path | None) -> str:
@@ -294,12 +311,7 @@ def distill(
                 f"soft-label file {spec.soft_labels}: holds the {soft.split} split; distillation "
                 "needs the train split (`rbkd soft-labels --teacher RUN --split train`)"
             )
-        if spec.limit is not None:  # keep the rows the cut training split still has
-            keep = soft.indices < len(train)
-            soft = dataclasses.replace(
-                soft, logits=soft.logits[keep], labels=soft.labels[keep], indices=soft.indices[keep]
-            )
-        check_matches_dataset(soft, train)
+        soft = fit_to_dataset(soft, train)
 
     if soft is not None:
         candidates, labels = soft.indices, soft.labels
