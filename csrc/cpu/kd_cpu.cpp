@@ -341,6 +341,7 @@ void kd_loss_fwd(const KdLossArgs& a, int num_threads) {
     for (int64_t i = 0; i < a.N; ++i) a.loss[i] = 0.0f;
     return;
   }
+  advise_huge_pages(a.grad, a.N * a.C * dtype_size(a.s_dtype));
   if (a.C <= kSmallC) {
     const int64_t blocks = (a.N + kLanes - 1) / kLanes;
     const int nt = pick_threads(num_threads, a.N * a.C * 4, blocks);

@@ -98,6 +98,7 @@ RBKD_CLONES void softmax_bwd_row(const SoftmaxBwdArgs& a, int64_t i) {
 
 void temperature_softmax_fwd(const SoftmaxFwdArgs& a, int num_threads) {
   if (a.N == 0 || a.C == 0) return;
+  advise_huge_pages(a.out, a.N * a.C * dtype_size(a.dtype));
   const int nt = pick_threads(num_threads, a.N * a.C, a.N);
 #pragma omp parallel num_threads(nt)
   {
@@ -109,6 +110,7 @@ void temperature_softmax_fwd(const SoftmaxFwdArgs& a, int num_threads) {
 
 void temperature_softmax_bwd(const SoftmaxBwdArgs& a, int num_threads) {
   if (a.N == 0 || a.C == 0) return;
+  advise_huge_pages(a.grad_in, a.N * a.C * dtype_size(a.dtype));
   const int nt = pick_threads(num_threads, a.N * a.C, a.N);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < a.N; ++i) softmax_bwd_row(a, i);
