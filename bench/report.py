@@ -127,6 +127,8 @@ def pair_training(rows: list[dict]) -> list[dict]:
     for (dataset, arch, objective, n_train, epochs, batch), found in pairs.items():
         engine, plain = found.get("rbkd.engine"), found.get("plain")
         speedup = engine["samples_per_s"] / plain["samples_per_s"] if engine and plain else None
+        steps = [r.get("steps_samples_per_s") if r else None for r in (engine, plain)]
+        steps_speedup = steps[0] / steps[1] if steps[0] and steps[1] else None
         out.append(
             dict(
                 dataset=dataset,
@@ -138,6 +140,9 @@ def pair_training(rows: list[dict]) -> list[dict]:
                 engine=engine["samples_per_s"] if engine else None,
                 plain=plain["samples_per_s"] if plain else None,
                 speedup=speedup,
+                engine_steps=steps[0],
+                plain_steps=steps[1],
+                steps_speedup=steps_speedup,
             )
         )
     return out
@@ -145,14 +150,16 @@ def pair_training(rows: list[dict]) -> list[dict]:
 
 def training_table(pairs: list[dict]) -> list[str]:
     lines = [
-        "| model | objective | train samples x epochs | batch | rbkd.engine samples/s | plain loop samples/s | x |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| model | objective | train samples x epochs | batch | rbkd.engine samples/s | "
+        "plain loop samples/s | x | steps only: engine / plain samples/s | steps x |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in pairs:
         lines.append(
             f"| {p['dataset']} {p['arch']} | {p['objective']} | {p['n_train']} x {p['epochs']} | "
             f"{p['batch_size']} | {fmt(p['engine'], ',.0f')} | {fmt(p['plain'], ',.0f')} | "
-            f"{fmt(p['speedup'], '.2f', 'x')} |"
+            f"{fmt(p['speedup'], '.2f', 'x')} | {fmt(p['engine_steps'], ',.0f')} / "
+            f"{fmt(p['plain_steps'], ',.0f')} | {fmt(p['steps_speedup'], '.2f', 'x')} |"
         )
     return lines
 
@@ -276,11 +283,13 @@ def machine_lines(data: dict) -> list[str]:
     return lines
 
 
-def render(data: dict, name: str) -> tuple[str, list[str]]:
+def render(data: dict, name: str, notes: list[str] | None = None) -> tuple[str, list[str]]:
     rows = op_rows(data)
     pairs = pair_training(training_rows(data))
     goal_lines = targets(rows, pairs)
     md = [f"# rbkd benchmarks: {name}", "", "## Machine", "", *machine_lines(data), ""]
+    if notes:
+        md += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     md += ["## Targets", "", *goal_lines, ""]
     if rows:
         md += [
@@ -297,8 +306,11 @@ def render(data: dict, name: str) -> tuple[str, list[str]]:
         md += [
             "## Training throughput",
             "",
-            "Samples/s = training samples x epochs / median wall time of the whole run (same "
-            "model, data, batch size, optimizer and epochs on both sides).",
+            "Samples/s = training samples x epochs / median wall time of the whole run, the "
+            "per-epoch test evaluation included (same model, data, batch size, optimizer, "
+            "epochs and test images on both sides); the targets are judged on it. Steps only: "
+            "the training steps alone (fit's own samples_per_s, timed the same way in the plain "
+            "loop).",
             "",
             *training_table(pairs),
             "",
@@ -317,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json=...)")
     parser.add_argument("--name", help="output base name (default: cpu-<date> or gpu-<date>)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--note", action="append", help="a line for the Notes section (repeatable)")
     args = parser.parse_args(argv)
     if not args.json.is_file():
         print(
@@ -325,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     data = load(args.json)
     name = args.name or default_name(data)
-    text, goal_lines = render(data, name)
+    text, goal_lines = render(data, name, args.note)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = args.out_dir / f"{name}.md", args.out_dir / f"{name}.json"
     md_path.write_text(text)
