@@ -40,16 +40,18 @@ def assert_close(actual: Tensor, expected: Tensor, atol: float, rtol: float, wha
         )
 
 
-def kd_oracle(student, teacher, labels, *, T, alpha, teacher_kind, t_squared, ignore_index,
-              reduction):
+def kd_oracle(
+    student, teacher, labels, *, T, alpha, teacher_kind, t_squared, ignore_index, reduction
+):
     """Loss and gradient in float64 from the autograd of the reference's per-row formula."""
     kinds = {"logits": 0, "probs": 1, "log_probs": 2}
     z = student.detach().double().requires_grad_(True)
     t = teacher.detach().double()
     T64 = T.double() if isinstance(T, Tensor) else T
     a64 = alpha.double() if isinstance(alpha, Tensor) else alpha
-    rows = reference.kd_loss_rows(z, t, labels, T64, a64, kinds[teacher_kind], t_squared,
-                                  ignore_index)
+    rows = reference.kd_loss_rows(
+        z, t, labels, T64, a64, kinds[teacher_kind], t_squared, ignore_index
+    )
     if reduction == "none":
         loss = rows
     elif reduction == "sum":

@@ -18,7 +18,11 @@ Y = torch.randint(0, 10, (6,))
     "kwargs,error,match",
     [
         ({"teacher": torch.randn(6, 11)}, ValueError, "teacher has shape"),
-        ({"teacher": torch.randn(6, 10, dtype=torch.float64)}, TypeError, "teacher must be float32"),
+        (
+            {"teacher": torch.randn(6, 10, dtype=torch.float64)},
+            TypeError,
+            "teacher must be float32",
+        ),
         ({"student_logits": torch.randn(6, 10).int()}, TypeError, "student_logits must be float32"),
         ({"student_logits": torch.randn(60)}, ValueError, "student_logits must be 2-D"),
         ({"labels": Y.int()}, TypeError, "labels must be int64, got int32"),

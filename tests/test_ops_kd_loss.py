@@ -10,8 +10,20 @@ import rbkd.ops as ops
 
 BACKENDS = cpu_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(0, 10), (1, 1), (1, 2), (7, 1), (7, 2), (7, 10), (1, 1000), (7, 1000), (4096, 10),
-          (4096, 1000), (1, 32785), (7, 32785)]
+SHAPES = [
+    (0, 10),
+    (1, 1),
+    (1, 2),
+    (7, 1),
+    (7, 2),
+    (7, 10),
+    (1, 1000),
+    (7, 1000),
+    (4096, 10),
+    (4096, 1000),
+    (1, 32785),
+    (7, 32785),
+]
 
 
 def make_inputs(n, c, dtype, teacher_kind, seed=0, scale=3.0):
@@ -41,8 +53,9 @@ def run_and_check(backend, student, teacher, labels, *, loss_tol=None, grad_tol=
     scale = max(1.0, float(expected_loss.abs().max())) if expected_loss.numel() else 1.0
     assert_close(loss, expected_loss, *(loss_tol or (atol * scale, rtol)), f"{backend} loss")
     gscale = float(expected_grad.abs().max()) if expected_grad.numel() else 0.0
-    assert_close(z.grad, expected_grad, *(grad_tol or (atol * max(gscale, 1e-12), rtol)),
-                 f"{backend} grad")
+    assert_close(
+        z.grad, expected_grad, *(grad_tol or (atol * max(gscale, 1e-12), rtol)), f"{backend} grad"
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,8 +63,18 @@ def run_and_check(backend, student, teacher, labels, *, loss_tol=None, grad_tol=
 @pytest.mark.parametrize("n,c", SHAPES)
 def test_kd_loss_matches_oracle(backend, dtype, n, c):
     student, teacher, labels = make_inputs(n, c, dtype, "logits", seed=n * 7 + c)
-    run_and_check(backend, student, teacher, labels, T=4.0, alpha=0.9, teacher_kind="logits",
-                  t_squared=True, ignore_index=-100, reduction="mean")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=4.0,
+        alpha=0.9,
+        teacher_kind="logits",
+        t_squared=True,
+        ignore_index=-100,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,8 +83,18 @@ def test_kd_loss_matches_oracle(backend, dtype, n, c):
 @pytest.mark.parametrize("t_squared", [True, False])
 def test_teacher_kinds_and_reductions(backend, teacher_kind, reduction, t_squared):
     student, teacher, labels = make_inputs(33, 17, torch.float32, teacher_kind, seed=3)
-    run_and_check(backend, student, teacher, labels, T=2.5, alpha=0.3, teacher_kind=teacher_kind,
-                  t_squared=t_squared, ignore_index=-100, reduction=reduction)
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=2.5,
+        alpha=0.3,
+        teacher_kind=teacher_kind,
+        t_squared=t_squared,
+        ignore_index=-100,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,24 +106,54 @@ def test_per_row_temperature_and_alpha(backend, dtype, c):
     g = torch.Generator().manual_seed(1)
     T = torch.rand(n, generator=g) * 19 + 1
     alpha = torch.rand(n, generator=g)
-    run_and_check(backend, student, teacher, labels, T=T, alpha=alpha, teacher_kind="logits",
-                  t_squared=True, ignore_index=-100, reduction="mean")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=T,
+        alpha=alpha,
+        teacher_kind="logits",
+        t_squared=True,
+        ignore_index=-100,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("c", [2, 10, 1000])
 def test_pure_distillation_without_labels(backend, c):
     student, teacher, _ = make_inputs(20, c, torch.float32, "logits")
-    run_and_check(backend, student, teacher, None, T=9.0, alpha=0.99, teacher_kind="logits",
-                  t_squared=False, ignore_index=-100, reduction="mean")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        None,
+        T=9.0,
+        alpha=0.99,
+        teacher_kind="logits",
+        t_squared=False,
+        ignore_index=-100,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignore_index_rows_leave_the_mean(backend):
     student, teacher, labels = make_inputs(40, 10, torch.float32, "logits")
     labels[::3] = -1
-    run_and_check(backend, student, teacher, labels, T=4.0, alpha=0.5, teacher_kind="logits",
-                  t_squared=True, ignore_index=-1, reduction="mean")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=4.0,
+        alpha=0.5,
+        teacher_kind="logits",
+        t_squared=True,
+        ignore_index=-1,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -113,8 +176,18 @@ def test_extreme_logits(backend, dtype):
     student[:, ::7] = 1e4
     teacher[:, ::5] = -1e4
     teacher[:, 3] = 1e4
-    run_and_check(backend, student.to(dtype), teacher.to(dtype), labels, T=4.0, alpha=0.9,
-                  teacher_kind="logits", t_squared=True, ignore_index=-100, reduction="sum")
+    run_and_check(
+        backend,
+        student.to(dtype),
+        teacher.to(dtype),
+        labels,
+        T=4.0,
+        alpha=0.9,
+        teacher_kind="logits",
+        t_squared=True,
+        ignore_index=-100,
+        reduction="sum",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,11 +202,30 @@ def test_minus_inf_entries_are_masked_classes(backend, teacher_kind):
         teacher[:, 10:20] = float("-inf")
     student[:, 10:20] = float("-inf")
     labels = labels % 10
-    expected, _ = kd_oracle(student, teacher, labels, T=3.0, alpha=0.7, teacher_kind=teacher_kind,
-                            t_squared=True, ignore_index=-100, reduction="none")
+    expected, _ = kd_oracle(
+        student,
+        teacher,
+        labels,
+        T=3.0,
+        alpha=0.7,
+        teacher_kind=teacher_kind,
+        t_squared=True,
+        ignore_index=-100,
+        reduction="none",
+    )
     assert torch.isfinite(expected).all()
-    run_and_check(backend, student, teacher, labels, T=3.0, alpha=0.7, teacher_kind=teacher_kind,
-                  t_squared=True, ignore_index=-100, reduction="none")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=3.0,
+        alpha=0.7,
+        teacher_kind=teacher_kind,
+        t_squared=True,
+        ignore_index=-100,
+        reduction="none",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,8 +233,18 @@ def test_teacher_probability_zero_is_fine(backend):
     student, _, labels = make_inputs(8, 10, torch.float32, "logits")
     teacher = torch.zeros(8, 10)
     teacher[torch.arange(8), labels] = 1.0
-    run_and_check(backend, student, teacher, labels, T=1.0, alpha=1.0, teacher_kind="probs",
-                  t_squared=False, ignore_index=-100, reduction="mean")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=1.0,
+        alpha=1.0,
+        teacher_kind="probs",
+        t_squared=False,
+        ignore_index=-100,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,16 +254,36 @@ def test_non_contiguous_inputs(backend):
     student, teacher = big_s[::2, 5:25], big_t[::2, 3:23]
     labels = torch.randint(0, 20, (15,))
     assert not student.is_contiguous() and not teacher.is_contiguous()
-    run_and_check(backend, student, teacher, labels, T=2.0, alpha=0.6, teacher_kind="logits",
-                  t_squared=True, ignore_index=-100, reduction="mean")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=2.0,
+        alpha=0.6,
+        teacher_kind="logits",
+        t_squared=True,
+        ignore_index=-100,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_student_and_teacher_dtypes(backend):
     student, teacher, labels = make_inputs(10, 37, torch.bfloat16, "logits")
     teacher = teacher.float()
-    run_and_check(backend, student, teacher, labels, T=4.0, alpha=0.9, teacher_kind="logits",
-                  t_squared=True, ignore_index=-100, reduction="mean")
+    run_and_check(
+        backend,
+        student,
+        teacher,
+        labels,
+        T=4.0,
+        alpha=0.9,
+        teacher_kind="logits",
+        t_squared=True,
+        ignore_index=-100,
+        reduction="mean",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

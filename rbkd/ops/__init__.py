@@ -121,7 +121,9 @@ def soft_label_entropy(
     many = not isinstance(T, (int, float)) or isinstance(T, bool)
     if isinstance(T, Tensor):
         if T.dim() > 1:
-            raise ValueError(f"T must be a float or a 1-D tensor of temperatures, got shape {tuple(T.shape)}")
+            raise ValueError(
+                f"T must be a float or a 1-D tensor of temperatures, got shape {tuple(T.shape)}"
+            )
         many = T.dim() == 1
         temps = T.detach().reshape(-1).to("cpu", torch.float32)
     elif many:
@@ -132,6 +134,8 @@ def soft_label_entropy(
     else:
         temps = torch.tensor([v.check_temperature("T", T, 0, logits.device)], dtype=torch.float32)
     if kind == 1 and bool((temps != 1).any()):
-        raise ValueError("teacher_kind='probs' takes rows of probabilities as they are: T must be 1")
+        raise ValueError(
+            "teacher_kind='probs' takes rows of probabilities as they are: T must be 1"
+        )
     out = library.soft_label_entropy_op(logits, temps, kind, bool(normalize))
     return out if many else out[0]

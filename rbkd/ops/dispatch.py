@@ -18,7 +18,9 @@ from types import ModuleType
 import torch
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
-_MODULES = {name: f"rbkd.ops.backends.{'reference' if name == 'torch' else name}" for name in BACKEND_NAMES}
+_MODULES = {
+    name: f"rbkd.ops.backends.{'reference' if name == 'torch' else name}" for name in BACKEND_NAMES
+}
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("rbkd_backend", default=None)
 

@@ -135,8 +135,20 @@ kd_loss_op = torch.library.custom_op("rbkd::kd_loss", kd_loss_impl, mutates_args
 
 
 @kd_loss_op.register_fake
-def _(student, teacher, labels, T_rows, T, alpha_rows, alpha, teacher_kind, t_squared,
-      ignore_index, reduction, need_grad):
+def _(
+    student,
+    teacher,
+    labels,
+    T_rows,
+    T,
+    alpha_rows,
+    alpha,
+    teacher_kind,
+    t_squared,
+    ignore_index,
+    reduction,
+    need_grad,
+):
     n, c = student.shape
     loss_shape = (n,) if reduction == _NONE else ()
     grad = student.new_empty((n, c) if need_grad else (0,))
@@ -171,9 +183,13 @@ def _kd_setup(ctx, inputs, output) -> None:
 def _take_saved_grad(ctx) -> Tensor:
     grad = ctx.saved_grad
     if grad is None:
-        raise RuntimeError("kd_loss: backward ran twice through one graph; its saved gradient is used up")
+        raise RuntimeError(
+            "kd_loss: backward ran twice through one graph; its saved gradient is used up"
+        )
     if grad.dim() == 1:
-        raise RuntimeError("kd_loss ran without a gradient (under no_grad, or on a student without requires_grad)")
+        raise RuntimeError(
+            "kd_loss ran without a gradient (under no_grad, or on a student without requires_grad)"
+        )
     ctx.saved_grad = None
     return grad
 

@@ -42,11 +42,17 @@ def check_temperature(name: str, T: object, n: int, device: torch.device) -> flo
     """A positive finite float, or a 1-D tensor of n per-row values (checked in the op)."""
     if isinstance(T, Tensor):
         if T.dim() != 1 or T.shape[0] != n:
-            raise ValueError(f"{name} as a tensor must be 1-D with one value per row ({n}), got shape {tuple(T.shape)}")
+            raise ValueError(
+                f"{name} as a tensor must be 1-D with one value per row ({n}), got shape {tuple(T.shape)}"
+            )
         if not T.is_floating_point():
-            raise TypeError(f"{name} as a tensor must be floating point, got {_dtype_name(T.dtype)}")
+            raise TypeError(
+                f"{name} as a tensor must be floating point, got {_dtype_name(T.dtype)}"
+            )
         if T.device != device:
-            raise ValueError(f"{name} is on {T.device} but the logits are on {device}; move it with .to()")
+            raise ValueError(
+                f"{name} is on {T.device} but the logits are on {device}; move it with .to()"
+            )
         return T
     if isinstance(T, bool) or not isinstance(T, (int, float)):
         raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(T).__name__}")
@@ -58,9 +64,13 @@ def check_temperature(name: str, T: object, n: int, device: torch.device) -> flo
 def check_alpha(alpha: object, n: int, device: torch.device) -> float | Tensor:
     if isinstance(alpha, Tensor):
         if alpha.dim() != 1 or alpha.shape[0] != n:
-            raise ValueError(f"alpha as a tensor must be 1-D with one value per row ({n}), got shape {tuple(alpha.shape)}")
+            raise ValueError(
+                f"alpha as a tensor must be 1-D with one value per row ({n}), got shape {tuple(alpha.shape)}"
+            )
         if alpha.device != device:
-            raise ValueError(f"alpha is on {alpha.device} but the logits are on {device}; move it with .to()")
+            raise ValueError(
+                f"alpha is on {alpha.device} but the logits are on {device}; move it with .to()"
+            )
         return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or a 1-D tensor, got {type(alpha).__name__}")
@@ -84,7 +94,9 @@ def check_kd_inputs(student: Tensor, teacher: Tensor, labels: Tensor | None) -> 
             "they must match [N, C]"
         )
     if teacher.device != student.device:
-        raise ValueError(f"teacher is on {teacher.device} but student_logits is on {student.device}")
+        raise ValueError(
+            f"teacher is on {teacher.device} but student_logits is on {student.device}"
+        )
     if labels is None:
         return
     if not isinstance(labels, Tensor):

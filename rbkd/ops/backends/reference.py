@@ -118,7 +118,9 @@ def kd_loss_forward(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
     with torch.no_grad():
-        loss = kd_loss_rows(student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index)
+        loss = kd_loss_rows(
+            student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index
+        )
         if not need_grad:
             return loss.float(), None
         dtype = loss.dtype
@@ -142,10 +144,7 @@ def kd_loss_forward(
 def entropy_rows(x: Tensor, T: float, kind: int) -> Tensor:
     """Shannon entropy (nats) of softmax(x / T) (kind 0) or of the rows themselves (kind 1)."""
     dtype = _compute_dtype(x)
-    if kind == 0:
-        log_p = F.log_softmax(x.to(dtype) / T, dim=-1)
-    else:
-        log_p = x.to(dtype).log()
+    log_p = F.log_softmax(x.to(dtype) / T, dim=-1) if kind == 0 else x.to(dtype).log()
     p = log_p.exp()
     return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
 
