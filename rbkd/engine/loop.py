@@ -43,10 +43,19 @@ class DeviceDataset:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # fused=True: one kernel updates every parameter, where the default on CPU is a dozen small
+    # ops per parameter tensor, which dominate a step of the thesis's small students.
+    fused = all(p.dtype.is_floating_point for p in model.parameters())
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
+        )
     return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        fused=fused,
     )
 
 
