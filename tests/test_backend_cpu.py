@@ -313,6 +313,38 @@ def test_entropy_probs(c, normalize):
     assert_close(out, ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", [3, 10, 17, 32, 33, 256, 257])
+def test_entropy_small_c_tail_rows_and_minus_inf(c, dtype):
+    """Small C (rows as SIMD lanes, tiles of 16) and the first large-C size: N = 16k + 5 so the last
+    tile is partial, -inf entries (p = 0 contributes 0), a row with a single finite entry (H = 0),
+    a NaN row and an all -inf row (both NaN, as in the large-C path)."""
+    n = 16 * 4 + 5
+    x = rand_rows(n, c, torch.float32, seed=7 * c, strided=True).clone()
+    x[1::3, 0] = -INF
+    x[2::5, c // 2] = -INF
+    x[6, 1:] = -INF
+    x[n - 1, :] = -INF  # in the tail tile
+    x[n - 2, c - 1] = float("nan")
+    x = x.to(dtype)
+    temps = torch.tensor([0.5, 1.0, 3.0, 20.0])
+    for normalize in (False, True):
+        out = cpu.entropy_forward(x, temps, 0, normalize)
+        ref = oracle_entropy(x, temps, 0, normalize)
+        ref[:, n - 2 :] = float("nan")  # the oracle's p > 0 test would turn a NaN row into 0
+        assert_close(out, ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
+        assert bool((out[:, 6] == 0).all())
+    p = torch.softmax(rand_rows(n, c, torch.float32, seed=c), -1)
+    p[::2, 0] = 0.0
+    p = p.to(dtype)
+    for normalize in (False, True):
+        out = cpu.entropy_forward(p, torch.ones(3), 1, normalize)
+        ref = oracle_entropy(p, torch.ones(1), 1, normalize)
+        assert out.shape == (3, n)
+        for k in range(3):
+            assert_close(out[k : k + 1], ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
+
+
 def test_entropy_one_read_for_many_temperatures():
     """K temperatures give K rows of output, each equal to a K = 1 call."""
     x = rand_rows(64, 100, torch.float32, seed=2)
