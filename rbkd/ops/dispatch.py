@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ class BackendError(RuntimeError):
     """A named backend cannot serve the tensors it was given."""
 
 
+@functools.cache  # what is built does not change while the process runs
 def _module(name: str) -> ModuleType | None:
     try:
         module = importlib.import_module(_MODULES[name])

@@ -83,8 +83,7 @@ def kd_loss_impl(
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss, saved gradient of the reduced loss w.r.t. student; empty if not needed)."""
     n, c = student.shape
-    if labels is not None:
-        v.check_label_values(labels, c, ignore_index)
+    every_row_counts = labels is None or v.check_label_values(labels, c, ignore_index)
     if T_rows is not None:
         v.check_temperature_values("T", T_rows)
         T_rows = T_rows.to(torch.float32).contiguous()
@@ -96,7 +95,7 @@ def kd_loss_impl(
 
     grad_scale: float | Tensor = 1.0
     if reduction == _MEAN:
-        if labels is None:
+        if every_row_counts:  # the common case needs no count at all
             grad_scale = 1.0 / max(n, 1)
         else:  # a device tensor: no host synchronisation on GPUs
             count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)

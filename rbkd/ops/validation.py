@@ -112,12 +112,13 @@ def check_kd_inputs(student: Tensor, teacher: Tensor, labels: Tensor | None) -> 
 # ---- value checks, run inside the registered ops ------------------------------------------------
 
 
-def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> bool:
+    """Raises on a label outside [0, C) that is not ignore_index; True when no row is ignored."""
     if labels.numel() == 0:
-        return
+        return True
     low, high = torch.aminmax(labels)  # one pass; the full search runs only if something is off
     if int(low) >= 0 and int(high) < num_classes:
-        return
+        return not (0 <= ignore_index < num_classes) or not bool((labels == ignore_index).any())
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -125,6 +126,7 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> N
             f"labels[{row}] = {int(labels[row])} is outside [0, {num_classes}) and is not "
             f"ignore_index ({ignore_index})"
         )
+    return False
 
 
 def check_temperature_values(name: str, T: Tensor) -> None:
