@@ -77,8 +77,11 @@ SPECS: dict[tuple[str, str], ArchSpec] = {
     ("fashion-mnist", "small"): ArchSpec(
         role="teacher",
         thesis_parameters=1_558_538,
-        convs=(_c(128, same=False, pool=True), _c(256, same=False), _c(512, same=False, pool=True)),
-        doc="conv3x3 valid 128 pool, 256, 512 pool -> 4x4x512 -> 10",
+        # Pooling after the first two convs, not the last: the same parameter budget at a third
+        # of the FLOPs (48M instead of 135M multiply-adds per image), so the teacher trains
+        # ~2.8x faster on a CPU.
+        convs=(_c(128, same=False, pool=True), _c(262, same=False, pool=True), _c(512, same=False)),
+        doc="conv3x3 valid 128 pool, 262 pool, 512 -> 3x3x512 -> 10",
     ),
     ("fashion-mnist", "general"): ArchSpec(
         role="student",
