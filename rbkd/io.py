@@ -61,9 +61,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp creates the file 0600; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_current_umask())
         yield tmp
+        # mkstemp creates the file 0600, and writers that replace the file (safetensors) keep
+        # that: give the result the permissions a plain open() would, after the writer is done.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
