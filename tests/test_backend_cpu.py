@@ -170,6 +170,23 @@ def test_kd_loss_and_grad(n, c, dtype, kind):
     assert_close(grad, ref_grad, grad_tol(dtype, ref_grad), f"grad n={n} c={c}")
 
 
+@pytest.mark.parametrize("c", [1000, 1537])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kd_integer_temperatures(c, dtype):
+    """Integer T: the CE exps are powers of the tempered ones (scalar T and per-row T that mixes
+    integer and non-integer values, including T = 1 and T beyond the powering range)."""
+    n = 12
+    z = rand_rows(n, c, dtype, scale=6.0, seed=7)
+    t = rand_rows(n, c, dtype, scale=6.0, seed=8)
+    labels = torch.arange(n) * 37 % c
+    labels[3] = -100
+    rows = torch.tensor([1.0, 2.0, 3.0, 4.0, 9.0, 20.0, 32.0, 33.0, 2.5, 0.5, 7.0, 16.0])
+    for T in (2.0, 4.0, 9.0, 20.0, rows):
+        loss, grad, ref_loss, ref_grad = run_kd(z, t, labels, T, 0.6, 0)
+        assert_close(loss, ref_loss, loss_tol(ref_loss), f"loss T={T}")
+        assert_close(grad, ref_grad, grad_tol(dtype, ref_grad), f"grad T={T}")
+
+
 @pytest.mark.parametrize("c", [10, 1000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kd_pure_distillation_no_labels(c, dtype):

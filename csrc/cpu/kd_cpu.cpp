@@ -28,7 +28,38 @@ struct RowParams {
   float inv_T, alpha, kl_scale;
   int64_t label;  // -1 when there is no CE term
   bool valid;
+  int pow_T;  // T when it is an integer in [2, kMaxPowT], else 0
 };
+
+// exp(z - m) = exp((z - m) / T)^T: for an integer T the CE exps are powers of the tempered ones
+// (the max is shared), a few multiplies instead of a third exp per element. The relative error
+// grows to ~T ulps (plus |z - m| * ulp(1/T) * T for a T whose reciprocal is inexact).
+constexpr int kMaxPowT = 32;
+
+// dst[0, n) = src[0, n)^k for 2 <= k <= kMaxPowT, left-to-right binary powering; each step is its
+// own simd loop over an L1-resident block (dst may be written before src is read: no aliasing).
+RBKD_INLINE void pow_int_block(float* __restrict dst, const float* __restrict src, int64_t n,
+                               int k) {
+  int bit = 31 - __builtin_clz(static_cast<unsigned>(k));
+  --bit;
+  // First step fused with the copy: dst = src^2 or src^3.
+  if ((k >> bit) & 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * src[j] * src[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * src[j];
+  }
+  for (--bit; bit >= 0; --bit) {
+    if ((k >> bit) & 1) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dst[j] = dst[j] * dst[j] * src[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dst[j] = dst[j] * dst[j];
+    }
+  }
+}
 
 RBKD_INLINE RowParams row_params(const KdLossArgs& a, int64_t i) {
   RowParams p;
@@ -38,6 +69,9 @@ RBKD_INLINE RowParams row_params(const KdLossArgs& a, int64_t i) {
   p.alpha = a.labels != nullptr ? row_param(a.alpha_rows, a.alpha, i) : 1.0f;
   p.label = -1;
   p.valid = true;
+  p.pow_T = T >= 2.0f && T <= static_cast<float>(kMaxPowT) && T == static_cast<float>(static_cast<int>(T))
+                ? static_cast<int>(T)
+                : 0;
   if (a.labels != nullptr) {
     const int64_t y = a.labels[i];
     p.valid = label_valid(y, a.ignore_index, a.C);
@@ -79,6 +113,8 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
   }
   const bool has_ce = a.labels != nullptr;
   const bool sep_ce = has_ce && rp.inv_T != 1.0f;  // CE needs its own exps unless T == 1
+  const int pow_T = sep_ce ? rp.pow_T : 0;
+  const bool pow_ce = pow_T != 0;  // ... which are powers of the tempered ones for an integer T
   float* zbuf = scratch;
   float* tbuf = scratch + C;
   float* es = scratch + 2 * C;
@@ -112,8 +148,8 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
       for (int64_t j = 0; j < n; ++j) {
         const float zs = (zb[j] - mz) * inv_T;
         const float ts = (tb[j] - mt) * inv_T;
-        const float e_t = fast_exp(ts);
-        esb[j] = fast_exp(zs);
+        const float e_t = fast_exp_lite(ts);
+        esb[j] = fast_exp_lite(zs);
         etb[j] = e_t;
         kt[j] = kl_term(e_t, ts, zs);
       }
@@ -121,8 +157,8 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float zs = (zb[j] - mz) * inv_T;
-        const float p = fast_exp(tb[j]);
-        esb[j] = fast_exp(zs);
+        const float p = fast_exp_lite(tb[j]);
+        esb[j] = fast_exp_lite(zs);
         etb[j] = p;
         kt[j] = kl_term(p, tb[j], zs);
       }
@@ -130,7 +166,7 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float zs = (zb[j] - mz) * inv_T;
-        esb[j] = fast_exp(zs);
+        esb[j] = fast_exp_lite(zs);
         etb[j] = tb[j];
         kt[j] = kl_term(tb[j], fast_log(tb[j]), zs);
       }
@@ -144,10 +180,13 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
     Ss += sum(esb, n);
     St += sum(etb, n);
     A += sum(kt, n);
-    if (sep_ce) {
+    if (pow_ce) {
+      pow_int_block(kt, esb, n, pow_T);  // kt is free again: its sum is taken
+      Sce += sum(kt, n);
+    } else if (sep_ce) {
       float* eceb = ece + j0;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) eceb[j] = fast_exp(zb[j] - mz);
+      for (int64_t j = 0; j < n; ++j) eceb[j] = fast_exp_lite(zb[j] - mz);
       Sce += sum(eceb, n);
     }
   }
@@ -164,7 +203,22 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
   const float inv_Ss = 1.0f / Ss;
   const float inv_St = a.teacher_kind == kLogits ? 1.0f / St : 1.0f;
   const float inv_Sce = 1.0f / Sce;
-  if (a.s_dtype == kFloat32) {
+  if (pow_ce) {
+    // The CE exps are not kept: re-formed block by block in L1 from the kept tempered ones.
+    const int64_t s_bytes = s_size;
+    for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, C - j0);
+      pow_int_block(kt, es + j0, n, pow_T);
+      void* gb = static_cast<char*>(g_row) + j0 * s_bytes;
+      if (a.s_dtype == kFloat32) {
+        store_grad<kFloat32>(gb, es + j0, et + j0, kt, inv_Ss, inv_St, inv_Sce, c, n);
+      } else if (a.s_dtype == kFloat16) {
+        store_grad<kFloat16>(gb, es + j0, et + j0, kt, inv_Ss, inv_St, inv_Sce, c, n);
+      } else {
+        store_grad<kBFloat16>(gb, es + j0, et + j0, kt, inv_Ss, inv_St, inv_Sce, c, n);
+      }
+    }
+  } else if (a.s_dtype == kFloat32) {
     store_grad<kFloat32>(g_row, es, et, ece, inv_Ss, inv_St, inv_Sce, c, C);
   } else if (a.s_dtype == kFloat16) {
     store_grad<kFloat16>(g_row, es, et, ece, inv_Ss, inv_St, inv_Sce, c, C);
@@ -173,8 +227,14 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
   }
   if (has_ce) {
     const int64_t y = rp.label;
+    float ece_y;
+    if (pow_ce) {
+      pow_int_block(&ece_y, es + y, 1, pow_T);
+    } else {
+      ece_y = ece[y];
+    }
     store_one(g_row, a.s_dtype, y,
-              kd_grad(es[y] * inv_Ss, et[y] * inv_St, ece[y] * inv_Sce, true, c));
+              kd_grad(es[y] * inv_Ss, et[y] * inv_St, ece_y * inv_Sce, true, c));
   }
 }
 
@@ -289,7 +349,7 @@ RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
   const bool has_ce = a.labels != nullptr;
   const float gs = a.grad_scale_ptr != nullptr ? *a.grad_scale_ptr : a.grad_scale;
   for (int r = 0; r < kLanes; ++r) {
-    RowParams p{1.0f, 1.0f, 1.0f, -1, false};
+    RowParams p{1.0f, 1.0f, 1.0f, -1, false, 0};
     if (r < rows) p = row_params(a, i0 + r);
     inv_T[r] = p.inv_T;
     alpha[r] = p.alpha;
