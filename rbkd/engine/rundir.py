@@ -81,7 +81,7 @@ def read_config(run_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {run_dir} is not a run directory (pass the folder that "
-            "`rbkd train` or fit(run_dir=...) wrote)"
+            "`rbkd train-teacher` or fit(run_dir=...) wrote)"
         )
     try:
         config = json.loads(path.read_text())
