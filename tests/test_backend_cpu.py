@@ -359,7 +359,9 @@ def test_entropy_small_c_tail_rows_and_minus_inf(c, dtype):
         ref = oracle_entropy(p, torch.ones(1), 1, normalize)
         assert out.shape == (3, n)
         for k in range(3):
-            assert_close(out[k : k + 1], ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
+            assert_close(
+                out[k : k + 1], ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy"
+            )
 
 
 def test_entropy_one_read_for_many_temperatures():

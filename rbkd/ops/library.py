@@ -97,7 +97,7 @@ def kd_loss_impl(
     if reduction == _MEAN:
         if every_row_counts:  # the common case needs no count at all
             grad_scale = 1.0 / max(n, 1)
-        else:  # a device tensor: no host synchronisation on GPUs
+        else:  # the count stays on the device: the GPU kernels read it through a pointer
             count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
             grad_scale = count.reciprocal()
             if student.device.type == "cpu":
