@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up plus the main job on the embedded default, Fashion-MNIST: train a small teacher briefly,
 # store its soft labels (safetensors), distill the thesis's general student at T = 9, and print
-# the soft-label entropy across temperatures. About 5 minutes on a 2-core CPU.
+# the soft-label entropy across temperatures. About 2 minutes on a 2-core CPU after set-up.
 # RBKD_DEMO_LIMIT (examples per split used) and RBKD_DEMO_OUT (output folder) change it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
