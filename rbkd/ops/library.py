@@ -6,6 +6,8 @@ Each op picks its backend at run time from the tensors' device (rbkd.ops.dispatc
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -246,7 +248,7 @@ def _entropy_backward(ctx, grad: Tensor):
     x, temps, entropy = ctx.saved_tensors
     x32 = x.float()
     c = x.shape[-1]
-    scale = 1.0 / torch.log(torch.tensor(float(c))).item() if ctx.normalize and c > 1 else 1.0
+    scale = 1.0 / math.log(c) if ctx.normalize and c > 1 else 1.0
     if ctx.normalize and c == 1:
         return torch.zeros_like(x), None, None, None
     if ctx.kind == 1:

@@ -7,6 +7,8 @@ their forward pass.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -154,5 +156,5 @@ def entropy_forward(x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Ten
     rows = [entropy_rows(x, float(T), kind) for T in temps.tolist()]
     out = torch.stack(rows) if rows else x.new_zeros((0, n), dtype=torch.float32)
     if normalize:
-        out = out / torch.log(torch.tensor(float(c))) if c > 1 else torch.zeros_like(out)
+        out = out / math.log(c) if c > 1 else torch.zeros_like(out)
     return out.float()

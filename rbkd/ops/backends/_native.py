@@ -1,0 +1,129 @@
+"""Calling the compiled kernels: tensors in, the pointer ABI of csrc/README.md out.
+
+`rbkd._C` (CPU) and `rbkd._C_cuda` (CUDA) take the same arguments in the same order and differ only
+in the last one (a thread count, or a CUDA stream) and in where a few host-side values live. One
+`NativeKernels` per module holds those differences; the four ops are written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dtype_code(x: Tensor) -> int:
+    try:
+        return DTYPE_CODES[x.dtype]
+    except KeyError:
+        raise TypeError(f"rbkd kernels take float32, float16 or bfloat16, got {x.dtype}") from None
+
+
+def unit_last_stride(x: Tensor) -> Tensor:
+    """x itself when its rows are unit-stride (any row stride), else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.size(-1) <= 1 else x.contiguous()
+
+
+def row_stride(x: Tensor) -> int:
+    return x.stride(0) if x.size(0) > 1 else x.size(1)
+
+
+def scalar_or_rows(value: float | Tensor) -> tuple[float, int, Tensor | None]:
+    """(scalar, pointer to float32 [N] or 0, tensor to keep alive) for T / alpha."""
+    if isinstance(value, Tensor):
+        rows = value.to(torch.float32).contiguous()
+        return 1.0, rows.data_ptr(), rows
+    return float(value), 0, None
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    lib: ModuleType | None  # rbkd._C or rbkd._C_cuda; None when not built
+    tail: Callable[[Tensor], int]  # the last argument: num_threads (CPU) or the stream (CUDA)
+    on_device: Callable[[Tensor], contextlib.AbstractContextManager]  # launch context
+    # CPU kernels read grad_scale and temps on the host; CUDA kernels read them on the device.
+    host_side_scalars: bool
+
+    def softmax_forward(self, x: Tensor, T: float, log: bool) -> Tensor:
+        x = unit_last_stride(x)
+        n, c = x.shape
+        out = torch.empty((n, c), dtype=x.dtype, device=x.device)
+        with self.on_device(x):
+            self.lib.temperature_softmax_fwd(
+                x.data_ptr(), dtype_code(x), row_stride(x), out.data_ptr(), n, c, float(T),
+                bool(log), self.tail(x),
+            )  # fmt: skip
+        return out
+
+    def softmax_backward(self, y: Tensor, grad: Tensor, T: float, log: bool) -> Tensor:
+        y = y.contiguous()
+        grad = unit_last_stride(grad.to(y.dtype))  # e.g. the expanded ones of .sum().backward()
+        n, c = y.shape
+        grad_in = torch.empty((n, c), dtype=y.dtype, device=y.device)
+        with self.on_device(y):
+            self.lib.temperature_softmax_bwd(
+                y.data_ptr(), grad.data_ptr(), row_stride(grad), grad_in.data_ptr(), dtype_code(y),
+                n, c, float(T), bool(log), self.tail(y),
+            )  # fmt: skip
+        return grad_in
+
+    def kd_loss_forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor | None,
+        T: float | Tensor,
+        alpha: float | Tensor,
+        teacher_kind: int,
+        t_squared: bool,
+        ignore_index: int,
+        grad_scale: float | Tensor,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        student, teacher = unit_last_stride(student), unit_last_stride(teacher)
+        n, c = student.shape
+        T_value, T_ptr, _T_keep = scalar_or_rows(T)
+        alpha_value, alpha_ptr, _alpha_keep = scalar_or_rows(alpha)
+        if labels is not None:
+            labels = labels.to(torch.int64).contiguous()
+        # A tensor grad_scale goes to the GPU kernels as a pointer: reading it would sync the host.
+        scale_value, scale_ptr, _scale_keep = 1.0, 0, None
+        if isinstance(grad_scale, Tensor) and not self.host_side_scalars:
+            _scale_keep = grad_scale.to(device=student.device, dtype=torch.float32).reshape(1)
+            scale_ptr = _scale_keep.data_ptr()
+        else:
+            scale_value = float(grad_scale)
+        loss = torch.empty(n, dtype=torch.float32, device=student.device)
+        grad = (
+            torch.empty((n, c), dtype=student.dtype, device=student.device) if need_grad else None
+        )
+        with self.on_device(student):
+            self.lib.kd_loss_fwd(
+                student.data_ptr(), dtype_code(student), row_stride(student),
+                teacher.data_ptr(), dtype_code(teacher), row_stride(teacher), int(teacher_kind),
+                labels.data_ptr() if labels is not None else 0, int(ignore_index),
+                T_value, T_ptr, alpha_value, alpha_ptr, bool(t_squared), n, c,
+                loss.data_ptr(), grad.data_ptr() if grad is not None else 0,
+                scale_value, scale_ptr, self.tail(student),
+            )  # fmt: skip
+        return loss, grad
+
+    def entropy_forward(self, x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Tensor:
+        x = unit_last_stride(x)
+        n, c = x.shape
+        temps_device = "cpu" if self.host_side_scalars else x.device
+        temps = temps.to(device=temps_device, dtype=torch.float32).contiguous()
+        k = temps.numel()
+        out = torch.empty((k, n), dtype=torch.float32, device=x.device)
+        with self.on_device(x):
+            self.lib.soft_label_entropy_fwd(
+                x.data_ptr(), dtype_code(x), row_stride(x), int(kind), temps.data_ptr(), k, n, c,
+                out.data_ptr(), bool(normalize), self.tail(x),
+            )  # fmt: skip
+        return out
