@@ -11,6 +11,8 @@ from rbkd.cli.common import (
     DataDirOpt,
     DeviceOpt,
     SeedOpt,
+    SoftLabelFilesOpt,
+    TeachersOpt,
     TListOpt,
     check_choice,
     console,
@@ -34,14 +36,8 @@ def _num(x: float | None, digits: int = 4) -> str:
 @app.command("entropy")
 @handle_errors
 def entropy(
-    soft_labels: Annotated[
-        list[Path] | None,
-        typer.Option("--soft-labels", help="Soft-label file (repeatable: one curve each)."),
-    ] = None,
-    teacher: Annotated[
-        list[Path] | None,
-        typer.Option("--teacher", help="Teacher run folder (repeatable: one curve each)."),
-    ] = None,
+    soft_labels: SoftLabelFilesOpt = None,
+    teacher: TeachersOpt = None,
     split: Annotated[
         str, typer.Option("--split", help="With --teacher: which split's soft labels.")
     ] = "train",

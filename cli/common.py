@@ -63,6 +63,15 @@ SoftLabelsOpt = Annotated[
     Path | None,
     typer.Option("--soft-labels", help="Soft-label file (.safetensors from soft-labels)."),
 ]
+# Repeatable sources, one curve each (analyze entropy, experiment transfer-set).
+TeachersOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--teacher", help="Teacher run folder (repeatable: one curve each)."),
+]
+SoftLabelFilesOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--soft-labels", help="Soft-label file (repeatable: one curve each)."),
+]
 TOpt = Annotated[float, typer.Option("--T", help="Distillation temperature T (> 0).")]
 TListOpt = Annotated[
     str, typer.Option("--T", help="Temperatures: a list (1,3,9) or a range (1:20, 1:20:0.5).")

@@ -23,9 +23,11 @@ from rbkd.cli.common import (
     OptimizerOpt,
     SeedOpt,
     SelectOpt,
+    SoftLabelFilesOpt,
     SoftLabelsOpt,
     StudentOpt,
     TeacherOpt,
+    TeachersOpt,
     TListOpt,
     TOpt,
     TSquaredOpt,
@@ -200,14 +202,8 @@ def missing_class(
 @app.command("transfer-set")
 @handle_errors
 def transfer_set(
-    teacher: Annotated[
-        list[Path] | None,
-        typer.Option("--teacher", help="Teacher run folder (repeatable: one curve each)."),
-    ] = None,
-    soft_labels: Annotated[
-        list[Path] | None,
-        typer.Option("--soft-labels", help="Soft-label file (repeatable: one curve each)."),
-    ] = None,
+    teacher: TeachersOpt = None,
+    soft_labels: SoftLabelFilesOpt = None,
     per_class: Annotated[
         str, typer.Option("--per-class", help="Examples per class to try, e.g. 5,10,50,100.")
     ] = "5,10,50,100",
