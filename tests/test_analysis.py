@@ -20,10 +20,10 @@ from rbkd.analysis.entropy import (
     parse_temperatures,
 )
 from rbkd.analysis.files import write_csv, write_json
-from rbkd.analysis.noise import add_noise, parse_noise
 from rbkd.analysis.plots import PNG_SIGNATURE, plot_entropy_curves, plot_lines, plot_projection
 from rbkd.analysis.projection import final_layer, plane_basis, project_features
 from rbkd.analysis.transfer import select_transfer_set
+from rbkd.engine.noise import add_noise, parse_noise
 
 
 # ---------------------------------------------------------------- temperatures

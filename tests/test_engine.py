@@ -268,6 +268,17 @@ def test_distillation_noise_is_seeded_and_redrawn_every_epoch():
         Distillation(t, 2.0, 1.0, noise="gauss:1")
 
 
+def test_heavy_normal_noise_never_leaves_an_all_zero_target_row():
+    """With normal:S large, some rows have every entry clamped to 0; they keep the clean row
+    instead of becoming zeros, which kd_loss would refuse as probabilities mid-run."""
+    t = torch.zeros(4000, 10)  # uniform teacher: p = 0.1, so P(row all clamped) ~ 0.5^10
+    d = Distillation(t, 1.0, 1.0, noise="normal:5")
+    d.start_epoch(0, seed=0)
+    sums = d._targets.sum(1)
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+    assert torch.isfinite(d._targets).all() and (d._targets >= 0).all()
+
+
 def test_transfer_set_restricts_training(tmp_path):
     model = build_model("mnist", "baseline", seed=0)
     subset = torch.arange(0, 200, 4)  # 50 rows

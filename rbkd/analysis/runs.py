@@ -17,8 +17,8 @@ import torch
 
 from rbkd.analysis.entropy import check_temperature, entropy_at, label_smoothing_targets
 from rbkd.analysis.files import write_json
-from rbkd.analysis.noise import parse_noise
 from rbkd.analysis.transfer import SELECTIONS, TransferSet, check_classes, select_transfer_set
+from rbkd.engine.noise import parse_noise
 from rbkd.softlabels import (
     TEST_FILE,
     TRAIN_FILE,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rbkd.engine.config import make_generator
+from rbkd.engine.noise import add_noise, parse_noise
 
 _NOISE_STREAM = 2  # seed stream id of soft-label noise (batch order is 0, dropout 1)
 
@@ -48,20 +49,6 @@ class CrossEntropy:
         return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def parse_noise(noise: str | None) -> tuple[str, float] | None:
-    """ "uniform:S" | "normal:S" -> (kind, S); None -> None."""
-    if noise is None:
-        return None
-    kind, _, scale = noise.partition(":")
-    try:
-        value = float(scale)
-    except ValueError:
-        value = -1.0
-    if kind not in ("uniform", "normal") or not value >= 0:
-        raise ValueError(f"noise must look like 'uniform:0.1' or 'normal:0.05', got {noise!r}")
-    return kind, value
-
-
 class Distillation:
     """Response-based KD (thesis eq. 3.5, Hinton et al. 2015) against precomputed teacher logits.
 
@@ -92,7 +79,7 @@ class Distillation:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.teacher_logits = teacher_logits.detach().float()
         self.T, self.alpha, self.t_squared, self.noise = float(T), float(alpha), t_squared, noise
-        self._noise = parse_noise(noise)
+        self._noise = None if noise is None else parse_noise(noise)
         self._targets = self.teacher_logits  # what kd_loss sees this epoch (probs with noise)
 
     def describe(self) -> dict:
@@ -122,17 +109,10 @@ class Distillation:
     def start_epoch(self, epoch: int, seed: int) -> None:
         if self._noise is None:
             return
-        kind, scale = self._noise
         # Drawn on the CPU from (seed, epoch): every device and every rank sees the same noise.
         gen = make_generator(seed, epoch, _NOISE_STREAM)
-        shape = self.teacher_logits.shape
-        if kind == "uniform":
-            noise = torch.rand(shape, generator=gen) * scale
-        else:
-            noise = torch.randn(shape, generator=gen) * scale
         probs = torch.softmax(self.teacher_logits / self.T, dim=1)
-        probs = (probs + noise.to(probs.device)).clamp_min(0)
-        self._targets = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        self._targets = add_noise(probs, self.noise, generator=gen).to(probs.device)
 
     def __call__(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
         return _kd_loss()(

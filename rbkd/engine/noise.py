@@ -1,8 +1,7 @@
 """Noise in soft labels (thesis section 4.8, eq. 4.4): y' = normalise(y + U).
 
-The spec is "uniform:S" or "normal:S". The training engine draws the noise itself, anew every
-epoch (`rbkd.engine.Distillation(noise=...)`); this module checks specs before a run starts and
-holds the reference version used by the analyses and tests:
+The spec is "uniform:S" or "normal:S". `rbkd.engine.Distillation(noise=...)` draws it anew every
+epoch with `add_noise`; the CLI checks specs with `parse_noise` before a run starts.
 
     uniform:S   U ~ Uniform[0, S)          (non-negative: y + U stays a valid weight)
     normal:S    U ~ Normal(0, S^2)          then clamped at 0
@@ -30,7 +29,7 @@ def parse_noise(spec: str) -> tuple[str, float]:
     if kind not in NOISE_KINDS or not sep or not (math.isfinite(scale) and scale > 0):
         raise ValueError(
             f"cannot read noise {spec!r}; write uniform:S or normal:S with a scale S > 0, "
-            "e.g. --noise normal:0.01"
+            "e.g. uniform:0.1 or normal:0.01"
         )
     return kind, scale
 
