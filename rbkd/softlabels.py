@@ -16,7 +16,6 @@ with one line naming the file and what to do next.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from rbkd.analysis.files import write_bytes
+from rbkd.io import sha256_file
 
 FORMAT_VERSION = "1"
 TENSOR_KEYS = ("logits", "labels", "indices")
@@ -83,15 +83,6 @@ class SoftLabels:
         out = torch.full((num_examples, self.num_classes), float("nan"), dtype=torch.float32)
         out[self.indices] = self.logits
         return out
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def teacher_id(teacher_run: str | os.PathLike, teacher_sha256: str) -> str:

@@ -22,21 +22,13 @@ from pathlib import Path, PurePosixPath
 from rbkd.data.errors import DatasetFetchError
 from rbkd.data.locate import ENV_VAR, cache_dir, resolve_file
 from rbkd.data.registry import DatasetInfo, RemoteFile, get_info
-from rbkd.io import atomic_path
+from rbkd.io import atomic_path, sha256_file
 
 __all__ = ["CIFAR_FOLDER", "fetch", "sha256_file"]
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 _CHUNK = 1 << 20
 _TIMEOUT_S = 30.0  # per socket operation, not for the whole file
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manual_hint(info: DatasetInfo, dest: Path) -> str:

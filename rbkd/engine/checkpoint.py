@@ -15,8 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rbkd.engine.rundir import RunDirError, write_json
-from rbkd.io import atomic_path
+from rbkd.engine.rundir import RunDirError
+from rbkd.io import atomic_path, write_json
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"

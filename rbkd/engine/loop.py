@@ -17,8 +17,9 @@ from rbkd.engine import distributed
 from rbkd.engine.config import TrainConfig, derive_seed, make_generator
 from rbkd.engine.evaluate import evaluation_sums, metrics_from_sums
 from rbkd.engine.progress import EpochProgress
-from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_json, write_metrics
+from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_metrics
 from rbkd.engine.runinfo import check_resumable, run_config
+from rbkd.io import write_json
 
 _ORDER_STREAM, _DROPOUT_STREAM = 0, 1  # seed streams (objectives.py uses 2 for noise)
 

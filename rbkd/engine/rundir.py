@@ -5,7 +5,6 @@ half-written file behind: a reader sees the previous version or the new one.
 """
 
 import json
-import math
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rbkd.io import atomic_path, atomic_write_bytes
+from rbkd.io import atomic_path, atomic_write_bytes, jsonable
 
 CONFIG, METRICS, MODEL = "config.json", "metrics.jsonl", "model.safetensors"
 
@@ -24,24 +23,9 @@ class RunDirError(ValueError):
     """A run directory (or a file in it) cannot be used; the message says which and what to do."""
 
 
-def _json_safe(obj):
-    # JSON has no NaN: per-class accuracy of an absent class is written as null.
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
-
-
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     """The whole metrics.jsonl, rewritten atomically (a few hundred bytes per epoch)."""
-    text = "".join(json.dumps(_json_safe(r)) + "\n" for r in rows)
+    text = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in rows)
     atomic_write_bytes(run_dir / METRICS, text.encode())
 
 
