@@ -12,7 +12,6 @@ import torch
 
 from rbkd.analysis.entropy import (
     entropy_matrix,
-    entropy_reference,
     entropy_table,
     label_smoothing_curve,
     label_smoothing_entropy,
@@ -24,6 +23,12 @@ from rbkd.analysis.plots import PNG_SIGNATURE, plot_entropy_curves, plot_lines, 
 from rbkd.analysis.projection import final_layer, plane_basis, project_features
 from rbkd.analysis.transfer import select_transfer_set
 from rbkd.engine.noise import add_noise, parse_noise
+from rbkd.ops.backends.reference import entropy_rows
+
+
+def entropy_reference(logits, temperatures):
+    """The float64 oracle: rbkd.ops's pure-torch twin, one temperature at a time."""
+    return torch.stack([entropy_rows(logits.double(), T, 0) for T in temperatures]).float()
 
 
 # ---------------------------------------------------------------- temperatures

@@ -66,26 +66,13 @@ def entropy_matrix(logits: Tensor, temperatures: Sequence[float]) -> Tensor:
     """Entropy (nats) of softmax(logits / T) for every T: float32 [K, N], one rbkd.ops call."""
     from rbkd.ops import soft_label_entropy
 
-    temps = [check_temperature(t) for t in temperatures]
-    out = soft_label_entropy(logits, T=temps, teacher_kind="logits")
-    if out.dim() == 1:  # a single temperature may come back as [N]
-        out = out.unsqueeze(0)
-    return out.float()
+    # A list (even of one temperature) always comes back as [K, N]; rbkd.ops checks each T.
+    return soft_label_entropy(logits.float(), T=[float(t) for t in temperatures])
 
 
 def entropy_at(logits: Tensor, T: float) -> Tensor:
     """Entropy (nats) of each row of softmax(logits / T): float32 [N]."""
     return entropy_matrix(logits, [T])[0]
-
-
-def entropy_reference(logits: Tensor, temperatures: Sequence[float]) -> Tensor:
-    """Plain-PyTorch float64 twin of `entropy_matrix`, for tests and sanity checks."""
-    x = logits.double()
-    rows = []
-    for T in temperatures:
-        logp = torch.log_softmax(x / T, dim=1)
-        rows.append(-(logp.exp() * logp).sum(dim=1))
-    return torch.stack(rows).float()
 
 
 @dataclass
