@@ -38,45 +38,44 @@ def check_float_tensor(name: str, x: object, *, dims: int | None = None) -> Tens
     return x
 
 
+def _per_row_tensor(name: str, x: Tensor, n: int, device: torch.device) -> Tensor:
+    """A per-row hyperparameter: 1-D, floating point, one value per row, on the logits' device."""
+    if x.dim() != 1 or x.shape[0] != n:
+        raise ValueError(
+            f"{name} as a tensor must be 1-D with one value per row ({n}), got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} as a tensor must be floating point, got {_dtype_name(x.dtype)}")
+    if x.device != device:
+        raise ValueError(
+            f"{name} is on {x.device} but the logits are on {device}; move it with .to()"
+        )
+    return x  # its values are checked inside the op (check_temperature_values / check_alpha_values)
+
+
+def _python_number(name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(x).__name__}")
+    return float(x)
+
+
 def check_temperature(name: str, T: object, n: int, device: torch.device) -> float | Tensor:
     """A positive finite float, or a 1-D tensor of n per-row values (checked in the op)."""
     if isinstance(T, Tensor):
-        if T.dim() != 1 or T.shape[0] != n:
-            raise ValueError(
-                f"{name} as a tensor must be 1-D with one value per row ({n}), got shape {tuple(T.shape)}"
-            )
-        if not T.is_floating_point():
-            raise TypeError(
-                f"{name} as a tensor must be floating point, got {_dtype_name(T.dtype)}"
-            )
-        if T.device != device:
-            raise ValueError(
-                f"{name} is on {T.device} but the logits are on {device}; move it with .to()"
-            )
-        return T
-    if isinstance(T, bool) or not isinstance(T, (int, float)):
-        raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(T).__name__}")
+        return _per_row_tensor(name, T, n, device)
+    T = _python_number(name, T)
     if not math.isfinite(T) or T <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {T}")
-    return float(T)
+    return T
 
 
 def check_alpha(alpha: object, n: int, device: torch.device) -> float | Tensor:
     if isinstance(alpha, Tensor):
-        if alpha.dim() != 1 or alpha.shape[0] != n:
-            raise ValueError(
-                f"alpha as a tensor must be 1-D with one value per row ({n}), got shape {tuple(alpha.shape)}"
-            )
-        if alpha.device != device:
-            raise ValueError(
-                f"alpha is on {alpha.device} but the logits are on {device}; move it with .to()"
-            )
-        return alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float or a 1-D tensor, got {type(alpha).__name__}")
+        return _per_row_tensor("alpha", alpha, n, device)
+    alpha = _python_number("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return float(alpha)
+    return alpha
 
 
 def check_choice(name: str, value: object, choices: dict[str, int]) -> int:
