@@ -17,7 +17,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "jsonable", "sha256_file", "write_json"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "jsonable",
+    "sha256_file",
+    "write_bytes",
+    "write_json",
+]
 
 
 def _current_umask() -> int:
@@ -82,6 +89,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically (parent folders are created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    return path
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

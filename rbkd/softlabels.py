@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rbkd.analysis.files import write_bytes
-from rbkd.io import sha256_file
+from rbkd.io import sha256_file, write_bytes
 
 FORMAT_VERSION = "1"
 TENSOR_KEYS = ("logits", "labels", "indices")

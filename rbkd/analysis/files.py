@@ -13,17 +13,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rbkd.io import atomic_write_bytes, jsonable, write_json
+from rbkd.io import jsonable, write_bytes, write_json
 
 __all__ = ["write_bytes", "write_csv", "write_json"]
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (parent folders are created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    return path
 
 
 def write_csv(
