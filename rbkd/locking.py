@@ -39,7 +39,7 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike[str], what: str = "folder") -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterator[Path]:
     """Hold the folder's lock for the block (the folder is created). Raises FolderBusyError at
     once, naming the holder, when another process has it: two writers never share a folder."""
     folder = Path(folder)
