@@ -1,47 +1,11 @@
 """Training configuration, the device to train on, and seed derivation."""
 
-from dataclasses import asdict, dataclass, fields
-
 import numpy as np
 import torch
 
+from rbkd.config import TrainConfig
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10  # full passes over the training (transfer) set
-    batch_size: int = 64  # GLOBAL batch: split across ranks under torchrun (the thesis's knob)
-    lr: float = 1e-3  # learning rate
-    optimizer: str = "adam"  # "adam" | "sgd"
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0  # L2 penalty (coupled, as in torch.optim.Adam / SGD)
-    seed: int = 0  # drives batch order, dropout masks and soft-label noise; not the model init
-    device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
-    eval_batch_size: int = 1024  # evaluation only; does not change any result
-
-    def __post_init__(self):
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**d)
+__all__ = ["TrainConfig", "derive_seed", "make_generator", "resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
