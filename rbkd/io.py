@@ -12,19 +12,183 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_METADATA_BYTES",
+    "NotRegularFileError",
     "atomic_path",
     "atomic_write_bytes",
+    "check_regular_file",
     "jsonable",
+    "read_bounded",
+    "read_json_file",
+    "read_safetensors_metadata",
+    "remove_stale_temporaries",
     "sha256_file",
     "write_bytes",
     "write_json",
 ]
+
+# Bounds on what a reader takes from a file before parsing it: a hostile or damaged file must
+# give one clear error, not minutes of parsing or gigabytes of memory. Real files are far
+# smaller: a run's config.json is a few KB, a soft-label header's metadata a few hundred bytes, a
+# checkpoint's (optimizer state and per-epoch metrics) a few KB per hundred epochs.
+MAX_JSON_BYTES = 8 << 20  # config.json, report.json, metrics.jsonl
+MAX_METADATA_BYTES = 64 << 10  # safetensors __metadata__ of model and soft-label files
+MAX_METADATA_VALUE = 4096  # one metadata string (a path is at most 4096 bytes on Linux)
+MAX_HEADER_BYTES = 100 << 20  # the whole safetensors JSON header (safetensors' own limit)
+
+# What the atomic writer leaves behind if the process dies between create and rename:
+# ".<final name>.<mkstemp suffix>.part" (files) and CIFAR's ".cifar-10-...<suffix>.part" folders.
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(part|tmp)$")
+
+
+class NotRegularFileError(ValueError):
+    """A path that rbkd reads is a FIFO, a device, a folder or a socket, not a regular file."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> Path:
+    """`path` if it is a regular file (symlinks followed); FileNotFoundError or
+    NotRegularFileError (one line naming the file and its kind) otherwise. Reading a FIFO would
+    block forever and /dev/zero never ends, so nothing else is ever opened for reading."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(
+            f"{what} {path} is {_kind(st.st_mode)}, not a regular file: replace it with the "
+            "real file"
+        )
+    return path
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (checked on the open descriptor,
+    which is opened non-blocking so that a FIFO swapped in after the check cannot hang us)."""
+    path = Path(path)
+    check_regular_file(path, what)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(
+            f"{what} {path} is larger than {limit >> 20} MiB, far more than rbkd ever writes: "
+            "it is damaged or not an rbkd file"
+        )
+    return data
+
+
+def read_json_file(path: str | os.PathLike[str], what: str = "file", limit: int = MAX_JSON_BYTES):
+    """Parse a bounded, regular JSON file; ValueError (one line) when it is not valid JSON."""
+    data = read_bounded(path, limit, what)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def read_safetensors_metadata(
+    path: str | os.PathLike[str],
+    what: str = "safetensors file",
+    *,
+    max_metadata: int = MAX_METADATA_BYTES,
+    max_value: int = MAX_METADATA_VALUE,
+) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its header with bounds: the file must
+    be regular, the header at most 100 MiB, the metadata at most `max_metadata` bytes and each
+    value at most `max_value` characters. Call it before safe_open/load_file, which would read
+    an unbounded header and hang on a FIFO. ValueError (one line) when a bound is broken."""
+    path = check_regular_file(path, what)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{what} {path} is not a safetensors file (shorter than 8 bytes)")
+        size = int.from_bytes(head, "little")
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(
+                f"{what} {path} declares a {size}-byte header (limit {MAX_HEADER_BYTES}): it is "
+                "damaged or not a safetensors file"
+            )
+        raw = handle.read(size)
+    if len(raw) < size:
+        raise ValueError(f"{what} {path} is truncated (its header is incomplete)")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} has an unreadable header ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{what} {path}: its metadata must map strings to strings")
+    total = sum(len(k) + len(v) for k, v in meta.items())
+    if total > max_metadata:
+        raise ValueError(
+            f"{what} {path} carries {total} bytes of metadata (limit {max_metadata}): "
+            "it is damaged or not an rbkd file"
+        )
+    long = [k for k, v in meta.items() if len(v) > max_value and k not in _LONG_KEYS]
+    if long:
+        raise ValueError(
+            f"{what} {path}: metadata {long[0]!r} is {len(meta[long[0]])} characters (limit "
+            f"{max_value}): it is damaged or not an rbkd file"
+        )
+    return meta
+
+
+# Metadata keys whose values are JSON documents rbkd writes itself (bounded by max_metadata).
+_LONG_KEYS = frozenset({"rbkd_checkpoint"})
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete what an atomic write killed before its rename left in `folder` (hidden `.part`
+    files and folders with mkstemp's 8-character suffix); returns what was removed. Call it only
+    while holding the folder's lock (`rbkd.locking.folder_lock`): then no write is in flight."""
+    removed = []
+    folder = Path(folder)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in folder.iterdir():
+            if not _TEMPORARY.match(entry.name):
+                continue
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed.append(entry)
+            except OSError:
+                continue
+    return removed
 
 
 def _current_umask() -> int:
@@ -102,6 +266,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
+    check_regular_file(path)
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)

@@ -21,6 +21,7 @@ from rbkd.engine import (
     penultimate_features,
     predict_logits,
 )
+from rbkd.engine.checkpoint import read_checkpoint_info
 from rbkd.models import build_model
 
 
@@ -86,8 +87,8 @@ def test_fit_learns_and_writes_the_run_directory(tmp_path):
         "metrics.jsonl",
         "model.safetensors",
         "checkpoint.safetensors",
-        "checkpoint.json",
     } <= names
+    assert "checkpoint.json" not in names, "the checkpoint is one file"
     assert not [n for n in names if n.endswith(".part")], "temporary files left behind"
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["dataset"], config["arch"], config["seed"]) == ("mnist", "general", 7)
@@ -364,5 +365,7 @@ def test_progress_bar_checkpoint_contents_and_caller_rng(tmp_path, capsys):
     tensors = load_file(tmp_path / "checkpoint.safetensors")
     assert tensors["rng.cpu"].dtype == torch.uint8
     assert {"model.head.weight", "optimizer.0.exp_avg", "optimizer.0.step"} <= set(tensors)
-    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    meta = read_checkpoint_info(tmp_path)
     assert meta["epoch"] == 2 and meta["optimizer"]["param_groups"][0]["lr"] == CFG["lr"]
+    assert meta["seed"] == CFG["seed"] and meta["config"]["seed"] == CFG["seed"]
+    assert [r["epoch"] for r in meta["metrics"]] == [1, 2]

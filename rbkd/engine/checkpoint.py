@@ -1,9 +1,13 @@
-"""Epoch checkpoints: a flat dict of tensors (checkpoint.safetensors) plus JSON (checkpoint.json).
+"""Epoch checkpoints: ONE safetensors file, its bookkeeping in the header's metadata.
 
 Tensors: "model.<name>" (state_dict), "optimizer.<param index>.<key>" (exp_avg, step, ...),
-"rng.cpu" / "rng.cuda" (generator states as uint8). JSON: the epoch just completed, the optimizer's
-param_groups and any non-tensor state. The epoch is also written into the safetensors metadata so
-that a crash between the two writes cannot pair epoch-k weights with epoch-(k+1) bookkeeping.
+"rng.cpu" / "rng.cuda" (generator states as uint8). Metadata "rbkd_checkpoint": JSON with the
+epochs completed, the optimizer's param_groups and non-tensor state, the run's configuration
+(what a resume must match: data, model, objective, hyper-parameters, seed) and the metrics row of
+every completed epoch (so metrics.jsonl can be rebuilt from it). One file written atomically has
+no crash window: a reader sees the previous epoch's checkpoint or the new one, whole.
+
+The old two-file layout (checkpoint.safetensors + checkpoint.json) is still read when both agree.
 No pickle anywhere: torch.save/torch.load are never used.
 """
 
@@ -11,15 +15,18 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rbkd.engine.rundir import RunDirError
-from rbkd.io import atomic_path, write_json
+from rbkd.io import atomic_path, read_json_file, read_safetensors_metadata
 
 CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_JSON = "checkpoint.json"  # the old layout's second file; removed once replaced
+FORMAT = "rbkd-checkpoint-2"
+_META_KEY = "rbkd_checkpoint"
+MAX_CHECKPOINT_METADATA = 8 << 20  # ~20 KB per 100 epochs of metrics rows in practice
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -45,8 +52,22 @@ def unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, epoch: int, info: dict) -> None:
-    """Write both files atomically; `epoch` is the number of completed epochs."""
+def save_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer,
+    epoch: int,
+    info: dict,
+    *,
+    config: dict | None = None,
+    metrics: list[dict] | None = None,
+) -> None:
+    """Write the checkpoint atomically; `epoch` is the number of completed epochs. `info` (seed,
+    world size, ...), `config` (the run configuration a resume must match) and `metrics` (one
+    row per completed epoch) travel in the same file's header."""
+    from rbkd.io import jsonable
+
+    run_dir = Path(run_dir)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = flatten_optimizer(optimizer)
     tensors.update(opt_tensors)
@@ -55,33 +76,74 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, epoch: int, info
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     # safetensors wants contiguous, unshared CPU storage; clone() also detaches from the live model
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = {
+        "epoch": epoch,
+        "optimizer": opt_meta,
+        **info,
+        "config": config,
+        "metrics": metrics if metrics is not None else [],
+    }
+    text = json.dumps(jsonable(meta), allow_nan=False)
     with atomic_path(run_dir / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp), metadata={"epoch": str(epoch), "format": "rbkd-checkpoint-1"})
-    write_json(run_dir / CHECKPOINT_JSON, {"epoch": epoch, "optimizer": opt_meta, **info})
+        save_file(
+            tensors,
+            str(tmp),
+            metadata={"format": FORMAT, "epoch": str(epoch), _META_KEY: text},
+        )
+    # The old layout's JSON would disagree with the new file from now on.
+    (run_dir / CHECKPOINT_JSON).unlink(missing_ok=True)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / CHECKPOINT_JSON).exists() and (run_dir / CHECKPOINT).exists()
+    return (Path(run_dir) / CHECKPOINT).exists()
+
+
+def read_checkpoint_info(run_dir: Path) -> dict:
+    """The checkpoint's bookkeeping (epoch, optimizer, seed, config, metrics) without its
+    tensors; RunDirError (one line) when it is unreadable."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    start_over = f"delete {path} to start the run over, or resume from a copy"
+    try:
+        header = read_safetensors_metadata(path, "checkpoint", max_metadata=MAX_CHECKPOINT_METADATA)
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"cannot read the checkpoint ({e}); {start_over}") from e
+    if header.get("format") == FORMAT and _META_KEY in header:
+        try:
+            meta = json.loads(header[_META_KEY])
+            meta["epoch"] = int(meta["epoch"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunDirError(f"{path} has unreadable bookkeeping ({e}); {start_over}") from e
+        return meta
+    # rbkd-checkpoint-1: bookkeeping in checkpoint.json, epoch also in the header.
+    meta_path = run_dir / CHECKPOINT_JSON
+    if not meta_path.exists():
+        raise RunDirError(f"{path} carries no rbkd checkpoint metadata; {start_over}")
+    try:
+        meta = read_json_file(meta_path, "checkpoint bookkeeping")
+        file_epoch = int(header.get("epoch", -1))
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"cannot read {meta_path} ({e}); {start_over}") from e
+    if not isinstance(meta, dict) or meta.get("epoch") != file_epoch:
+        raise RunDirError(
+            f"{path} holds epoch {file_epoch} but {meta_path} disagrees (an old rbkd was "
+            f"interrupted while writing them); {start_over}"
+        )
+    return meta
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer) -> tuple[int, dict]:
-    """Restore model, optimizer and RNG in place; returns (completed epochs, checkpoint.json)."""
-    path, meta_path = run_dir / CHECKPOINT, run_dir / CHECKPOINT_JSON
+    """Restore model, optimizer and RNG in place; returns (completed epochs, bookkeeping)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    meta = read_checkpoint_info(run_dir)
     try:
-        meta = json.loads(meta_path.read_text())
         tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            file_epoch = int((f.metadata() or {}).get("epoch", -1))
     except (OSError, ValueError, SafetensorError) as e:
         raise RunDirError(
-            f"cannot read the checkpoint in {run_dir} ({e}); delete {CHECKPOINT} and "
-            f"{CHECKPOINT_JSON} to start over, or resume from a copy"
+            f"cannot read the checkpoint {path} ({e}); delete it to start the run over, or "
+            "resume from a copy"
         ) from e
-    if file_epoch != meta["epoch"]:
-        raise RunDirError(
-            f"{path} holds epoch {file_epoch} but {meta_path} says {meta['epoch']} (interrupted "
-            "while writing?); delete both checkpoint files to start the run over"
-        )
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights)

@@ -5,6 +5,7 @@ from (seed, epoch), normalised on the fly. Under torchrun each rank takes its co
 every GLOBAL batch, so `batch_size` means the same thing for any number of processes.
 """
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -19,13 +20,28 @@ from rbkd.engine.evaluate import evaluation_sums, metrics_from_sums
 from rbkd.engine.progress import EpochProgress
 from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_metrics
 from rbkd.engine.runinfo import check_resumable, run_config
-from rbkd.io import write_json
+from rbkd.io import remove_stale_temporaries, write_json
+from rbkd.locking import folder_lock
 
 _ORDER_STREAM, _DROPOUT_STREAM = 0, 1  # seed streams (objectives.py uses 2 for noise)
 
 
 class TrainingDiverged(ValueError):
-    """The loss became NaN or infinite; raised before the optimizer applies that step."""
+    """The loss, the gradients or the weights became NaN or infinite; raised before the
+    optimizer applies that step (and before a checkpoint could store it)."""
+
+
+def _max_abs(tensors: list[Tensor]) -> Tensor:
+    """max |x| over all tensors: inf when any holds inf, NaN when any holds NaN, and (unlike a
+    sum or a 2-norm) never an overflow of finite values. One foreach pass, no host sync."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(tensors, float("inf"))).max().float()
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    params = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
+    return bool(torch.isfinite(_max_abs(params)))
 
 
 class DeviceDataset:
@@ -86,9 +102,19 @@ def fit(
     every epoch; write `run_dir` (rank 0). Returns the final metrics (see docs/engine-api.md)."""
     ctx = distributed.setup(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
+    # One writer per run folder (rank 0 writes; the other ranks only read the checkpoint). The
+    # kernel drops the lock when the process dies, so a killed run never leaves it stale.
+    lock = (
+        folder_lock(run_dir, "run")
+        if run_dir is not None and ctx.is_main
+        else contextlib.nullcontext()
+    )
     try:
         # The run reseeds the global RNG (dropout); fork_rng hands the caller's state back after.
-        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        with (
+            lock,
+            torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []),
+        ):
             return _fit(
                 model,
                 train,
@@ -109,13 +135,19 @@ def fit(
 def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, progress, extra_config):
     device, world = ctx.device, ctx.world_size
     model.to(device)
-    objective.validate(train)
-    objective.to(device)
     rows = _transfer_set(indices, len(train))
+    objective.validate(train, rows)
+    objective.to(device)
     data, test_data = DeviceDataset(train, device), DeviceDataset(test, device)
     optimizer = make_optimizer(model, cfg)
     config = run_config(model, train, test, cfg, objective, rows, world, extra_config)
     start_epoch, history = _open_run_dir(run_dir, resume, config, model, optimizer, ctx)
+    if not _weights_finite(model):
+        where = f"the checkpoint in {run_dir}" if start_epoch else "the model passed to fit"
+        raise TrainingDiverged(
+            f"the weights of {where} are NaN or inf before any training step; start from "
+            "finite weights (a new run folder, or a checkpoint of a healthy run)"
+        )
 
     synced_bn = distributed.sync_batchnorm(model, ctx)
     net = distributed.wrap_model(model, ctx)
@@ -147,16 +179,19 @@ def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, prog
                     optimizer.zero_grad(set_to_none=True)
                     (loss * (world / count)).backward()
                     correct = (logits.detach().argmax(1) == y).sum()
-                    stats = torch.stack([loss.detach().float(), correct.float()])
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    stats = torch.stack(
+                        [loss.detach().float(), correct.float(), _max_abs(grads).to(device)]
+                    )
                     # .tolist() syncs with the device once per step: the price of refusing a NaN
                     # step before it reaches the weights (and of an honest progress bar).
-                    batch_loss, batch_correct = ctx.all_reduce_sum(stats).tolist()
-                    if not math.isfinite(batch_loss):  # every rank sees the same reduced value
-                        raise TrainingDiverged(
-                            f"loss became {batch_loss / count} at epoch {epoch + 1}, step "
-                            f"{step + 1}/{steps} (lr={cfg.lr}, batch_size={batch}); the weights "
-                            "were not updated: lower the learning rate or check the inputs"
-                        )
+                    batch_loss, batch_correct, grad_max = ctx.all_reduce_sum(stats).tolist()
+                    # Every rank sees the same reduced values, so every rank stops together.
+                    if not (math.isfinite(batch_loss) and math.isfinite(grad_max)):
+                        raise _diverged(
+                            model, objective, cfg, epoch, step, steps, start_epoch,
+                            batch_loss / count, grad_max,
+                        )  # fmt: skip
                     optimizer.step()
                     seen, loss_sum, correct_sum = (
                         seen + count,
@@ -183,9 +218,17 @@ def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, prog
                     f"acc {row['train_accuracy']:.2%} | test loss {scores['loss']:.4f} "
                     f"acc {scores['accuracy']:.2%} | {row['samples_per_s']:,.0f} samples/s"
                 )
+                if not _weights_finite(model):  # an overflowing update: never checkpoint it
+                    raise TrainingDiverged(
+                        f"the weights became NaN or inf during epoch {epoch + 1} although every "
+                        f"gradient was finite (an overflow in the optimizer update, lr={cfg.lr}):"
+                        " lower the learning rate; the checkpoint of the previous epoch is kept"
+                    )
                 if run_dir is not None and ctx.is_main:
                     info = {"seed": cfg.seed, "world_size": world}
-                    ckpt.save_checkpoint(run_dir, model, optimizer, epoch + 1, info)
+                    ckpt.save_checkpoint(
+                        run_dir, model, optimizer, epoch + 1, info, config=config, metrics=history
+                    )
                     write_metrics(run_dir, history)
     finally:
         if synced_bn:
@@ -198,16 +241,63 @@ def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, prog
     return final
 
 
+def _diverged(model, objective, cfg, epoch, step, steps, start_epoch, loss, grad_max):
+    """The one-line TrainingDiverged for a non-finite loss or gradient, naming the likely cause."""
+    where = f"at epoch {epoch + 1}, step {step + 1}/{steps}"
+    what = f"loss became {loss}" if not math.isfinite(loss) else f"gradients became {grad_max}"
+    if not _weights_finite(model):
+        return TrainingDiverged(
+            f"{what} {where} because the weights are already NaN or inf (the previous update "
+            f"overflowed, lr={cfg.lr}): lower the learning rate; the last checkpoint is intact"
+        )
+    first = epoch == start_epoch and step == 0
+    target = getattr(objective, "T", None)
+    objective_text = f"{objective.name}" + (f", T={target:g}" if target is not None else "")
+    if first:  # no update has happened yet: the learning rate cannot be the cause
+        return TrainingDiverged(
+            f"{what} {where}, before any update ({objective_text}): the inputs or the "
+            "objective give a non-finite value; check the data, the soft labels and T"
+        )
+    return TrainingDiverged(
+        f"{what} {where} (lr={cfg.lr}, batch_size={cfg.batch_size}, {objective_text}); the "
+        "weights were not updated: lower the learning rate or check the inputs"
+    )
+
+
 def _open_run_dir(run_dir, resume, config, model, optimizer, ctx) -> tuple[int, list[dict]]:
     """(completed epochs, their metrics): from the checkpoint when resuming, else (0, [])."""
     if run_dir is None:
         return 0, []
     start_epoch, history = 0, []
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # under the folder lock: no write of ours is in flight
+        remove_stale_temporaries(run_dir)
     if resume and ckpt.has_checkpoint(run_dir):
-        check_resumable(run_dir, config)
-        start_epoch, _ = ckpt.load_checkpoint(run_dir, model, optimizer)
-        history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
+        info = ckpt.read_checkpoint_info(run_dir)
+        if info.get("config"):
+            check_resumable(run_dir, config, info["config"], "in the checkpoint")
+        else:  # written by an older rbkd: its configuration is config.json's
+            check_resumable(run_dir, config)
+            if info.get("seed", config["seed"]) != config["seed"]:
+                raise RunDirError(
+                    f"cannot resume {run_dir}: its checkpoint was written with seed "
+                    f"{info['seed']}, this run has seed {config['seed']}; rerun with the run's "
+                    "own options, or start a new run folder"
+                )
+        start_epoch, info = ckpt.load_checkpoint(run_dir, model, optimizer)
+        # The metrics of the completed epochs travel in the checkpoint: metrics.jsonl is rebuilt
+        # from them, so a kill between the two writes never loses or duplicates a row.
+        if "metrics" in info and len(info["metrics"]) == start_epoch:
+            history = list(info["metrics"])
+        else:
+            history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
+            if [r["epoch"] for r in history] != list(range(1, start_epoch + 1)):
+                raise RunDirError(
+                    f"cannot resume {run_dir}: metrics.jsonl lacks rows of epochs 1..{start_epoch}"
+                    " that its old-format checkpoint completed; start a new run folder"
+                )
+        if ctx.is_main:
+            write_metrics(run_dir, history)
     elif not resume and (ckpt.has_checkpoint(run_dir) or (run_dir / "model.safetensors").exists()):
         raise RunDirError(
             f"{run_dir} already holds a run: pass resume=True (--resume) to continue it, or "

@@ -6,6 +6,7 @@ keeps the gradient of a data-parallel step equal to the single-process one (see 
 """
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class CrossEntropy:
     def describe(self) -> dict:
         return {"name": self.name}
 
-    def validate(self, train) -> None:
+    def validate(self, train, rows: Tensor | None = None) -> None:
         pass
 
     def to(self, device: torch.device) -> "CrossEntropy":
@@ -73,8 +74,8 @@ class Distillation:
             raise ValueError(
                 f"teacher_logits must be [N, C], got shape {tuple(teacher_logits.shape)}"
             )
-        if not T > 0:
-            raise ValueError(f"T must be > 0, got {T}")
+        if not (math.isfinite(T) and T > 0):
+            raise ValueError(f"temperature T must be finite and > 0, got {T}")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.teacher_logits = teacher_logits.detach().float()
@@ -92,13 +93,28 @@ class Distillation:
             "teacher_logits_sha256": tensor_sha256(self.teacher_logits),
         }
 
-    def validate(self, train) -> None:
+    def validate(self, train, rows: Tensor | None = None) -> None:
+        """Refuse a teacher table that does not fit `train`, or whose rows used for training
+        (`rows`, all when None) hold NaN or +inf or are all -inf: kd_loss would turn such a row
+        into a NaN student (or, on some backends, a silent zero loss)."""
         n, c = self.teacher_logits.shape
         if n != len(train) or c != train.num_classes:
             raise ValueError(
                 f"teacher_logits has shape {(n, c)} but the training set {train.name}/"
                 f"{train.split} has {len(train)} rows and {train.num_classes} classes: soft "
                 "labels must come from the same dataset and split as the training set"
+            )
+        table = self.teacher_logits if rows is None else self.teacher_logits[rows.cpu()]
+        # -inf entries are legitimate logits (probability 0); NaN, +inf and all--inf rows are not.
+        bad = (table.isnan() | (table == math.inf)).any(1) | (table == -math.inf).all(1)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            row = first if rows is None else int(rows[first])
+            raise ValueError(
+                f"the teacher's soft labels (teacher logits) hold NaN or inf in {int(bad.sum())} "
+                f"of the {len(table)} training rows (first: row {row}): the teacher is broken "
+                "(NaN weights?); retrain the teacher, or regenerate its soft labels with "
+                "`rbkd soft-labels --teacher RUN`"
             )
 
     def to(self, device: torch.device) -> "Distillation":
@@ -142,7 +158,7 @@ class LabelSmoothing:
     def describe(self) -> dict:
         return {"name": self.name, "A": self.A}
 
-    def validate(self, train) -> None:
+    def validate(self, train, rows: Tensor | None = None) -> None:
         pass
 
     def to(self, device: torch.device) -> "LabelSmoothing":

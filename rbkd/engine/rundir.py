@@ -10,11 +10,20 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rbkd.io import atomic_path, atomic_write_bytes, jsonable
+from rbkd.io import (
+    MAX_JSON_BYTES,
+    atomic_path,
+    atomic_write_bytes,
+    check_regular_file,
+    jsonable,
+    read_bounded,
+    read_json_file,
+    read_safetensors_metadata,
+)
 
 CONFIG, METRICS, MODEL = "config.json", "metrics.jsonl", "model.safetensors"
 
@@ -30,10 +39,14 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS
+    path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = read_bounded(path, MAX_JSON_BYTES, "metrics file").decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path} is not valid JSON lines ({e}); the run folder is damaged") from e
 
 
 def package_versions() -> dict:
@@ -62,15 +75,17 @@ def save_model(run_dir: Path, model: nn.Module) -> None:
 
 def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(
             f"{path} not found: {run_dir} is not a run directory (pass the folder that "
             "`rbkd train-teacher` or fit(run_dir=...) wrote)"
         )
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}); the run directory is damaged") from e
+        config = read_json_file(path, "run configuration")
+    except ValueError as e:
+        raise RunDirError(f"{e}; the run directory is damaged") from e
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path} holds no JSON object; the run directory is damaged")
     for key in ("dataset", "arch"):
         if key not in config:
             raise RunDirError(f"{path} has no {key!r}: it was not written by rbkd.engine.fit")
@@ -84,16 +99,16 @@ def load_run(run_dir: str | Path, *, device="cpu") -> tuple[nn.Module, dict]:
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     path = run_dir / MODEL
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         hint = (
             "the run did not finish: continue it with resume=True (`rbkd train ... --resume`)"
-            if (run_dir / "checkpoint.json").exists()
+            if (run_dir / "checkpoint.safetensors").exists()
             else "train it first"
         )
         raise FileNotFoundError(f"{path} not found: {hint}")
+    check_regular_file(path, "model weights")
     try:
-        with safe_open(str(path), "pt") as f:
-            saved = f.metadata() or {}
+        saved = read_safetensors_metadata(path, "model weights")
         weights = load_file(str(path))
     except (OSError, SafetensorError, ValueError) as e:
         raise RunDirError(

@@ -1,6 +1,5 @@
 """config.json's content: everything needed to rebuild the model and reproduce the run."""
 
-import json
 from pathlib import Path
 
 from torch import Tensor
@@ -8,6 +7,7 @@ from torch import Tensor
 from rbkd.engine.config import TrainConfig
 from rbkd.engine.objectives import tensor_sha256
 from rbkd.engine.rundir import RunDirError, package_versions
+from rbkd.io import read_json_file
 
 # TrainConfig fields a resumed run may change without changing what the first epochs did.
 _RESUMABLE_CHANGES = {"epochs", "device", "eval_batch_size"}
@@ -40,23 +40,35 @@ def run_config(
     }
 
 
-def check_resumable(run_dir: Path, new: dict) -> None:
-    """Refuse to resume a run with different data, model, objective or hyper-parameters."""
-    path = Path(run_dir) / "config.json"
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunDirError(f"cannot resume: {path} is missing or unreadable ({e})") from e
+def check_resumable(run_dir: Path, new: dict, old: dict | None = None, where: str = "") -> None:
+    """Refuse to resume a run with different data, model, objective or hyper-parameters.
+
+    `old` is the configuration the checkpoint was written with (it travels in the checkpoint);
+    without it, config.json's is used."""
+    if old is None:
+        path = Path(run_dir) / "config.json"
+        try:
+            old = read_json_file(path, "run configuration")
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"cannot resume: {path} is missing or unreadable ({e})") from e
+        where = where or "config.json"
+    where = f" ({where})" if where else ""
     for key in ("dataset", "arch", "train_data", "transfer_set", "objective", "seed"):
         if old.get(key) != new[key]:
             raise RunDirError(
-                f"cannot resume {run_dir}: {key} was {old.get(key)!r}, now {new[key]!r}; "
-                "start a new run directory instead"
+                f"cannot resume {run_dir}: {key} was {_short(old.get(key))}{where}, now "
+                f"{_short(new[key])}; rerun with the run's own options, or start a new run folder"
             )
     old_cfg = old.get("train_config", {})
     for key, value in new["train_config"].items():
         if key not in _RESUMABLE_CHANGES and old_cfg.get(key) != value:
             raise RunDirError(
-                f"cannot resume {run_dir}: train_config.{key} was {old_cfg.get(key)!r}, now "
-                f"{value!r} (only {sorted(_RESUMABLE_CHANGES)} may change on resume)"
+                f"cannot resume {run_dir}: train_config.{key} was {old_cfg.get(key)!r}{where}, "
+                f"now {value!r} (only {sorted(_RESUMABLE_CHANGES)} may change on resume); rerun "
+                "with the run's own options, or start a new run folder"
             )
+
+
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
