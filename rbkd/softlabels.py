@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rbkd.io import sha256_file, write_bytes
+from rbkd.io import read_safetensors_metadata, sha256_file, write_bytes
 
 FORMAT_VERSION = "1"
 TENSOR_KEYS = ("logits", "labels", "indices")
@@ -143,13 +143,18 @@ def read_soft_labels(path: str | os.PathLike, *, dataset: Any | None = None) -> 
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise _fail(
             path, "no such file", "write one with `rbkd soft-labels --teacher RUN --out FILE`"
         )
     try:
+        # Bounded and regular-file-only: a FIFO or /dev/zero would hang safe_open, and a
+        # 50 MB metadata string would be copied into every report made from the file.
+        metadata = read_safetensors_metadata(path, "soft-label file")
+    except (OSError, ValueError) as e:  # the message names the file and what is wrong
+        raise SoftLabelsError(f"{e}; {_REGENERATE}") from None
+    try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
             keys = set(f.keys())
             missing = [k for k in TENSOR_KEYS if k not in keys]
             if missing:
@@ -197,6 +202,53 @@ def read_soft_labels(path: str | os.PathLike, *, dataset: Any | None = None) -> 
         raise _fail(path, "indices must be distinct and >= 0", _REGENERATE)
 
     soft = SoftLabels(logits, labels, indices, metadata, path)
+    if dataset is not None:
+        check_matches_dataset(soft, dataset)
+    return soft
+
+
+def soft_labels_file(run_dir: str | os.PathLike, split: str) -> Path:
+    """`run_dir/soft_labels_{split}.safetensors`, the file `train-teacher` writes for `split`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return Path(run_dir) / (TRAIN_FILE if split == "train" else TEST_FILE)
+
+
+def recorded_teacher_sha256(soft: SoftLabels) -> str:
+    """The SHA-256 of the teacher's model.safetensors recorded in the file ("" if none)."""
+    _, sep, digest = soft.teacher.rpartition("@sha256:")
+    return digest if sep else ""
+
+
+def read_teacher_soft_labels(
+    run_dir: str | os.PathLike, split: str, dataset: Any | None = None
+) -> SoftLabels:
+    """Read a teacher run's own soft labels (`run_dir/soft_labels_{split}.safetensors`) and check
+    that they were made by the weights now in `run_dir/model.safetensors`: the SHA-256 recorded
+    in the file must equal the weights' SHA-256. Stale labels (a resumed run killed before it
+    rewrote them) or a file copied in from another run raise `SoftLabelsError` (one line, with
+    the command that regenerates them). With `dataset`, the file is also checked against it
+    (`check_matches_dataset`)."""
+    run_dir = Path(run_dir)
+    path = soft_labels_file(run_dir, split)
+    soft = read_soft_labels(path)
+    regenerate = (
+        f"regenerate them with `rbkd soft-labels --teacher {run_dir} --split {split}` "
+        "(or `rbkd train-teacher ... --resume`)"
+    )
+    model_file = run_dir / "model.safetensors"
+    if not model_file.exists() and not model_file.is_symlink():
+        raise _fail(path, f"its teacher's weights {model_file} are missing", "finish the run first")
+    actual = sha256_file(model_file)
+    recorded = recorded_teacher_sha256(soft)
+    if recorded != actual:
+        what = (
+            f"made by teacher weights with SHA-256 {recorded[:12]}..., but {model_file} has "
+            f"{actual[:12]}... (stale, or copied from another run)"
+            if recorded
+            else "records no teacher SHA-256"
+        )
+        raise _fail(path, what, regenerate)
     if dataset is not None:
         check_matches_dataset(soft, dataset)
     return soft
@@ -264,19 +316,23 @@ def soft_labels_from_model(
 ) -> Path:
     """Run the teacher over the whole split and write its logits (`rbkd.engine.predict_logits`)."""
     from rbkd.engine import predict_logits, resolve_device
+    from rbkd.locking import folder_lock
 
     dev = resolve_device(device) if isinstance(device, str) else device
     logits = predict_logits(model, dataset, device=dev, batch_size=batch_size)
     labels = dataset_labels(dataset)
     indices = torch.arange(labels.numel(), dtype=torch.int64)
     model_file = Path(teacher_run) / "model.safetensors"
-    return write_soft_labels(
-        path,
-        logits,
-        labels,
-        indices,
-        dataset=dataset_name(dataset),
-        split=split,
-        teacher_run=teacher_run,
-        teacher_sha256=sha256_file(model_file),
-    )
+    path = Path(path)
+    # One writer per folder: the lock is re-entrant, so this nests inside a caller's lock.
+    with folder_lock(path.parent, "soft-label file"):
+        return write_soft_labels(
+            path,
+            logits,
+            labels,
+            indices,
+            dataset=dataset_name(dataset),
+            split=split,
+            teacher_run=teacher_run,
+            teacher_sha256=sha256_file(model_file),
+        )

@@ -199,3 +199,93 @@ def test_write_checks_inputs(tmp_path, kwargs, message):
             **args,
         )
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------ issue 9: hostile files
+def test_a_fifo_or_dev_zero_is_an_error_naming_the_kind_never_a_hang(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(SoftLabelsError, match=r"fifo\.safetensors is a FIFO"):
+        read_soft_labels(fifo)
+    zero = tmp_path / "zero.safetensors"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(SoftLabelsError, match=r"zero\.safetensors is a character device"):
+        read_soft_labels(zero)
+
+
+@pytest.mark.parametrize("size", [5000, 2_000_000])
+def test_huge_metadata_is_refused_on_read(soft_file, tmp_path, size):
+    from safetensors.torch import save
+
+    path = soft_file[0]
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    meta["teacher"] = "x" * size
+    bad = tmp_path / "big.safetensors"
+    bad.write_bytes(save(load_file(path), metadata=meta))
+    with pytest.raises(SoftLabelsError, match=r"big\.safetensors.*limit") as e:
+        read_soft_labels(bad)
+    assert len(str(e.value)) < 400
+
+
+# ------------------------------------------------------------------ issue 9 #2: stale labels
+def _teacher_run(tmp_path, name="t1", seed=0):
+    run = tmp_path / name
+    run.mkdir()
+    save_file(
+        {"w": torch.randn(3, generator=torch.Generator().manual_seed(seed))},
+        run / "model.safetensors",
+    )
+    logits, labels, indices = _tensors(seed)
+    write_soft_labels(
+        run / "soft_labels_train.safetensors",
+        logits,
+        labels,
+        indices,
+        dataset="fashion-mnist",
+        split="train",
+        teacher_run=run,
+        teacher_sha256=sha256_file(run / "model.safetensors"),
+    )
+    return run
+
+
+def test_read_teacher_soft_labels_accepts_the_runs_own_labels(tmp_path):
+    from rbkd.softlabels import read_teacher_soft_labels
+
+    run = _teacher_run(tmp_path)
+    soft = read_teacher_soft_labels(run, "train", _dataset(_tensors()[1]))
+    assert len(soft) == N and soft.path == run / "soft_labels_train.safetensors"
+
+
+def test_stale_soft_labels_are_refused(tmp_path):
+    """A resumed train-teacher killed before it rewrote its soft labels: new weights, old
+    labels."""
+    from rbkd.softlabels import read_teacher_soft_labels
+
+    run = _teacher_run(tmp_path)
+    save_file({"w": torch.ones(3)}, run / "model.safetensors")  # the next epoch's weights
+    with pytest.raises(SoftLabelsError) as e:
+        read_teacher_soft_labels(run, "train")
+    msg = str(e.value)
+    assert "stale" in msg and f"rbkd soft-labels --teacher {run} --split train" in msg
+    assert "\n" not in msg
+
+
+def test_soft_labels_copied_from_another_run_are_refused(tmp_path):
+    from rbkd.softlabels import read_teacher_soft_labels
+
+    a, b = _teacher_run(tmp_path, "a", seed=0), _teacher_run(tmp_path, "b", seed=1)
+    (a / "soft_labels_train.safetensors").write_bytes(
+        (b / "soft_labels_train.safetensors").read_bytes()
+    )
+    with pytest.raises(SoftLabelsError, match="copied from another run"):
+        read_teacher_soft_labels(a, "train")
+    with pytest.raises(SoftLabelsError, match="no such file"):
+        read_teacher_soft_labels(a, "test")
+    with pytest.raises(ValueError, match="split must be one of"):
+        read_teacher_soft_labels(a, "validation")
