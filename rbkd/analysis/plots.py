@@ -1,5 +1,13 @@
-"""PNG plots of the analyses, drawn with matplotlib's Agg canvas (no display, no pyplot state) and
-written atomically."""
+"""Paper-grade figures of the analyses, drawn with matplotlib's Agg canvas (no display, no pyplot
+state) and written atomically (`rbkd.io.write_bytes`).
+
+Conventions every figure follows (the thesis's figures, made readable):
+- the file format comes from the file name: .png, .pdf or .svg (anything else: ValueError);
+- numeric axes show plain numbers: no offset ("+2.302"), no scientific notation, and batch sizes
+  on a log axis are labelled 16, 64, 4096, not 2^4;
+- classes are named (categorical axes), reference lines carry a label, titles name the dataset and
+  the teacher, and legend names can be replaced by the caller (`labels`).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +15,138 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-from rbkd.analysis.files import write_bytes
+from rbkd.io import write_bytes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+# The first bytes of each format: what the tests (and a careful caller) check.
+SIGNATURES = {"png": PNG_SIGNATURE, "pdf": b"%PDF-", "svg": b"<?xml"}
 _COLORS = ("black", "tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple")
+_CLASS_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
+DPI = 150
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """ "png", "pdf" or "svg" from the file name's suffix; ValueError for anything else."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise ValueError(
+            f"cannot write a figure to {os.fspath(path)!r}: the name must end in .png, .pdf or "
+            f".svg (got {suffix or 'no suffix'!r})"
+        )
+    return FIGURE_FORMATS[suffix]
+
+
+def color(i: int) -> str:
+    """The i-th colour of the house palette (black first, as in the thesis's figures)."""
+    return _COLORS[i % len(_COLORS)]
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    fmt = figure_format(path)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    # No creation date in PDFs and a fixed id salt in SVGs: the same data gives the same bytes.
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+    with rc_context({"svg.hashsalt": "rbkd"}):
+        # constrained layout already fits everything in; "tight" would draw the figure twice
+        tight = None if fig.get_layout_engine() is not None else "tight"
+        fig.savefig(buf, format=fmt, dpi=DPI, bbox_inches=tight, metadata=metadata)
     return write_bytes(path, buf.getvalue())
 
 
+def _new_figure(path: str | os.PathLike, figsize: tuple[float, float]) -> Figure:
+    figure_format(path)  # fail before drawing, not after
+    fig = Figure(figsize=figsize)
+    fig.set_layout_engine("constrained")
+    return fig
+
+
+def plain_numbers(axis) -> None:
+    """Plain tick labels on a linear axis: no offset (+2.302) and no scientific notation."""
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    axis.set_major_formatter(formatter)
+
+
+def log_axis_at(ax, values: Sequence[float], base: int = 2) -> None:
+    """A log x axis whose ticks sit at the data's own values, labelled as plain numbers (64,
+    4096; never 2^6), without minor ticks."""
+    ax.set_xscale("log", base=base)
+    axis = ax.xaxis
+    ticks = sorted({float(v) for v in values})
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(_PlainFormatter())
+
+
+class _PlainFormatter(ScalarFormatter):
+    def __init__(self) -> None:
+        super().__init__(useOffset=False)
+        self.set_scientific(False)
+
+    def __call__(self, x, pos=None) -> str:
+        return f"{x:g}" if abs(x) < 1e6 else f"{x:.0f}"
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@dataclass
+class Reference:
+    """A horizontal reference line (ln C, a label-smoothing level, the full-data student)."""
+
+    value: float
+    label: str
+    color: str = "gray"
+    linestyle: str = ":"
+
+
+@dataclass
+class Band:
+    """A shaded horizontal band between two values (the label-smoothing entropy range)."""
+
+    low: float
+    high: float
+    label: str
+    color: str = "tab:gray"
+
+
+def _draw_references(ax, references: Sequence[Reference], bands: Sequence[Band] = ()) -> None:
+    for band in bands:
+        lo, hi = sorted((band.low, band.high))
+        if hi - lo < 1e-9:  # one A: a line, not an invisible band
+            ax.axhline(lo, color=band.color, linewidth=1.5, alpha=0.6, label=band.label)
+        else:
+            ax.axhspan(lo, hi, color=band.color, alpha=0.2, linewidth=0, label=band.label)
+    for ref in references:
+        if _finite(ref.value):
+            ax.axhline(
+                ref.value, color=ref.color, linestyle=ref.linestyle, linewidth=1.2, label=ref.label
+            )
+
+
+# ------------------------------------------------------------------ entropy
 def plot_entropy_curves(
     path: str | os.PathLike,
     curves: Mapping[str, Mapping],
@@ -33,23 +155,32 @@ def plot_entropy_curves(
     label_smoothing: Mapping[str, float] | None = None,
     max_entropy: float | None = None,
     title: str = "Soft-label entropy vs temperature",
+    band: Band | None = None,
+    labels: Mapping[str, str] | None = None,
+    bold: Sequence[str] = (),
 ) -> Path:
-    """Thesis figure 4.4/5.2: bold mean entropy line per teacher, faded line per class, and
-    dashed horizontal LS reference lines (their entropy does not depend on T).
+    """Thesis figures 4.4, 5.2-5.4 and 6.4: a bold mean-entropy line per teacher (faded lines per
+    class with `per_class`), dashed label-smoothing levels (`label_smoothing`: {A: entropy}; LS
+    targets do not depend on T) or a shaded LS band, and the ln C line labelled.
 
-    `curves` maps a name to an `EntropyTable.to_dict()`.
+    `curves` maps a name to an `EntropyTable.to_dict()` (at least "temperatures" and
+    "mean_entropy"; "per_class_entropy" for `per_class`). `labels` renames legend entries;
+    names in `bold` are drawn thicker (the small teacher of figure 6.4).
     """
-    fig = Figure(figsize=(7, 4.5))
+    labels = labels or {}
+    fig = _new_figure(path, (7, 4.5))
     ax = fig.add_subplot()
     for i, (name, table) in enumerate(curves.items()):
-        color = _COLORS[i % len(_COLORS)]
+        c = color(i)
         temps = table["temperatures"]
-        if per_class:
+        if per_class and table.get("per_class_entropy"):
             for k, _ in enumerate(table["per_class_entropy"][0]):
                 ys = [row[k] for row in table["per_class_entropy"]]
-                if all(y is not None and not math.isnan(y) for y in ys):
-                    ax.plot(temps, ys, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(temps, table["mean_entropy"], color=color, linewidth=2.5, marker="o", label=name)
+                if all(_finite(y) for y in ys):
+                    ax.plot(temps, ys, color=c, alpha=0.25, linewidth=0.8)
+        ys = [y if _finite(y) else math.nan for y in table["mean_entropy"]]
+        width = 3.5 if name in bold else 2.0
+        ax.plot(temps, ys, color=c, linewidth=width, marker="o", ms=4, label=labels.get(name, name))
     if label_smoothing:
         for a, h in label_smoothing.items():
             ax.axhline(h, color="gray", linestyle="--", linewidth=0.8)
@@ -63,14 +194,348 @@ def plot_entropy_curves(
                 va="center",
                 color="gray",
             )
-    if max_entropy is not None:
-        ax.axhline(max_entropy, color="gray", linestyle=":", linewidth=0.8)
+    refs = [] if max_entropy is None else [Reference(max_entropy, f"ln C = {max_entropy:.3f}")]
+    _draw_references(ax, refs, [band] if band else [])
     ax.set_xlabel("temperature T")
-    ax.set_ylabel("mean entropy (nats)")
+    ax.set_ylabel("mean soft-label entropy (nats)")
+    plain_numbers(ax.xaxis)
+    plain_numbers(ax.yaxis)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
+
+
+def plot_entropy_hypothesis(
+    path: str | os.PathLike,
+    names: Sequence[str],
+    entropies: Sequence[float],
+    *,
+    T: float,
+    band: Band | None = None,
+    max_entropy: float | None = None,
+    accuracies: Sequence[float | None] | None = None,
+    accuracy_label: str = "mean missing-class accuracy of its students (%)",
+    title: str = "Entropy form of the soft-label hypothesis",
+) -> Path:
+    """Thesis figures 5.15 / 6.8: each teacher (categorical axis) at its mean soft-label entropy
+    at T, against the label-smoothing band: near the band distillation behaves like LS, far above
+    it like RBKD. With `accuracies` (percent; None where a teacher has no students) a second axis
+    shows what its students learnt of a class they never saw."""
+    fig = _new_figure(path, (max(6.0, 1.1 * len(names) + 3), 4.8))
+    ax = fig.add_subplot()
+    xs = list(range(len(names)))
+    ys = [e if _finite(e) else math.nan for e in entropies]
+    ax.bar(xs, ys, width=0.55, color="tab:blue", alpha=0.85, label=f"mean entropy at T={T:g}")
+    for x, y in zip(xs, ys, strict=True):
+        if _finite(y):
+            ax.annotate(
+                f"{y:.3f}",
+                (x, y),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    refs = [] if max_entropy is None else [Reference(max_entropy, f"ln C = {max_entropy:.3f}")]
+    _draw_references(ax, refs, [band] if band else [])
+    ax.set_xticks(
+        xs,
+        list(names),
+        rotation=25 if len(names) > 3 else 0,
+        ha="right" if len(names) > 3 else "center",
+    )
+    ax.set_ylabel(f"mean soft-label entropy at T={T:g} (nats)")
+    plain_numbers(ax.yaxis)
+    ax.set_ylim(bottom=0)
+    handles, legend_labels = ax.get_legend_handles_labels()
+    if accuracies is not None and any(_finite(a) for a in accuracies):
+        ax2 = ax.twinx()
+        pts = [(x, a) for x, a in zip(xs, accuracies, strict=True) if _finite(a)]
+        ax2.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            linestyle="none",
+            marker="D",
+            ms=8,
+            color="tab:red",
+            label=accuracy_label,
+        )
+        ax2.set_ylim(0, 105)
+        ax2.set_ylabel(accuracy_label, color="tab:red")
+        plain_numbers(ax2.yaxis)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, legend_labels = handles + h2, legend_labels + l2
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    fig.legend(handles, legend_labels, loc="outside lower center", ncols=2, fontsize=8)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ lines with error bands
+@dataclass
+class Series:
+    """One line: y (and optional ± err, drawn as a shaded band) against x."""
+
+    name: str
+    x: Sequence[float]
+    y: Sequence[float]
+    err: Sequence[float] | None = None
+    color: str | None = None
+    linestyle: str = "-"
+    marker: str = "o"
+    linewidth: float = 2.0
+
+
+def plot_series(
+    path: str | os.PathLike,
+    series: Sequence[Series],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    references: Sequence[Reference] = (),
+    legend_title: str | None = None,
+) -> Path:
+    """Lines with error bands (mean ± std over seeds) and labelled reference lines: transfer-set
+    curves (figures 5.5, 5.8, 6.6), entropy against batch size or epochs (6.2, 6.3), student
+    accuracy against T (6.5). With `logx` the x axis is logarithmic with ticks at the data's own
+    values, written as plain numbers."""
+    fig = _new_figure(path, (7, 4.5))
+    ax = fig.add_subplot()
+    xs_all: list[float] = []
+    for i, s in enumerate(series):
+        c = s.color or color(i)
+        pts = sorted(
+            (float(x), float(y), float(e) if s.err is not None and _finite(e) else 0.0)
+            for x, y, e in zip(
+                s.x, s.y, s.err if s.err is not None else [None] * len(s.x), strict=True
+            )
+            if _finite(x) and _finite(y)
+        )
+        if not pts:
+            continue
+        xs, ys, es = (list(v) for v in zip(*pts, strict=True))
+        xs_all += xs
+        ax.plot(
+            xs,
+            ys,
+            color=c,
+            linestyle=s.linestyle,
+            marker=s.marker,
+            ms=4,
+            linewidth=s.linewidth,
+            label=s.name,
+        )
+        if s.err is not None and any(e > 0 for e in es):
+            ax.fill_between(
+                xs,
+                [y - e for y, e in zip(ys, es, strict=True)],
+                [y + e for y, e in zip(ys, es, strict=True)],
+                color=c,
+                alpha=0.15,
+                linewidth=0,
+            )
+    _draw_references(ax, references)
+    if logx and xs_all and min(xs_all) > 0:
+        log_axis_at(ax, xs_all, base=2)
+    else:
+        plain_numbers(ax.xaxis)
+        if xs_all and all(float(x).is_integer() for x in xs_all) and len(set(xs_all)) <= 12:
+            ax.set_xticks(sorted(set(xs_all)))
+    plain_numbers(ax.yaxis)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) + len(references) > 1:
+        ax.legend(loc="best", fontsize=8, title=legend_title, title_fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lines(
+    path: str | os.PathLike,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+) -> Path:
+    """Line plot of named (x, y) series: accuracy vs examples per class, entropy vs batch size.
+    With `logx` the axis is log2 with ticks at the data's values as plain numbers."""
+    return plot_series(
+        path,
+        [Series(name, xs, ys) for name, (xs, ys) in series.items()],
+        xlabel=xlabel,
+        ylabel=ylabel,
+        title=title,
+        logx=logx,
+    )
+
+
+def plot_bars(
+    path: str | os.PathLike,
+    names: Sequence[str],
+    values: Sequence[float],
+    *,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """Bar chart on a categorical axis (missing-class accuracy per excluded class)."""
+    fig = _new_figure(path, (7, 4))
+    ax = fig.add_subplot()
+    ax.bar(range(len(values)), [v if _finite(v) else 0.0 for v in values])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    plain_numbers(ax.yaxis)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ tables as heatmaps
+def plot_table_heatmap(
+    path: str | os.PathLike,
+    values: Sequence[Sequence[float | None]],
+    row_names: Sequence[str],
+    col_names: Sequence[str],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    stds: Sequence[Sequence[float | None]] | None = None,
+    vmin: float = 0.0,
+    vmax: float = 100.0,
+    colorbar_label: str = "accuracy (%)",
+    digits: int = 1,
+) -> Path:
+    """A table (rows x columns, thesis tables 5.1-5.7) as a heatmap with each number written in
+    its cell ("91.9" or "91.9 ± 1.2" with `stds`); empty cells (None) are left blank and marked
+    with a dash."""
+    import numpy as np
+
+    n_rows, n_cols = len(row_names), len(col_names)
+    grid = np.full((n_rows, n_cols), np.nan)
+    for r, row in enumerate(values):
+        for c, v in enumerate(row):
+            if _finite(v):
+                grid[r, c] = float(v)
+    cell_w = 1.25 if stds is not None else 0.85
+    fig = _new_figure(path, (max(4.5, 2.2 + cell_w * n_cols), max(2.5, 1.4 + 0.42 * n_rows)))
+    ax = fig.add_subplot()
+    masked = np.ma.masked_invalid(grid)
+    image = ax.imshow(masked, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    for r in range(n_rows):
+        for c in range(n_cols):
+            v = grid[r, c]
+            if math.isnan(v):
+                ax.text(c, r, "–", ha="center", va="center", fontsize=8, color="gray")
+                continue
+            text = f"{v:.{digits}f}"
+            s = stds[r][c] if stds is not None else None
+            if _finite(s):
+                text += f" ± {s:.{digits}f}"
+            light = (v - vmin) / (vmax - vmin or 1.0) > 0.6
+            ax.text(
+                c,
+                r,
+                text,
+                ha="center",
+                va="center",
+                fontsize=7.5,
+                color="black" if light else "white",
+            )
+    ax.set_xticks(range(n_cols), list(col_names))
+    ax.set_yticks(range(n_rows), list(row_names))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    bar.set_label(colorbar_label)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ images
+def plot_image_grid(
+    path: str | os.PathLike,
+    rows: Sequence[Sequence],
+    row_names: Sequence[str],
+    *,
+    title: str,
+    captions: Sequence[Sequence[str]] | None = None,
+) -> Path:
+    """An image grid, one row per class (thesis figures 5.6-5.13): `rows[r]` holds uint8 images
+    [C, H, W] (tensors or arrays; C = 1 grey, 3 colour), `captions[r][i]` an optional small text
+    under each image. Rows may be shorter than the longest one."""
+    import numpy as np
+
+    n_rows = max(len(rows), 1)
+    n_cols = max((len(r) for r in rows), default=1) or 1
+    fig = _new_figure(path, (1.6 + 0.9 * n_cols, 0.6 + 1.0 * n_rows))
+    fig.set_layout_engine(None)
+    fig.subplots_adjust(
+        left=0.16,
+        right=0.99,
+        top=1 - 0.35 / (0.6 + n_rows),
+        bottom=0.01,
+        wspace=0.06,
+        hspace=0.3 if captions else 0.08,
+    )
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c == 0 and r < len(row_names):
+                ax.set_ylabel(row_names[r], rotation=0, ha="right", va="center", fontsize=9)
+            if r >= len(rows) or c >= len(rows[r]):
+                continue
+            img = np.asarray(rows[r][c].cpu() if hasattr(rows[r][c], "cpu") else rows[r][c])
+            if img.ndim == 3 and img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            elif img.ndim == 3:
+                ax.imshow(np.transpose(img, (1, 2, 0)), interpolation="nearest")
+            else:
+                ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            if captions is not None and r < len(captions) and c < len(captions[r]):
+                ax.set_title(captions[r][c], fontsize=6, pad=1.5)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ projections
+def _draw_projection(ax, coords, labels, classes, template_coords, class_names, title) -> None:
+    radius = max((math.hypot(x, y) for x, y in coords), default=1.0)
+    t_radius = max((math.hypot(x, y) for x, y in template_coords), default=0.0)
+    scale = radius / t_radius if t_radius > 0 else 1.0
+    for i, (k, t) in enumerate(zip(classes, template_coords, strict=True)):
+        c = _CLASS_COLORS[i % len(_CLASS_COLORS)]
+        pts = [xy for xy, y in zip(coords, labels, strict=True) if y == k]
+        name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.scatter(xs, ys, s=8, alpha=0.6, color=c, label=name)
+        ax.scatter([t[0] * scale], [t[1] * scale], marker="*", s=250, color=c, edgecolors="black")
+    ax.text(
+        0.01,
+        0.01,
+        f"stars: class templates x {scale:.3g}",
+        transform=ax.transAxes,
+        fontsize=7,
+        color="gray",
+    )
+    ax.set_title(title, fontsize=10)
+    ax.set_aspect("equal", adjustable="datalim")
+    plain_numbers(ax.xaxis)
+    plain_numbers(ax.yaxis)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def plot_projection(
@@ -86,75 +551,36 @@ def plot_projection(
     """Scatter plot of projected activations, one colour per class. The class templates are
     drawn as stars, scaled by one common factor so the farthest sits at the edge of the data
     (final-layer weights are usually far smaller than the activations)."""
-    fig = Figure(figsize=(5.5, 5))
+    fig = _new_figure(path, (5.5, 5))
     ax = fig.add_subplot()
-    colors = ("tab:blue", "tab:orange", "tab:green")
-    radius = max((math.hypot(x, y) for x, y in coords), default=1.0)
-    t_radius = max((math.hypot(x, y) for x, y in template_coords), default=0.0)
-    scale = radius / t_radius if t_radius > 0 else 1.0
-    for k, color, t in zip(classes, colors, template_coords, strict=True):
-        pts = [xy for xy, y in zip(coords, labels, strict=True) if y == k]
-        name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, s=8, alpha=0.6, color=color, label=name)
-        ax.scatter(
-            [t[0] * scale], [t[1] * scale], marker="*", s=250, color=color, edgecolors="black"
-        )
-    ax.text(
-        0.01,
-        0.01,
-        f"stars: class templates x {scale:.3g}",
-        transform=ax.transAxes,
-        fontsize=7,
-        color="gray",
-    )
-    ax.set_title(title)
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
+    _draw_projection(ax, coords, labels, classes, template_coords, class_names, title)
     return _save(fig, path)
 
 
-def plot_lines(
-    path: str | os.PathLike,
-    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    logx: bool = False,
-) -> Path:
-    """Line plot of named (x, y) series: accuracy vs examples per class, entropy vs batch size."""
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        ax.plot(xs, ys, marker="o", linewidth=2, color=_COLORS[i % len(_COLORS)], label=name)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(loc="best")
-    return _save(fig, path)
+@dataclass
+class ProjectionPanel:
+    """One panel of `plot_projections`: a model's projected activations and templates."""
+
+    title: str
+    coords: Sequence[Sequence[float]]
+    labels: Sequence[int]
+    template_coords: Sequence[Sequence[float]]
 
 
-def plot_bars(
+def plot_projections(
     path: str | os.PathLike,
-    names: Sequence[str],
-    values: Sequence[float],
+    panels: Sequence[ProjectionPanel],
+    classes: Sequence[int],
     *,
-    ylabel: str,
-    title: str,
+    class_names: Sequence[str] | None = None,
+    title: str = "Penultimate-layer projections",
 ) -> Path:
-    """Bar chart (missing-class accuracy per excluded class)."""
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    ax.bar(range(len(values)), [0.0 if v is None or math.isnan(v) else v for v in values])
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
+    """Projections of several models side by side, same classes and colours (thesis figures
+    5.14 and 6.7: broad clusters keep similarity information, tight ones lose it)."""
+    n = max(len(panels), 1)
+    fig = _new_figure(path, (4.3 * n, 4.6))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, p in zip(axes, panels, strict=False):
+        _draw_projection(ax, p.coords, p.labels, classes, p.template_coords, class_names, p.title)
+    fig.suptitle(title)
     return _save(fig, path)
