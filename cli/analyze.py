@@ -10,6 +10,7 @@ import typer
 from rbkd.cli.common import (
     DataDirOpt,
     DeviceOpt,
+    LimitOpt,
     SeedOpt,
     SoftLabelFilesOpt,
     TeachersOpt,
@@ -31,6 +32,39 @@ JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the numbers 
 
 def _num(x: float | None, digits: int = 4) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+
+
+def _first_examples(dataset, limit: int | None):
+    """The first `limit` examples of a split (indices stay those of the full split)."""
+    import dataclasses
+
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataclasses.replace(
+        dataset, images=dataset.images[:limit], labels=dataset.labels[:limit]
+    )
+
+
+def _first_rows(soft, limit: int | None):
+    """The rows of a soft-label file that belong to the first `limit` examples of its split."""
+    import dataclasses
+
+    if limit is None:
+        return soft
+    keep = soft.indices < limit
+    if not bool(keep.any()):
+        raise ValueError(
+            f"{soft.path}: none of its rows fall in the first {limit} examples; use a larger "
+            "--limit"
+        )
+    return dataclasses.replace(
+        soft, logits=soft.logits[keep], labels=soft.labels[keep], indices=soft.indices[keep]
+    )
 
 
 @app.command("entropy")
@@ -56,6 +90,7 @@ def entropy(
     plot: PlotOpt = None,
     json_out: JsonOpt = None,
     data_dir: DataDirOpt = None,
+    limit: LimitOpt = None,
 ) -> None:
     """Mean soft-label entropy (nats) at each temperature T, overall and per class.
 
@@ -83,6 +118,7 @@ def entropy(
 
     temps = parse_temperatures(T)
     check_choice(split, SPLITS, "--split")
+    _check_limit(limit)
     sources = [("file", p) for p in soft_labels or []] + [("run", p) for p in teacher or []]
     if not sources:
         raise ValueError("give --soft-labels FILE or --teacher RUN (either may be repeated)")
@@ -92,10 +128,10 @@ def entropy(
     class_names: list[str] = []
     for kind, path in sources:
         if kind == "file":
-            soft = read_soft_labels(path)
+            soft = _first_rows(read_soft_labels(path), limit)
         else:
             ds = load_dataset(read_config(path)["dataset"], split, data_dir)
-            soft = teacher_soft_labels(path, split, ds)
+            soft = teacher_soft_labels(path, split, _first_examples(ds, limit))
             class_names = list(ds.class_names)
         if num_classes is not None and soft.num_classes != num_classes:
             raise ValueError(f"{path} has {soft.num_classes} classes, the others {num_classes}")
@@ -177,6 +213,7 @@ def projection(
     ] = None,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
+    limit: LimitOpt = None,
 ) -> None:
     """Project penultimate-layer activations of three classes onto the plane through their
     class templates (rows of the final layer), as in Müller et al. 2019 and thesis fig. 5.14.
@@ -200,8 +237,9 @@ def projection(
     ks = parse_int_list(classes, "--classes")
     if per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {per_class}")
+    _check_limit(limit)
     model, config = load_run(teacher)
-    ds = load_dataset(config["dataset"], split, data_dir)
+    ds = _first_examples(load_dataset(config["dataset"], split, data_dir), limit)
     proj = project_model(model, ds, ks, per_class=per_class, seed=seed, device=device)
     names = list(ds.class_names)
     table = titled_table(f"penultimate projection: {escape(teacher)} ({config['arch']})")
@@ -228,3 +266,6 @@ def projection(
             title=f"{config['arch']} {config['dataset']}: penultimate layer",
         )
         console.print(f"wrote {escape(plot)}")
+
+
+from rbkd.cli import analyze_examples  # noqa: E402,F401  (registers `rbkd analyze examples`)

@@ -4,15 +4,22 @@ RBKD_DEBUG=1)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import re
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer import _click as click
+from typer.core import TyperGroup
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEBUG_VAR = "RBKD_DEBUG"
@@ -21,9 +28,65 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
+# The arguments of this invocation (for the resume command printed after an interrupt).
+_invocation: list[str] = []
+
+
+class OneLineGroup(TyperGroup):
+    """A Typer group whose usage errors (`--T abc`, an unknown option, `--epochs 1.5`) are one
+    line on stderr and exit code 2, instead of click's usage text and a framed box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        _invocation[:] = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(
+                args=args,
+                prog_name=prog_name,
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except click.exceptions.ClickException as exc:
+            if not standalone_mode:
+                raise
+            if not isinstance(exc, click.exceptions.NoArgsIsHelpError):  # help already shown
+                report_usage_error(exc)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            err_console.print("[bold red]Error:[/] aborted (end of input)", soft_wrap=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def report_usage_error(exc: Any) -> None:
+    """One line for a click usage error: what is wrong, and where the help is."""
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "rbkd"
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    hint = f" (see `{path} -h`)" if isinstance(exc, click.exceptions.UsageError) else ""
+    err_console.print(
+        f"[bold red]Error:[/] {escape(one_line(message))}{escape(hint)}",
+        soft_wrap=True,
+        markup=True,
+    )
+
+
 def new_app(**kwargs: Any) -> typer.Typer:
-    """A Typer app with the house settings: -h/--help, no completion install, plain tracebacks."""
+    """A Typer app with the house settings: -h/--help, no completion install, plain tracebacks,
+    one-line usage errors."""
     kwargs.setdefault("no_args_is_help", True)
+    kwargs.setdefault("cls", OneLineGroup)
     return typer.Typer(
         context_settings=CONTEXT_SETTINGS,
         add_completion=False,
@@ -158,41 +221,144 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_VAR, "").strip() not in ("", "0", "false", "no")
 
 
+# Programming errors: a bug in rbkd, not a problem with the user's input. KeyError and IndexError
+# are LookupErrors, so they are tested before the domain errors.
+INTERNAL_ERRORS = (KeyError, IndexError, AttributeError, TypeError, NameError, AssertionError)
+DOMAIN_ERRORS = (CLIError, ValueError, LookupError, OSError, RuntimeError)
+MAX_ERROR_CHARS = 2000  # a message quoting a hostile file never floods the terminal
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 20] + " ... (truncated)"
+
+
 def error_line(exc: BaseException) -> str:
-    """The one line a user reads for an exception."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (CLIError, ValueError, LookupError, OSError, RuntimeError)):
+    """The one line a user reads for an exception (not yet escaped for the terminal)."""
+    text = one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, DOMAIN_ERRORS) and not isinstance(exc, INTERNAL_ERRORS):
         return text
-    return f"{type(exc).__name__}: {text} (set {DEBUG_VAR}=1 for the traceback)"
+    return (
+        f"internal error {type(exc).__name__}: {text} (a bug in rbkd; set {DEBUG_VAR}=1 for "
+        "the traceback and report it)"
+    )
 
 
 def report_error(exc: BaseException) -> None:
-    err_console.print(f"[bold red]Error:[/] {error_line(exc)}", soft_wrap=True, markup=True)
+    err_console.print(f"[bold red]Error:[/] {escape(error_line(exc))}", soft_wrap=True, markup=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run stops the way Ctrl-C stops it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+# Commands whose interrupted run continues with the same command plus `--resume`.
+RESUMABLE_COMMANDS = ("train-teacher", "distill")
+
+
+def resume_command(run_dir: Path, args: Sequence[str] | None = None) -> str:
+    """This invocation with `--out RUN --resume` (any --out/--resume it had replaced)."""
+    args = list(_invocation if args is None else args)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--out":
+            skip = True
+            continue
+        if arg.startswith("--out=") or arg == "--resume":
+            continue
+        kept.append(arg)
+    return shlex.join(["rbkd", *kept, "--out", str(run_dir), "--resume"])
+
+
+def report_interrupt(exc: KeyboardInterrupt) -> int:
+    """One line after Ctrl-C or SIGTERM: what is kept and the exact command to resume. Returns
+    the exit code (130 for SIGINT, 143 for SIGTERM, as a shell reports them)."""
+    from rbkd.engine.loop import last_run_dir
+
+    name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+    run_dir = last_run_dir()
+    command = next((a for a in _invocation if not a.startswith("-")), "")
+    if run_dir is None:
+        line = f"interrupted ({name}) before a run folder was opened: nothing was written"
+    else:
+        from rbkd.engine.checkpoint import has_checkpoint, read_checkpoint_info
+
+        try:
+            epoch = read_checkpoint_info(run_dir)["epoch"] if has_checkpoint(run_dir) else 0
+        except (OSError, ValueError):
+            epoch = 0
+        kept = (
+            f"the checkpoint of epoch {epoch} is kept in {run_dir}"
+            if epoch
+            else f"no epoch had completed, {run_dir} holds no checkpoint yet"
+        )
+        if command in RESUMABLE_COMMANDS:
+            line = f"interrupted ({name}): {kept}; resume with: {resume_command(run_dir)}"
+        else:
+            line = f"interrupted ({name}): {kept}"
+    err_console.print(f"[bold yellow]Stopped:[/] {escape(line)}", soft_wrap=True, markup=True)
+    return code
 
 
 def handle_errors(fn: F) -> F:
-    """Decorator for commands: domain errors become one line on stderr and exit code 1."""
+    """Decorator for commands: domain errors become one line on stderr and exit code 1;
+    programming errors one line naming them as internal; Ctrl-C and SIGTERM one line saying
+    what is kept and how to resume."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = None
+        with contextlib.suppress(ValueError):  # signal.signal works in the main thread only
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.BadParameter, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
+        except KeyboardInterrupt as exc:
+            if debug_enabled():
+                raise
+            raise typer.Exit(report_interrupt(exc)) from None
         except Exception as exc:
             if debug_enabled():
                 raise
             report_error(exc)
             raise typer.Exit(1) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
 
 
+# C0 and C1 control characters, DEL, and the Unicode bidi/format controls that can reorder or
+# hide text (Trojan Source): none belongs in a one-line message, all can fool a terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def sanitize(text: object) -> str:
+    """`text` with every control character shown as an escape (ESC -> \\x1b, newline -> \\n):
+    file metadata and paths are untrusted and must not drive the terminal."""
+
+    def visible(match: re.Match) -> str:
+        char = match.group()
+        return repr(char)[1:-1] if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+    return _CONTROL.sub(visible, str(text))
+
+
 def escape(text: object) -> str:
-    """Text for rich markup (paths and messages may hold [brackets])."""
+    """Untrusted text made safe to print: control characters escaped (`sanitize`), rich markup
+    ([brackets] in paths and messages) escaped."""
     from rich.markup import escape as _escape
 
-    return _escape(str(text))
+    return _escape(sanitize(text))
 
 
 def titled_table(title: str, **kwargs: Any) -> Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,7 +128,7 @@ def test_corrupt_soft_label_file(tmp_path, tiny_data):
         ["analyze", "entropy", "--soft-labels", str(bad)],
     ):
         result = runner.invoke(app, args)
-        assert_one_line_error(result, "bad.safetensors", "not a readable safetensors file")
+        assert_one_line_error(result, "bad.safetensors", "regenerate it")
 
 
 def test_mismatched_soft_label_file(tmp_path, tiny_data):
@@ -209,3 +210,113 @@ def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
     result = runner.invoke(app, ["analyze", "entropy", "--soft-labels", str(tmp_path / "x")])
     assert result.exit_code == 1
     assert type(result.exception).__name__ == "SoftLabelsError"
+
+
+# ------------------------------------------------------------------ issue 9
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["distill", "--T", "abc"], "'--T'"),
+        (["train-teacher", "--epochs", "1.5"], "'--epochs'"),
+        (["train-teacher", "--no-such-option"], "No such option: --no-such-option"),
+        (["analyze", "entropy", "--T"], "--T"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(args, fragment):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ") and fragment in lines[0] and " -h`)" in lines[0]
+    assert not re.search(r"[│╭╮╰╯]", result.output)
+
+
+def test_programming_errors_are_reported_as_internal_with_the_debug_hint():
+    from rbkd.cli.common import handle_errors, new_app
+
+    demo = new_app()
+
+    @demo.command("boom")
+    @handle_errors
+    def boom(kind: str = "key") -> None:
+        errors = {"key": KeyError("x"), "index": IndexError("list index out of range")}
+        errors |= {"attr": AttributeError("'NoneType' has no attribute 'y'"), "type": TypeError()}
+        errors |= {"value": ValueError("--T must be > 0")}
+        raise errors[kind]
+
+    @demo.command("other")
+    def other() -> None:  # a second command, so that `boom` is a subcommand
+        pass
+
+    for kind, name in (("key", "KeyError"), ("index", "IndexError"), ("attr", "AttributeError")):
+        result = runner.invoke(demo, ["boom", "--kind", kind])
+        assert_one_line_error(result, f"internal error {name}", "RBKD_DEBUG=1")
+    result = runner.invoke(demo, ["boom", "--kind", "type"])
+    assert_one_line_error(result, "internal error TypeError")
+    result = runner.invoke(demo, ["boom", "--kind", "value"])
+    assert_one_line_error(result, "--T must be > 0")
+    assert "internal" not in result.output and "RBKD_DEBUG" not in result.output
+
+
+def test_untrusted_text_is_escaped_before_printing(tmp_path, monkeypatch):
+    """Terminal escapes in a file name or in file metadata must reach the terminal as visible
+    text, never as control sequences; rich markup in them must not be interpreted."""
+    from rbkd.cli.common import escape
+
+    hostile = "\x1b]0;pwned\x07\x1b[2J[bold red]x[/]\u202e\r\n"
+    shown = escape(hostile)
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u202e]", shown)
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in shown and "\\u202e" in shown
+    monkeypatch.chdir(tmp_path)  # a short relative path fits in the table's column title
+    name = Path("soft\x1b[31m[red]evil.safetensors")
+    _soft_file(name, teacher="runs/\x1b[2Jt1")
+    args = ["analyze", "entropy", "--soft-labels", str(name), "--T", "1,9"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\\x1b[31m[red]evil" in result.output
+    missing = tmp_path / "gone\x1b[2J.safetensors"
+    result = runner.invoke(app, ["analyze", "entropy", "--soft-labels", str(missing)])
+    assert_one_line_error(result, "gone\\x1b[2J.safetensors")
+    assert "\x1b" not in result.output
+
+
+def test_analyze_entropy_accepts_limit(tmp_path):
+    path = tmp_path / "s.safetensors"
+    _soft_file(path)
+    full = runner.invoke(app, ["analyze", "entropy", "--soft-labels", str(path), "--T", "3"])
+    cut = runner.invoke(
+        app, ["analyze", "entropy", "--soft-labels", str(path), "--T", "3", "--limit", "5"]
+    )
+    assert full.exit_code == 0 and cut.exit_code == 0, cut.output
+    assert full.output != cut.output
+    result = runner.invoke(app, ["analyze", "entropy", "--soft-labels", str(path), "--limit", "0"])
+    assert_one_line_error(result, "--limit must be >= 1")
+
+
+def test_analyze_projection_accepts_limit():
+    result = runner.invoke(app, ["analyze", "projection", "--help"])
+    assert "--limit" in result.output
+
+
+@pytest.mark.parametrize("spec", ["1:1e9", "1:1000:0.01", ",".join(["1"] * 5000)])
+def test_temperature_ranges_are_bounded(tmp_path, spec):
+    path = tmp_path / "s.safetensors"
+    _soft_file(path)
+    result = runner.invoke(app, ["analyze", "entropy", "--soft-labels", str(path), "--T", spec])
+    assert_one_line_error(result, "temperatures, at most 1000 are allowed")
+
+
+def _soft_file(path, teacher="runs/t1"):
+    g = torch.Generator().manual_seed(0)
+    write_soft_labels(
+        path,
+        torch.randn(20, 10, generator=g) * 3,
+        torch.arange(20) % 10,
+        torch.arange(20),
+        dataset="fashion-mnist",
+        split="train",
+        teacher_run=teacher,
+        teacher_sha256="ab" * 32,
+    )
+    return path

@@ -23,12 +23,31 @@ from torch import Tensor
 
 DEFAULT_TEMPERATURES = (1.0, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 20.0)
 DEFAULT_LS_FACTORS = (0.1, 0.3, 0.5, 0.7, 0.9)
+# At most this many temperatures per analysis: a curve needs tens of points, and the count is
+# checked before any list is built (`--T 1:1e9` once asked for a billion-element list).
+MAX_TEMPERATURES = 1000
+# entropy_table computes at most this many [K, N] elements at once (64 MB of float32), so 1000
+# temperatures over 60,000 examples never need the 240 MB a single [K, N] call would.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class TooManyTemperatures(ValueError):
+    """A temperature list or range with more than MAX_TEMPERATURES values."""
+
+
+def _too_many(text: str, count: int) -> TooManyTemperatures:
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return TooManyTemperatures(
+        f"--T {shown} asks for {count:,} temperatures, at most {MAX_TEMPERATURES} are allowed; "
+        "use a coarser step (e.g. --T 1:20:0.5)"
+    )
 
 
 def parse_temperatures(text: str) -> list[float]:
     """Read temperatures: "1,3,6,9" -> [1, 3, 6, 9]; "1:20" -> 1, 2, ..., 20; "1:20:0.5" -> steps of 0.5.
 
-    Every temperature must be finite and > 0 (ValueError otherwise).
+    Every temperature must be finite and > 0, and there may be at most MAX_TEMPERATURES of
+    them (ValueError otherwise, raised before a long list is built).
     """
     text = text.strip()
     if not text:
@@ -42,10 +61,20 @@ def parse_temperatures(text: str) -> list[float]:
             step = parts[2] if len(parts) == 3 else 1.0
             if not step > 0 or stop < start:
                 raise ValueError
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            span = (stop - start) / step
+            if not math.isfinite(span):
+                raise ValueError
+            count = int(math.floor(span + 1e-9)) + 1
+            if count > MAX_TEMPERATURES:
+                raise _too_many(text, count)
             temps = [round(start + i * step, 10) for i in range(count)]
         else:
-            temps = [float(p) for p in text.split(",") if p.strip()]
+            parts = text.split(",")
+            if len(parts) > MAX_TEMPERATURES:
+                raise _too_many(text, len(parts))
+            temps = [float(p) for p in parts if p.strip()]
+    except TooManyTemperatures:
+        raise
     except ValueError:
         raise ValueError(
             f"cannot read temperatures {text!r}; write a list (1,3,9) or a range (1:20 or 1:20:0.5)"
@@ -110,14 +139,22 @@ def entropy_table(
     get NaN. `entropies` [K, N] may be passed when already computed."""
     c = int(num_classes or logits.shape[1])
     temps = [check_temperature(t) for t in temperatures]
-    h = entropy_matrix(logits, temps) if entropies is None else entropies
-    h = h.double()
     labels = labels.long()
+    n = int(labels.numel())
     counts = torch.bincount(labels, minlength=c)[:c]
-    sums = torch.zeros(len(temps), c, dtype=torch.float64).index_add_(1, labels, h)
+    sums = torch.zeros(len(temps), c, dtype=torch.float64)
+    totals = torch.zeros(len(temps), dtype=torch.float64)
+    # Chunked over temperatures: [chunk, N] at a time, reduced at once (see _CHUNK_ELEMENTS).
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for lo in range(0, len(temps), chunk):
+        hi = min(lo + chunk, len(temps))
+        h = entropy_matrix(logits, temps[lo:hi]) if entropies is None else entropies[lo:hi]
+        h = h.double()
+        sums[lo:hi].index_add_(1, labels, h)
+        totals[lo:hi] = h.sum(dim=1)
     per_class = sums / counts.clamp(min=1).double()
     per_class[:, counts == 0] = float("nan")
-    mean = h.mean(dim=1) if h.shape[1] else torch.full((len(temps),), float("nan"))
+    mean = totals / n if n else torch.full((len(temps),), float("nan"))
     return EntropyTable(
         temperatures=temps,
         mean=mean.tolist(),

@@ -31,6 +31,15 @@ class TrainingDiverged(ValueError):
     optimizer applies that step (and before a checkpoint could store it)."""
 
 
+_last_run_dir: list[Path] = []  # the run folder this process opened last (for the CLI)
+
+
+def last_run_dir() -> Path | None:
+    """The run folder the last `fit` of this process wrote (None before any): the command line
+    names it, with the command that resumes it, after Ctrl-C or SIGTERM."""
+    return _last_run_dir[-1] if _last_run_dir else None
+
+
 def _max_abs(tensors: list[Tensor]) -> Tensor:
     """max |x| over all tensors: inf when any holds inf, NaN when any holds NaN, and (unlike a
     sum or a 2-norm) never an overflow of finite values. One foreach pass, no host sync."""
@@ -272,6 +281,7 @@ def _open_run_dir(run_dir, resume, config, model, optimizer, ctx) -> tuple[int, 
     run_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:  # under the folder lock: no write of ours is in flight
         remove_stale_temporaries(run_dir)
+        _last_run_dir[:] = [run_dir]
     if resume and ckpt.has_checkpoint(run_dir):
         info = ckpt.read_checkpoint_info(run_dir)
         if info.get("config"):
