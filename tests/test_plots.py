@@ -84,8 +84,17 @@ def _draw_all(tmp_path, fmt):
         logx=True,
         references=[Reference(85.0, "all data")],
     )
-    yield plot_lines(tmp_path / f"lines.{fmt}", {"a": ([16, 64], [1.0, 2.0])}, xlabel="x", ylabel="y", title="t", logx=True)  # fmt: skip
-    yield plot_bars(tmp_path / f"bars.{fmt}", ["T-shirt", "Trouser"], [0.5, float("nan")], ylabel="y", title="t")  # fmt: skip
+    yield plot_lines(
+        tmp_path / f"lines.{fmt}",
+        {"a": ([16, 64], [1.0, 2.0])},
+        xlabel="x",
+        ylabel="y",
+        title="t",
+        logx=True,
+    )
+    yield plot_bars(
+        tmp_path / f"bars.{fmt}", ["T-shirt", "Trouser"], [0.5, float("nan")], ylabel="y", title="t"
+    )
     yield plot_table_heatmap(
         tmp_path / f"heatmap.{fmt}",
         [[91.9, None], [0.0, 12.5]],
@@ -102,7 +111,7 @@ def _draw_all(tmp_path, fmt):
         [grey, grey[:2]],
         ["Bag", "Coat"],
         title="t",
-        captions=[["a"] * 3, ["b"] * 2],  # fmt: skip
+        captions=[["a"] * 3, ["b"] * 2],
     )
     rgb = [np.zeros((3, 8, 8), dtype=np.uint8)]
     yield plot_image_grid(tmp_path / f"grid_rgb.{fmt}", [rgb], ["Airplane"], title="t")
@@ -128,7 +137,12 @@ def test_every_figure_is_a_real_png(tmp_path):
 def test_format_follows_the_file_name(tmp_path, fmt):
     # a line figure and an image figure (the two kinds of content) in each format
     drawn = _draw_all(tmp_path, fmt)
-    for path in (next(drawn), plot_image_grid(tmp_path / f"g.{fmt}", [[np.zeros((1, 4, 4), np.uint8)]], ["Bag"], title="t")):  # fmt: skip
+    for path in (
+        next(drawn),
+        plot_image_grid(
+            tmp_path / f"g.{fmt}", [[np.zeros((1, 4, 4), np.uint8)]], ["Bag"], title="t"
+        ),
+    ):
         assert_figure(path, fmt)
     drawn.close()
 

@@ -474,7 +474,7 @@ def plot_image_grid(
 
     n_rows = max(len(rows), 1)
     n_cols = max((len(r) for r in rows), default=1) or 1
-    fig = _new_figure(path, (1.6 + 0.9 * n_cols, 0.6 + 1.0 * n_rows))
+    fig = _new_figure(path, (1.6 + 0.9 * n_cols, 0.6 + (1.25 if captions else 1.0) * n_rows))
     fig.set_layout_engine(None)
     fig.subplots_adjust(
         left=0.16,
@@ -482,7 +482,7 @@ def plot_image_grid(
         top=1 - 0.35 / (0.6 + n_rows),
         bottom=0.01,
         wspace=0.06,
-        hspace=0.3 if captions else 0.08,
+        hspace=0.5 if captions else 0.08,
     )
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r in range(n_rows):

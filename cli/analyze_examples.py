@@ -1,0 +1,71 @@
+"""`rbkd analyze examples`: the highest-entropy training images of each class (thesis figures
+5.6-5.13). Registered on `rbkd.cli.analyze.app` by one import at the end of cli/analyze.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rbkd.cli.analyze import app
+from rbkd.cli.common import DataDirOpt, LimitOpt, console, escape, handle_errors, titled_table
+
+
+@app.command("examples")
+@handle_errors
+def examples(
+    teacher: Annotated[
+        Path, typer.Option("--teacher", help="Teacher run folder (from train-teacher).")
+    ],
+    T: Annotated[float, typer.Option("--T", help="Temperature of the soft labels (> 0).")] = 9.0,
+    count: Annotated[
+        int, typer.Option("--count", help="Examples per class (highest entropy first).")
+    ] = 10,
+    split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write the image grid here (.png, .pdf or .svg)."),
+    ] = None,
+    limit: LimitOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """The COUNT training images of each class whose soft labels have the highest entropy at T.
+
+    A teacher that keeps similarity information picks images that look like crossovers between
+    classes; one that lost it picks distorted or mislabelled ones (thesis section 5.3). The
+    table lists their dataset indices; --plot draws them, one row per class, each captioned
+    with its entropy and, where the teacher disagrees with the label, the class it predicts.
+
+    Example:
+
+        rbkd analyze examples --teacher runs/t1 --T 9 --count 10 --plot examples.png
+    """
+    from rbkd.analysis.entropy import check_temperature
+    from rbkd.analysis.examples import check_count, plot_top_entropy_examples, teacher_examples
+    from rbkd.analysis.plots import figure_format
+    from rbkd.softlabels import SPLITS
+
+    # every argument is checked before the data is read
+    check_temperature(T)
+    if count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    check_count(count)
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if plot is not None:
+        figure_format(plot)
+    found = teacher_examples(teacher, T, count, data_dir=data_dir, limit=limit, split=split)
+    names = found.class_names
+    table = titled_table(
+        f"top {count} highest-entropy {split} examples per class at T={T:g}: {escape(teacher)}"
+    )
+    table.add_column("class")
+    table.add_column("mean entropy (nats)", justify="right")
+    table.add_column("dataset indices, highest entropy first")
+    for k, (idx, hs) in enumerate(zip(found.indices, found.entropies, strict=True)):
+        mean = f"{sum(hs) / len(hs):.4f}" if hs else "-"
+        table.add_row(escape(f"{k} {names[k]}"), mean, ", ".join(map(str, idx)) or "-")
+    console.print(table)
+    if plot is not None:
+        plot_top_entropy_examples(plot, found)
+        console.print(f"wrote {escape(plot)}")
