@@ -6,23 +6,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rbkd.cli.common import console, escape, handle_errors, new_app
 from rich.table import Table
 
 from rbkd.data import DATASETS, fetch, get_info, locate_dataset, search_roots
 from rbkd.data.locate import resolve_file
 
-app = typer.Typer(
-    help="Find, list and fetch the datasets (fashion-mnist, mnist, cifar10).",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+app = new_app(help="Find, list and fetch the datasets (fashion-mnist, mnist, cifar10).")
 
 DataDirOption = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="Folder searched first, before $RBKD_DATA, the cache and /usr/share/datasets.",
+        help="Look only in this folder (default: $RBKD_DATA, the cache, /usr/share/datasets).",
         file_okay=False,
     ),
 ]
@@ -33,15 +29,15 @@ def _megabytes(n_bytes: int) -> str:
 
 
 @app.command("list")
+@handle_errors
 def list_datasets(data_dir: DataDirOption = None) -> None:
     """Show each dataset, where it was found (or "not found") and its size.
 
-    Folders are searched in this order: --data-dir, $RBKD_DATA, the cache folder
-    ($XDG_CACHE_HOME/rbkd or ~/.cache/rbkd), then /usr/share/datasets.
+    Folders are searched in this order: $RBKD_DATA, the cache folder ($XDG_CACHE_HOME/rbkd or
+    ~/.cache/rbkd), then /usr/share/datasets; with --data-dir, only that folder.
 
     Example: rbkd data list --data-dir ./data
     """
-    console = Console()
     table = Table(title="Datasets")
     table.add_column("dataset")
     table.add_column("classes", justify="right")
@@ -55,7 +51,7 @@ def list_datasets(data_dir: DataDirOption = None) -> None:
             location, size = "[red]not found[/red]", "-"
         else:
             files = [resolve_file(folder, filename) for filename in info.files]
-            location = str(folder)
+            location = escape(folder)
             size = _megabytes(sum(path.stat().st_size for path in files if path is not None))
         table.add_row(
             name,
@@ -67,10 +63,11 @@ def list_datasets(data_dir: DataDirOption = None) -> None:
         )
     console.print(table)
     roots = ", ".join(str(root) for root in search_roots(data_dir))
-    console.print(f"searched: {roots}")
+    console.print(f"searched: {escape(roots)}")
 
 
 @app.command("fetch")
+@handle_errors
 def fetch_dataset(
     name: Annotated[str, typer.Argument(help="fashion-mnist, mnist or cifar10.")],
     dest: Annotated[
@@ -91,11 +88,12 @@ def fetch_dataset(
 ) -> None:
     """Download a dataset, verify its SHA-256 and store it (atomically: no partial files).
 
-    Files already there with the right checksum are kept. CIFAR-10's archive is unpacked into
-    cifar-10-batches-py/, refusing members that would land outside it.
+    Files already there with the right checksum are kept. CIFAR-10's binary archive is unpacked
+    into cifar-10-batches-bin/, refusing members that would land outside it. A fetch that fails
+    leaves nothing behind.
 
     Example: rbkd data fetch mnist --dest ./data/mnist
     """
     info = get_info(name)
     folder = fetch(info.name, dest, base_url=base_url, progress=progress)
-    Console().print(f"{info.title} is in {folder}")
+    console.print(f"{info.title} is in {escape(folder)}")

@@ -1,4 +1,4 @@
-"""Tiny dataset files for the rbkd.data tests: IDX (gz and raw), CIFAR-style pickled batches,
+"""Tiny dataset files for the rbkd.data tests: IDX (gz and raw), CIFAR-10 binary batches,
 tar.gz archives, and a loopback HTTP server. Nothing here touches the network.
 
 Test files load this module by path (see `load_data_fixtures` in each), so it works whether or
@@ -11,7 +11,6 @@ import contextlib
 import gzip
 import http.server
 import io
-import pickle
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None, gz: bool = True) -> bytes:
@@ -55,33 +54,28 @@ def make_idx_dataset(
     return arrays
 
 
-def cifar_batch_bytes(images: np.ndarray, labels: list[int], label: bytes = b"batch") -> bytes:
-    """A CIFAR-10 batch as the real files hold it: a protocol-2 pickle of a dict with bytes keys
-    and a uint8 [N, 3072] array. (Writing a pickle is harmless; reading one is the risk.)"""
+def cifar_records_bytes(images: np.ndarray, labels: list[int]) -> bytes:
+    """A CIFAR-10 binary batch as the official files hold it, written independently of
+    rbkd.data.cifar: per record 1 label byte, then 3072 pixel bytes (R, G, B planes)."""
     n = images.shape[0]
-    batch = {
-        b"batch_label": label,
-        b"labels": list(labels),
-        b"data": np.ascontiguousarray(images, dtype=np.uint8).reshape(n, 3 * 32 * 32),
-        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-    }
-    return pickle.dumps(batch, protocol=2)
+    pixels = np.ascontiguousarray(images, dtype=np.uint8).reshape(n, 3 * 32 * 32)
+    return b"".join(bytes([labels[i]]) + pixels[i].tobytes() for i in range(n))
 
 
 def make_cifar_folder(
     folder: Path, per_batch: int = 3, seed: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Write data_batch_1..5 and test_batch (per_batch images each); return the arrays."""
+    """Write data_batch_1..5.bin and test_batch.bin (per_batch images each); return the arrays."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
     start = 0
-    for split, names in (("train", CIFAR_TRAIN_BATCHES), ("test", ("test_batch",))):
+    for split, names in (("train", CIFAR_TRAIN_BATCHES), ("test", ("test_batch.bin",))):
         for name in names:
             images = rng.integers(0, 256, size=(per_batch, 3, 32, 32), dtype=np.uint8)
             labels = [(start + i) % 10 for i in range(per_batch)]
             start += per_batch
-            (folder / name).write_bytes(cifar_batch_bytes(images, labels, name.encode()))
+            (folder / name).write_bytes(cifar_records_bytes(images, labels))
             out[split].append((images, np.asarray(labels, dtype=np.int64)))
     return {
         split: (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]))
@@ -103,8 +97,8 @@ def tar_gz_bytes(members: dict[str, bytes], evil: dict[str, bytes] | None = None
 
 
 def cifar_archive_bytes(folder: Path, evil: dict[str, bytes] | None = None) -> bytes:
-    """cifar-10-python.tar.gz's layout: every file of `folder` under cifar-10-batches-py/."""
-    members = {f"cifar-10-batches-py/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())}
+    """cifar-10-binary.tar.gz's layout: every file of `folder` under cifar-10-batches-bin/."""
+    members = {f"cifar-10-batches-bin/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())}
     return tar_gz_bytes(members, evil)
 
 

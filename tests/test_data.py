@@ -1,4 +1,4 @@
-"""rbkd.data: IDX and CIFAR readers, the restricted unpickler, the search path, normalisation,
+"""rbkd.data: IDX and CIFAR-10 binary readers (no pickle), the search path, normalisation,
 atomic writes, and one check on the real Fashion-MNIST from Debian's package."""
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from rbkd.data import (
     DatasetNotFoundError,
     ImageDataset,
     UnknownDatasetError,
-    UnsafePickleError,
     find_dataset,
     load_dataset,
 )
-from rbkd.data.cifar import read_cifar_batch, safe_load_pickle
+from rbkd.data.cifar import read_cifar_binary, write_cifar_binary
 from rbkd.data.idx import read_idx, write_idx
 from rbkd.io import atomic_path, atomic_write_bytes
 
@@ -169,7 +168,7 @@ def test_corrupt_idx_files_raise_data_error_naming_the_file(tmp_path: Path, case
 
 
 def test_cifar_round_trip(tmp_path: Path) -> None:
-    arrays = fx.make_cifar_folder(tmp_path / "cifar-10-batches-py", per_batch=3)
+    arrays = fx.make_cifar_folder(tmp_path / "cifar-10-batches-bin", per_batch=3)
     for split, n in (("train", 15), ("test", 3)):
         ds = load_dataset("cifar10", split, data_dir=tmp_path)
         images, labels = arrays[split]
@@ -180,142 +179,87 @@ def test_cifar_round_trip(tmp_path: Path) -> None:
         assert ds.images.is_contiguous()
 
 
-def test_cifar_reads_python2_style_pickles(tmp_path: Path) -> None:
-    """The real batches come from Python 2's cPickle: byte-string opcodes, no _codecs.encode,
-    and numpy.core (not numpy._core) in the global's module name."""
-    images = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
-    # Hand-written protocol 2, the way cPickle wrote it (SHORT_BINSTRING / BINSTRING for str).
-    dtype_part = (
-        b"cnumpy\ndtype\nq\x03U\x02u1K\x00K\x01\x87Rq\x04"
-        b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-    )
-    raw = images.tobytes()
-    array_part = (
-        b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85U\x01b\x87R"
-        b"(K\x01K\x02M\x00\x0c\x86"
-        + dtype_part
-        + b"\x89T"
-        + len(raw).to_bytes(4, "little")
-        + raw
-        + b"tb"
-    )
-    data = (
-        b"\x80\x02}q\x00(U\x04dataq\x05" + array_part + b"U\x06labelsq\x06]q\x07(K\x07K\x02e"
-        b"U\x0bbatch_labelq\x08U\x03oneq\tu."
-    )
-    path = tmp_path / "data_batch_1"
-    path.write_bytes(data)
-    got_images, got_labels = read_cifar_batch(path)
-    assert got_images.shape == (2, 3, 32, 32) and got_images.dtype == np.uint8
-    assert np.array_equal(got_images.reshape(2, 3072), images)
-    assert got_labels.tolist() == [7, 2] and got_labels.dtype == np.int64
+def test_cifar_record_layout_is_label_then_rgb_planes(tmp_path: Path) -> None:
+    """One hand-made record: label 7, then 1024 red, 1024 green, 1024 blue bytes."""
+    record = bytes([7]) + bytes([1]) * 1024 + bytes([2]) * 1024 + bytes([3]) * 1024
+    path = tmp_path / "one.bin"
+    path.write_bytes(record * 2)
+    images, labels = read_cifar_binary(path)
+    assert labels.tolist() == [7, 7] and labels.dtype == np.int64
+    assert images.shape == (2, 3, 32, 32) and images.dtype == np.uint8
+    assert [int(images[0, c].min()) for c in range(3)] == [1, 2, 3]
+    assert [int(images[0, c].max()) for c in range(3)] == [1, 2, 3]
+    images[0, 0, 0, 0] = 9  # a copy that owns writable memory
+    write_cifar_binary(tmp_path / "again.bin", *read_cifar_binary(path))
+    assert (tmp_path / "again.bin").read_bytes() == record * 2
 
 
-class _RunsShell:
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
-class _Evals:
-    def __reduce__(self):
-        return (eval, ("__import__('os').getcwd()",))
-
-
-@pytest.mark.parametrize("protocol", [0, 2, 4])
-def test_malicious_pickle_is_refused_and_not_run(tmp_path: Path, protocol: int) -> None:
-    marker = tmp_path / "pwned"
-    payload = {b"data": _RunsShell(f"touch {marker}"), b"labels": [0]}
-    path = tmp_path / "data_batch_1"
-    path.write_bytes(pickle.dumps(payload, protocol=protocol))
-    with pytest.raises(UnsafePickleError) as info:
-        read_cifar_batch(path)
-    message = str(info.value)
-    assert str(path) in message and "system" in message and "refused" in message, message
-    assert isinstance(info.value, DataError)
-    assert not marker.exists(), "the pickle's os.system call ran"
-
-
-@pytest.mark.parametrize(
-    "payload, words",
-    [
-        (_Evals(), "eval"),
-        (np.array([1, "a"], dtype=object), "numpy dtype 'O"),
-        (np.ma.masked_array([1, 2]), "numpy.ma"),
-        (Path("/etc/passwd"), "pathlib"),
-        ({1, 2}, "set"),
-    ],
-    ids=["eval", "object-array", "masked-array", "path", "set"],
-)
-def test_restricted_unpickler_refuses_anything_but_plain_data(payload: object, words: str) -> None:
-    with pytest.raises(DataError, match="batch.pkl") as info:
-        safe_load_pickle(pickle.dumps({b"data": payload}, protocol=2), "batch.pkl")
-    assert words in str(info.value)
-
-
-def test_build_on_an_allowed_global_is_refused() -> None:
-    # GLOBAL _codecs.encode, then BUILD it with a state dict: would patch our stand-in in place.
-    data = b"\x80\x02c_codecs\nencode\n}X\x01\x00\x00\x00xK\x01sb."
-    with pytest.raises(UnsafePickleError, match="refused to set state"):
-        safe_load_pickle(data, "x.pkl")
-
-
-def test_safe_load_pickle_keeps_plain_data() -> None:
-    value = {
-        b"a": [1, 2.5, None, True, "text", b"\x00\xff"],
-        "nested": ({"k": (1, 2)},),
-        b"arr": np.arange(12, dtype=np.int64).reshape(3, 4),
-        b"f32": np.asfortranarray(np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)),
-        b"empty": b"",
-    }
-    for protocol in (2, 3, 4, 5):
-        got = safe_load_pickle(pickle.dumps(value, protocol=protocol))
-        assert got[b"a"] == value[b"a"] and got["nested"] == value["nested"]
-        assert got[b"empty"] == b""
-        for key in (b"arr", b"f32"):
-            assert got[key].dtype == value[key].dtype and np.array_equal(got[key], value[key])
+def test_no_pickle_is_read_for_cifar(tmp_path: Path) -> None:
+    """The issue's 410-byte pickle of shared list references expanded to 3.5 GB. rbkd reads no
+    pickle at all now: a folder of python batches is simply not CIFAR-10's binary version."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    bomb = [[]]
+    for _ in range(40):
+        bomb = [bomb] * 10
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": bomb, b"labels": [0]}, protocol=2))
+        (folder / f"{name}.bin").write_bytes(pickle.dumps({b"labels": bomb}, protocol=2))
+    with pytest.raises(DataError, match="not a whole number of 3073-byte CIFAR-10 records"):
+        load_dataset("cifar10", "train", data_dir=folder)
+    source = Path(importlib.util.find_spec("rbkd.data.cifar").origin).read_text()
+    assert "import pickle" not in source and "Unpickler" not in source
 
 
 @pytest.mark.parametrize(
     "case, words",
     [
-        ("truncated", "not a readable CIFAR batch"),
-        ("not-dict", "not a dict"),
-        ("no-labels", "no 'data' or no 'labels'"),
-        ("row-size", "3071 bytes"),
-        ("count", "2 images but 3 labels"),
-        ("range", "labels must lie in [0, 10)"),
-        ("dtype", "uint8"),
+        ("truncated", "not a whole number of 3073-byte"),
+        ("empty", "is 0 bytes"),
+        ("range", "labels must lie in [0, 10), found 10"),
+        ("fifo", "is a FIFO"),
+        ("dev-zero", "is a character device"),
+        ("folder", "is a folder"),
     ],
 )
 def test_corrupt_cifar_batches_raise_data_error_naming_the_file(
     tmp_path: Path, case: str, words: str
 ) -> None:
-    folder = tmp_path / "cifar-10-batches-py"
+    folder = tmp_path / "cifar-10-batches-bin"
     fx.make_cifar_folder(folder, per_batch=2)
-    path = folder / "data_batch_3"
-    good = fx.cifar_batch_bytes(np.zeros((2, 3, 32, 32), np.uint8), [1, 2])
-    data = {
-        "truncated": good[: len(good) // 2],
-        "not-dict": pickle.dumps([1, 2], protocol=2),
-        "no-labels": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}, protocol=2),
-        "row-size": pickle.dumps(
-            {b"data": np.zeros((2, 3071), np.uint8), b"labels": [1, 2]}, protocol=2
-        ),
-        "count": pickle.dumps(
-            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2, 3]}, protocol=2
-        ),
-        "range": fx.cifar_batch_bytes(np.zeros((2, 3, 32, 32), np.uint8), [1, 10]),
-        "dtype": pickle.dumps(
-            {b"data": np.zeros((2, 3072), np.int16), b"labels": [1, 2]}, protocol=2
-        ),
-    }[case]
-    path.write_bytes(data)
-    with pytest.raises(DataError) as info:
+    path = folder / "data_batch_3.bin"
+    good = fx.cifar_records_bytes(np.zeros((2, 3, 32, 32), np.uint8), [1, 2])
+    path.unlink()
+    if case == "fifo":
+        os.mkfifo(path)
+    elif case == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif case == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(
+            {
+                "truncated": good[:-1],
+                "empty": b"",
+                "range": fx.cifar_records_bytes(np.zeros((2, 3, 32, 32), np.uint8), [1, 10]),
+            }[case]
+        )
+    with pytest.raises((DataError, DatasetNotFoundError)) as info:
         load_dataset("cifar10", "train", data_dir=tmp_path)
-    assert str(path) in str(info.value) and words in str(info.value), str(info.value)
+    message = str(info.value)
+    assert "\n" not in message
+    if case == "folder":  # a folder is not a file: the dataset is incomplete
+        assert "lacks data_batch_3.bin" in message, message
+    else:
+        assert str(path) in message and words in message, message
+
+
+def test_too_many_cifar_records_are_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as handle:  # sparse: no disk space used
+        handle.truncate(3073 * 60_001)
+    with pytest.raises(DataError, match="60,001 records"):
+        read_cifar_binary(path)
 
 
 # ---------------------------------------------------------------- normalisation
@@ -392,10 +336,17 @@ def test_search_order_data_dir_env_cache_debian(
     (isolated_roots["cache"] / "fashion-mnist" / fx.IDX_FILES["test"][1]).unlink()
     assert find_dataset("fashion-mnist") == isolated_roots["debian"] / "fashion-mnist"
     assert len(load_dataset("fashion-mnist")) == 4
-    # A data_dir that lacks the dataset falls through to the rest of the search path.
-    assert find_dataset("fashion-mnist", tmp_path / "empty") == isolated_roots["debian"] / (
-        "fashion-mnist"
-    )
+    # A data_dir that lacks the dataset is an error naming what was looked for (issue 9 #16:
+    # it used to fall through to the rest of the search path and train on other data).
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        find_dataset("fashion-mnist", tmp_path / "empty")
+    message = str(info.value)
+    assert message.startswith(f"Fashion-MNIST not found in --data-dir {tmp_path / 'empty'}: ")
+    assert "train-images-idx3-ubyte.gz" in message and "fashion-mnist/" in message
+    assert str(isolated_roots["debian"]) not in message and "\n" not in message
+    with pytest.raises(DatasetNotFoundError, match="typo \\(no such folder\\)"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "typo")
 
 
 def test_cache_dir_defaults_to_home_without_xdg(
@@ -418,7 +369,7 @@ def test_rbkd_data_may_list_several_folders(
 
 
 @pytest.mark.parametrize(
-    "layout", ["cifar10/cifar-10-batches-py", "cifar-10-batches-py", "cifar10", ""]
+    "layout", ["cifar10/cifar-10-batches-bin", "cifar-10-batches-bin", "cifar10", ""]
 )
 def test_cifar_folder_layouts(tmp_path: Path, layout: str) -> None:
     folder = tmp_path / layout if layout else tmp_path
@@ -431,15 +382,15 @@ def test_not_found_is_one_clear_line(
 ) -> None:
     monkeypatch.setenv("RBKD_DATA", str(isolated_roots["env"]))
     with pytest.raises(DatasetNotFoundError) as info:
-        load_dataset("fashion-mnist", data_dir=tmp_path / "mine")
+        load_dataset("fashion-mnist")
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert "\n" not in message
     assert message.startswith("Fashion-MNIST not found (looked in: ")
-    for root in (tmp_path / "mine", isolated_roots["env"], isolated_roots["cache"]):
+    for root in (isolated_roots["env"], isolated_roots["cache"]):
         assert str(root) in message
     assert str(isolated_roots["debian"]) in message
-    assert message.index(str(tmp_path / "mine")) < message.index(str(isolated_roots["env"]))
+    assert message.index(str(isolated_roots["env"])) < message.index(str(isolated_roots["cache"]))
     assert message.index(str(isolated_roots["cache"])) < message.index(
         str(isolated_roots["debian"])
     )
@@ -489,7 +440,9 @@ def test_registry_contract() -> None:
     assert DATASETS["mnist"].mirrors[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
     assert "fashion-mnist" in DATASETS["fashion-mnist"].mirrors[0]
     assert DATASETS["cifar10"].mirrors[0] == "https://www.cs.toronto.edu/~kriz/"
-    assert DATASETS["cifar10"].downloads[0].filename == "cifar-10-python.tar.gz"
+    cifar = DATASETS["cifar10"].downloads[0]
+    assert cifar.filename == "cifar-10-binary.tar.gz" and cifar.size == 170_052_171
+    assert cifar.md5 == "c32a1d4ab5d03f1284b67883e8d87530"
 
 
 # ---------------------------------------------------------------- rbkd.io

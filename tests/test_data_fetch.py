@@ -62,7 +62,12 @@ def _pin_checksums(monkeypatch: pytest.MonkeyPatch, name: str, files: dict[str, 
     """Make the registry expect exactly `files` (name -> bytes), as the real mirrors would."""
     info = DATASETS[name]
     downloads = tuple(
-        dataclasses.replace(remote, sha256=_sha256(files[remote.filename]), size=1)
+        dataclasses.replace(
+            remote,
+            sha256=_sha256(files[remote.filename]),
+            md5=hashlib.md5(files[remote.filename]).hexdigest(),
+            size=len(files[remote.filename]),
+        )
         for remote in info.downloads
     )
     monkeypatch.setitem(DATASETS, name, dataclasses.replace(info, downloads=downloads))
@@ -160,7 +165,28 @@ def test_http_404_is_one_clear_line(tmp_path: Path) -> None:
     assert requests == ["/train-images-idx3-ubyte.gz"]
     assert "HTTP 404" in message and f"{url}/train-images-idx3-ubyte.gz" in message, message
     assert f"by hand into {dest}" in message and "\n" not in message
-    assert _leftovers(dest) == []
+    assert not dest.exists(), "a failed fetch leaves nothing behind, not even its folder"
+
+
+@pytest.mark.parametrize("field", ["md5", "size"])
+def test_md5_and_size_are_checked_as_well_as_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_files, field: str
+) -> None:
+    files, _ = mnist_files
+    _pin_checksums(monkeypatch, "mnist", files)
+    info = DATASETS["mnist"]
+    first = info.downloads[0]
+    wrong = {"md5": "0" * 32, "size": first.size - 1}[field]
+    downloads = (dataclasses.replace(first, **{field: wrong}), *info.downloads[1:])
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(info, downloads=downloads))
+    dest = tmp_path / "downloads"
+    with (
+        fx.loopback_server({f"/{n}": b for n, b in files.items()}) as (url, _),
+        pytest.raises(DatasetFetchError) as raised,
+    ):
+        fetch("mnist", dest, base_url=url, progress=False)
+    assert first.filename in str(raised.value) and "\n" not in str(raised.value)
+    assert not dest.exists()
 
 
 def test_offline_is_one_clear_line(tmp_path: Path) -> None:
@@ -170,7 +196,7 @@ def test_offline_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(DatasetFetchError) as info:
         fetch("cifar10", tmp_path / "d", base_url=f"http://127.0.0.1:{port}", progress=False)
     message = str(info.value)
-    assert "cifar-10-python.tar.gz" in message and "offline?" in message, message
+    assert "cifar-10-binary.tar.gz" in message and "offline?" in message, message
     assert "\n" not in message and _leftovers(tmp_path / "d") == []
 
 
@@ -178,33 +204,60 @@ def test_offline_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_fetch_cifar10_unpacks_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    arrays = fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-py", per_batch=2)
-    archive = fx.cifar_archive_bytes(tmp_path / "source" / "cifar-10-batches-py")
-    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": archive})
+    arrays = fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-bin", per_batch=2)
+    archive = fx.cifar_archive_bytes(tmp_path / "source" / "cifar-10-batches-bin")
+    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
     dest = tmp_path / "downloads"
-    with fx.loopback_server({"/cifar-10-python.tar.gz": archive}) as (url, requests):
+    with fx.loopback_server({"/cifar-10-binary.tar.gz": archive}) as (url, requests):
         folder = fetch("cifar10", dest, base_url=url, progress=False)
-        assert folder == dest / "cifar-10-batches-py"
+        assert folder == dest / "cifar-10-batches-bin"
         assert fetch("cifar10", dest, base_url=url, progress=False) == folder
         assert len(requests) == 1
     assert sorted(p.name for p in dest.iterdir()) == [
-        "cifar-10-batches-py",
-        "cifar-10-python.tar.gz",
+        "cifar-10-batches-bin",
+        "cifar-10-binary.tar.gz",
     ]
     ds = load_dataset("cifar10", "train", data_dir=dest)
     assert torch.equal(ds.images, torch.from_numpy(arrays["train"][0]))
     assert ds.labels.tolist() == arrays["train"][1].tolist()
 
 
+def test_cifar10_files_are_fsynced_before_the_folder_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import rbkd.data.download as download
+
+    fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-bin", per_batch=1)
+    archive = fx.cifar_archive_bytes(tmp_path / "source" / "cifar-10-batches-bin")
+    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
+    events: list[str] = []
+    real_fsync, real_replace = download._fsync, os.replace
+    monkeypatch.setattr(
+        download, "_fsync", lambda p, f: (events.append(Path(p).name), real_fsync(p, f))
+    )
+    monkeypatch.setattr(
+        download.os,
+        "replace",
+        lambda a, b: (events.append(f"rename {Path(b).name}"), real_replace(a, b)),
+    )
+    with fx.loopback_server({"/cifar-10-binary.tar.gz": archive}) as (url, _):
+        fetch("cifar10", tmp_path / "d", base_url=url, progress=False)
+    rename = events.index("rename cifar-10-batches-bin")
+    for name in fx.CIFAR_TRAIN_BATCHES + ("test_batch.bin",):
+        assert name in events[:rename], events
+
+
 def test_fetch_cifar10_into_the_cache_is_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_roots: dict[str, Path]
 ) -> None:
-    fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-py", per_batch=1)
-    archive = fx.cifar_archive_bytes(tmp_path / "source" / "cifar-10-batches-py")
-    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": archive})
-    with fx.loopback_server({"/cifar-10-python.tar.gz": archive}) as (url, _):
+    fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-bin", per_batch=1)
+    archive = fx.cifar_archive_bytes(tmp_path / "source" / "cifar-10-batches-bin")
+    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
+    with fx.loopback_server({"/cifar-10-binary.tar.gz": archive}) as (url, _):
         folder = fetch("cifar10", base_url=url, progress=False)
-    assert folder == isolated_roots["cache"] / "cifar10" / "cifar-10-batches-py"
+    assert folder == isolated_roots["cache"] / "cifar10" / "cifar-10-batches-bin"
     assert find_dataset("cifar10") == folder
     assert len(load_dataset("cifar10", "test")) == 1
 
@@ -213,7 +266,7 @@ def test_fetch_cifar10_into_the_cache_is_found(
     "evil_name, words",
     [
         ("../evil", "points outside"),
-        ("cifar-10-batches-py/../../evil", "points outside"),
+        ("cifar-10-batches-bin/../../evil", "points outside"),
         ("/ABSOLUTE/evil", "absolute path"),
     ],
     ids=["dotdot", "nested-dotdot", "absolute"],
@@ -221,15 +274,15 @@ def test_fetch_cifar10_into_the_cache_is_found(
 def test_unsafe_archive_members_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evil_name: str, words: str
 ) -> None:
-    fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-py", per_batch=1)
+    fx.make_cifar_folder(tmp_path / "source" / "cifar-10-batches-bin", per_batch=1)
     dest = tmp_path / "deep" / "downloads"
     evil_name = evil_name.replace("/ABSOLUTE", str(tmp_path / "abs"))
     archive = fx.cifar_archive_bytes(
-        tmp_path / "source" / "cifar-10-batches-py", evil={evil_name: b"pwned"}
+        tmp_path / "source" / "cifar-10-batches-bin", evil={evil_name: b"pwned"}
     )
-    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": archive})
+    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
     with (
-        fx.loopback_server({"/cifar-10-python.tar.gz": archive}) as (url, _),
+        fx.loopback_server({"/cifar-10-binary.tar.gz": archive}) as (url, _),
         pytest.raises(DatasetFetchError) as info,
     ):
         fetch("cifar10", dest, base_url=url, progress=False)
@@ -237,8 +290,8 @@ def test_unsafe_archive_members_are_refused(
     assert words in message and repr(evil_name) in message and "\n" not in message, message
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("evil"))
     assert written == [], f"the archive wrote {written}"
-    # Nothing was unpacked: only the verified archive itself is left.
-    assert _leftovers(dest) == ["cifar-10-python.tar.gz"]
+    # Nothing was unpacked, and the failed fetch removed what it had downloaded and created.
+    assert not dest.exists() and not dest.parent.exists()
 
 
 def test_archive_links_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,17 +300,17 @@ def test_archive_links_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        link = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        link = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(link)
     archive = buffer.getvalue()
-    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": archive})
+    _pin_checksums(monkeypatch, "cifar10", {"cifar-10-binary.tar.gz": archive})
     with (
-        fx.loopback_server({"/cifar-10-python.tar.gz": archive}) as (url, _),
+        fx.loopback_server({"/cifar-10-binary.tar.gz": archive}) as (url, _),
         pytest.raises(DatasetFetchError, match="is a link or device"),
     ):
         fetch("cifar10", tmp_path / "d", base_url=url, progress=False)
-    assert not (tmp_path / "d" / "cifar-10-batches-py").exists()
+    assert not (tmp_path / "d" / "cifar-10-batches-bin").exists()
 
 
 # ---------------------------------------------------------------- CLI
@@ -317,10 +370,11 @@ def test_cli_fetch_errors_are_domain_errors(tmp_path: Path) -> None:
     with fx.loopback_server({}) as (url, _):
         args = ["data", "fetch", "mnist", "--dest", str(tmp_path), "--base-url", url]
         result = runner.invoke(_cli(), [*args, "--no-progress"])
-    assert result.exit_code == 1 and isinstance(result.exception, DatasetFetchError)
-    assert "HTTP 404" in str(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ")
+    assert "HTTP 404" in lines[0] and "Traceback" not in result.output
     result = runner.invoke(_cli(), ["data", "fetch", "imagenet", "--dest", str(tmp_path)])
-    assert result.exit_code == 1 and "choose one of" in str(result.exception)
+    assert result.exit_code == 1 and "choose one of" in result.output
 
 
 def test_registry_is_left_alone_by_the_pins() -> None:

@@ -1,5 +1,6 @@
 """Datasets for rbkd: Fashion-MNIST (the default), MNIST and CIFAR-10, read from their standard
-files without pickle code execution, found on disk or fetched from the public mirrors.
+files (no pickle anywhere: CIFAR-10 comes from its binary archive), found on disk or fetched
+from the public mirrors.
 
 >>> from rbkd.data import load_dataset
 >>> train = load_dataset("fashion-mnist", "train")   # uint8 images [60000, 1, 28, 28]
@@ -14,7 +15,6 @@ from rbkd.data.errors import (
     DatasetFetchError,
     DatasetNotFoundError,
     UnknownDatasetError,
-    UnsafePickleError,
 )
 from rbkd.data.locate import cache_dir, find_dataset, locate_dataset, search_roots
 from rbkd.data.registry import DATASETS, DEFAULT_DATASET, SPLITS, DatasetInfo, RemoteFile, get_info
@@ -31,7 +31,6 @@ __all__ = [
     "ImageDataset",
     "RemoteFile",
     "UnknownDatasetError",
-    "UnsafePickleError",
     "cache_dir",
     "fetch",
     "find_dataset",

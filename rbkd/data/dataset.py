@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rbkd.data.cifar import read_cifar_batch
+from rbkd.data.cifar import read_cifar_binary
 from rbkd.data.errors import DataError
 from rbkd.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 from rbkd.data.locate import find_dataset, resolve_file
@@ -124,7 +124,7 @@ def _load_cifar(info: DatasetInfo, folder: Path, split: str) -> tuple[np.ndarray
         path = resolve_file(folder, batch_name)
         if path is None:
             raise DataError(f"{folder} has no {batch_name}")
-        batch_images, batch_labels = read_cifar_batch(path, info.num_classes)
+        batch_images, batch_labels = read_cifar_binary(path, info.num_classes)
         images.append(batch_images)
         labels.append(batch_labels)
     if len(images) == 1:

@@ -1,9 +1,11 @@
 """`fetch`: download a dataset from its public mirrors, verify SHA-256, write atomically.
 
 A download streams into a temporary file next to its final name and is renamed only once its
-checksum matches, so an interrupted or corrupted download never leaves a file under the final
-name. CIFAR-10's tar.gz is checked member by member before anything is unpacked, then unpacked
-with tarfile's "data" filter into a temporary folder that is renamed into place.
+checksum (SHA-256, and the size and MD5 upstream publish) matches, so an interrupted or corrupted
+download never leaves a file under the final name. CIFAR-10's tar.gz (the binary version: no
+pickle) is checked member by member before anything is unpacked, then unpacked with tarfile's
+"data" filter into a temporary folder whose files are fsynced before it is renamed into place.
+A fetch that fails removes the folders it created: nothing is left behind.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rbkd.io import atomic_path, sha256_file
 
 __all__ = ["CIFAR_FOLDER", "fetch", "sha256_file"]
 
-CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_FOLDER = "cifar-10-batches-bin"
 _CHUNK = 1 << 20
 _TIMEOUT_S = 30.0  # per socket operation, not for the whole file
 
@@ -65,8 +67,9 @@ def _progress_bar(enabled: bool, description: str, total: int | None) -> Iterato
 
 
 def _download(url: str, remote: RemoteFile, target: Path, progress: bool) -> None:
-    """Stream `url` into `target` atomically, verifying the SHA-256 on the way."""
-    digest = hashlib.sha256()
+    """Stream `url` into `target` atomically, verifying SHA-256, size and MD5 on the way."""
+    digest, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    received = 0
     request = urllib.request.Request(url, headers={"User-Agent": "rbkd-data-fetch"})
     with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
         length = response.headers.get("Content-Length")
@@ -77,12 +80,19 @@ def _download(url: str, remote: RemoteFile, target: Path, progress: bool) -> Non
             _progress_bar(progress, remote.filename, total) as advance,
         ):
             while chunk := response.read(_CHUNK):
+                received += len(chunk)
+                if received > remote.size:  # never fill the disk from a hostile server
+                    raise DatasetFetchError(
+                        f"{url} sent more than the {remote.size:,} bytes {remote.filename} has; "
+                        "nothing was written (a broken mirror or a changed file)"
+                    )
                 digest.update(chunk)
+                md5.update(chunk)
                 handle.write(chunk)
                 advance(len(chunk))
             handle.flush()
             actual = digest.hexdigest()
-            if actual != remote.sha256:
+            if actual != remote.sha256 or md5.hexdigest() != remote.md5:
                 # Raising inside atomic_path removes the temporary file: nothing is left behind.
                 raise DatasetFetchError(
                     f"checksum mismatch for {url}: expected SHA-256 {remote.sha256}, got {actual}; "
@@ -130,6 +140,25 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
         )
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (before it is renamed into place, so that a
+    crash cannot leave the final name holding empty or partial files)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name, os.O_RDONLY)
+        for name in dirs:
+            _fsync(Path(root) / name, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _unpack_cifar(info: DatasetInfo, archive: Path, dest: Path) -> Path:
     final = dest / CIFAR_FOLDER
     scratch = Path(tempfile.mkdtemp(dir=dest, prefix=f".{CIFAR_FOLDER}.", suffix=".part"))
@@ -155,11 +184,13 @@ def _unpack_cifar(info: DatasetInfo, archive: Path, dest: Path) -> Path:
         if missing:
             raise DatasetFetchError(
                 f"{archive} holds no {CIFAR_FOLDER}/ with {', '.join(missing)}: not CIFAR-10's "
-                "python archive"
+                "binary archive (cifar-10-binary.tar.gz)"
             )
+        _fsync_tree(unpacked)
         if final.exists():
             shutil.rmtree(final)
         os.replace(unpacked, final)
+        _fsync(dest, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return final
@@ -181,22 +212,38 @@ def fetch(
     """
     info = get_info(name)
     # The cache subfolder is the dataset's name, the first place `find_dataset` looks in a root
-    # (CIFAR-10's archive then unpacks to cifar10/cifar-10-batches-py/, also on the search path).
+    # (CIFAR-10's archive then unpacks to cifar10/cifar-10-batches-bin/, also on the search path).
     dest = Path(dest).expanduser() if dest is not None else cache_dir() / info.name
+    created = [p for p in (dest, *dest.parents) if not p.exists()]
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DatasetFetchError(f"cannot create {dest}: {exc.strerror or exc}") from exc
     mirrors = (base_url,) if base_url else info.mirrors
+    before = {p.name for p in dest.iterdir()}
+    try:
+        if info.format == "cifar":
+            final = dest / CIFAR_FOLDER
+            if final.is_dir() and all(resolve_file(final, n) is not None for n in info.files):
+                return final
+            (remote,) = info.downloads
+            archive = _fetch_file(info, remote, dest, mirrors, progress)
+            return _unpack_cifar(info, archive, dest)
+        for remote in info.downloads:
+            _fetch_file(info, remote, dest, mirrors, progress)
+        return dest
+    except BaseException:
+        _remove_new(dest, before, created)
+        raise
 
-    if info.format == "cifar":
-        final = dest / CIFAR_FOLDER
-        if final.is_dir() and all(resolve_file(final, n) is not None for n in info.files):
-            return final
-        (remote,) = info.downloads
-        archive = _fetch_file(info, remote, dest, mirrors, progress)
-        return _unpack_cifar(info, archive, dest)
 
-    for remote in info.downloads:
-        _fetch_file(info, remote, dest, mirrors, progress)
-    return dest
+def _remove_new(dest: Path, before: set[str], created: list[Path]) -> None:
+    """Undo a failed fetch: the files it downloaded and the folders it created (never a file
+    or folder that was there before)."""
+    with contextlib.suppress(OSError):
+        for entry in dest.iterdir():
+            if entry.name not in before and entry.is_file() and not entry.is_symlink():
+                entry.unlink()
+    for folder in created:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty

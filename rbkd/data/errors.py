@@ -8,7 +8,6 @@ __all__ = [
     "DatasetFetchError",
     "DatasetNotFoundError",
     "UnknownDatasetError",
-    "UnsafePickleError",
 ]
 
 
@@ -18,10 +17,6 @@ class DataError(ValueError):
 
 class UnknownDatasetError(DataError):
     """A dataset name that is not in `rbkd.data.DATASETS`."""
-
-
-class UnsafePickleError(DataError):
-    """A CIFAR batch asked for a Python global the restricted unpickler does not allow."""
 
 
 class DatasetNotFoundError(FileNotFoundError):

@@ -8,6 +8,7 @@ Files may be gzipped or not; gzip is recognised by its own magic bytes, not by t
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import struct
@@ -26,17 +27,33 @@ _UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
+# The largest IDX file rbkd reads is 47 MB (60,000 images of 28x28); 256 MiB, compressed or not,
+# leaves room for any MNIST-like set and stops a gzip bomb before it fills the memory.
+MAX_IDX_BYTES = 256 << 20
+
+
 def read_maybe_gzip(path: Path) -> bytes:
     """The file's bytes, gunzipped if it is a gzip stream; a truncated or corrupt gzip is a
-    DataError naming the file."""
+    DataError naming the file. Only regular files of at most MAX_IDX_BYTES (also unpacked)."""
+    from rbkd.io import read_bounded
+
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, MAX_IDX_BYTES, "dataset file")
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if not raw.startswith(_GZIP_MAGIC):
         return raw
     try:
-        return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+            data = stream.read(MAX_IDX_BYTES + 1)
+        if len(data) > MAX_IDX_BYTES:
+            raise DataError(
+                f"{path} unpacks to more than {MAX_IDX_BYTES >> 20} MiB, far more than any "
+                "IDX dataset: delete it and fetch it again"
+            )
+        return data
     except EOFError as exc:
         raise DataError(
             f"{path} is a truncated gzip file ({len(raw)} bytes): delete it and fetch it again"

@@ -1,12 +1,13 @@
 """Where datasets are looked for, in order:
 
-1. the explicit `data_dir` argument (`--data-dir`),
+1. the explicit `data_dir` argument (`--data-dir`): when given, ONLY there (a typo in it must be
+   an error naming what was looked for, never a silent fall-back to other data),
 2. `$RBKD_DATA` (several folders may be given, separated by `os.pathsep`),
 3. the user's cache folder, `$XDG_CACHE_HOME/rbkd` or `~/.cache/rbkd` (where `fetch` writes),
 4. Debian's shared datasets folder, `/usr/share/datasets` (package dataset-fashion-mnist).
 
 Within each root the dataset's own subfolders are tried first (`fashion-mnist/`, `mnist/`,
-`cifar10/cifar-10-batches-py/`, ...), then the root itself. The first folder that holds every
+`cifar10/cifar-10-batches-bin/`, ...), then the root itself. The first folder that holds every
 file of both splits wins; IDX files may be gzipped (`*.gz`) or not.
 """
 
@@ -42,10 +43,10 @@ def cache_dir() -> Path:
 
 
 def search_roots(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The roots searched, in order, without duplicates."""
-    roots: list[Path] = []
+    """The roots searched, in order, without duplicates: `data_dir` alone when it is given."""
     if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
+        return [Path(data_dir).expanduser()]
+    roots: list[Path] = []
     for entry in os.environ.get(ENV_VAR, "").split(os.pathsep):
         if entry.strip():
             roots.append(Path(entry.strip()).expanduser())
@@ -68,13 +69,16 @@ def candidate_folders(
 
 
 def resolve_file(folder: Path, filename: str) -> Path | None:
-    """`folder/filename`, or its un-gzipped twin (`x.gz` -> `x`); None if neither is a file."""
+    """`folder/filename`, or its un-gzipped twin (`x.gz` -> `x`); None if neither is there.
+
+    A FIFO or device under the name counts as there: the reader then refuses it with an error
+    naming its kind, instead of the dataset being silently looked for elsewhere."""
     names = [filename]
     if filename.endswith(".gz"):
         names.append(filename[: -len(".gz")])
     for name in names:
         path = folder / name
-        if path.is_file():
+        if path.is_file() or (path.exists() and not path.is_dir()):
             return path
     return None
 
@@ -105,8 +109,19 @@ def find_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> P
             return folder
         if partial is None and len(missing) < len(info.files):
             partial = (folder, missing)
-    roots = ", ".join(str(root) for root in search_roots(data_dir))
     subfolders = ", ".join(f"{sub}/" for sub in info.folder_names if sub)
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        state = "" if root.is_dir() else " (no such folder)"
+        files = ", ".join(info.files)
+        raise DatasetNotFoundError(
+            f"{info.title} not found in --data-dir {root}{state}: looked in it and its "
+            f"{subfolders} subfolders for {files}"
+            + (f"; {partial[0]} lacks {', '.join(partial[1])}" if partial else "")
+            + f": fix the path, run `rbkd data fetch {info.name} --dest {root}`, or leave out "
+            f"--data-dir to search ${ENV_VAR}, the cache and /usr/share/datasets"
+        )
+    roots = ", ".join(str(root) for root in search_roots(data_dir))
     message = f"{info.title} not found (looked in: {roots}, and their {subfolders} subfolders)"
     if partial is not None:
         message += f"; {partial[0]} lacks {', '.join(partial[1])}"

@@ -33,7 +33,7 @@ class DatasetInfo:
     # Per-channel statistics of the training split on the [0, 1] scale (pixel / 255).
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    format: str  # "idx" (MNIST-style ubyte files) or "cifar" (python pickle batches)
+    format: str  # "idx" (MNIST-style ubyte files) or "cifar" (CIFAR-10's binary batches)
     split_files: dict[str, tuple[str, ...]]  # split -> files in the dataset folder
     split_sizes: dict[str, int]
     # Where a search root may hold the files, tried in order ("" is the root itself).
@@ -177,24 +177,28 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
         format="cifar",
+        # The binary version: fixed-size records, no pickle (see rbkd/data/cifar.py).
         split_files={
-            "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
-            "test": ("test_batch",),
+            "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+            "test": ("test_batch.bin",),
         },
         split_sizes={"train": 50_000, "test": 10_000},
         folder_names=(
-            "cifar10/cifar-10-batches-py",
-            "cifar-10-batches-py",
+            "cifar10/cifar-10-batches-bin",
+            "cifar-10-batches-bin",
             "cifar10",
             "",
         ),
         mirrors=("https://www.cs.toronto.edu/~kriz/",),
         downloads=(
+            # MD5 and size as the CIFAR page publishes them. Toronto publishes no SHA-256; this
+            # one is pinned identically by independent downloaders (Julia's MLDatasets.jl, Go's
+            # GoMLX, among others), and `fetch` checks the MD5 and the size as well.
             RemoteFile(
-                "cifar-10-python.tar.gz",
-                "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-                "c58f30108f718f92721af3b95e74349a",
-                170_498_071,
+                "cifar-10-binary.tar.gz",
+                "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                "c32a1d4ab5d03f1284b67883e8d87530",
+                170_052_171,
             ),
         ),
     ),
