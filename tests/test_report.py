@@ -294,7 +294,7 @@ def full_report(tiny_data_root, tmp_path_factory):
                 folder / "teachers" / "small", capacity="small", epochs=0
             ),
             "large": helpers.make_teacher_run(
-                folder / "teachers" / "large", capacity="large", epochs=0
+                folder / "teachers" / "large", capacity="small", seed=1, epochs=0
             ),
         }
         rel = {k: v.relative_to(folder) for k, v in runs.items()}
@@ -448,7 +448,10 @@ def test_report_reads_well_on_github(full_report):
 
 # ------------------------------------------------------------------ partial studies
 def _only(folder: Path, experiments: set[str], *, seeds=SEEDS, drop_rows=None) -> None:
+    """A study with only `experiments`; its teachers have no entropies (fewer figures to draw)."""
     data = make_study(folder, seeds=seeds)
+    teachers = [{**t, "entropy_T": [], "mean_entropy": []} for t in data["teachers"][:2]]
+    (folder / "teachers.jsonl").write_text("".join(json.dumps(t) + "\n" for t in teachers))
     spec = data["spec"]
     spec["experiments"] = {k: v for k, v in spec["experiments"].items() if k in experiments}
     rows = [r for r in data["results"] if set(r["experiments"]) & experiments]
@@ -494,6 +497,24 @@ def test_declared_experiment_without_rows_yet_and_missing_seeds(tmp_path):
     assert "[" in md and "(student_accuracy_vs_T.pdf)" in md and "![" not in md
     pdf = path.parent / "student_accuracy_vs_T.pdf"
     assert pdf.read_bytes().startswith(SIGNATURES["pdf"])
+
+
+def test_missing_class_both_loss_conventions_get_a_table_each(tmp_path):
+    # the same teacher distilled with and without the T^2 factor (issue: "show one table both ways")
+    _only(tmp_path, {"missing_class"})
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    flipped = [
+        {**r, "t_squared": False, "missing_class_accuracy": 0.25}
+        for r in rows
+        if r["teacher"] == "large"
+    ]
+    with (tmp_path / "results.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in flipped))
+    md = write_report(tmp_path).read_text()
+    after = "teacher large (t_squared=false): accuracy (%) on the missing class**"
+    assert table_row(md, "Trouser", after)[1:] == ["25.0 ± 0.0", "25.0 ± 0.0"]
+    assert "teacher large (t_squared=true): accuracy" in md
+    assert "(missing_class_large_t_squared-false.png)" in md
 
 
 def test_examples_and_projection_without_runs_say_why(tmp_path, tiny_data):

@@ -21,7 +21,7 @@ from pathlib import Path
 from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
 
 from rbkd.io import write_bytes
 
@@ -199,6 +199,7 @@ def plot_entropy_curves(
     ax.set_xlabel("temperature T")
     ax.set_ylabel("mean soft-label entropy (nats)")
     plain_numbers(ax.xaxis)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     plain_numbers(ax.yaxis)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -470,19 +471,27 @@ def plot_image_grid(
     """An image grid, one row per class (thesis figures 5.6-5.13): `rows[r]` holds uint8 images
     [C, H, W] (tensors or arrays; C = 1 grey, 3 colour), `captions[r][i]` an optional small text
     under each image. Rows may be shorter than the longest one."""
+    import textwrap
+
     import numpy as np
 
     n_rows = max(len(rows), 1)
     n_cols = max((len(r) for r in rows), default=1) or 1
-    fig = _new_figure(path, (1.6 + 0.9 * n_cols, 0.6 + (1.25 if captions else 1.0) * n_rows))
+    # sizes in inches: a column of row names, square cells, room for captions and the title
+    label_w, cell, caption_h = 1.3, 0.9, (0.3 if captions else 0.05)
+    width = label_w + cell * n_cols + 0.1
+    title = textwrap.fill(title, width=max(28, int(width * 10)))
+    title_h = 0.25 + 0.2 * title.count("\n") + 0.1
+    height = title_h + (cell + caption_h) * n_rows + 0.05
+    fig = _new_figure(path, (width, height))
     fig.set_layout_engine(None)
     fig.subplots_adjust(
-        left=0.16,
-        right=0.99,
-        top=1 - 0.35 / (0.6 + n_rows),
-        bottom=0.01,
+        left=label_w / width,
+        right=1 - 0.1 / width,
+        top=1 - (title_h + caption_h) / height,
+        bottom=0.05 / height,
         wspace=0.06,
-        hspace=0.5 if captions else 0.08,
+        hspace=caption_h / cell,
     )
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r in range(n_rows):
@@ -505,7 +514,7 @@ def plot_image_grid(
                 ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             if captions is not None and r < len(captions) and c < len(captions[r]):
                 ax.set_title(captions[r][c], fontsize=6, pad=1.5)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
     return _save(fig, path)
 
 

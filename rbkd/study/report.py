@@ -110,6 +110,8 @@ def _key(v: Any) -> Any:
 
 
 def _num(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
     return f"{v:g}" if _finite(v) else DASH if v is None else str(v)
 
 
