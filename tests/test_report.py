@@ -317,6 +317,7 @@ def test_report_path_and_every_figure_linked_and_real(full_report):
         "missing_class_label_smoothing",
         "entropy_vs_T",
         "entropy_per_class_small",
+        "label_smoothing_entropy",
         "entropy_hypothesis",
         "transfer_set_T9",
         "sweep_entropy_vs_batch_size",

@@ -30,7 +30,7 @@ FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 # The first bytes of each format: what the tests (and a careful caller) check.
 SIGNATURES = {"png": PNG_SIGNATURE, "pdf": b"%PDF-", "svg": b"<?xml"}
 _COLORS = ("black", "tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple")
-_CLASS_COLORS = (
+CLASS_COLORS = (
     "tab:blue",
     "tab:orange",
     "tab:green",
@@ -524,7 +524,7 @@ def _draw_projection(ax, coords, labels, classes, template_coords, class_names, 
     t_radius = max((math.hypot(x, y) for x, y in template_coords), default=0.0)
     scale = radius / t_radius if t_radius > 0 else 1.0
     for i, (k, t) in enumerate(zip(classes, template_coords, strict=True)):
-        c = _CLASS_COLORS[i % len(_CLASS_COLORS)]
+        c = CLASS_COLORS[i % len(CLASS_COLORS)]
         pts = [xy for xy, y in zip(coords, labels, strict=True) if y == k]
         name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
         if pts:

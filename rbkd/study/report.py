@@ -336,7 +336,6 @@ def _is_clean(row: Mapping) -> bool:
         row.get("missing_class") is None
         and row.get("per_class") is None
         and row.get("noise") is None
-        and row.get("select", "all") in ("all", None)
     )
 
 
@@ -546,7 +545,13 @@ def _section_entropy(rep: _Report) -> None:
     if not teachers:
         rep.skip("teachers.jsonl has no study teacher with entropies yet")
         return
-    from rbkd.analysis.plots import Series, plot_entropy_curves, plot_series
+    from rbkd.analysis.plots import (
+        CLASS_COLORS,
+        Reference,
+        Series,
+        plot_entropy_curves,
+        plot_series,
+    )
 
     names = study.class_names
     c = len(teachers[0].get("per_class_accuracy") or names) or len(names)
@@ -586,19 +591,44 @@ def _section_entropy(rep: _Report) -> None:
         [[f"{a:g}", f"{label_smoothing_entropy(a, c):.4f}"] for a in factors]
         + [["ln C", f"{ln_c:.4f}"]],
     )
+    grid = sorted({i / 20 for i in range(21)} | set(factors))
+    rep.figure(
+        "label_smoothing_entropy",
+        lambda p: plot_series(
+            p,
+            [
+                Series(
+                    "label-smoothed targets",
+                    grid,
+                    [label_smoothing_entropy(a, c) for a in grid],
+                    marker="",
+                ),
+                Series(
+                    "the study's A",
+                    factors,
+                    [label_smoothing_entropy(a, c) for a in factors],
+                    linestyle="none",
+                    color="tab:red",
+                ),
+            ],
+            xlabel="smoothing factor A",
+            ylabel="entropy (nats)",
+            title=f"{rep.data_title}: entropy of label-smoothed targets ({c} classes)",
+            references=[Reference(ln_c, f"ln C = {ln_c:.3f}")],
+        ),
+        f"{rep.data_title}: entropy of (1 - A) onehot + A / C against A (thesis figure 5.1)",
+    )
     for t in teachers:
         per_class = t.get("per_class_entropy") or []
         temps = [float(x) for x in t.get("entropy_T") or []]
         if not per_class or len(per_class) != len(temps):
             continue
-        from rbkd.analysis.plots import _CLASS_COLORS, Reference
-
         series = [
             Series(
                 names[k] if k < len(names) else str(k),
                 temps,
                 [row[k] for row in per_class],
-                color=_CLASS_COLORS[k % len(_CLASS_COLORS)],
+                color=CLASS_COLORS[k % len(CLASS_COLORS)],
                 marker="",
                 linewidth=1.5,
             )
@@ -916,7 +946,7 @@ def _section_batch_sweep(rep: _Report) -> None:
                 max_entropy=math.log(c),
                 labels={**names, **rep.labels},
                 bold=[t["name"] for t in smalls],
-                title=f"{what}, {e_max} epochs: entropy vs temperature by batch size",
+                title=f"{what}, {e_max} epochs: entropy vs T by batch size",
             ),
             f"{what}: entropy against T for each batch size ({e_max} epochs)",
         )
