@@ -4,8 +4,11 @@ One op per module; each exposes host launchers taking torch tensors:
 
     temperature_softmax_forward(x, T, log) / temperature_softmax_backward(y, grad, T, log)
     kd_loss_forward(student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index,
-                    grad_scale, need_grad) -> (loss[N] float32, grad[N, C] | None)
-    soft_label_entropy_forward(x, temps, kind, normalize) -> [K, N] float32
+                    grad_scale, need_grad, probs_tol) -> (loss[N] float32, grad[N, C] | None)
+    scale_rows_(grad, scale)  # grad *= scale in place, scale read on the device
+    soft_label_entropy_forward(x, temps, kind, normalize, probs_tol) -> [K, N] float32
+
+Triton is an optional dependency (`pip install rbkd[gpu]`).
 
 Importing this package never fails: without Triton (or with a broken install) TRITON_AVAILABLE is
 False, TRITON_IMPORT_ERROR says why, and the launchers are absent.
@@ -21,7 +24,7 @@ else:
     TRITON_AVAILABLE = True
 
 if TRITON_AVAILABLE:
-    from .kd_loss import kd_loss_forward
+    from .kd_loss import kd_loss_forward, scale_rows_
     from .soft_label_entropy import soft_label_entropy_forward
     from .temperature_softmax import temperature_softmax_backward, temperature_softmax_forward
 
@@ -29,6 +32,7 @@ __all__ = [
     "TRITON_AVAILABLE",
     "TRITON_IMPORT_ERROR",
     "kd_loss_forward",
+    "scale_rows_",
     "soft_label_entropy_forward",
     "temperature_softmax_backward",
     "temperature_softmax_forward",

@@ -5,7 +5,10 @@
     dL/dz_j = (1 - a) * (softmax(z)_j - [j == y]) + a * s / T * (p_s_j - p_t_j)
 
 CE uses the untempered student logits; without labels there is no CE term and a = 1. Rows whose
-label is ignore_index, or outside [0, C), get loss 0 and gradient 0. The gradient (times
+label is ignore_index get loss 0 and gradient 0 and are not read. The non-finite rule (README):
+a counted row with a label outside [0, C), T outside (0, KD_MAX_T], alpha outside [0, 1], a
+student or teacher row with NaN or +inf or no finite value, or a probs / log_probs row whose mass
+is off 1 by more than probs_tol gets loss NaN and a NaN gradient row. The gradient (times
 grad_scale) is written during the forward, Liger-style, so the backward is a scale or a no-op and
 the [N, C] probabilities are never stored.
 
@@ -33,13 +36,15 @@ from ._launch import (
 )
 
 TEACHER_LOGITS, TEACHER_PROBS, TEACHER_LOG_PROBS = 0, 1, 2
+# rbkd.ops.validation.KD_MAX_TEMPERATURE: above it the float32 KL loses its digits.
+KD_MAX_T = tl.constexpr(100.0)
 
 
 @triton.jit
 def _kd_loss_fwd_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, labels_ptr, ignore_index,
     T_ptr, T_scalar, alpha_ptr, alpha_scalar, gs_ptr, gs_scalar,
-    loss_ptr, grad_ptr, C,
+    loss_ptr, grad_ptr, C, probs_tol,
     TEACHER_KIND: tl.constexpr, HAS_LABELS: tl.constexpr, T_ROWS: tl.constexpr,
     ALPHA_ROWS: tl.constexpr, T_SQUARED: tl.constexpr, GS_PTR: tl.constexpr,
     NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -50,20 +55,27 @@ def _kd_loss_fwd_kernel(
     cols = tl.arange(0, BLOCK)
 
     T = tl.load(T_ptr + row) if T_ROWS else T_scalar
+    # Rows that break the non-finite rule get NaN; NaN parameters fail these compares too.
+    bad = (T <= 0.0) | ~(T <= KD_MAX_T)
+    T = tl.where(bad, 1.0, T)
     inv_t = 1.0 / T
     s = T * T if T_SQUARED else 1.0
     if HAS_LABELS:
         alpha = tl.load(alpha_ptr + row) if ALPHA_ROWS else alpha_scalar
-        y = tl.load(labels_ptr + row)
-        # Out-of-range labels are ignored rather than trusted: the kernel never reads z[y] there.
-        valid = (y != ignore_index) & (y >= 0) & (y < C)
-        y = tl.where(valid, y, 0)
-        # An ignored row reads nothing: pass 1 runs no iterations and pass 2's loads are masked
-        # off (it still runs to write the zero gradient). Padding rows are common in LM batches.
-        C_read = tl.where(valid, C, 0)
+        bad |= (alpha < 0.0) | ~(alpha <= 1.0)
+        y = tl.load(labels_ptr + row).to(tl.int64)  # int64 or int32 labels
+        ignored = y == ignore_index
+        in_range = (y >= 0) & (y < C)
+        bad = (bad | ~in_range) & ~ignored
+        # The kernel never reads z[y] for a label outside [0, C).
+        y = tl.where(in_range, y, 0)
+        # An ignored (or bad) row reads nothing: pass 1 runs no iterations and pass 2's loads are
+        # masked off (it still runs to write the gradient). Padding rows are common in LM batches.
+        C_read = tl.where(ignored | bad, 0, C)
     else:
         alpha = 1.0
-        C_read = C
+        ignored = row < 0  # never: every row counts
+        C_read = tl.where(bad, 0, C)
 
     # Pass 1: per-lane online normalizers. The student lanes share one running max m_z for z/T
     # and for z (max(z/T) = max(z)/T for T > 0).
@@ -91,7 +103,14 @@ def _kd_loss_fwd_kernel(
         if TEACHER_KIND == 0:
             t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
             m_t, d_t = online_lse_update(m_t, d_t, t, inv_t)
+        elif TEACHER_KIND == 1:  # the mass of the row, checked below
+            d_t += tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            d_t += tl.exp(tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32))
     M_z, D_s = lane_lse_combine(m_z, d_s, inv_t)
+    # Usable rows: a finite max (then D >= 1, the max contributing exp(0)). NaN entries make D
+    # NaN, no finite entry leaves it 0, and +inf makes it NaN through inf - inf in the combine.
+    bad |= ~(D_s >= 1.0)
     log_ds = tl.log(D_s)
     if HAS_LABELS:
         _, D_c = lane_lse_combine(m_z, d_c, 1.0)
@@ -99,6 +118,10 @@ def _kd_loss_fwd_kernel(
     if TEACHER_KIND == 0:
         M_t, D_t = lane_lse_combine(m_t, d_t, inv_t)
         log_dt = tl.log(D_t)
+        bad |= ~(D_t >= 1.0)
+    else:
+        bad |= ~(tl.abs(tl.sum(d_t, 0) - 1.0) <= probs_tol)
+    bad = bad & ~ignored
 
     if NEED_GRAD:
         gs = tl.load(gs_ptr) if GS_PTR else gs_scalar
@@ -132,8 +155,8 @@ def _kd_loss_fwd_kernel(
             if HAS_LABELS:
                 p_1 = tl.exp(z - M_z - log_dc)
                 g += ce_g * (p_1 - tl.where(offs == y, 1.0, 0.0))
-                # Ignored rows computed NaN from their empty normalizers; they store zeros.
-                g = tl.where(valid, g, 0.0)
+            # Ignored rows computed NaN from their empty normalizers; they store zeros.
+            g = tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
             tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
     # A zero weight drops its term outright, so alpha = 1 with an infinite CE (or alpha = 0 with
@@ -141,11 +164,27 @@ def _kd_loss_fwd_kernel(
     kd_w = alpha * s
     loss = tl.where(kd_w != 0.0, kd_w * tl.sum(kl, 0), 0.0)
     if HAS_LABELS:
-        z_y = tl.load(s_row + y, mask=valid, other=0.0).to(tl.float32)
+        z_y = tl.load(s_row + y, mask=C_read > 0, other=0.0).to(tl.float32)
         ce = M_z + log_dc - z_y
         loss += tl.where(alpha != 1.0, (1.0 - alpha) * ce, 0.0)
-        loss = tl.where(valid, loss, 0.0)
+    loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
     tl.store(loss_ptr + row, loss)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, scale_ptr, C, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """g[row] *= scale (per row, or one scalar), read on the device; a row whose scale is 1 is
+    not touched, so loss.backward() on a scalar loss costs no pass over the gradient."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row) if PER_ROW else tl.load(scale_ptr)
+    if scale != 1.0:
+        g_row = g_ptr + row * C
+        cols = tl.arange(0, BLOCK)
+        for start in range(0, C, BLOCK):
+            offs = start + cols
+            mask = offs < C
+            g = tl.load(g_row + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_row + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def kd_loss_forward(
@@ -159,13 +198,14 @@ def kd_loss_forward(
     ignore_index: int,
     grad_scale: float | torch.Tensor,
     need_grad: bool,
+    probs_tol: float = 1e-3,
     block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row KD loss (float32 [N]) and, when need_grad, dL_i/dz_i * grad_scale ([N, C], in
     the student's dtype), from one launch.
 
     student, teacher: [N, C] with unit column stride (any row stride; dtypes may differ).
-    labels: None or int64 [N]. T, alpha: float or float32 [N] on the device. grad_scale: float
+    labels: None or int64 / int32 [N]. T, alpha: float or float32 [N] on the device. grad_scale: float
     or float32 0-dim device tensor, read by the kernel (no host sync).
     """
     N, C = student.shape
@@ -193,9 +233,23 @@ def kd_loss_forward(
             student, student.stride(0), teacher, teacher.stride(0),
             labels if has_labels else loss, int(ignore_index),
             T_ptr, T_scalar, alpha_ptr, alpha_scalar, gs_ptr, gs_scalar,
-            loss, grad if need_grad else loss, C,
+            loss, grad if need_grad else loss, C, float(probs_tol),
             TEACHER_KIND=int(teacher_kind), HAS_LABELS=has_labels, T_ROWS=T_rows,
             ALPHA_ROWS=alpha_rows, T_SQUARED=bool(t_squared), GS_PTR=gs_is_ptr,
             NEED_GRAD=bool(need_grad), BLOCK=block, num_warps=pick_num_warps(block),
         )  # fmt: skip
     return loss, grad
+
+
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor, block_size: int | None = None) -> None:
+    """grad [N, C] (contiguous) *= scale in place, scale a float32 [1] or [N] device tensor,
+    without reading it on the host; rows whose scale is 1 are skipped on the device."""
+    N, C = grad.shape
+    if N == 0 or C == 0:
+        return
+    block = pick_block(C, MAX_BLOCK_KD, block_size)
+    with device_guard(grad):
+        _scale_rows_kernel[(N,)](
+            grad, scale, C, PER_ROW=scale.numel() != 1, BLOCK=block,
+            num_warps=pick_num_warps(block),
+        )  # fmt: skip

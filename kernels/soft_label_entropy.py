@@ -13,6 +13,9 @@ Per temperature the program carries an online pair (D, B) relative to the runnin
 
 (B <= 0, so H is a sum of two non-negative terms: no cancellation). When the max moves from m
 to m' every u shifts by c = (m - m') / T: D <- e^c D, B <- e^c (B + c D).
+
+The non-finite rule (README): a row with NaN or +inf or no finite value, a temperature that is
+not finite and > 0, or (kind 1) a row whose mass is off 1 by more than probs_tol has entropy NaN.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ def _entropy_logits_kernel(
     cols = tl.arange(0, BLOCK)
     ks = tl.arange(0, K_PAD)
     kmask = ks < K
-    # Padding temperatures compute with T = 1 and are never stored.
-    inv_t = 1.0 / tl.load(temps_ptr + ks, mask=kmask, other=1.0)
+    # Padding temperatures compute with T = 1 and are never stored; bad ones too, then give NaN.
+    temps = tl.load(temps_ptr + ks, mask=kmask, other=1.0)
+    t_ok = (temps > 0.0) & (temps < float("inf"))
+    inv_t = 1.0 / tl.where(t_ok, temps, 1.0)
 
     # The max is a property of x, shared by all temperatures (T > 0); a scalar per row.
     m = tl.full([], NEG_FLT_MAX, tl.float32)
@@ -67,22 +72,29 @@ def _entropy_logits_kernel(
         B += tl.sum(tl.where(e > 0.0, e * u, 0.0), 1)
         m = m_new
     H = tl.log(D) - B / D
-    tl.store(out_ptr + ks.to(tl.int64) * N + row, H * inv_log_c, mask=kmask)
+    # A finite max gives D >= 1; NaN entries make D NaN, no finite entry leaves it 0, and +inf
+    # makes D NaN through inf - inf.
+    ok = (D >= 1.0) & t_ok
+    H = tl.where(ok, H * inv_log_c, float("nan"))
+    tl.store(out_ptr + ks.to(tl.int64) * N + row, H, mask=kmask)
 
 
 @triton.jit
 def _entropy_probs_kernel(
-    x_ptr, x_row_stride, out_ptr, K, N, C, inv_log_c, BLOCK: tl.constexpr,
+    x_ptr, x_row_stride, out_ptr, K, N, C, inv_log_c, probs_tol, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     cols = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
+    mass = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         offs = start + cols
         p = tl.load(x_row + offs, mask=offs < C, other=0.0).to(tl.float32)
         acc += tl.where(p > 0.0, -p * tl.log(p), 0.0)
-    H = tl.sum(acc, 0) * inv_log_c
+        mass += p
+    ok = tl.abs(tl.sum(mass, 0) - 1.0) <= probs_tol  # NaN and inf fail it
+    H = tl.where(ok, tl.sum(acc, 0) * inv_log_c, float("nan"))
     # The op's shape is [K, N] whatever the kind; K copies cost K scalar stores per row.
     out_k = out_ptr + row
     for _ in range(0, K):
@@ -95,6 +107,7 @@ def soft_label_entropy_forward(
     temps: torch.Tensor | None,
     kind: int,
     normalize: bool,
+    probs_tol: float = 1e-3,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Entropies of the rows of x ([N, C], unit column stride) as float32 [K, N].
@@ -114,7 +127,7 @@ def soft_label_entropy_forward(
         block = pick_block(C, MAX_BLOCK_SOFTMAX, block_size)
         with device_guard(x):
             _entropy_probs_kernel[(N,)](
-                x, x.stride(0), out, K, N, C, inv_log_c,
+                x, x.stride(0), out, K, N, C, inv_log_c, float(probs_tol),
                 BLOCK=block, num_warps=pick_num_warps(block),
             )  # fmt: skip
         return out

@@ -1,7 +1,6 @@
 """The CPU kernels (rbkd._C through rbkd.ops.backends.cpu) against float64 torch math written here.
 
-The kernels share their numerics with the CUDA ones (csrc/common), so these cases also cover the
-math the GPU runs. Inputs are rounded to the tested dtype first and the float64 oracle reads the
+Inputs are rounded to the tested dtype first and the float64 oracle reads the
 same rounded values; outputs written in float16/bfloat16 get that dtype's tolerance, float32
 outputs (losses, entropies) a float32 one whatever the input dtype.
 """
@@ -17,6 +16,7 @@ cpu = pytest.importorskip("rbkd.ops.backends.cpu")
 if not cpu.is_available():  # pragma: no cover - depends on the build
     pytest.skip("rbkd._C is not built", allow_module_level=True)
 from rbkd import _C  # noqa: E402
+from rbkd.ops.validation import probs_tolerance  # noqa: E402
 
 INF = float("inf")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -124,8 +124,9 @@ def teacher_of(kind, c, n, dtype, seed, strided=False, T=2.0):
 
 def run_kd(z, t, labels, T, alpha, kind, t_squared=True, ignore_index=-100, grad_scale=0.5):
     loss, grad = cpu.kd_loss_forward(
-        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True
-    )
+        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True,
+        probs_tolerance(t.dtype),
+    )  # fmt: skip
     ref_loss, ref_grad = oracle_kd(
         z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale
     )
@@ -251,13 +252,16 @@ def test_kd_ignored_and_out_of_range_labels(c):
     labels = torch.full((50,), -100)
     loss, grad, _, _ = run_kd(z, t, labels, 2.0, 0.5, 0)
     assert (loss == 0).all() and (grad == 0).all(), "all rows ignored"
-    # Labels outside [0, C) that are not ignore_index are ignored too (and never read).
+    # Labels outside [0, C) that are not ignore_index follow the non-finite rule: NaN loss and
+    # NaN gradient row (and z[y] is never read); the other rows are unaffected.
     labels = torch.tensor([c, c + 5, -1, -7, 2**40, 0] * 8 + [1, -100])
     loss, grad, ref_loss, ref_grad = run_kd(z, t, labels, 2.0, 0.5, 0)
-    bad = (labels < 0) | (labels >= c)
-    assert (loss[bad] == 0).all() and (grad[bad] == 0).all()
-    assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
-    assert_close(grad, ref_grad, grad_tol(torch.float32, ref_grad), "grad")
+    bad = ((labels < 0) | (labels >= c)) & (labels != -100)
+    assert loss[bad].isnan().all() and grad[bad].isnan().all()
+    assert loss[-1] == 0 and (grad[-1] == 0).all()
+    good = ~bad
+    assert_close(loss[good], ref_loss[good], loss_tol(ref_loss[good]), "loss")
+    assert_close(grad[good], ref_grad[good], grad_tol(torch.float32, ref_grad[good]), "grad")
 
 
 def test_kd_no_grad_and_tensor_grad_scale():
@@ -324,8 +328,10 @@ def test_entropy_logits(n, c, dtype, normalize):
 @pytest.mark.parametrize("c", CS)
 def test_entropy_probs(c, normalize):
     x = torch.softmax(rand_rows(30, c, torch.float32, seed=c), -1)
-    x[:, 0] = 0.0  # an exact zero: 0 * log 0 = 0
-    out = cpu.entropy_forward(x, torch.ones(1), 1, normalize)
+    if c > 1:
+        x[:, 0] = 0.0  # an exact zero: 0 * log 0 = 0
+        x = x / x.sum(-1, keepdim=True)
+    out = cpu.entropy_forward(x, torch.ones(1), 1, normalize, probs_tolerance(x.dtype))
     ref = oracle_entropy(x, torch.ones(1), 1, normalize)
     assert_close(out, ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
 
@@ -353,9 +359,9 @@ def test_entropy_small_c_tail_rows_and_minus_inf(c, dtype):
         assert bool((out[:, 6] == 0).all())
     p = torch.softmax(rand_rows(n, c, torch.float32, seed=c), -1)
     p[::2, 0] = 0.0
-    p = p.to(dtype)
+    p = (p / p.sum(-1, keepdim=True)).to(dtype)
     for normalize in (False, True):
-        out = cpu.entropy_forward(p, torch.ones(3), 1, normalize)
+        out = cpu.entropy_forward(p, torch.ones(3), 1, normalize, probs_tolerance(dtype))
         ref = oracle_entropy(p, torch.ones(1), 1, normalize)
         assert out.shape == (3, n)
         for k in range(3):
@@ -392,9 +398,12 @@ def test_bindings_reject_bad_arguments():
     loss = torch.empty(2)
     with pytest.raises(ValueError, match=r"kd_loss_fwd: teacher_kind 5 is not one of"):
         _C.kd_loss_fwd(x.data_ptr(), 0, 3, x.data_ptr(), 0, 3, 5, 0, -100, 1.0, 0, 0.5, 0, True,
-                       2, 3, loss.data_ptr(), 0, 1.0, 0, 1)  # fmt: skip
+                       2, 3, loss.data_ptr(), 0, 1.0, 0, 1e-3, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="kd_loss_fwd: probs_tol must be >= 0"):
+        _C.kd_loss_fwd(x.data_ptr(), 0, 3, x.data_ptr(), 0, 3, 1, 0, -100, 1.0, 0, 0.5, 0, True,
+                       2, 3, loss.data_ptr(), 0, 1.0, 0, -1.0, 1)  # fmt: skip
     with pytest.raises(ValueError, match="soft_label_entropy_fwd: temps is a null pointer"):
-        _C.soft_label_entropy_fwd(x.data_ptr(), 0, 3, 0, 0, 2, 2, 3, out.data_ptr(), False, 1)
+        _C.soft_label_entropy_fwd(x.data_ptr(), 0, 3, 0, 0, 2, 2, 3, out.data_ptr(), False, 1e-3, 1)
     # N = 0 touches no memory, so null pointers are fine there.
     _C.temperature_softmax_fwd(0, 0, 3, 0, 0, 3, 1.0, False, 1)
 

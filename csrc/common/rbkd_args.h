@@ -1,6 +1,5 @@
-// Arguments of the four entry points (csrc/README.md), as the bindings hand them to the CPU and
-// CUDA launchers. Pointers are host pointers for CPU and device pointers for CUDA; strides and
-// sizes count elements.
+// Arguments of the four entry points (csrc/README.md), as the bindings hand them to the CPU
+// launchers. Strides and sizes count elements.
 #pragma once
 
 #include <stdint.h>
@@ -47,7 +46,8 @@ struct KdLossArgs {
   float* loss;  // [N]
   void* grad;   // [N, C] contiguous in s_dtype, or null
   float grad_scale;
-  const float* grad_scale_ptr;  // device scalar (CUDA only) or null
+  const float* grad_scale_ptr;  // float32 scalar read by the kernel, or null (then grad_scale)
+  float probs_tol;  // probs / log_probs teacher rows must sum to 1 within this, else the row is NaN
 };
 
 struct EntropyArgs {
@@ -59,6 +59,7 @@ struct EntropyArgs {
   int64_t K, N, C;
   float* out;  // [K, N]
   bool normalize;
+  float probs_tol;  // kind 1: rows must sum to 1 within this, else their entropy is NaN
 };
 
 }  // namespace rbkd

@@ -1,6 +1,6 @@
-// The pybind11 boundary shared by rbkd._C and rbkd._C_cuda: the four entry points with the ABI's
-// argument order (csrc/README.md), every argument checked and named in the error, the GIL released
-// around the kernel. `Launch` supplies the kernels and the name and meaning of the last argument.
+// The pybind11 boundary of rbkd._C: the four entry points with the ABI's argument order
+// (csrc/README.md), every argument checked and named in the error, the GIL released around the
+// kernel. `Launch` supplies the kernels and the name and meaning of the last argument.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -109,7 +109,7 @@ void define_entry_points(py::module_& m) {
          int64_t t_row_stride, int teacher_kind, uintptr_t labels, int64_t ignore_index, double T,
          uintptr_t T_rows, double alpha, uintptr_t alpha_rows, bool t_squared, int64_t N,
          int64_t C, uintptr_t loss, uintptr_t grad, double grad_scale, uintptr_t grad_scale_ptr,
-         int64_t last) {
+         double probs_tol, int64_t last) {
         const char* op = "kd_loss_fwd";
         check_dtype(op, "s_dtype", s_dtype);
         check_dtype(op, "t_dtype", t_dtype);
@@ -126,6 +126,7 @@ void define_entry_points(py::module_& m) {
         check_ptr(op, "teacher", teacher, touches);
         check_ptr(op, "loss", loss, N > 0);
         if (T_rows == 0) check_temperature(op, "T", T);
+        if (!(probs_tol >= 0.0)) fail(op, "probs_tol must be >= 0, got " + std::to_string(probs_tol));
         if (alpha_rows == 0 && !std::isfinite(alpha)) {
           fail(op, "alpha must be finite, got " + std::to_string(alpha));
         }
@@ -149,20 +150,22 @@ void define_entry_points(py::module_& m) {
                            reinterpret_cast<float*>(loss),
                            reinterpret_cast<void*>(grad),
                            static_cast<float>(grad_scale),
-                           cptr<float>(grad_scale_ptr)};
+                           cptr<float>(grad_scale_ptr),
+                           static_cast<float>(probs_tol)};
         py::gil_scoped_release nogil;
         Launch::kd_loss(a, last);
       },
       arg("student"), arg("s_dtype"), arg("s_row_stride"), arg("teacher"), arg("t_dtype"),
       arg("t_row_stride"), arg("teacher_kind"), arg("labels"), arg("ignore_index"), arg("T"),
       arg("T_rows"), arg("alpha"), arg("alpha_rows"), arg("t_squared"), arg("N"), arg("C"),
-      arg("loss"), arg("grad"), arg("grad_scale"), arg("grad_scale_ptr"), arg(Launch::kLastArg),
+      arg("loss"), arg("grad"), arg("grad_scale"), arg("grad_scale_ptr"), arg("probs_tol"),
+      arg(Launch::kLastArg),
       "Per-row KD loss[N] (float32) and, when grad != 0, dL/dz * grad_scale in the same pass.");
 
   m.def(
       "soft_label_entropy_fwd",
       [](uintptr_t x, int x_dtype, int64_t x_row_stride, int kind, uintptr_t temps, int64_t K,
-         int64_t N, int64_t C, uintptr_t out, bool normalize, int64_t last) {
+         int64_t N, int64_t C, uintptr_t out, bool normalize, double probs_tol, int64_t last) {
         const char* op = "soft_label_entropy_fwd";
         check_dtype(op, "x_dtype", x_dtype);
         if (kind != 0 && kind != 1) {
@@ -177,12 +180,13 @@ void define_entry_points(py::module_& m) {
         check_ptr(op, "out", out, N > 0 && K > 0);
         Launch::check_last(op, last);
         const EntropyArgs a{cptr<void>(x), x_dtype, x_row_stride, kind, cptr<float>(temps),
-                            K, N, C, reinterpret_cast<float*>(out), normalize};
+                            K, N, C, reinterpret_cast<float*>(out), normalize,
+                            static_cast<float>(probs_tol)};
         py::gil_scoped_release nogil;
         Launch::entropy(a, last);
       },
       arg("x"), arg("x_dtype"), arg("x_row_stride"), arg("kind"), arg("temps"), arg("K"),
-      arg("N"), arg("C"), arg("out"), arg("normalize"), arg(Launch::kLastArg),
+      arg("N"), arg("C"), arg("out"), arg("normalize"), arg("probs_tol"), arg(Launch::kLastArg),
       "out[K, N] (float32): entropy in nats of softmax(x / T_k) (kind 0) or of the rows (kind 1).");
 }
 

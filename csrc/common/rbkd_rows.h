@@ -1,4 +1,4 @@
-// Per-row formulas shared by the CPU and the CUDA kernels (the math of csrc/README.md).
+// Per-row formulas of the CPU kernels (the math of csrc/README.md), kept apart from the loops.
 //
 // A row is reduced to a few float32 numbers: maxima m, sums S = sum_j exp((x_j - m) * scale) and
 // the KL accumulator A; the functions here update, combine and finish them. Conventions:
@@ -94,9 +94,27 @@ RBKD_HD RBKD_INLINE float row_param(const float* rows, float scalar, int64_t i) 
   return rows != nullptr ? rows[i] : scalar;
 }
 
-// A label takes part when it is not ignore_index and lies in [0, C); anything else is ignored.
-RBKD_HD RBKD_INLINE bool label_valid(int64_t y, int64_t ignore_index, int64_t C) {
-  return y != ignore_index && y >= 0 && y < C;
+// ---- the non-finite rule (README, "The loss convention") --------------------------------------
+// A counted row (label not ignore_index) gets a NaN loss and a NaN gradient row when a value it
+// depends on is not usable: a label outside [0, C), T not in (0, kKdMaxTemperature], alpha not in
+// [0, 1], student logits or teacher with NaN or +inf or no finite entry, or probs / log-probs
+// rows whose mass is not 1 within probs_tol. Ignored rows are never read and stay 0.
+
+// Above this T the float32 KL loses its digits (the error grows as T^2 * 1e-7: 5e-5 relative at
+// T = 100, 3e-3 at 1000, 1e3 at 1e6; measured against float64), so kd_loss refuses it.
+// rbkd/ops/validation.py holds the same number (KD_MAX_TEMPERATURE).
+constexpr float kKdMaxTemperature = 100.0f;
+
+RBKD_HD RBKD_INLINE bool kd_params_ok(float T, float alpha) {
+  return T > 0.0f && T <= kKdMaxTemperature && alpha >= 0.0f && alpha <= 1.0f;  // NaN fails
 }
+
+// A row of logits folded into (max m, sum S of exp((x - m) * scale)) is usable when its max is
+// finite (S >= 1 then: the max contributes exp(0)); NaN entries make S NaN, no finite entry
+// leaves S at 0 or NaN, +inf makes m infinite.
+RBKD_HD RBKD_INLINE bool logits_row_ok(float m, float S) { return S >= 1.0f && m < INFINITY; }
+
+// Probabilities (or exp of log-probabilities) summing to S: usable when |S - 1| <= tol.
+RBKD_HD RBKD_INLINE bool mass_ok(float S, float tol) { return fabsf(S - 1.0f) <= tol; }
 
 }  // namespace rbkd

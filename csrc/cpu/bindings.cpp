@@ -1,6 +1,7 @@
 // rbkd._C: the CPU kernels; the last argument of every entry point is num_threads.
 #include <string>
 
+#include "cpu_common.h"
 #include "cpu_kernels.h"
 #include "rbkd_bind.h"
 
@@ -32,6 +33,13 @@ struct CpuLaunch {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rbkd CPU kernels (C++17 + OpenMP); see csrc/README.md for the ABI.";
   rbkd::bind::define_entry_points<CpuLaunch>(m);
+  pybind11::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const rbkd::cpu::ScratchAllocError& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
+    }
+  });
 #ifdef _OPENMP
   m.attr("has_openmp") = true;
 #else

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "rbkd_numerics.h"
 
@@ -39,8 +41,18 @@ inline int pick_threads(int num_threads, int64_t work, int64_t tasks) {
   return static_cast<int>(nt);
 }
 
+// A thread could not get its row scratch. Thrown after the parallel region (never inside it);
+// rbkd._C turns it into a Python MemoryError.
+struct ScratchAllocError : std::runtime_error {
+  ScratchAllocError(const char* op, int64_t bytes)
+      : std::runtime_error(std::string(op) + ": could not allocate " + std::to_string(bytes) +
+                           " bytes of row scratch per thread; free memory or use fewer threads "
+                           "(torch.set_num_threads)") {}
+};
+
 // Grow-only, 64-byte aligned float scratch owned by the calling thread (OpenMP threads persist,
 // so a row-sized buffer is allocated once rather than mmap'ed and faulted in on every call).
+// Returns nullptr when the allocation fails (the caller reports ScratchAllocError).
 inline float* thread_scratch(int64_t n_floats) {
   struct Buffer {
     float* data = nullptr;
@@ -50,9 +62,11 @@ inline float* thread_scratch(int64_t n_floats) {
   thread_local Buffer buf;
   if (buf.size < n_floats) {
     free(buf.data);
+    // aligned_alloc needs a size that is a multiple of the alignment: rounded up to 64 bytes.
     const int64_t bytes = ((n_floats * 4 + 63) / 64) * 64;
     buf.data = static_cast<float*>(aligned_alloc(64, static_cast<size_t>(bytes)));
     buf.size = buf.data != nullptr ? n_floats : 0;
+    if (buf.data == nullptr) return nullptr;
   }
   return buf.data;
 }

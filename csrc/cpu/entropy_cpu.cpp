@@ -23,10 +23,13 @@ RBKD_CLONES void entropy_row(const EntropyArgs& a, int64_t i, float norm, float*
   float m;
   const float* x = row_as_float(row, a.dtype, scratch, C, &m);
   if (a.kind != 0) {
-    float B = 0.0f;
-#pragma omp simd reduction(+ : B)
-    for (int64_t j = 0; j < C; ++j) B += entropy_term(x[j], fast_log(x[j]));
-    const float H = entropy_finish_probs(B) * norm;
+    float B = 0.0f, S = 0.0f;
+#pragma omp simd reduction(+ : B, S)
+    for (int64_t j = 0; j < C; ++j) {
+      B += entropy_term(x[j], fast_log(x[j]));
+      S += x[j];
+    }
+    const float H = mass_ok(S, a.probs_tol) ? entropy_finish_probs(B) * norm : NAN;
     for (int64_t k = 0; k < a.K; ++k) a.out[k * a.N + i] = H;
     return;
   }
@@ -40,7 +43,7 @@ RBKD_CLONES void entropy_row(const EntropyArgs& a, int64_t i, float norm, float*
       S += e;
       B += entropy_term(e, xs);
     }
-    a.out[k * a.N + i] = entropy_finish_logits(S, B) * norm;
+    a.out[k * a.N + i] = logits_row_ok(m, S) ? entropy_finish_logits(S, B) * norm : NAN;
   }
 }
 
@@ -88,23 +91,28 @@ RBKD_INLINE void entropy_tile_logits(int64_t C, const float (*x)[kLanes], const 
       }
     }
 #pragma omp simd
-    for (int r = 0; r < kLanes; ++r) h[r] = entropy_finish_logits(S[r], B[r]) * norm;
+    for (int r = 0; r < kLanes; ++r) {
+      h[r] = logits_row_ok(m[r], S[r]) ? entropy_finish_logits(S[r], B[r]) * norm : NAN;
+    }
     float* o = out + k * N + i0;
     for (int r = 0; r < rows; ++r) o[r] = h[r];
   }
 }
 
 RBKD_INLINE void entropy_tile_probs(int64_t C, const float (*x)[kLanes], int64_t K, float norm,
-                                    float* out, int64_t N, int64_t i0, int rows) {
-  alignas(64) float B[kLanes], h[kLanes];
+                                    float tol, float* out, int64_t N, int64_t i0, int rows) {
+  alignas(64) float B[kLanes], S[kLanes], h[kLanes];
 #pragma omp simd
-  for (int r = 0; r < kLanes; ++r) B[r] = 0.0f;
+  for (int r = 0; r < kLanes; ++r) B[r] = S[r] = 0.0f;
   for (int64_t j = 0; j < C; ++j) {
 #pragma omp simd
-    for (int r = 0; r < kLanes; ++r) B[r] += entropy_term(x[j][r], fast_log(x[j][r]));
+    for (int r = 0; r < kLanes; ++r) {
+      B[r] += entropy_term(x[j][r], fast_log(x[j][r]));
+      S[r] += x[j][r];
+    }
   }
 #pragma omp simd
-  for (int r = 0; r < kLanes; ++r) h[r] = entropy_finish_probs(B[r]) * norm;
+  for (int r = 0; r < kLanes; ++r) h[r] = mass_ok(S[r], tol) ? entropy_finish_probs(B[r]) * norm : NAN;
   for (int64_t k = 0; k < K; ++k) {
     float* o = out + k * N + i0;
     for (int r = 0; r < rows; ++r) o[r] = h[r];
@@ -125,7 +133,7 @@ RBKD_CLONES void entropy_rows_small(const EntropyArgs& a, int64_t i0, const floa
     load_tile<kBFloat16>(a.x, a.x_row_stride, i0, rows, C, x);
   }
   if (a.kind != 0) {
-    entropy_tile_probs(C, x, a.K, norm, a.out, a.N, i0, rows);
+    entropy_tile_probs(C, x, a.K, norm, a.probs_tol, a.out, a.N, i0, rows);
   } else {
     entropy_tile_logits(C, x, inv_T, a.K, norm, a.out, a.N, i0, rows);
   }
@@ -154,12 +162,20 @@ void soft_label_entropy_fwd(const EntropyArgs& a, int num_threads) {
     return;
   }
   const int nt = pick_threads(num_threads, a.N * a.C * K * 2, a.N);
+  bool failed = false;
 #pragma omp parallel num_threads(nt)
   {
     float* scratch = thread_scratch(a.C);
+    if (scratch == nullptr) {
+#pragma omp atomic write
+      failed = true;
+    }
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.N; ++i) entropy_row(a, i, norm, scratch);
+    for (int64_t i = 0; i < a.N; ++i) {
+      if (scratch != nullptr) entropy_row(a, i, norm, scratch);
+    }
   }
+  if (failed) throw ScratchAllocError("soft_label_entropy_fwd", a.C * 4);
 }
 
 }  // namespace rbkd::cpu

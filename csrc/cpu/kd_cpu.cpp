@@ -26,9 +26,10 @@ RBKD_INLINE float sum(const float* x, int64_t n) {
 
 struct RowParams {
   float inv_T, alpha, kl_scale;
-  int64_t label;  // -1 when there is no CE term
-  bool valid;
-  int pow_T;  // T when it is an integer in [2, kMaxPowT], else 0
+  int64_t label;  // -1 when there is no CE term (or the label is not usable)
+  bool ignored;   // label == ignore_index: loss 0, gradient 0, nothing read
+  bool bad;       // a parameter breaks the non-finite rule (rbkd_rows.h): loss and gradient NaN
+  int pow_T;      // T when it is an integer in [2, kMaxPowT], else 0
 };
 
 // exp(z - m) = exp((z - m) / T)^T: for an integer T the CE exps are powers of the tempered ones
@@ -68,16 +69,34 @@ RBKD_INLINE RowParams row_params(const KdLossArgs& a, int64_t i) {
   p.kl_scale = a.t_squared ? T * T : 1.0f;
   p.alpha = a.labels != nullptr ? row_param(a.alpha_rows, a.alpha, i) : 1.0f;
   p.label = -1;
-  p.valid = true;
+  p.ignored = false;
+  p.bad = !kd_params_ok(T, p.alpha);
   p.pow_T = T >= 2.0f && T <= static_cast<float>(kMaxPowT) && T == static_cast<float>(static_cast<int>(T))
                 ? static_cast<int>(T)
                 : 0;
   if (a.labels != nullptr) {
     const int64_t y = a.labels[i];
-    p.valid = label_valid(y, a.ignore_index, a.C);
-    p.label = p.valid ? y : -1;
+    if (y == a.ignore_index) {
+      p.ignored = true;
+    } else if (y < 0 || y >= a.C) {
+      p.bad = true;  // never read z[y]
+    } else {
+      p.label = y;
+    }
   }
   return p;
+}
+
+// Writes `value` to every element of a gradient row of dtype `dtype`.
+RBKD_INLINE void fill_row(void* row, int dtype, int64_t n, float value) {
+  if (dtype == kFloat32) {
+    float* p = static_cast<float*>(row);
+    for (int64_t j = 0; j < n; ++j) p[j] = value;
+  } else {
+    const uint16_t v = dtype == kFloat16 ? float_to_half(value) : float_to_bf16(value);
+    uint16_t* p = static_cast<uint16_t*>(row);
+    for (int64_t j = 0; j < n; ++j) p[j] = v;
+  }
 }
 
 // grad_j = kd_grad(es_j / S_s, et_j / S_t, ece_j / S_ce, false, c), written as dtype D.
@@ -106,9 +125,9 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
   const int64_t s_size = dtype_size(a.s_dtype);
   void* g_row = a.grad != nullptr ? static_cast<char*>(a.grad) + i * C * s_size : nullptr;
   const RowParams rp = row_params(a, i);
-  if (!rp.valid) {
-    a.loss[i] = 0.0f;
-    if (g_row != nullptr) memset(g_row, 0, static_cast<size_t>(C * s_size));
+  if (rp.ignored || rp.bad) {
+    a.loss[i] = rp.bad ? NAN : 0.0f;
+    if (g_row != nullptr) fill_row(g_row, a.s_dtype, C, rp.bad ? NAN : 0.0f);
     return;
   }
   const bool has_ce = a.labels != nullptr;
@@ -191,6 +210,13 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
     }
   }
   if (!sep_ce) Sce = Ss;
+  const bool teacher_ok =
+      a.teacher_kind == kLogits ? logits_row_ok(mt, St) : mass_ok(St, a.probs_tol);
+  if (!(teacher_ok && logits_row_ok(mz, Ss))) {
+    a.loss[i] = NAN;
+    if (g_row != nullptr) fill_row(g_row, a.s_dtype, C, NAN);
+    return;
+  }
 
   const float kl = kl_finish(A, St, Ss, a.teacher_kind);
   const float ce = has_ce ? ce_finish(Sce, mz, z[rp.label]) : 0.0f;
@@ -280,8 +306,8 @@ template <int KIND, bool HAS_CE>
 RBKD_INLINE void kd_tile(int64_t C, const float (*z)[kLanes], const float (*t)[kLanes],
                          float (*g)[kLanes], const float* inv_T, const float* c_ce,
                          const float* c_kl, const int32_t* label, const float* valid, float* mz,
-                         float* Ss, float* mce, float* Sce, float* St, float* A, float* zy) {
-  alignas(64) float mt[kLanes];
+                         float* Ss, float* mce, float* Sce, float* St, float* mt, float* A,
+                         float* zy) {
   for (int r = 0; r < kLanes; ++r) {
     mz[r] = mce[r] = mt[r] = -INFINITY;
     Ss[r] = Sce[r] = St[r] = A[r] = zy[r] = 0.0f;
@@ -346,17 +372,23 @@ RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
   alignas(64) float inv_T[kLanes], alpha[kLanes], kl_scale[kLanes], c_ce[kLanes], c_kl[kLanes];
   alignas(64) int32_t label[kLanes];
   alignas(64) float valid[kLanes];
+  bool ignored[kLanes], bad[kLanes];
   const bool has_ce = a.labels != nullptr;
   const float gs = a.grad_scale_ptr != nullptr ? *a.grad_scale_ptr : a.grad_scale;
   for (int r = 0; r < kLanes; ++r) {
-    RowParams p{1.0f, 1.0f, 1.0f, -1, false, 0};
+    RowParams p{1.0f, 1.0f, 1.0f, -1, true, false, 0};
     if (r < rows) p = row_params(a, i0 + r);
-    inv_T[r] = p.inv_T;
-    alpha[r] = p.alpha;
-    kl_scale[r] = p.kl_scale;
+    const bool counted = !p.ignored && !p.bad;
+    ignored[r] = p.ignored;
+    bad[r] = p.bad;
+    // A bad row computes with T = 1, alpha = 1 in its lane (never NaN-poisoning the others'
+    // vectors) and is overwritten with NaN below.
+    inv_T[r] = counted ? p.inv_T : 1.0f;
+    alpha[r] = counted ? p.alpha : 1.0f;
+    kl_scale[r] = counted ? p.kl_scale : 1.0f;
     label[r] = static_cast<int32_t>(p.label);
-    valid[r] = p.valid ? 1.0f : 0.0f;
-    const KdGradCoef c = kd_grad_coef(p.alpha, p.kl_scale, p.inv_T, has_ce, p.valid ? gs : 0.0f);
+    valid[r] = counted ? 1.0f : 0.0f;
+    const KdGradCoef c = kd_grad_coef(alpha[r], kl_scale[r], inv_T[r], has_ce, counted ? gs : 0.0f);
     c_ce[r] = c.c_ce;
     c_kl[r] = c.c_kl;
   }
@@ -364,9 +396,9 @@ RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
   load_tile_any(a.t_dtype, a.teacher, a.t_row_stride, i0, rows, C, t);
 
   alignas(64) float mz[kLanes], Ss[kLanes], mce[kLanes], Sce[kLanes], St[kLanes], A[kLanes];
-  alignas(64) float zy[kLanes];
+  alignas(64) float zy[kLanes], mt[kLanes];
 #define RBKD_TILE(KIND, CE) \
-  kd_tile<KIND, CE>(C, z, t, g, inv_T, c_ce, c_kl, label, valid, mz, Ss, mce, Sce, St, A, zy)
+  kd_tile<KIND, CE>(C, z, t, g, inv_T, c_ce, c_kl, label, valid, mz, Ss, mce, Sce, St, mt, A, zy)
   const int kind = a.teacher_kind;
   if (has_ce) {
     if (kind == kLogits) RBKD_TILE(kLogits, true);
@@ -379,9 +411,16 @@ RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
   }
 #undef RBKD_TILE
   for (int r = 0; r < rows; ++r) {
+    const bool teacher_ok = kind == kLogits ? logits_row_ok(mt[r], St[r]) : mass_ok(St[r], a.probs_tol);
+    if (!ignored[r] && !(teacher_ok && logits_row_ok(mz[r], Ss[r]))) bad[r] = true;
     const float kl = kl_finish(A[r], St[r], Ss[r], kind);
     const float ce = has_ce ? ce_finish(Sce[r], mce[r], zy[r]) : 0.0f;
-    a.loss[i0 + r] = valid[r] != 0.0f ? kd_row_loss(ce, kl, alpha[r], kl_scale[r], has_ce) : 0.0f;
+    a.loss[i0 + r] = bad[r]       ? NAN
+                     : ignored[r] ? 0.0f
+                                  : kd_row_loss(ce, kl, alpha[r], kl_scale[r], has_ce);
+    if (bad[r]) {
+      for (int64_t j = 0; j < C; ++j) g[j][r] = NAN;
+    }
   }
   if (a.grad == nullptr) return;
   if (a.s_dtype == kFloat32) {
@@ -410,12 +449,20 @@ void kd_loss_fwd(const KdLossArgs& a, int num_threads) {
     return;
   }
   const int nt = pick_threads(num_threads, a.N * a.C * 4, a.N);
+  bool failed = false;
 #pragma omp parallel num_threads(nt)
   {
     float* scratch = thread_scratch(5 * a.C);
+    if (scratch == nullptr) {
+#pragma omp atomic write
+      failed = true;
+    }
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.N; ++i) kd_row(a, i, scratch);
+    for (int64_t i = 0; i < a.N; ++i) {
+      if (scratch != nullptr) kd_row(a, i, scratch);
+    }
   }
+  if (failed) throw ScratchAllocError("kd_loss_fwd", 5 * a.C * 4);
 }
 
 }  // namespace rbkd::cpu

@@ -6,7 +6,8 @@
     soft_label_entropy(logits, T=1.0, *, teacher_kind="logits", normalize=False)
 
 The backend is chosen per call from the tensors' device (see rbkd.ops.dispatch): the C++ CPU
-kernels, Triton or CUDA C++ on GPUs, and the pure-torch reference when nothing compiled exists.
+kernels, Triton on GPUs (the `gpu` extra), and the pure-torch reference when nothing compiled
+exists. On CUDA tensors no op synchronises the host unless RBKD_CHECKS=full (rbkd.ops.validation).
 """
 
 from __future__ import annotations
@@ -60,32 +61,43 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> Tensor:
-    """Knowledge-distillation loss of student logits [N, C] against a teacher [N, C].
+    """Knowledge-distillation loss of student logits [..., C] against a teacher of the same shape.
 
     Per row i:  L_i = (1 - a) * CE(z_i, y_i) + a * s * KL(p_t || p_s), with p_s = softmax(z_i / T),
     p_t = softmax(t_i / T) | t_i | exp(t_i) for teacher_kind "logits" | "probs" | "log_probs",
     s = T**2 if t_squared else 1 (Hinton et al. 2015; the thesis's eq. 3.5 is t_squared=False).
-    labels=None is pure distillation (a = 1). Rows labelled ignore_index contribute nothing and
-    leave the mean. T and alpha may be per-row 1-D tensors. The loss is float32; the gradient
-    flows to student_logits only, in its dtype.
+    Leading dimensions are flattened into rows (an LM's [batch, seq, vocab] works as is), and
+    labels (int64 or int32) have the leading shape. labels=None is pure distillation (a = 1).
+    Rows labelled ignore_index contribute nothing and leave the mean. T (at most
+    KD_MAX_TEMPERATURE = 100) and alpha may be per-row tensors of the leading shape. The loss is
+    float32 (reduction="none": the leading shape); the gradient flows to student_logits only, in
+    its dtype.
+
+    Non-finite rule: a counted row whose teacher or student holds NaN or +inf or no finite value,
+    whose probs / log_probs teacher row does not hold mass 1, or whose label, T or alpha is out of
+    range (where such values are not checked, see RBKD_CHECKS) gets a NaN loss and a NaN gradient
+    row, identically on every backend; the reduced loss is then NaN. RBKD_CHECKS=full raises
+    instead. No host synchronisation on a GPU unless RBKD_CHECKS=full.
     """
     v.check_kd_inputs(student_logits, teacher, labels)
-    n, c = student_logits.shape
+    lead, c = student_logits.shape[:-1], student_logits.shape[-1]
     if c == 0:
         raise ValueError("student_logits must have at least one class (C >= 1)")
     kind = v.check_choice("teacher_kind", teacher_kind, v.TEACHER_KINDS)
     red = v.check_choice("reduction", reduction, v.REDUCTIONS)
-    T = v.check_temperature("T", T, n, student_logits.device)
-    alpha = v.check_alpha(alpha, n, student_logits.device)
+    n = lead.numel()
+    device = student_logits.device
+    T = v.check_temperature("T", _per_row(T, lead), n, device, v.KD_MAX_TEMPERATURE)
+    alpha = v.check_alpha(_per_row(alpha, lead), n, device)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     T_rows, T_scalar = (T, 1.0) if isinstance(T, Tensor) else (None, T)
     a_rows, a_scalar = (alpha, 0.0) if isinstance(alpha, Tensor) else (None, alpha)
-    args = (
-        student_logits,
-        teacher.detach(),
-        labels,
+    loss = library.KDLoss.apply(
+        student_logits.reshape(n, c),
+        teacher.detach().reshape(n, c),
+        None if labels is None else labels.reshape(n),
         T_rows,
         T_scalar,
         a_rows,
@@ -96,9 +108,14 @@ def kd_loss(
         red,
         need_grad,
     )
-    if torch.compiler.is_compiling():
-        return library.kd_loss_op(*args)[0]
-    return library.KDLossFunction.apply(*args)
+    return loss.reshape(lead) if red == v.REDUCTIONS["none"] else loss
+
+
+def _per_row(value: object, lead: torch.Size) -> object:
+    """A per-row tensor given in the logits' leading shape, flattened to one value per row."""
+    if isinstance(value, Tensor) and value.dim() > 1 and value.shape == lead:
+        return value.reshape(-1)
+    return value
 
 
 def soft_label_entropy(
@@ -112,7 +129,8 @@ def soft_label_entropy(
 
     With K temperatures (a sequence or a 1-D tensor) the result is [K, N], computed reading the
     logits once. normalize=True divides by log(C). teacher_kind="probs" takes rows of
-    probabilities as they are (then T must be 1).
+    probabilities as they are (then T must be 1). A row with NaN or +inf or no finite value (or,
+    for "probs", whose mass is not 1) has entropy NaN; RBKD_CHECKS=full raises instead.
     """
     v.check_float_tensor("logits", logits, dims=2)
     if logits.shape[-1] == 0:
@@ -125,17 +143,21 @@ def soft_label_entropy(
                 f"T must be a float or a 1-D tensor of temperatures, got shape {tuple(T.shape)}"
             )
         many = T.dim() == 1
-        temps = T.detach().reshape(-1).to("cpu", torch.float32)
-    elif many:
-        values = list(T)
-        for t in values:
-            v.check_temperature("T", t, 0, logits.device)
-        temps = torch.tensor([float(t) for t in values], dtype=torch.float32)
+        temps = T.detach().reshape(-1)  # values checked in the op (on the host only for CPU)
+        if not temps.is_floating_point():
+            temps = temps.float()
     else:
-        temps = torch.tensor([v.check_temperature("T", T, 0, logits.device)], dtype=torch.float32)
-    if kind == 1 and bool((temps != 1).any()):
-        raise ValueError(
-            "teacher_kind='probs' takes rows of probabilities as they are: T must be 1"
-        )
+        values = list(T) if many else [T]
+        values = [v.check_temperature("T", t, 0, logits.device) for t in values]
+        if kind == 1 and any(t != 1 for t in values):
+            raise ValueError(
+                "teacher_kind='probs' takes rows of probabilities as they are: T must be 1"
+            )
+        temps = torch.tensor(values, dtype=torch.float32)
+    if temps.device != logits.device:
+        # A pinned, asynchronous copy: a plain host-to-GPU copy would synchronise the host.
+        if temps.device.type == "cpu" and logits.is_cuda:
+            temps = temps.pin_memory()
+        temps = temps.to(logits.device, non_blocking=True)
     out = library.soft_label_entropy_op(logits, temps, kind, bool(normalize))
     return out if many else out[0]

@@ -1,8 +1,8 @@
 """Choosing a backend, once, at the op boundary, from the tensors' device.
 
-`RBKD_BACKEND=auto|torch|cpu|triton|cuda` or `with use_backend(name):` names one. Auto sends CUDA
-tensors to Triton (the CUDA C++ kernels when Triton is missing) and CPU tensors to the C++ CPU
-kernels; the pure-torch reference serves only when no compiled backend can. A backend that was
+`RBKD_BACKEND=auto|torch|cpu|triton` or `with use_backend(name):` names one. Auto sends CUDA
+tensors to Triton (the pure-torch reference when Triton is not installed) and CPU tensors to the
+C++ CPU kernels; the pure-torch reference serves only when no compiled backend can. A backend that was
 named but cannot serve the tensors is an error, never a silent fallback.
 """
 
@@ -18,11 +18,11 @@ from types import ModuleType
 
 import torch
 
-BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
+BACKEND_NAMES = ("torch", "cpu", "triton")
 _MODULES = {
     name: f"rbkd.ops.backends.{'reference' if name == 'torch' else name}" for name in BACKEND_NAMES
 }
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("rbkd_backend", default=None)
 
 

@@ -1,13 +1,21 @@
 """Argument checks shared by the public ops. Each error names the argument and says what to do.
 
 Checks on shapes, dtypes and Python scalars run in the public wrappers (torch.compile traces them
-for free); checks on tensor *values* (labels in range, per-row temperatures, probability rows) run
-inside the registered ops, where they cost no graph break.
+for free). Checks on tensor *values* (labels in range, per-row temperatures and alphas,
+probability rows) need the values on the host, which on a GPU would stall the stream on every
+call; they run inside the registered ops, and only where that costs nothing or was asked for:
+
+    RBKD_CHECKS unset or "default": value checks for CPU tensors; none for CUDA tensors, whose
+                                   kernels give every bad row a defined result instead (NaN).
+    RBKD_CHECKS=full:              value checks on every device (a host sync per call on a GPU),
+                                   and a row that would get NaN (non-finite teacher or student,
+                                   see the loss convention in the README) is an error.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -17,6 +25,29 @@ TEACHER_KINDS = {"logits": 0, "probs": 1, "log_probs": 2}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # Rows of probabilities must sum to 1 within this, loose enough for float16/bfloat16 inputs.
 PROBS_SUM_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# kd_loss refuses larger temperatures: its float32 KL loses digits as T^2 * 1e-7 (relative error
+# against float64, measured on C = 10..32000: 5e-5 at T = 100, 3e-3 at T = 1000, 1e3 at 1e6), and
+# T^2 overflows float32 from T = 1.8e19. csrc/common/rbkd_rows.h holds the same bound.
+KD_MAX_TEMPERATURE = 100.0
+CHECK_MODES = ("default", "full")
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def checks_mode() -> str:
+    """RBKD_CHECKS: "default" (value checks for CPU tensors only) or "full" (everywhere)."""
+    mode = (os.environ.get("RBKD_CHECKS") or "default").strip().lower()
+    if mode not in CHECK_MODES:
+        raise ValueError(f"RBKD_CHECKS must be 'default' or 'full', got {mode!r}")
+    return mode
+
+
+def host_value_checks(device: torch.device) -> bool:
+    """Whether the ops read tensor values on the host to check them (never on a GPU by default)."""
+    return device.type == "cpu" or checks_mode() == "full"
+
+
+def probs_tolerance(dtype: torch.dtype) -> float:
+    return PROBS_SUM_TOLERANCE.get(dtype, 1e-3)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -59,13 +90,21 @@ def _python_number(name: str, x: object) -> float:
     return float(x)
 
 
-def check_temperature(name: str, T: object, n: int, device: torch.device) -> float | Tensor:
-    """A positive finite float, or a 1-D tensor of n per-row values (checked in the op)."""
+def check_temperature(
+    name: str, T: object, n: int, device: torch.device, max_T: float | None = None
+) -> float | Tensor:
+    """A positive finite float (at most max_T), or a 1-D tensor of n per-row values (checked in
+    the op)."""
     if isinstance(T, Tensor):
         return _per_row_tensor(name, T, n, device)
     T = _python_number(name, T)
     if not math.isfinite(T) or T <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {T}")
+    if max_T is not None and T > max_T:
+        raise ValueError(
+            f"{name} = {T:g} is above {max_T:g}, the largest temperature kd_loss computes "
+            "accurately in float32; use a smaller T"
+        )
     return T
 
 
@@ -85,12 +124,13 @@ def check_choice(name: str, value: object, choices: dict[str, int]) -> int:
 
 
 def check_kd_inputs(student: Tensor, teacher: Tensor, labels: Tensor | None) -> None:
-    check_float_tensor("student_logits", student, dims=2)
-    check_float_tensor("teacher", teacher, dims=2)
+    """student and teacher [..., C] of one shape; labels None or int64/int32 of the leading shape."""
+    check_float_tensor("student_logits", student)
+    check_float_tensor("teacher", teacher)
     if teacher.shape != student.shape:
         raise ValueError(
             f"teacher has shape {tuple(teacher.shape)} but student_logits has {tuple(student.shape)}; "
-            "they must match [N, C]"
+            "they must match [..., C]"
         )
     if teacher.device != student.device:
         raise ValueError(
@@ -100,57 +140,100 @@ def check_kd_inputs(student: Tensor, teacher: Tensor, labels: Tensor | None) -> 
         return
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {_dtype_name(labels.dtype)}; use labels.long()")
-    if labels.shape != student.shape[:1]:
-        raise ValueError(f"labels must have shape [{student.shape[0]}], got {tuple(labels.shape)}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(
+            f"labels must be int64 or int32, got {_dtype_name(labels.dtype)}; use labels.long()"
+        )
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(
+            f"labels must have shape {list(student.shape[:-1])} (the logits' leading shape), "
+            f"got {list(labels.shape)}"
+        )
     if labels.device != student.device:
         raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
 
 
-# ---- value checks, run inside the registered ops ------------------------------------------------
+# ---- value checks, run inside the registered ops where host_value_checks() allows -------------
 
 
-def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> bool:
-    """Raises on a label outside [0, C) that is not ignore_index; True when no row is ignored."""
+def _first_row(bad: Tensor) -> int | None:
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises on a label outside [0, C) that is not ignore_index."""
     if labels.numel() == 0:
-        return True
-    low, high = torch.aminmax(labels)  # one pass; the full search runs only if something is off
-    if int(low) >= 0 and int(high) < num_classes:
-        return not (0 <= ignore_index < num_classes) or not bool((labels == ignore_index).any())
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
+    row = _first_row(bad)
+    if row is not None:
         raise ValueError(
             f"labels[{row}] = {int(labels[row])} is outside [0, {num_classes}) and is not "
             f"ignore_index ({ignore_index})"
         )
-    return False
 
 
-def check_temperature_values(name: str, T: Tensor) -> None:
+def check_temperature_values(name: str, T: Tensor, max_T: float | None = None) -> None:
     bad = ~torch.isfinite(T) | (T <= 0)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}[{row}] = {float(T[row])}: temperatures must be finite and > 0")
+    if max_T is not None:
+        bad |= T > max_T
+    row = _first_row(bad)
+    if row is not None:
+        limit = "finite and > 0" if max_T is None else f"in (0, {max_T:g}]"
+        raise ValueError(f"{name}[{row}] = {float(T[row])}: temperatures must be {limit}")
 
 
 def check_alpha_values(alpha: Tensor) -> None:
-    bad = ~((alpha >= 0) & (alpha <= 1))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
+    row = _first_row(~((alpha >= 0) & (alpha <= 1)))
+    if row is not None:
         raise ValueError(f"alpha[{row}] = {float(alpha[row])} is outside [0, 1]")
 
 
-def check_probability_rows(name: str, p: Tensor) -> None:
-    if p.numel() == 0:
+def nonfinite_rows(x: Tensor) -> Tensor:
+    """Rows holding NaN or +inf, or no finite value: the rows the non-finite rule makes NaN."""
+    return x.isnan().any(-1) | (x == math.inf).any(-1) | ~(x > -math.inf).any(-1)
+
+
+def check_finite_rows(name: str, x: Tensor, counted: Tensor | None = None) -> None:
+    """Under RBKD_CHECKS=full: a row that the non-finite rule would make NaN is an error."""
+    if x.numel() == 0 or checks_mode() != "full":
         return
-    tol = PROBS_SUM_TOLERANCE.get(p.dtype, 1e-3)
-    sums = p.float().sum(-1)
-    bad = ((sums - 1).abs() > tol) | (p < 0).any(-1) | ~torch.isfinite(sums)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
+    bad = nonfinite_rows(x)
+    if counted is not None:
+        bad &= counted
+    row = _first_row(bad)
+    if row is not None:
         raise ValueError(
-            f"{name} rows must be probabilities (>= 0, summing to 1): row {row} sums to "
-            f"{float(sums[row]):.6g}; pass teacher_kind='logits' for raw logits"
+            f"{name} row {row} holds NaN or +inf or no finite value, so its loss would be NaN "
+            "(RBKD_CHECKS=full makes this an error); check what produced it"
         )
+
+
+def check_probability_rows(
+    name: str, x: Tensor, *, log: bool = False, counted: Tensor | None = None
+) -> None:
+    """Rows of probabilities (log-probabilities with log=True) must hold mass 1 within the dtype's
+    tolerance, and no negative probability. Rows with NaN, +inf or no finite value follow the
+    non-finite rule (NaN results) and are errors only under RBKD_CHECKS=full."""
+    if x.numel() == 0:
+        return
+    tol = probs_tolerance(x.dtype)
+    x32 = x.float()
+    p = x32.exp() if log else x32
+    sums = p.sum(-1)
+    nonfinite = x32.isnan().any(-1) | (x32 == math.inf).any(-1)
+    if log:
+        nonfinite |= ~(x32 > -math.inf).any(-1)
+    bad = ((sums - 1).abs() > tol) | (p < 0).any(-1)
+    bad &= ~nonfinite
+    if counted is not None:
+        bad &= counted
+    row = _first_row(bad)
+    if row is not None:
+        what = "log-probabilities (log-sum-exp 0)" if log else "probabilities (>= 0, summing to 1)"
+        total = "exp sums" if log else "sums"
+        raise ValueError(
+            f"{name} rows must be {what}: row {row} {total} to {float(sums[row]):.6g}; "
+            "pass teacher_kind='logits' for raw logits"
+        )
+    check_finite_rows(name, x, counted)

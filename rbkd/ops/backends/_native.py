@@ -1,8 +1,5 @@
-"""Calling the compiled kernels: tensors in, the pointer ABI of csrc/README.md out.
-
-`rbkd._C` (CPU) and `rbkd._C_cuda` (CUDA) take the same arguments in the same order and differ only
-in the last one (a thread count, or a CUDA stream) and in where a few host-side values live. One
-`NativeKernels` per module holds those differences; the four ops are written once.
+"""Calling the compiled CPU kernels of `rbkd._C`: tensors in, the pointer ABI of csrc/README.md
+out. The last argument of every entry point is the thread count (`tail`).
 """
 
 from __future__ import annotations
@@ -44,7 +41,7 @@ def scalar_or_rows(value: float | Tensor) -> tuple[float, int, Tensor | None]:
 
 @dataclass(frozen=True)
 class NativeKernels:
-    lib: ModuleType | None  # rbkd._C or rbkd._C_cuda; None when not built
+    lib: ModuleType | None  # rbkd._C; None when not built
     tail: Callable[[Tensor], int]  # the last argument: num_threads (CPU) or the stream (CUDA)
     on_device: Callable[[Tensor], contextlib.AbstractContextManager]  # launch context
     # CPU kernels read grad_scale and temps on the host; CUDA kernels read them on the device.
@@ -85,12 +82,13 @@ class NativeKernels:
         ignore_index: int,
         grad_scale: float | Tensor,
         need_grad: bool,
+        probs_tol: float = 1e-3,
     ) -> tuple[Tensor, Tensor | None]:
         student, teacher = unit_last_stride(student), unit_last_stride(teacher)
         n, c = student.shape
         T_value, T_ptr, _T_keep = scalar_or_rows(T)
         alpha_value, alpha_ptr, _alpha_keep = scalar_or_rows(alpha)
-        if labels is not None:
+        if labels is not None:  # the kernels read int64 (an int32 [N] costs one small copy)
             labels = labels.to(torch.int64).contiguous()
         # A tensor grad_scale goes to the GPU kernels as a pointer: reading it would sync the host.
         scale_value, scale_ptr, _scale_keep = 1.0, 0, None
@@ -110,11 +108,13 @@ class NativeKernels:
                 labels.data_ptr() if labels is not None else 0, int(ignore_index),
                 T_value, T_ptr, alpha_value, alpha_ptr, bool(t_squared), n, c,
                 loss.data_ptr(), grad.data_ptr() if grad is not None else 0,
-                scale_value, scale_ptr, self.tail(student),
+                scale_value, scale_ptr, float(probs_tol), self.tail(student),
             )  # fmt: skip
         return loss, grad
 
-    def entropy_forward(self, x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Tensor:
+    def entropy_forward(
+        self, x: Tensor, temps: Tensor, kind: int, normalize: bool, probs_tol: float = 1e-3
+    ) -> Tensor:
         x = unit_last_stride(x)
         n, c = x.shape
         temps_device = "cpu" if self.host_side_scalars else x.device
@@ -124,6 +124,6 @@ class NativeKernels:
         with self.on_device(x):
             self.lib.soft_label_entropy_fwd(
                 x.data_ptr(), dtype_code(x), row_stride(x), int(kind), temps.data_ptr(), k, n, c,
-                out.data_ptr(), bool(normalize), self.tail(x),
+                out.data_ptr(), bool(normalize), float(probs_tol), self.tail(x),
             )  # fmt: skip
         return out

@@ -68,7 +68,51 @@ def kl_rows(log_pt: Tensor, log_ps: Tensor) -> Tensor:
     return terms.sum(-1)
 
 
+KD_MAX_TEMPERATURE = 100.0  # rbkd.ops.validation.KD_MAX_TEMPERATURE (not imported: no cycle)
+
+
+def nonfinite_rows(x: Tensor) -> Tensor:
+    """Rows holding NaN or +inf, or no finite value."""
+    return x.isnan().any(-1) | (x == math.inf).any(-1) | ~(x > -math.inf).any(-1)
+
+
+def counted_rows(labels: Tensor | None, n: int, ignore_index: int, device) -> Tensor:
+    """Rows that take part: every row without labels, else those not labelled ignore_index."""
+    if labels is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return labels != ignore_index
+
+
+def bad_rows(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None,
+    T: float | Tensor,
+    alpha: float | Tensor,
+    teacher_kind: int,
+    ignore_index: int,
+    probs_tol: float = 1e-3,
+) -> Tensor:
+    """Counted rows that the non-finite rule makes NaN (loss and gradient row)."""
+    n, c = student.shape
+    bad = nonfinite_rows(student)
+    t = teacher.to(_compute_dtype(teacher))
+    if teacher_kind == 0:
+        bad |= nonfinite_rows(t)
+    else:
+        mass = (t.exp() if teacher_kind == 2 else t).sum(-1)
+        bad |= ~((mass - 1).abs() <= probs_tol)
+    if isinstance(T, Tensor):
+        bad |= ~((T > 0) & (T <= KD_MAX_TEMPERATURE))
+    if labels is not None:
+        if isinstance(alpha, Tensor):
+            bad |= ~((alpha >= 0) & (alpha <= 1))
+        bad |= (labels < 0) | (labels >= c)
+    return bad & counted_rows(labels, n, ignore_index, student.device)
+
+
 def valid_rows(labels: Tensor | None, n: int, c: int, ignore_index: int, device) -> Tensor:
+    """Counted rows with a usable label (the rows whose formula is computed)."""
     if labels is None:
         return torch.ones(n, dtype=torch.bool, device=device)
     return (labels != ignore_index) & (labels >= 0) & (labels < c)
@@ -83,11 +127,18 @@ def kd_loss_rows(
     teacher_kind: int,
     t_squared: bool,
     ignore_index: int,
+    probs_tol: float = 1e-3,
 ) -> Tensor:
-    """Per-row KD loss, differentiable with autograd (the oracle for the saved gradient)."""
+    """Per-row KD loss, differentiable with autograd (the oracle for the saved gradient).
+
+    Rows that the non-finite rule makes NaN (bad_rows) are NaN here too; autograd gives them a
+    zero gradient, where the op's gradient row is NaN (kd_loss_forward).
+    """
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     z = student.to(dtype)
     n, c = z.shape
+    if labels is not None:
+        labels = labels.long()
     T_col = _per_row(T, z)
     log_ps = F.log_softmax(z / T_col, dim=-1)
     kl = kl_rows(teacher_log_probs(teacher, T, teacher_kind).to(dtype), log_ps)
@@ -104,7 +155,9 @@ def kd_loss_rows(
         ce_part = torch.where(torch.as_tensor(1 - a) > 0, (1 - a) * ce, torch.zeros_like(ce))
         kl_part = torch.where(torch.as_tensor(a) > 0, a * scale * kl, torch.zeros_like(kl))
         loss = ce_part + kl_part
-    return torch.where(valid, loss, torch.zeros_like(loss))
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    bad = bad_rows(student, teacher, labels, T, alpha, teacher_kind, ignore_index, probs_tol)
+    return torch.where(bad, torch.full_like(loss, math.nan), loss)
 
 
 def kd_loss_forward(
@@ -118,10 +171,13 @@ def kd_loss_forward(
     ignore_index: int,
     grad_scale: float | Tensor,
     need_grad: bool,
+    probs_tol: float = 1e-3,
 ) -> tuple[Tensor, Tensor | None]:
     with torch.no_grad():
+        if labels is not None:
+            labels = labels.long()
         loss = kd_loss_rows(
-            student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index
+            student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index, probs_tol
         )
         if not need_grad:
             return loss.float(), None
@@ -137,24 +193,40 @@ def kd_loss_forward(
             grad = s / T_col * (ps - pt)
         else:
             a = _per_row(alpha, z)
-            onehot = F.one_hot(torch.where(valid, labels, 0), c).to(dtype)
+            # A one-hot without F.one_hot, which checks the labels' range with a host sync.
+            classes = torch.arange(c, device=z.device)
+            onehot = (classes == torch.where(valid, labels, 0).unsqueeze(1)).to(dtype)
             grad = (1 - a) * (F.softmax(z, dim=-1) - onehot) + a * s / T_col * (ps - pt)
         grad = torch.where(valid.unsqueeze(1), grad, torch.zeros_like(grad)) * grad_scale
+        grad = torch.where(loss.isnan().unsqueeze(1), torch.full_like(grad, math.nan), grad)
         return loss.float(), grad.to(student.dtype)
 
 
-def entropy_rows(x: Tensor, T: float, kind: int) -> Tensor:
-    """Shannon entropy (nats) of softmax(x / T) (kind 0) or of the rows themselves (kind 1)."""
+def entropy_rows(x: Tensor, T: float | Tensor, kind: int, probs_tol: float = 1e-3) -> Tensor:
+    """Shannon entropy (nats) of softmax(x / T) (kind 0) or of the rows themselves (kind 1);
+    NaN for rows that the non-finite rule covers."""
     dtype = _compute_dtype(x)
-    log_p = F.log_softmax(x.to(dtype) / T, dim=-1) if kind == 0 else x.to(dtype).log()
+    x = x.to(dtype)
+    log_p = F.log_softmax(x / T, dim=-1) if kind == 0 else x.log()
     p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    h = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    if kind == 0:
+        bad = nonfinite_rows(x)
+        if isinstance(T, Tensor):
+            bad = bad | ~((T > 0) & (T < math.inf))
+    else:
+        bad = ~((x.sum(-1) - 1).abs() <= probs_tol)
+    return torch.where(bad, torch.full_like(h, math.nan), h)
 
 
-def entropy_forward(x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Tensor:
+def entropy_forward(
+    x: Tensor, temps: Tensor, kind: int, normalize: bool, probs_tol: float = 1e-3
+) -> Tensor:
     n, c = x.shape
-    rows = [entropy_rows(x, float(T), kind) for T in temps.tolist()]
+    temps = temps.to(x.device)
+    # temps[k] stays a 0-dim tensor: no host read, so no GPU sync.
+    rows = [entropy_rows(x, temps[k], kind, probs_tol) for k in range(temps.shape[0])]
     out = torch.stack(rows) if rows else x.new_zeros((0, n), dtype=torch.float32)
     if normalize:
-        out = out / math.log(c) if c > 1 else torch.zeros_like(out)
+        out = out / math.log(c) if c > 1 else out * 0.0
     return out.float()

@@ -48,12 +48,15 @@ def kd_loss_forward(
     ignore_index: int,
     grad_scale: float | Tensor,
     need_grad: bool,
+    probs_tol: float = 1e-3,
 ) -> tuple[Tensor, Tensor | None]:
     return kernels.kd_loss_forward(
         student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index,
-        grad_scale, need_grad,
+        grad_scale, need_grad, probs_tol,
     )  # fmt: skip
 
 
-def entropy_forward(x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Tensor:
-    return kernels.soft_label_entropy_forward(x, temps, kind, normalize)
+def entropy_forward(
+    x: Tensor, temps: Tensor, kind: int, normalize: bool, probs_tol: float = 1e-3
+) -> Tensor:
+    return kernels.soft_label_entropy_forward(x, temps, kind, normalize, probs_tol)
