@@ -248,6 +248,18 @@ def make_study(folder: Path, *, runs: dict[str, Path] | None = None, seeds=SEEDS
             student_row(rng, ["noise"], teacher="large", T=9.0, noise="normal:0.05", seed=seed)
         )
         rows.append(student_row(rng, ["noise"], teacher="large", T=9.0, seed=seed))
+        # its clean counterpart comes from another experiment (the temperature sweep)
+        rows.append(
+            student_row(
+                rng,
+                ["noise"],
+                teacher="small",
+                T=9.0,
+                student="baseline",
+                noise="normal:0.05",
+                seed=seed,
+            )
+        )
         rows.append(
             student_row(rng, ["noise"], label_smoothing=0.5, noise="normal:0.05", seed=seed)
         )
@@ -307,7 +319,9 @@ def test_report_path_and_every_figure_linked_and_real(full_report):
     path, md, _ = full_report
     assert path.name == "report.md" and path.parent.name == "report"
     links = linked_files(md)
-    figures = sorted(p.name for p in path.parent.iterdir() if p.name != "report.md")
+    figures = sorted(
+        p.name for p in path.parent.iterdir() if not p.name.startswith(("report.md", "."))
+    )
     assert sorted(set(links)) == figures, "every figure is linked, every link exists"
     for name in figures:
         assert (path.parent / name).read_bytes().startswith(SIGNATURES["png"]), name
@@ -410,6 +424,14 @@ def test_temperature_noise_and_sweep_tables(full_report):
         if "noise" in r["experiments"] and r["teacher"] == "large" and r["noise"]
     ]
     assert noise[3:] == [expected_cell(clean), expected_cell(noisy)]
+    small = table_row(md, "small teacher (b64, e2)", "## Noise in soft labels")
+    assert small[:3] == ["small teacher (b64, e2)", "9", "baseline"]
+    clean_small = [
+        r["test_accuracy"]
+        for r in rows
+        if "temperature" in r["experiments"] and r["teacher"] == "small" and r["T"] == 9.0
+    ]
+    assert small[3] == expected_cell(clean_small)
     ls_noise = table_row(md, "label smoothing A=0.5", "## Noise in soft labels")
     assert ls_noise[3] == "–"
 
@@ -482,6 +504,21 @@ def test_absent_experiments_are_skipped_with_a_note_and_svg_figures(tmp_path):
     assert [p.name for p in figures] == ["student_accuracy_vs_T.svg"]
     assert figures[0].read_bytes().startswith(SIGNATURES["svg"])
     assert "![" in md and "(student_accuracy_vs_T.svg)" in md
+
+
+def test_a_new_report_removes_the_figures_of_the_last_one_and_nothing_else(tmp_path):
+    _only(tmp_path, {"temperature", "transfer_set"})
+    out = tmp_path / "report"
+    mine = out / "notes.png"
+    out.mkdir()
+    mine.write_bytes(b"the user's own file")
+    write_report(tmp_path)
+    assert (out / "transfer_set_T9.png").exists()
+    _only(tmp_path, {"temperature"})
+    md = write_report(tmp_path, fmt="svg").read_text()
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [".report-figures.json", "notes.png", "report.md", "student_accuracy_vs_T.svg"]
+    assert linked_files(md) == ["student_accuracy_vs_T.svg"]
 
 
 def test_declared_experiment_without_rows_yet_and_missing_seeds(tmp_path):

@@ -38,6 +38,7 @@ from rbkd.analysis.entropy import DEFAULT_LS_FACTORS, label_smoothing_entropy
 from rbkd.io import write_bytes
 
 REPORT_FILE = "report.md"
+MANIFEST_FILE = ".report-figures.json"  # what the last report wrote (see _forget_old_figures)
 FORMATS = ("png", "pdf", "svg")
 EXPERIMENT_ORDER = (
     "missing_class",
@@ -213,6 +214,11 @@ class _Report:
     _datasets: dict = field(default_factory=dict)
 
     # names and titles
+    def seeds(self, experiment: str) -> int:
+        """How many seeds each cell of `experiment` should have (its own list, else the study's)."""
+        own = (self.study.experiments.get(experiment) or {}).get("seeds")
+        return len(own) if isinstance(own, list) and own else self.study.seeds
+
     def name(self, teacher: str | None) -> str:
         return "label smoothing" if teacher is None else str(self.labels.get(teacher, teacher))
 
@@ -441,7 +447,7 @@ def _missing_class_table(
         cells[(int(r["missing_class"]), _key(r.get(column_key)))].append(
             r.get("missing_class_accuracy")
         )
-    seeds = rep.study.seeds
+    seeds = rep.seeds("missing_class")
 
     def label(k: int) -> str:
         return names[k] if k < len(names) else str(k)
@@ -475,6 +481,9 @@ def _missing_class_table(
     )
 
 
+_KD_VARIANTS = ("student", "alpha", "t_squared", "epochs")
+
+
 def _section_missing_class(rep: _Report) -> None:
     rep.heading("Missing class (tables 5.1-5.7)")
     study = rep.study
@@ -492,16 +501,24 @@ def _section_missing_class(rep: _Report) -> None:
         "(every example of that class removed from the transfer set). It can only learn that "
         "class from the similarity information in the soft labels of the others."
     )
-    variant_keys = _variants(rows, ("student", "alpha", "t_squared", "epochs"))
+    # one table per teacher and per setting that varies (the loss convention does not apply to
+    # label smoothing, which has no KD term)
+    kd_keys = _variants([r for r in rows if r.get("teacher") is not None], _KD_VARIANTS)
+    ls_keys = _variants([r for r in rows if r.get("teacher") is None], ("student", "epochs"))
+
+    def variant_keys(teacher: str | None) -> list[str]:
+        return ls_keys if teacher is None else kd_keys
+
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r.get("teacher"), tuple(json.dumps(r.get(k)) for k in variant_keys))].append(r)
+        keys = variant_keys(r.get("teacher"))
+        groups[(r.get("teacher"), tuple(json.dumps(r.get(k)) for k in keys))].append(r)
     teachers = _teacher_order(study, [t for t, _ in groups])
     order = [(t, v) for t in teachers for (tt, v) in groups if tt == t]
     order += [(None, v) for (tt, v) in groups if tt is None]
     for teacher, variant in order:
         group = groups[(teacher, variant)]
-        extra = _variant_name(group[0], variant_keys)
+        extra = _variant_name(group[0], variant_keys(teacher))
         suffix = f" ({extra})" if extra else ""
         if teacher is None:
             ls = [r for r in group if r.get("label_smoothing") is not None]
@@ -660,6 +677,8 @@ def _section_hypothesis(rep: _Report) -> None:
         (t for t in study.teachers if t.get("role") == "sweep"),
         key=lambda t: (t.get("epochs") or 0, t.get("batch_size") or 0),
     )
+    shown = {t.get("key") for t in teachers}
+    sweep = [t for t in sweep if t.get("key") is None or t.get("key") not in shown]  # same run
     teachers = [t for t in teachers + sweep if entropy_at(t, T) is not None]
     if not teachers:
         rep.skip(f"no teacher in teachers.jsonl has its entropy at T={T:g} yet")
@@ -771,7 +790,7 @@ def _section_transfer_set(rep: _Report) -> None:
         "random (dashed). Shaded: ± one standard deviation over seeds. Dotted: the same student "
         "distilled by the same teacher at the same T on the whole transfer set."
     )
-    seeds = study.seeds
+    seeds = rep.seeds("transfer_set")
     for T in sorted({_key(r.get("T")) for r in rows}, key=lambda v: (v is None, v)):
         at_T = [r for r in rows if _key(r.get("T")) == T]
         teachers = _teacher_order(study, [r.get("teacher") for r in at_T])
@@ -994,7 +1013,7 @@ def _section_temperature(rep: _Report) -> None:
         return
     from rbkd.analysis.plots import Series, color, plot_series
 
-    seeds = study.seeds
+    seeds = rep.seeds("temperature")
     students = sorted({str(r.get("student")) for r in rows})
     temps = sorted({_key(r["T"]) for r in rows})
     teachers = _teacher_order(study, [r.get("teacher") for r in rows])
@@ -1164,54 +1183,67 @@ def _section_noise(rep: _Report) -> None:
     rep.heading("Noise in soft labels (section 4.8)")
     study = rep.study
     exp = study.experiments.get("noise")
-    rows = study.rows("noise")
-    if exp is None and not rows:
+    noisy = [r for r in study.rows("noise") if r.get("noise") is not None]
+    if exp is None and not noisy:
         rep.skip("the study has no noise experiment")
         return
-    if not any(r.get("noise") is not None for r in rows):
+    if not noisy:
         rep.skip("results.jsonl has no noisy-soft-label student yet")
         return
-    seeds = study.seeds
-    noises = sorted({r.get("noise") for r in rows if r.get("noise") is not None})
-    columns = (["none"] if any(r.get("noise") is None for r in rows) else []) + noises
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        source = (
-            rep.name(r["teacher"])
-            if r.get("teacher") is not None
-            else f"label smoothing A={_num(r.get('label_smoothing'))}"
+    seeds = rep.seeds("noise")
+
+    def source(r: Mapping) -> tuple:
+        """What the soft labels come from, with T, student and the loss convention."""
+        teacher = r.get("teacher")
+        return (
+            teacher,
+            _key(r.get("label_smoothing")) if teacher is None else None,
+            _key(r.get("T")) if teacher is not None else None,
+            str(r.get("student")),
+            _key(r.get("alpha")) if teacher is not None else None,
+            r.get("t_squared") if teacher is not None else None,
         )
-        groups[(source, _key(r.get("T")), str(r.get("student")))].append(r)
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in noisy:
+        groups[source(r)].append(r)
+    # the same student without noise, from whichever experiment ran it
+    clean: dict[tuple, list[dict]] = defaultdict(list)
+    for r in study.results:
+        if _is_clean(r) and source(r) in groups:
+            clean[source(r)].append(r)
+    noises = sorted({str(r["noise"]) for r in noisy})
+    columns = ["no noise", *noises]
+    teachers = _teacher_order(study, [k[0] for k in groups])
+    order = sorted(
+        groups,
+        key=lambda k: (
+            k[0] is None,
+            teachers.index(k[0]) if k[0] in teachers else 0,
+            str(k[1]),
+            str(k[2]),
+            k[3],
+        ),
+    )
     rep.text(
         "Student test accuracy when noise is added to the soft labels at every epoch (thesis "
-        "eq. 4.4), next to the same student without noise: artificial variance is no "
+        "eq. 4.4), next to the same student without noise (any run of the study with the same "
+        "soft labels, T and student on the whole transfer set): artificial variance is no "
         "substitute for the teacher's similarity information."
     )
-    rep.table(
-        ["soft labels", "T", "student", *columns],
-        [
-            [
-                source,
-                _num(T),
-                student,
-                *[
-                    format_cell(
-                        [
-                            r.get("test_accuracy")
-                            for r in group
-                            if (r.get("noise") or "none") == col
-                        ],
-                        seeds=seeds,
-                    )
-                    for col in columns
-                ],
-            ]
-            for (source, T, student), group in sorted(
-                groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])
+    table_rows = []
+    for k in order:
+        teacher, ls, T, student = k[:4]
+        name = rep.name(teacher) if teacher is not None else f"label smoothing A={_num(ls)}"
+        cells = [format_cell([r.get("test_accuracy") for r in clean.get(k, [])], seeds=seeds)]
+        cells += [
+            format_cell(
+                [r.get("test_accuracy") for r in groups[k] if str(r["noise"]) == n], seeds=seeds
             )
-        ],
-        "lrl" + "r" * len(columns),
-    )
+            for n in noises
+        ]
+        table_rows.append([name, _num(T), student, *cells])
+    rep.table(["soft labels", "T", "student", *columns], table_rows, "lrl" + "r" * len(columns))
 
 
 _SUMMARY_KEYS = (
@@ -1344,4 +1376,23 @@ def write_report(
     contents = ["**Contents:** " + " · ".join(f"[{t}](#{_anchor(t)})" for t in rep.sections), ""]
     rep.lines[body_start:body_start] = contents
     text = "\n".join(rep.lines).rstrip() + "\n"
-    return write_bytes(out / REPORT_FILE, text.encode())
+    path = write_bytes(out / REPORT_FILE, text.encode())
+    _forget_old_figures(out, [p.name for p in rep.figures])
+    return path
+
+
+def _forget_old_figures(out: Path, figures: list[str]) -> None:
+    """Delete the figures an earlier report wrote into `out` that this one did not (a section
+    now skipped, another format), so the folder holds exactly what report.md links. Only files
+    listed in the manifest are touched: `out` may hold files of the user's."""
+    manifest = out / MANIFEST_FILE
+    try:
+        old = json.loads(manifest.read_text()).get("figures", [])
+    except (OSError, ValueError, AttributeError):
+        old = []
+    for name in set(old) - set(figures):
+        if isinstance(name, str) and name == Path(name).name:  # a bare file name, nothing else
+            path = out / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+    write_bytes(manifest, (json.dumps({"figures": sorted(figures)}, indent=1) + "\n").encode())
