@@ -118,11 +118,9 @@ def kd_loss_impl(
     if reduction == _MEAN:
         if labels is None:  # every row counts: the count is known on the host
             grad_scale = 1.0 / max(n, 1)
-        else:  # the count stays on the device: the GPU kernels read it through a pointer
+        else:  # the count stays a tensor: the kernels read it through a pointer
             count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
             grad_scale = count.reciprocal()
-            if student.device.type == "cpu":
-                grad_scale = float(grad_scale)
     if n == 0:
         rows = student.new_zeros((0,), dtype=torch.float32)
         grad = student.new_zeros((0, c)) if need_grad else None
@@ -188,7 +186,7 @@ def scale_saved_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
     scale = grad_loss if grad_loss.dim() == 0 else grad_loss.reshape(-1, 1)
     if type(grad_loss) is not torch.Tensor:  # e.g. a functorch wrapper: stay out of place
         return grad * scale.to(grad.dtype)
-    if grad.device.type == "cpu":
+    if v.host_reads_are_free(grad.device):
         if grad_loss.dim() != 0 or float(grad_loss) != 1.0:
             grad.mul_(scale.to(grad.dtype))
         return grad

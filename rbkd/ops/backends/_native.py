@@ -44,8 +44,6 @@ class NativeKernels:
     lib: ModuleType | None  # rbkd._C; None when not built
     tail: Callable[[Tensor], int]  # the last argument: num_threads (CPU) or the stream (CUDA)
     on_device: Callable[[Tensor], contextlib.AbstractContextManager]  # launch context
-    # CPU kernels read grad_scale and temps on the host; CUDA kernels read them on the device.
-    host_side_scalars: bool
 
     def softmax_forward(self, x: Tensor, T: float, log: bool) -> Tensor:
         x = unit_last_stride(x)
@@ -90,9 +88,9 @@ class NativeKernels:
         alpha_value, alpha_ptr, _alpha_keep = scalar_or_rows(alpha)
         if labels is not None:  # the kernels read int64 (an int32 [N] costs one small copy)
             labels = labels.to(torch.int64).contiguous()
-        # A tensor grad_scale goes to the GPU kernels as a pointer: reading it would sync the host.
+        # A tensor grad_scale goes in as a pointer that the kernel reads (no .item() here).
         scale_value, scale_ptr, _scale_keep = 1.0, 0, None
-        if isinstance(grad_scale, Tensor) and not self.host_side_scalars:
+        if isinstance(grad_scale, Tensor):
             _scale_keep = grad_scale.to(device=student.device, dtype=torch.float32).reshape(1)
             scale_ptr = _scale_keep.data_ptr()
         else:
@@ -117,8 +115,7 @@ class NativeKernels:
     ) -> Tensor:
         x = unit_last_stride(x)
         n, c = x.shape
-        temps_device = "cpu" if self.host_side_scalars else x.device
-        temps = temps.to(device=temps_device, dtype=torch.float32).contiguous()
+        temps = temps.to(dtype=torch.float32).contiguous()
         k = temps.numel()
         out = torch.empty((k, n), dtype=torch.float32, device=x.device)
         with self.on_device(x):

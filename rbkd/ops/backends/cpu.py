@@ -41,7 +41,6 @@ _kernels = NativeKernels(
     lib=_C,
     tail=lambda _x: max(1, torch.get_num_threads()),
     on_device=lambda _x: contextlib.nullcontext(),
-    host_side_scalars=True,
 )
 softmax_forward = _kernels.softmax_forward
 softmax_backward = _kernels.softmax_backward
