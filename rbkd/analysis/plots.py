@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,15 +345,27 @@ def plot_series(
         log_axis_at(ax, xs_all, base=2)
     else:
         plain_numbers(ax.xaxis)
-        if xs_all and all(float(x).is_integer() for x in xs_all) and len(set(xs_all)) <= 12:
-            ax.set_xticks(sorted(set(xs_all)))
+        if xs_all and all(float(x).is_integer() for x in xs_all):
+            if len(set(xs_all)) <= 12:
+                ax.set_xticks(sorted(set(xs_all)))
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     plain_numbers(ax.yaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if len(series) + len(references) > 1:
-        ax.legend(loc="best", fontsize=8, title=legend_title, title_fontsize=8)
+        if len(series) + len(references) > 6:  # a long legend goes beside the axes
+            ax.legend(
+                loc="center left",
+                bbox_to_anchor=(1.01, 0.5),
+                fontsize=8,
+                title=legend_title,
+                title_fontsize=8,
+            )
+        else:
+            ax.legend(loc="best", fontsize=8, title=legend_title, title_fontsize=8)
     return _save(fig, path)
 
 
@@ -453,7 +466,7 @@ def plot_table_heatmap(
     ax.set_yticks(range(n_rows), list(row_names))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 11))), fontsize=10)
     bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     bar.set_label(colorbar_label)
     return _save(fig, path)
@@ -471,8 +484,6 @@ def plot_image_grid(
     """An image grid, one row per class (thesis figures 5.6-5.13): `rows[r]` holds uint8 images
     [C, H, W] (tensors or arrays; C = 1 grey, 3 colour), `captions[r][i]` an optional small text
     under each image. Rows may be shorter than the longest one."""
-    import textwrap
-
     import numpy as np
 
     n_rows = max(len(rows), 1)

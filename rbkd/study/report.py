@@ -475,7 +475,7 @@ def _missing_class_table(
             title=title,
             xlabel=axis_label,
             ylabel="missing class",
-            colorbar_label="accuracy on the missing class (%)",
+            colorbar_label="accuracy (%)",
         ),
         title,
     )
