@@ -171,8 +171,11 @@ class StudyOutput:
 
             return list(get_info(self.dataset).class_names)
         except Exception:  # an unknown dataset: classes by number
-            c = max((len(r.get("per_class_accuracy") or []) for r in self.results), default=0)
-            return [str(k) for k in range(c)]
+            c = max(
+                (len(r.get("per_class_accuracy") or []) for r in (*self.teachers, *self.results)),
+                default=0,
+            )
+            return [str(k) for k in range(max(c, 2))]
 
     def teacher(self, name: str) -> dict | None:
         return next((t for t in self.teachers if t.get("name") == name), None)
@@ -370,8 +373,8 @@ def _section_header(rep: _Report) -> None:
         f"**Student seeds:** {', '.join(map(str, seeds)) or DASH}",
         f"**Loss:** T ∈ {{{', '.join(_num(t) for t in loss.get('T') or [])}}}, "
         f"alpha = {_num(loss.get('alpha'))}, t_squared = {str(loss.get('t_squared')).lower()}",
-        f"**Runs in the tables:** {len(s.teachers)} teachers (teachers.jsonl), "
-        f"{len(s.results)} students (results.jsonl)",
+        f"**Rows:** {_count(len(s.teachers), 'teacher')} (teachers.jsonl), "
+        f"{_count(len(s.results), 'student')} (results.jsonl)",
     ]
     rep.text(" · ".join(facts))
     rep.text(
@@ -861,6 +864,10 @@ def _section_transfer_set(rep: _Report) -> None:
             ["examples per class", *columns],
             [[str(n), *[cells.get((col, n), DASH) for col in columns]] for n in [*sizes, "all"]],
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _epochs(e: int) -> str:
