@@ -1339,16 +1339,16 @@ def _section_summary(rep: _Report) -> None:
         rep.lines += ["</details>", ""]
 
 
-SECTIONS = (
+SECTIONS = (  # the thesis's order: chapter 5, then chapter 6
     _section_teachers,
     _section_missing_class,
     _section_entropy,
-    _section_hypothesis,
     _section_transfer_set,
-    _section_batch_sweep,
-    _section_temperature,
     _section_examples,
     _section_projection,
+    _section_hypothesis,
+    _section_batch_sweep,
+    _section_temperature,
     _section_noise,
     _section_summary,
 )
