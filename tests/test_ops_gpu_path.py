@@ -176,7 +176,9 @@ sys.meta_path.insert(0, Block())
 
 def test_ops_work_without_triton():
     """A CPU install without the gpu extra: rbkd.ops imports, runs and never needs triton."""
-    code = _BLOCK_TRITON + """
+    code = (
+        _BLOCK_TRITON
+        + """
 import torch, rbkd.ops as ops, rbkd.kernels as k
 from rbkd.ops.backends import triton as backend
 assert not k.TRITON_AVAILABLE and "No module named" in k.TRITON_IMPORT_ERROR
@@ -188,6 +190,7 @@ ops.soft_label_entropy(z.detach(), [1.0, 2.0]); ops.temperature_softmax(z, 2.0)
 assert "triton" not in sys.modules
 print("ok")
 """
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True

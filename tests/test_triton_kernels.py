@@ -172,9 +172,12 @@ def ref_entropy(x, temps, kind, normalize):
     not K.TRITON_AVAILABLE, reason=f"triton not importable: {K.TRITON_IMPORT_ERROR}"
 )
 def test_interpreter_suite():
+    """This file's interpreted cases, and the properties and rules of test_ops_properties.py for
+    the triton backend, in one TRITON_INTERPRET=1 child."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    files = [str(Path(__file__)), str(Path(__file__).with_name("test_ops_properties.py"))]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
