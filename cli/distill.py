@@ -35,7 +35,10 @@ from rbkd.cli.common import (
     titled_table,
 )
 
+from rbkd.config import DistillSpec, TrainConfig
+
 app = new_app()
+_DISTILL, _TRAIN = DistillSpec(), TrainConfig()
 
 
 def _pct(x: float | None) -> str:
@@ -53,14 +56,20 @@ def print_report(report: dict) -> None:
     if report.get("noise"):
         what += f", noise {report['noise']}"
     t = report["transfer"]
-    summary = titled_table(f"{report['student']} student on {report['dataset']}", show_header=False)
+    title = f"{report['student']} student on {report['dataset']}"
+    if report.get("reused"):
+        title += " (already done: nothing trained)"
+    summary = titled_table(escape(title), show_header=False)
     summary.add_column(no_wrap=True)
     summary.add_column(overflow="fold")
     summary.add_row("run folder", escape(report["run_dir"]))
     summary.add_row("targets", escape(what))
-    chosen = (
-        "all examples" if t["per_class"] is None else f"{t['per_class']} per class ({t['select']})"
-    )
+    if t["per_class"] is not None:
+        chosen = f"{t['per_class']} per class ({t['select']})"
+    elif t.get("candidates", 0) < t.get("split_size", 0):
+        chosen = f"the {t['candidates']} of {t['split_size']} examples the soft labels cover"
+    else:
+        chosen = "all examples" + (" but the excluded class(es)" if t["excluded_classes"] else "")
     summary.add_row("transfer set", f"{t['size']} examples: {chosen}")
     summary.add_row("test accuracy", _pct(report["test_accuracy"]))
     if t["excluded_classes"]:
@@ -93,28 +102,36 @@ def print_report(report: dict) -> None:
 def distill(
     teacher: TeacherOpt = None,
     soft_labels: SoftLabelsOpt = None,
-    T: TOpt = 9.0,
-    alpha: AlphaOpt = 0.99,
-    t_squared: TSquaredOpt = True,
-    student: StudentOpt = "general",
+    T: TOpt = _DISTILL.T,
+    alpha: AlphaOpt = _DISTILL.alpha,
+    t_squared: TSquaredOpt = _DISTILL.t_squared,
+    student: StudentOpt = _DISTILL.student,
     exclude_class: ExcludeClassOpt = None,
     per_class: PerClassOpt = None,
-    select: SelectOpt = "entropy",
+    select: SelectOpt = _DISTILL.select,
     label_smoothing: LabelSmoothingOpt = None,
     noise: NoiseOpt = None,
     dataset: Annotated[
         str | None,
         typer.Option("--dataset", help="Dataset (needed only with --label-smoothing)."),
     ] = None,
-    epochs: EpochsOpt = 10,
-    batch_size: BatchSizeOpt = 64,
-    lr: LrOpt = 1e-3,
-    optimizer: OptimizerOpt = "adam",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
+    epochs: EpochsOpt = _TRAIN.epochs,
+    batch_size: BatchSizeOpt = _TRAIN.batch_size,
+    lr: LrOpt = _TRAIN.lr,
+    optimizer: OptimizerOpt = _TRAIN.optimizer,
+    seed: SeedOpt = _TRAIN.seed,
+    device: DeviceOpt = _TRAIN.device,
     data_dir: DataDirOpt = None,
     out: OutDirOpt = None,
     limit: LimitOpt = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Distill on the rows a soft-label file has even when it covers only part of "
+            "the split (otherwise an error).",
+        ),
+    ] = _DISTILL.allow_partial,
     progress: ProgressOpt = True,
 ) -> None:
     """Distill a student from a teacher's soft labels at temperature T (loss: rbkd.ops.kd_loss).
@@ -125,15 +142,14 @@ def distill(
     --exclude-class (the missing-class test; its accuracy is reported), or N examples per class
     with --per-class N, chosen by highest soft-label entropy at T or at random. --noise adds
     uniform:S or normal:S noise to the soft labels, redrawn every epoch. The report goes to the
-    terminal and to report.json and config.json in the run folder.
+    terminal and to report.json in the run folder. The same command again reuses the finished
+    run; a killed one continues from its last epoch.
 
     Example:
 
         rbkd distill --teacher runs/t1 --T 9 --exclude-class 3 --epochs 1 --limit 2000 --out runs/s1
     """
-    from rbkd.analysis.runs import DistillSpec
-    from rbkd.analysis.runs import distill as run_distill
-    from rbkd.engine import TrainConfig
+    from rbkd.study import distill as run_distill
 
     spec = DistillSpec(
         teacher=teacher,
@@ -150,6 +166,7 @@ def distill(
         noise=noise,
         data_dir=data_dir,
         limit=limit,
+        allow_partial=allow_partial,
     )
     spec.check()
     cfg = TrainConfig(

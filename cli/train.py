@@ -25,7 +25,10 @@ from rbkd.cli.common import (
     titled_table,
 )
 
+from rbkd.config import TEACHERS, TeacherSpec, TrainConfig
+
 app = new_app()
+_SPEC, _TRAIN = TeacherSpec(), TrainConfig()
 
 CapacityOpt = Annotated[
     str, typer.Option("--capacity", help="Teacher capacity: small or large (thesis App. A).")
@@ -35,57 +38,59 @@ CapacityOpt = Annotated[
 @app.command("train-teacher")
 @handle_errors
 def train_teacher(
-    dataset: DatasetOpt = "fashion-mnist",
-    capacity: CapacityOpt = "small",
-    epochs: EpochsOpt = 10,
-    batch_size: BatchSizeOpt = 64,
-    lr: LrOpt = 1e-3,
-    optimizer: OptimizerOpt = "adam",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
+    dataset: DatasetOpt = _SPEC.dataset,
+    capacity: CapacityOpt = _SPEC.capacity,
+    epochs: EpochsOpt = _TRAIN.epochs,
+    batch_size: BatchSizeOpt = _TRAIN.batch_size,
+    lr: LrOpt = _TRAIN.lr,
+    optimizer: OptimizerOpt = _TRAIN.optimizer,
+    seed: SeedOpt = _TRAIN.seed,
+    device: DeviceOpt = _TRAIN.device,
     data_dir: DataDirOpt = None,
     out: OutDirOpt = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the unfinished run in --out.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Insist on continuing the run in --out (a rerun of the same command resumes "
+            "on its own; this also refuses to start afresh).",
+        ),
     ] = False,
     limit: LimitOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Train a teacher on hard labels (cross-entropy) and write its run folder.
 
-    The run folder holds model.safetensors, config.json, metrics.jsonl, a checkpoint for
-    --resume, and the teacher's soft labels (raw logits) for both splits:
-    soft_labels_train.safetensors and soft_labels_test.safetensors.
+    The run folder holds model.safetensors, config.json, metrics.jsonl, an epoch checkpoint,
+    result.json and the teacher's soft labels (raw logits) for both splits:
+    soft_labels_train.safetensors and soft_labels_test.safetensors. The folder is named by a
+    hash of everything that determines the teacher: the same command again trains nothing, and
+    a killed run continues from its last epoch.
 
     Example:
 
         rbkd train-teacher --capacity small --epochs 1 --batch-size 128 --limit 2000 --out runs/t1
     """
     from rbkd.analysis.entropy import entropy_at
-    from rbkd.analysis.runs import TEACHERS
-    from rbkd.analysis.runs import train_teacher as run_train_teacher
-    from rbkd.engine import TrainConfig
     from rbkd.softlabels import read_soft_labels
+    from rbkd.study import train_teacher as run_train_teacher
 
-    check_choice(capacity, TEACHERS, "--capacity")
-    if resume and out is None:
-        raise ValueError("--resume needs --out RUN, the folder of the run to continue")
+    spec = TeacherSpec(dataset=dataset, capacity=check_choice(capacity, TEACHERS, "--capacity"))
+    if resume and (out is None or not (out / "config.json").is_file()):
+        where = "--out RUN, the folder of the run to continue" if out is None else f"{out}"
+        raise ValueError(f"--resume needs a run to continue: {where} holds none")
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
     result = run_train_teacher(
-        dataset=dataset,
-        capacity=capacity,
-        cfg=cfg,
-        out=out,
-        data_dir=data_dir,
-        limit=limit,
-        resume=resume,
-        progress=progress,
+        spec, cfg, out=out, data_dir=data_dir, limit=limit, progress=progress
     )
     m = result["metrics"]
     soft = read_soft_labels(result["soft_labels"]["train"])
-    table = titled_table(f"{capacity} teacher on {dataset}", show_header=False)
+    title = f"{capacity} teacher on {dataset}"
+    if result["reused"]:
+        title += " (already trained: nothing to do)"
+    table = titled_table(escape(title), show_header=False)
     table.add_row("run folder", escape(result["run_dir"]))
     table.add_row("epochs", str(m["epochs"]))
     table.add_row("test accuracy", f"{m['test_accuracy']:.2%}")

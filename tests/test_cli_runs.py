@@ -41,7 +41,8 @@ def teacher(tiny_data_root, tmp_path_factory):
 def _report(run_dir) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["report"] == report
+    # report.json (written last) and config.json (written first) name the same run
+    assert config["extra_config"]["key"] == report["key"]
     return report
 
 
@@ -281,35 +282,42 @@ def test_analyze_projection(teacher, tiny_data, tmp_path):
     assert bad.exit_code == 1 and "need 3 distinct classes" in bad.output
 
 
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
 def test_experiment_missing_class(teacher, tiny_data, tmp_path):
     run, _ = teacher
     out = tmp_path / "mc"
-    result = invoke(
-        "experiment",
-        "missing-class",
-        "--teacher",
-        run,
-        "--classes",
-        "0,1",
-        "--T",
-        "3,9",
-        "--student",
-        "baseline",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-    )
+    args = ["experiment", "missing-class", "--teacher", run, "--classes", "0,1", "--T", "3,9"]
+    args += ["--label-smoothing", "0.5", "--student", "baseline", "--out", out, *FAST]
+    result = invoke(*args)
     assert "student accuracy on the missing class" in result.output
-    assert "T=3" in result.output and "T=9" in result.output
-    data = json.loads((out / "results.json").read_text())
-    assert [(r["class"], r["T"]) for r in data["rows"]] == [(0, 3.0), (1, 3.0), (0, 9.0), (1, 9.0)]
-    assert len(list(csv.reader((out / "results.csv").open()))) == 5
-    assert (out / "missing_class.png").read_bytes().startswith(PNG)
+    assert "t1 T=3" in result.output and "LS A=0.5" in result.output
+    rows = _rows(out)
+    cells = [(r["teacher"], r["missing_class"], r["T"], r["label_smoothing"]) for r in rows]
+    assert cells == [
+        ("t1", 0, 3.0, None),
+        ("t1", 1, 3.0, None),
+        ("t1", 0, 9.0, None),
+        ("t1", 1, 9.0, None),
+        (None, 0, None, 0.5),
+        (None, 1, None, 0.5),
+    ]
+    for r in rows:  # the accuracy on the class it never saw is that class's test accuracy
+        assert r["missing_class_accuracy"] == r["per_class_accuracy"][r["missing_class"]]
+        assert r["transfer_size"] == 180 and r["missing_class_name"] in ("T-shirt/top", "Trouser")
+    assert len(list(csv.reader((out / "results.csv").open()))) == 7
+    assert (out / "report" / "report.md").is_file()
+    # the same command again trains nothing; one more temperature runs only its own cells
+    again = invoke(*args)
+    assert "nothing to run" in again.output
+    before = {r["key"]: r["test_accuracy"] for r in rows}
+    more = invoke(*[a if a != "3,9" else "3,9,6" for a in args])
+    assert "ran 2 of" in more.output or len(_rows(out)) == 8
+    after = _rows(out)
+    assert len(after) == 8
+    assert all(before[r["key"]] == r["test_accuracy"] for r in after if r["key"] in before)
 
 
 def test_experiment_transfer_set(teacher, tiny_data, tmp_path):
@@ -323,20 +331,22 @@ def test_experiment_transfer_set(teacher, tiny_data, tmp_path):
         "--per-class",
         "2,4",
         "--select",
-        "random",
+        "random,entropy",
         "--student",
         "baseline",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
         "--out",
         out,
+        *FAST,
     )
     assert "student test accuracy vs examples per class" in result.output
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["transfer_size"] for r in rows] == [20, 40]
-    assert (out / "transfer_set.png").read_bytes().startswith(PNG)
+    sizes = [(r["per_class"], r["select"], r["transfer_size"]) for r in _rows(out)]
+    assert sizes == [
+        (None, "all", 200),  # the full-data reference
+        (2, "random", 20),  # in the order --select names them
+        (4, "random", 40),
+        (2, "entropy", 20),
+        (4, "entropy", 40),
+    ]
 
 
 def test_experiment_batch_sweep(tiny_data, tmp_path):
@@ -360,16 +370,17 @@ def test_experiment_batch_sweep(tiny_data, tmp_path):
         "cpu",
         "--out",
         out,
+        "--no-progress",
     )
     assert "batch size sweep" in result.output
-    data = json.loads((out / "sweep.json").read_text())
-    assert [r["batch_size"] for r in data["rows"]] == [50, 200]
-    for r in data["rows"]:
-        assert 0 < r["mean_entropy"] <= math.log(10) + 1e-6
-        assert r["student_test_accuracy"] is not None
-    assert (out / "entropy_vs_batch_size.png").read_bytes().startswith(PNG)
-    assert (out / "student_accuracy_vs_batch_size.png").read_bytes().startswith(PNG)
-    assert len(list(csv.reader((out / "sweep.csv").open()))) == 3
+    teachers = [json.loads(x) for x in (out / "teachers.jsonl").read_text().splitlines()]
+    assert [t["batch_size"] for t in teachers] == [50, 200]
+    for t in teachers:
+        assert t["role"] == "sweep" and t["name"] == f"small-b{t['batch_size']}-e1"
+        assert all(0 < h <= math.log(10) + 1e-6 for h in t["mean_entropy"])
+    rows = _rows(out)
+    assert sorted(r["teacher"] for r in rows) == ["small-b200-e1", "small-b50-e1"]
+    assert all(r["teacher_entropy_at_T"] is not None for r in rows)
 
 
 def _examples() -> list[tuple[str, str]]:
@@ -391,13 +402,26 @@ def _examples() -> list[tuple[str, str]]:
     return found
 
 
-ORDER = ["rbkd", "train-teacher", "soft-labels", "distill", "analyze", "experiment", "models"]
+ORDER = [
+    "rbkd",
+    "train-teacher",
+    "soft-labels",
+    "distill",
+    "analyze",
+    "experiment",
+    "study run",
+    "study report",
+    "models",
+]
 
 
 def test_every_help_example_really_works(tiny_data, tmp_path, monkeypatch):
     """Run each command's help example, in workflow order, in an empty folder."""
     import shlex
+    import shutil
+    from pathlib import Path
 
+    shutil.copytree(Path(__file__).resolve().parents[1] / "studies", tmp_path / "studies")
     monkeypatch.chdir(tmp_path)
     examples = _examples()
     mine = [e for e in examples if not e[0].startswith("data")]  # rbkd data: its own tests

@@ -1,0 +1,171 @@
+"""`rbkd study run FILE` and `rbkd study report DIR`: whole studies, declared in a TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rbkd.cli.common import (
+    DataDirOpt,
+    DeviceOpt,
+    LimitOpt,
+    ProgressOpt,
+    console,
+    escape,
+    handle_errors,
+    new_app,
+)
+
+app = new_app(help="Run a declared study (docs/studies.md) and write its report.")
+
+FORMATS = ("png", "pdf", "svg")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _labels(items: list[str] | None) -> dict[str, str]:
+    labels = {}
+    for item in items or []:
+        name, sep, label = item.partition("=")
+        if not sep or not name.strip() or not label.strip():
+            raise ValueError(
+                f"cannot read --label {item!r}; write NAME=LEGEND, e.g. small='Small teacher'"
+            )
+        labels[name.strip()] = label.strip()
+    return labels
+
+
+@app.command("run")
+@handle_errors
+def run(
+    file: Annotated[
+        Path, typer.Argument(help="The study file (TOML), e.g. studies/fashion-mnist-quick.toml.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Study folder (default: results/<study name>)."),
+    ] = None,
+    limit: LimitOpt = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="List every run and whether it is done; run nothing."),
+    ] = False,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write the report at the end.")
+    ] = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run every run of a study that is not done yet, then write results.csv and the report.
+
+    Runs are content-addressed: a teacher used by ten experiments trains once, running the
+    same file again trains nothing, adding a temperature, class, seed or teacher runs only the
+    new cells, and a killed study continues where it stopped (the run that was cut off resumes
+    from its last epoch). --limit N uses the first N examples of each split (it overrides the
+    file's limit).
+
+    Example:
+
+        rbkd study run studies/fashion-mnist-quick.toml --limit 300 --out results/quick-300
+    """
+    from rbkd.study import load_study
+    from rbkd.study.runner import describe, run_study
+
+    study = load_study(file)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        study["limit"] = limit
+    out = out or Path("results") / study["name"]
+    if dry_run:
+        plan = run_study(study, out, data_dir=data_dir, device=device, dry_run=True)
+        todo = 0
+        for task in plan.plan.teachers + plan.plan.students:
+            state = plan.states[task.key]
+            todo += state.status != "done"
+            console.print(escape(describe(task, state)), soft_wrap=True)
+        n = len(plan.plan.teachers) + len(plan.plan.students)
+        console.print(f"{todo} of {n} runs to do in {escape(out)} (dry run: nothing ran)")
+        return
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    )
+    task_id = bar.add_task("preparing", total=None)
+
+    def on_run(label: str, done: int, total: int) -> None:
+        bar.update(task_id, description=escape(label[:100]), completed=done, total=total or 1)
+
+    def log(line: str) -> None:
+        bar.console.print(escape(line), soft_wrap=True)
+
+    with bar:
+        result = run_study(
+            study,
+            out,
+            data_dir=data_dir,
+            device=device,
+            log=log,
+            on_run=on_run,
+            report=False,
+            source=file,
+        )
+    n = len(result.plan.teachers) + len(result.plan.students)
+    if result.trained:
+        console.print(
+            f"ran {len(result.trained)} of {n} runs in {_duration(result.wall_time_s)}; "
+            f"the other {n - len(result.trained)} were already done"
+        )
+    else:
+        console.print(f"nothing to run: all {n} runs of {escape(study['name'])} are done")
+    console.print(f"results: {escape(out / 'results.csv')} (and results.jsonl, teachers.jsonl)")
+    if report:
+        from rbkd.study.report import write_report
+
+        path = write_report(out, data_dir=data_dir)
+        console.print(f"report: {escape(path)}")
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(
+    folder: Annotated[Path, typer.Argument(help="A study folder written by `rbkd study run`.")],
+    fmt: Annotated[str, typer.Option("--format", help="Figure format: png, pdf or svg.")] = "png",
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="Legend name of a teacher: NAME=LEGEND (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default: FOLDER/report).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Write the study's tables and figures (report.md with PNG, PDF or SVG figures) from its
+    results: the thesis's missing-class tables, entropy curves, transfer-set curves, batch-size
+    and epoch sweeps, accuracy against T, high-entropy examples and projections.
+
+    Example:
+
+        rbkd study report results/quick-300 --format svg --label small="small teacher"
+    """
+    from rbkd.study.report import write_report
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not (folder / "study.json").is_file():
+        raise ValueError(f"{folder} holds no study.json: pass a folder written by `rbkd study run`")
+    path = write_report(folder, out=out, fmt=fmt, labels=_labels(label), data_dir=data_dir)
+    console.print(f"report: {escape(path)}")

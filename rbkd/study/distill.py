@@ -1,0 +1,235 @@
+"""Distill a student, once: a content-addressed run folder with report.json.
+
+The key hashes the data, the targets (the teacher's soft-label tensors, or label smoothing's A),
+the student, the loss convention, the transfer set's definition and the training inputs. The
+same distillation asked for again reuses the finished run; a killed one resumes from its epoch
+checkpoint; a folder that holds another run is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rbkd.config import DEFAULT_DATASET, DistillSpec, TrainConfig
+from rbkd.io import write_json
+from rbkd.locking import folder_lock
+from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
+from rbkd.study.runstate import run_state
+from rbkd.study.softlabels import soft_labels_digest, source_dataset, train_soft_labels
+from rbkd.study.splits import load_splits
+
+REPORT_FILE = "report.json"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def student_dir_name(spec: DistillSpec, dataset: str, cfg: TrainConfig, key: str) -> str:
+    what = (
+        f"ls{_fmt(spec.label_smoothing)}"
+        if spec.label_smoothing is not None
+        else f"T{_fmt(spec.T)}"
+    )
+    parts = [f"student-{dataset}-{spec.student}-{what}"]
+    if spec.exclude_classes:
+        parts.append("x" + "_".join(map(str, sorted(spec.exclude_classes))))
+    if spec.per_class is not None:
+        parts.append(f"{spec.select}{spec.per_class}")
+    if spec.noise:
+        parts.append(spec.noise.replace(":", ""))
+    parts.append(f"e{cfg.epochs}-s{cfg.seed}-{key[:KEY_CHARS]}")
+    return "-".join(parts)
+
+
+def student_key(spec: DistillSpec, cfg: TrainConfig, fingerprint: str, source: dict) -> str:
+    inputs = {
+        "data": fingerprint,
+        "source": source,  # soft-label tensors' digests, or {"label_smoothing": A}
+        "student": spec.student,
+        "T": None if spec.label_smoothing is not None else spec.T,
+        "alpha": spec.alpha,
+        "t_squared": spec.t_squared,
+        "exclude_classes": sorted(set(spec.exclude_classes)),
+        "per_class": spec.per_class,
+        "select": spec.select if spec.per_class is not None else "all",
+        "noise": spec.noise,
+        **cfg.result_inputs(),
+    }
+    return run_key("student", inputs)
+
+
+def _excluded_accuracy(per_class: list[float], test_labels: torch.Tensor, classes: list[int]):
+    counts = torch.bincount(test_labels.long(), minlength=len(per_class)).tolist()
+    num = sum(
+        per_class[k] * counts[k] for k in classes if counts[k] and not math.isnan(per_class[k])
+    )
+    den = sum(counts[k] for k in classes if counts[k])
+    return num / den if den else math.nan
+
+
+def _objective(spec: DistillSpec, soft, train):
+    from rbkd.analysis.entropy import label_smoothing_targets
+    from rbkd.engine import Distillation, LabelSmoothing
+
+    c = train.num_classes
+    if spec.label_smoothing is None:
+        table = torch.zeros(len(train), c, dtype=torch.float32)
+        table[soft.indices] = soft.logits
+        return Distillation(
+            table, T=spec.T, alpha=spec.alpha, t_squared=spec.t_squared, noise=spec.noise
+        )
+    if spec.noise is None:
+        return LabelSmoothing(spec.label_smoothing)
+    # LS targets as "logits" whose softmax at T=1 is the target: the noise is then the engine's
+    # own (thesis eq. 4.4, second line)
+    targets = label_smoothing_targets(train.labels, c, spec.label_smoothing)
+    return Distillation(targets.log(), T=1.0, alpha=1.0, t_squared=False, noise=spec.noise)
+
+
+def _transfer_set(spec: DistillSpec, soft, train, seed: int):
+    from rbkd.analysis.entropy import entropy_at
+    from rbkd.analysis.transfer import check_classes, select_transfer_set
+
+    excluded = check_classes(spec.exclude_classes, train.num_classes)
+    if soft is not None:
+        candidates, labels = soft.indices, soft.labels
+        ranked = spec.per_class is not None and spec.select == "entropy"
+        entropy = entropy_at(soft.logits, spec.T) if ranked else None
+    else:
+        candidates, labels, entropy = torch.arange(len(train)), train.labels, None
+    return select_transfer_set(
+        labels,
+        num_classes=train.num_classes,
+        indices=candidates,
+        exclude_classes=excluded,
+        per_class=spec.per_class,
+        select=spec.select,
+        entropy=entropy,
+        seed=seed,
+    )
+
+
+def distill(
+    spec: DistillSpec,
+    cfg: TrainConfig,
+    *,
+    out: Path | None = None,
+    root: Path = Path("runs"),
+    progress: bool = True,
+    splits=None,
+    soft=None,
+    source_id: dict | None = None,
+) -> dict[str, Any]:
+    """Distill (or reuse, or resume) a student; returns its report (also in report.json), with
+    `reused` True when nothing was trained.
+
+    `splits` = (train, test) and `soft` (the train split's SoftLabels) may be passed by loops
+    that distill many students from the same data and teacher. `source_id` replaces the digest
+    of the soft labels in the key: a study names a teacher by its own key, so that a student's
+    key is known before its teacher has trained (and a dry run can say what is done).
+    """
+    from rbkd.engine import fit
+    from rbkd.models import build_model
+
+    spec.check()
+    if spec.label_smoothing is not None:
+        dataset = spec.dataset or DEFAULT_DATASET
+    else:
+        dataset = source_dataset(spec.teacher, spec.soft_labels)
+        if spec.dataset is not None and spec.dataset != dataset:
+            raise ValueError(
+                f"--dataset {spec.dataset} does not match the teacher's dataset {dataset}"
+            )
+    train, test = splits if splits is not None else load_splits(dataset, spec.data_dir, spec.limit)
+    if train.name != dataset:
+        raise ValueError(f"the training data is {train.name}, the soft labels are for {dataset}")
+
+    if spec.label_smoothing is None and soft is None:
+        soft = train_soft_labels(spec, train)
+    if soft is not None:
+        source = {
+            "kind": "teacher",
+            "teacher": soft.teacher,
+            "soft_labels": str(soft.path) if soft.path else None,
+        }
+        source_digest = {"soft_labels": soft_labels_digest(soft)}
+    else:
+        source = {"kind": "label_smoothing", "A": spec.label_smoothing}
+        source_digest = {"label_smoothing": spec.label_smoothing}
+
+    fingerprint = data_fingerprint(train, test)
+    key = student_key(spec, cfg, fingerprint, source_id or source_digest)
+    run_dir = (
+        Path(out) if out is not None else Path(root) / student_dir_name(spec, dataset, cfg, key)
+    )
+    with folder_lock(run_dir, "distillation"):
+        state = run_state(run_dir, key, REPORT_FILE)
+        if state.status == "done":
+            return {**state.result, "run_dir": str(run_dir), "reused": True}
+        t0 = time.perf_counter()
+        transfer = _transfer_set(spec, soft, train, cfg.seed)
+        excluded = transfer.excluded_classes
+        transfer_info = {
+            "size": len(transfer),
+            "per_class_counts": transfer.per_class_counts,
+            "excluded_classes": excluded,
+            "per_class": spec.per_class,
+            "select": spec.select if spec.per_class is not None else "all",
+            "short_classes": transfer.short_classes,
+            "candidates": int(len(soft)) if soft is not None else len(train),
+            "split_size": len(train),
+        }
+        extra = {
+            "command": "distill",
+            "key": key,
+            "spec": spec.describe(),
+            "source": source,
+            "transfer": transfer_info,
+        }
+        model = build_model(dataset, spec.student, seed=cfg.seed)
+        metrics = fit(
+            model,
+            train,
+            test,
+            cfg,
+            _objective(spec, soft, train),
+            run_dir=run_dir,
+            indices=transfer.indices,
+            resume=True,  # the key matched: a checkpoint here is this very run's
+            progress=progress,
+            extra_config=extra,
+        )
+        per_class = [float(a) for a in metrics["per_class_accuracy"]]
+        report = {
+            "key": key,
+            "run_dir": str(run_dir),
+            "dataset": dataset,
+            "student": spec.student,
+            "T": None if spec.label_smoothing is not None else spec.T,
+            "alpha": spec.alpha,
+            "t_squared": spec.t_squared,
+            "label_smoothing": spec.label_smoothing,
+            "noise": spec.noise,
+            "source": source,
+            "transfer": transfer_info,
+            "train_config": cfg.result_inputs(),
+            "test_accuracy": float(metrics["test_accuracy"]),
+            "per_class_accuracy": per_class,
+            "class_names": list(getattr(train, "class_names", ())),
+            "excluded_accuracy": _excluded_accuracy(per_class, test.labels, excluded)
+            if excluded
+            else None,
+            "excluded_per_class": {str(k): per_class[k] for k in excluded},
+            "epochs": metrics.get("epochs"),
+            "samples_per_s": metrics.get("samples_per_s"),
+            "wall_time_s": time.perf_counter() - t0,
+            "resumed_from_epoch": state.epochs_done,
+        }
+        write_json(run_dir / REPORT_FILE, report)  # last: the mark of a finished run
+    return {**report, "reused": False}

@@ -1,0 +1,397 @@
+"""Study files: a TOML declaration of a whole study, read and checked before anything runs.
+
+Every problem (an unknown key, a wrong type, an impossible value, a teacher name that does not
+exist) is one `StudyFileError` line naming the file, the key and the reason. The schema with
+examples is docs/studies.md; the checked study is a plain dict (saved as study.json).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from rbkd.config import (
+    DATASETS,
+    DEFAULT_DATASET,
+    OPTIMIZERS,
+    SELECTIONS,
+    STUDENTS,
+    TEACHERS,
+    DistillSpec,
+    TrainConfig,
+)
+
+_TRAIN = TrainConfig()
+_DISTILL = DistillSpec()
+THESIS_T = (3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 20.0)  # the columns of tables 5.1-5.6
+EXPERIMENTS = (  # in the order they are read: the others may name the batch sweep's teachers
+    "batch_sweep",
+    "missing_class",
+    "transfer_set",
+    "temperature",
+    "noise",
+    "entropy",
+    "examples",
+    "projection",
+)
+
+
+class StudyFileError(ValueError):
+    """A study file cannot be used; the message names the file, the key and the reason."""
+
+
+class _Reader:
+    """Reads one table of the file, remembering the dotted key for messages."""
+
+    def __init__(self, path: Path, table: dict, where: str):
+        self.path, self.table, self.where = path, table, where
+
+    def fail(self, key: str, reason: str) -> StudyFileError:
+        dotted = f"{self.where}.{key}" if self.where else key
+        return StudyFileError(f"{self.path}: {dotted}: {reason}")
+
+    def known(self, *keys: str) -> None:
+        unknown = sorted(set(self.table) - set(keys))
+        if unknown:
+            raise self.fail(unknown[0], f"unknown key; known keys here: {', '.join(keys)}")
+
+    def get(self, key: str, kind: type | tuple, default: Any = None, required: bool = False):
+        if key not in self.table:
+            if required:
+                raise self.fail(key, "missing (it is required)")
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(key, f"must be {_names(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self.fail(key, f"must be {_names(kinds)}, got {type(value).__name__} {value!r}")
+        return value
+
+    def number_list(self, key: str, kind: type, default=None, *, low=None, positive=False):
+        raw = self.table.get(key, default)
+        if raw is None:
+            return None
+        values = raw if isinstance(raw, list) else [raw]
+        out = []
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise self.fail(key, f"must be a {_names((kind,))} or a list of them, got {raw!r}")
+            if kind is int and not (isinstance(v, int) or float(v).is_integer()):
+                raise self.fail(key, f"must hold whole numbers, got {v!r}")
+            v = kind(v)
+            if not math.isfinite(v) or (positive and not v > 0) or (low is not None and v < low):
+                bound = "> 0" if positive else f">= {low}"
+                raise self.fail(key, f"every value must be {bound}, got {v!r}")
+            out.append(v)
+        if not out:
+            raise self.fail(key, "must not be empty")
+        if len(set(out)) != len(out):
+            raise self.fail(key, f"repeats a value: {raw!r}")
+        return out
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
+        value = self.get(key, str, default)
+        if value is not None and value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    study_teachers: list = []
+
+    def missing(self, key: str, hint: str = "it is required"):
+        raise self.fail(key, f"missing ({hint})")
+
+    def sub(self, key: str) -> _Reader | None:
+        if key not in self.table:
+            return None
+        value = self.table[key]
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table ([{key}]), got {type(value).__name__}")
+        return _Reader(self.path, value, f"{self.where}.{key}" if self.where else key)
+
+
+def _names(kinds: tuple) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    words.update({list: "a list", dict: "a table"})
+    return " or ".join(words.get(k, k.__name__) for k in kinds)
+
+
+def _train(r: _Reader, base: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, kind in (("epochs", int), ("batch_size", int), ("lr", float), ("seed", int)):
+        value = r.get(key, kind)
+        if value is not None:
+            out[key] = value
+    if "optimizer" in r.table:
+        out["optimizer"] = r.choice("optimizer", OPTIMIZERS, None)
+    if out["epochs"] < 1 or out["batch_size"] < 1:
+        raise r.fail("epochs" if out["epochs"] < 1 else "batch_size", "must be >= 1")
+    if not (math.isfinite(out["lr"]) and out["lr"] > 0):
+        raise r.fail("lr", f"must be > 0, got {out['lr']}")
+    return out
+
+
+def _teacher(r: _Reader, defaults: dict) -> dict[str, Any]:
+    name = r.get("name", str, required=True)
+    if not name or any(ch in name for ch in "/\\\0") or name.startswith("."):
+        raise r.fail("name", f"must be a plain name (letters, digits, -, _), got {name!r}")
+    if "run" in r.table:  # a teacher trained elsewhere: its run folder, used as it is
+        r.known("name", "run")
+        run = Path(r.get("run", str))
+        return {"name": name, "run": str(run if run.is_absolute() else r.path.parent / run)}
+    r.known("name", "capacity", "batch_size", "epochs", "lr", "optimizer", "seed", "run")
+    return {
+        "name": name,
+        "capacity": r.choice("capacity", TEACHERS, None) or r.missing("capacity"),
+        **_train(r, defaults),
+    }
+
+
+def _teacher_names(r: _Reader, known: list[str], key: str = "teachers") -> list[str]:
+    names = r.get(key, list, None)
+    if names is None:  # all the study's own teachers (the batch sweep's only when named)
+        return [t["name"] for t in r.study_teachers]
+    for n in names:
+        if n not in known:
+            raise r.fail(key, f"no teacher named {n!r}; the study has {', '.join(known) or 'none'}")
+    if not names:
+        raise r.fail(key, "must not be empty")
+    return names
+
+
+def _temps(r: _Reader, key: str, default) -> list[float]:
+    return r.number_list(key, float, default, positive=True)
+
+
+def _smoothing(r: _Reader, key: str) -> list[float]:
+    if r.table.get(key, []) == []:
+        return []
+    values = r.number_list(key, float, positive=True)
+    bad = [a for a in values if not a < 1]
+    if bad:
+        raise r.fail(key, f"label-smoothing factors must be in (0, 1), got {bad[0]}")
+    return values
+
+
+def _classes(r: _Reader, num_classes: int) -> list[int]:
+    raw = r.table.get("classes", "all")
+    if raw == "all":
+        return list(range(num_classes))
+    classes = r.number_list("classes", int, low=0)
+    bad = [k for k in classes if k >= num_classes]
+    if bad:
+        raise r.fail("classes", f"class {bad[0]} does not exist; classes are 0..{num_classes - 1}")
+    return classes
+
+
+def _bools(r: _Reader, key: str, default: bool) -> list[bool]:
+    raw = r.table.get(key, default)
+    values = raw if isinstance(raw, list) else [raw]
+    if (
+        not values
+        or not all(isinstance(v, bool) for v in values)
+        or len(set(values)) != len(values)
+    ):
+        raise r.fail(key, f"must be true, false or a list of both, got {raw!r}")
+    return values
+
+
+STUDENT_KEYS = ("seeds", "t_squared")
+
+
+def _student_common(r: _Reader, study: dict) -> dict[str, Any]:
+    """Keys every student experiment takes: its own seeds and t_squared values."""
+    return {
+        "seeds": r.number_list("seeds", int, study["seeds"], low=0),
+        "t_squared": _bools(r, "t_squared", study["loss"]["t_squared"]),
+    }
+
+
+def _experiment(name: str, r: _Reader, study: dict) -> dict[str, Any]:
+    out = _experiment_grid(name, r, study)
+    if name in ("missing_class", "transfer_set", "temperature", "noise"):
+        out.update(_student_common(r, study))
+    return out
+
+
+def sweep_names(sweep: dict) -> list[str]:
+    """The names of the batch sweep's teachers: "{capacity}-b{batch}-e{epochs}"."""
+    return [f"{sweep['capacity']}-b{b}-e{e}" for e in sweep["epochs"] for b in sweep["batch_sizes"]]
+
+
+def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
+    # experiments may name the study's teachers and the batch sweep's (parsed first)
+    teachers = [t["name"] for t in study["teachers"]]
+    if "batch_sweep" in study["experiments"]:
+        teachers += [
+            n for n in sweep_names(study["experiments"]["batch_sweep"]) if n not in teachers
+        ]
+    loss_T = study["loss"]["T"]
+    student_epochs = study["student"]["epochs"]
+    if name == "missing_class":
+        r.known("teachers", "student", "classes", "T", "label_smoothing", "epochs", *STUDENT_KEYS)
+        return {
+            "teachers": _teacher_names(r, teachers),
+            "student": r.choice("student", STUDENTS, "general"),
+            "classes": _classes(r, 10),
+            "T": _temps(r, "T", loss_T),
+            "label_smoothing": _smoothing(r, "label_smoothing"),
+            "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
+        }
+    if name == "transfer_set":
+        r.known("teachers", "student", "per_class", "select", "T", "epochs", *STUDENT_KEYS)
+        select = r.get("select", (list, str), ["entropy", "random"])
+        select = [select] if isinstance(select, str) else select
+        bad = [s for s in select if s not in SELECTIONS]
+        if bad or not select:
+            raise r.fail("select", f"must list {' and/or '.join(SELECTIONS)}, got {select!r}")
+        return {
+            "teachers": _teacher_names(r, teachers),
+            "student": r.choice("student", STUDENTS, "general"),
+            "per_class": r.number_list("per_class", int, [10, 50, 100], low=1),
+            "select": select,
+            "T": _temps(r, "T", [_DISTILL.T]),
+            "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
+        }
+    if name == "temperature":
+        r.known("teachers", "student", "T", "epochs", *STUDENT_KEYS)
+        return {
+            "teachers": _teacher_names(r, teachers),
+            "student": r.choice("student", STUDENTS, "baseline"),
+            "T": _temps(r, "T", loss_T),
+            "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
+        }
+    if name == "batch_sweep":
+        r.known("capacity", "batch_sizes", "epochs", "lr", "optimizer", "seed", "T")
+        base = _train(_Reader(r.path, {}, r.where), study["teacher_defaults"])
+        return {
+            "capacity": r.choice("capacity", TEACHERS, "large"),
+            "batch_sizes": r.number_list("batch_sizes", int, None, low=1)
+            or r.missing("batch_sizes"),
+            "epochs": r.number_list("epochs", int, [base["epochs"]], low=1),
+            "lr": r.get("lr", float, base["lr"]),
+            "optimizer": r.choice("optimizer", OPTIMIZERS, base["optimizer"]),
+            "seed": r.get("seed", int, base["seed"]),
+            "T": _temps(r, "T", [_DISTILL.T])[0],
+        }
+    if name == "noise":
+        r.known("teachers", "student", "noise", "T", "label_smoothing", "epochs", *STUDENT_KEYS)
+        from rbkd.engine.noise import parse_noise
+
+        specs = r.get("noise", list, required=True)
+        for spec in specs:
+            try:
+                parse_noise(str(spec))
+            except ValueError as e:
+                raise r.fail("noise", str(e)) from None
+        return {
+            "teachers": _teacher_names(r, teachers),
+            "student": r.choice("student", STUDENTS, "general"),
+            "noise": [str(s) for s in specs],
+            "T": _temps(r, "T", [_DISTILL.T]),
+            "label_smoothing": _smoothing(r, "label_smoothing"),
+            "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
+        }
+    if name == "entropy":
+        r.known("T", "label_smoothing")
+        return {
+            "T": _temps(r, "T", [float(t) for t in range(1, 21)]),
+            "label_smoothing": _smoothing(r, "label_smoothing") or [0.1, 0.3, 0.5, 0.7, 0.9],
+        }
+    if name == "examples":
+        r.known("teachers", "T", "count")
+        return {
+            "teachers": _teacher_names(r, teachers),
+            "T": _temps(r, "T", [_DISTILL.T])[0],
+            "count": r.number_list("count", int, [10], low=1)[0],
+        }
+    r.known("teachers", "classes", "per_class")  # projection
+    classes = r.number_list("classes", int, [0, 2, 4], low=0)
+    if len(classes) != 3 or max(classes) >= 10:
+        raise r.fail("classes", f"must name three classes in 0..9, got {classes}")
+    return {
+        "teachers": _teacher_names(r, teachers),
+        "classes": classes,
+        "per_class": r.number_list("per_class", int, [100], low=1)[0],
+    }
+
+
+def parse_study(data: dict, path: Path) -> dict[str, Any]:
+    """Check a study's TOML content and return the normalised study (see docs/studies.md)."""
+    top = _Reader(path, data, "")
+    top.known("study", "loss", "student", "teacher_defaults", "teacher", "experiments")
+    head = top.sub("study") or top.missing("study", "the [study] table names the study")
+    head.known("name", "dataset", "description", "limit", "seeds")
+    name = head.get("name", str, required=True)
+    limit = head.get("limit", int)
+    if limit is not None and limit < 1:
+        raise head.fail("limit", f"must be >= 1, got {limit}")
+    study: dict[str, Any] = {
+        "name": name,
+        "dataset": head.choice("dataset", DATASETS, DEFAULT_DATASET),
+        "description": head.get("description", str, ""),
+        "limit": limit,
+        "seeds": head.number_list("seeds", int, [0], low=0),
+    }
+    loss = top.sub("loss") or _Reader(path, {}, "loss")
+    loss.known("T", "alpha", "t_squared")
+    alpha = loss.get("alpha", float, _DISTILL.alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise loss.fail("alpha", f"must be in [0, 1], got {alpha}")
+    study["loss"] = {
+        "T": _temps(loss, "T", list(THESIS_T)),
+        "alpha": alpha,
+        "t_squared": loss.get("t_squared", bool, _DISTILL.t_squared),
+    }
+    base = {k: getattr(_TRAIN, k) for k in ("epochs", "batch_size", "lr", "optimizer", "seed")}
+    student = top.sub("student") or _Reader(path, {}, "student")
+    student.known("epochs", "batch_size", "lr", "optimizer")
+    study["student"] = _train(student, base)
+    tdefaults = top.sub("teacher_defaults") or _Reader(path, {}, "teacher_defaults")
+    tdefaults.known("batch_size", "epochs", "lr", "optimizer", "seed")
+    study["teacher_defaults"] = _train(tdefaults, base)
+    raw_teachers = top.get("teacher", list, [])
+    teachers = []
+    for i, table in enumerate(raw_teachers):
+        if not isinstance(table, dict):
+            raise top.fail(f"teacher[{i}]", "must be a table ([[teacher]])")
+        teachers.append(_teacher(_Reader(path, table, f"teacher[{i}]"), study["teacher_defaults"]))
+    names = [t["name"] for t in teachers]
+    dup = [n for n in names if names.count(n) > 1]
+    if dup:
+        raise top.fail("teacher", f"two teachers are named {dup[0]!r}; names must differ")
+    study["teachers"] = teachers
+    experiments = top.sub("experiments") or top.missing(
+        "experiments", "declare at least one, e.g. [experiments.missing_class]"
+    )
+    experiments.known(*EXPERIMENTS)
+    study["experiments"] = {}
+    for name in EXPERIMENTS:
+        r = experiments.sub(name)
+        if r is not None:
+            r.study_teachers = teachers
+            study["experiments"][name] = _experiment(name, r, study)
+    if not study["experiments"]:
+        raise experiments.fail(EXPERIMENTS[0], "no experiment declared")
+    for name, e in study["experiments"].items():
+        if "teachers" in e and not e["teachers"] and not e.get("label_smoothing"):
+            raise top.fail("teacher", f"experiments.{name} needs at least one [[teacher]]")
+    return study
+
+
+def load_study(path: str | Path) -> dict[str, Any]:
+    """Read and check a study file (TOML); StudyFileError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyFileError(f"{path}: no such study file (see studies/ for examples)")
+    if path.stat().st_size > 1 << 20:
+        raise StudyFileError(f"{path}: larger than 1 MiB; a study file is a few dozen lines")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise StudyFileError(f"{path}: not valid TOML ({e})") from None
+    return parse_study(data, path)

@@ -1,0 +1,127 @@
+"""Train a thesis teacher, once: a content-addressed run folder with its soft labels.
+
+The run's key hashes the data, the capacity and every training input that changes the numbers.
+Asking again for a teacher that is done trains nothing; asking for one that was killed resumes it
+from its last epoch checkpoint; the soft labels of both splits are (re)written from the final
+weights whenever they are missing or do not belong to them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rbkd.config import TeacherSpec, TrainConfig
+from rbkd.io import write_json
+from rbkd.locking import folder_lock
+from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
+from rbkd.study.runstate import run_state
+from rbkd.study.splits import load_splits
+
+RESULT_FILE = "result.json"
+
+
+def teacher_key(spec: TeacherSpec, cfg: TrainConfig, fingerprint: str) -> str:
+    inputs = {"data": fingerprint, "capacity": spec.capacity, **cfg.result_inputs()}
+    return run_key("teacher", inputs)
+
+
+def teacher_dir_name(spec: TeacherSpec, cfg: TrainConfig, key: str) -> str:
+    return (
+        f"teacher-{spec.dataset}-{spec.capacity}-b{cfg.batch_size}-e{cfg.epochs}-s{cfg.seed}"
+        f"-{key[:KEY_CHARS]}"
+    )
+
+
+def _soft_labels_current(run_dir: Path) -> bool:
+    """Both soft-label files exist and were made from the final model.safetensors."""
+    from rbkd.io import sha256_file
+    from rbkd.softlabels import SPLITS, SoftLabelsError, read_soft_labels
+
+    model = run_dir / "model.safetensors"
+    if not model.is_file():
+        return False
+    digest = sha256_file(model)
+    for split in SPLITS:
+        try:
+            soft = read_soft_labels(run_dir / f"soft_labels_{split}.safetensors")
+        except (SoftLabelsError, OSError):
+            return False
+        if not soft.teacher.endswith(f"@sha256:{digest}"):
+            return False
+    return True
+
+
+def train_teacher(
+    spec: TeacherSpec,
+    cfg: TrainConfig,
+    *,
+    out: Path | None = None,
+    root: Path = Path("runs"),
+    data_dir: Path | None = None,
+    limit: int | None = None,
+    splits=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or reuse, or resume) the teacher; returns its result: run_dir, key, metrics,
+    soft-label paths, wall time, and `reused` (True when nothing was trained)."""
+    from rbkd.engine import CrossEntropy, fit
+    from rbkd.models import build_model
+    from rbkd.softlabels import SPLITS, soft_labels_from_model
+
+    spec.check()
+    train, test = splits if splits is not None else load_splits(spec.dataset, data_dir, limit)
+    if train.name != spec.dataset:
+        raise ValueError(f"the data is {train.name}, the teacher is for {spec.dataset}")
+    key = teacher_key(spec, cfg, data_fingerprint(train, test))
+    run_dir = Path(out) if out is not None else Path(root) / teacher_dir_name(spec, cfg, key)
+    with folder_lock(run_dir, "teacher"):
+        state = run_state(run_dir, key, RESULT_FILE)
+        if state.status == "done" and _soft_labels_current(run_dir):
+            return {**state.result, "run_dir": run_dir, "reused": True}
+        t0 = time.perf_counter()
+        model = build_model(spec.dataset, spec.capacity, seed=cfg.seed)
+        extra = {
+            "command": "train-teacher",
+            "capacity": spec.capacity,
+            "limit": limit,
+            "key": key,
+        }
+        metrics = fit(
+            model,
+            train,
+            test,
+            cfg,
+            CrossEntropy(),
+            run_dir=run_dir,
+            resume=True,  # the key matched: a checkpoint here is this very run's
+            progress=progress,
+            extra_config=extra,
+        )
+        files = {}
+        for split, ds in zip(SPLITS, (train, test), strict=True):
+            files[split] = soft_labels_from_model(
+                model,
+                ds,
+                run_dir / f"soft_labels_{split}.safetensors",
+                teacher_run=run_dir,
+                split=split,
+                device=cfg.device,
+                batch_size=cfg.eval_batch_size,
+            )
+        result = {
+            "key": key,
+            "kind": "teacher",
+            "dataset": spec.dataset,
+            "capacity": spec.capacity,
+            "train_config": cfg.result_inputs(),
+            "limit": limit,
+            "metrics": metrics,
+            "epochs": metrics.get("epochs"),
+            "soft_labels": {k: str(v) for k, v in files.items()},
+            "wall_time_s": time.perf_counter() - t0,
+            "resumed_from_epoch": state.epochs_done,
+        }
+        write_json(run_dir / RESULT_FILE, result)  # last: the mark of a finished run
+    return {**result, "run_dir": run_dir, "reused": False}
