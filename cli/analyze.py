@@ -111,7 +111,7 @@ def entropy(
     )
     from rbkd.analysis.files import write_json
     from rbkd.analysis.plots import plot_entropy_curves
-    from rbkd.analysis.runs import teacher_soft_labels
+    from rbkd.study.softlabels import teacher_soft_labels
     from rbkd.data import load_dataset
     from rbkd.engine import read_config
     from rbkd.softlabels import SPLITS, read_soft_labels
@@ -131,7 +131,7 @@ def entropy(
             soft = _first_rows(read_soft_labels(path), limit)
         else:
             ds = load_dataset(read_config(path)["dataset"], split, data_dir)
-            soft = teacher_soft_labels(path, split, _first_examples(ds, limit))
+            soft = teacher_soft_labels(path, split, _first_examples(ds, limit), allow_partial=True)
             class_names = list(ds.class_names)
         if num_classes is not None and soft.num_classes != num_classes:
             raise ValueError(f"{path} has {soft.num_classes} classes, the others {num_classes}")

@@ -9,7 +9,7 @@ import sys
 from typing import Annotated
 
 import typer
-from rbkd.cli import analyze, distill, experiments, info, models, softlabels, train
+from rbkd.cli import analyze, distill, experiments, info, models, softlabels, study, train
 from rbkd.cli.common import console, debug_enabled, new_app, report_error
 
 app = new_app(
@@ -26,6 +26,7 @@ app.add_typer(softlabels.app)
 app.add_typer(distill.app)
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(experiments.app, name="experiment")
+app.add_typer(study.app, name="study")
 app.add_typer(models.app)
 app.add_typer(info.app)
 

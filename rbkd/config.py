@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
+DEFAULT_DATASET = "fashion-mnist"  # the embedded default: Debian ships it
 TEACHERS = ("small", "large")  # the thesis's teacher capacities (Appendix A)
 STUDENTS = ("general", "baseline")  # the thesis's students (Appendix B, section 6.3.1)
 SELECTIONS = ("entropy", "random")
@@ -69,7 +70,7 @@ class TrainConfig:
 class TeacherSpec:
     """Which teacher to train (how: a TrainConfig)."""
 
-    dataset: str = "fashion-mnist"
+    dataset: str = DEFAULT_DATASET
     capacity: str = "small"
 
     def check(self) -> None:
@@ -95,6 +96,7 @@ class DistillSpec:
     noise: str | None = None
     data_dir: Path | None = None
     limit: int | None = None
+    allow_partial: bool = False  # soft labels covering only part of the split are an error
 
     def check(self) -> None:
         """Reject bad combinations before any data is read (ValueError, one line)."""
