@@ -411,3 +411,30 @@ def test_bindings_reject_bad_arguments():
 def test_backend_interface():
     assert cpu.NAME == "cpu" and cpu.is_available()
     assert cpu.supports(torch.device("cpu")) and not cpu.supports(torch.device("meta"))
+
+
+def test_scratch_allocation_failure_is_a_memory_error():
+    """aligned_alloc of the per-thread row scratch is checked: a failure is a MemoryError naming
+    the op, not a write through a null pointer. Provoked in a child under RLIMIT_AS: one row of
+    2^27 bfloat16 classes (the inputs are untouched zero pages) needs 2.7 GB of float32 scratch."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from rbkd.ops.backends import cpu
+c = 2**27
+z = torch.zeros(1, c, dtype=torch.bfloat16)
+t = torch.zeros(1, c, dtype=torch.bfloat16)
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
+try:
+    cpu.kd_loss_forward(z, t, None, 2.0, 1.0, 0, True, -100, 1.0, False)
+except MemoryError as e:
+    print("MemoryError:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "MemoryError: kd_loss_fwd: could not allocate" in proc.stdout, (
+        proc.stdout + proc.stderr[-2000:]
+    )
