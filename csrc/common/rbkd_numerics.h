@@ -1,21 +1,16 @@
-// Scalar numerics shared by the CPU and the CUDA kernels: bit casts, the three storage dtypes and
-// a vectorisable exp/log. Every function is RBKD_HD (host + device) and branch-free enough for
-// `#pragma omp simd` loops to vectorise it, so the CPU tests exercise the exact math CUDA runs.
+// Scalar numerics of the CPU kernels: bit casts, the three storage dtypes and a vectorisable
+// exp/log. Every function is branch-free enough for `#pragma omp simd` loops to vectorise it.
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#ifdef __CUDACC__
-#define RBKD_HD __host__ __device__
-#define RBKD_INLINE __forceinline__
-#else
+// RBKD_HD is empty: it marked host + device functions while CUDA kernels shared these.
 #define RBKD_HD
 // always_inline: the CPU kernels are compiled once per ISA (target_clones); a helper that is not
 // inlined would run with the baseline ISA and break the loop's vectorisation.
 #define RBKD_INLINE inline __attribute__((always_inline))
-#endif
 
 namespace rbkd {
 
@@ -25,23 +20,15 @@ enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum TeacherKind : int { kLogits = 0, kProbs = 1, kLogProbs = 2 };
 
 RBKD_HD RBKD_INLINE uint32_t float_bits(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
   uint32_t u;
   memcpy(&u, &f, sizeof u);
   return u;
-#endif
 }
 
 RBKD_HD RBKD_INLINE float bits_float(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
   float f;
   memcpy(&f, &u, sizeof f);
   return f;
-#endif
 }
 
 // ---- dtype conversions, bitwise (no F16C / bf16 hardware needed), round-to-nearest-even ----
