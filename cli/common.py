@@ -260,8 +260,9 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 RESUMABLE_COMMANDS = ("train-teacher", "distill")
 
 
-def resume_command(run_dir: Path, args: Sequence[str] | None = None) -> str:
-    """This invocation with `--out RUN --resume` (any --out/--resume it had replaced)."""
+def resume_command(run_dir: Path, args: Sequence[str] | None = None, flag: bool = True) -> str:
+    """This invocation with `--out RUN` (any --out it had replaced) and, when the command has
+    the option (`flag`), `--resume`: the exact command that continues the interrupted run."""
     args = list(_invocation if args is None else args)
     kept, skip = [], False
     for arg in args:
@@ -274,10 +275,18 @@ def resume_command(run_dir: Path, args: Sequence[str] | None = None) -> str:
         if arg.startswith("--out=") or arg == "--resume":
             continue
         kept.append(arg)
-    return shlex.join(["rbkd", *kept, "--out", str(run_dir), "--resume"])
+    return shlex.join(["rbkd", *kept, "--out", str(run_dir), *(["--resume"] if flag else [])])
 
 
-def report_interrupt(exc: KeyboardInterrupt) -> int:
+def _has_resume_option() -> bool:
+    from typer._click.globals import get_current_context
+
+    ctx = get_current_context(silent=True)
+    params = getattr(getattr(ctx, "command", None), "params", [])
+    return any("--resume" in getattr(p, "opts", ()) for p in params)
+
+
+def report_interrupt(exc: KeyboardInterrupt, resume_flag: bool = True) -> int:
     """One line after Ctrl-C or SIGTERM: what is kept and the exact command to resume. Returns
     the exit code (130 for SIGINT, 143 for SIGTERM, as a shell reports them)."""
     from rbkd.engine.loop import last_run_dir
@@ -300,7 +309,8 @@ def report_interrupt(exc: KeyboardInterrupt) -> int:
             else f"no epoch had completed, {run_dir} holds no checkpoint yet"
         )
         if command in RESUMABLE_COMMANDS:
-            line = f"interrupted ({name}): {kept}; resume with: {resume_command(run_dir)}"
+            again = resume_command(run_dir, flag=resume_flag)
+            line = f"interrupted ({name}): {kept}; resume with: {again}"
         else:
             line = f"interrupted ({name}): {kept}"
     err_console.print(f"[bold yellow]Stopped:[/] {escape(line)}", soft_wrap=True, markup=True)
@@ -324,7 +334,7 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt as exc:
             if debug_enabled():
                 raise
-            raise typer.Exit(report_interrupt(exc)) from None
+            raise typer.Exit(report_interrupt(exc, _has_resume_option())) from None
         except Exception as exc:
             if debug_enabled():
                 raise

@@ -8,6 +8,7 @@ cannot leave the final name pointing at an empty or partial file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 __all__ = [
     "MAX_JSON_BYTES",
     "MAX_METADATA_BYTES",
+    "DiskFullError",
     "NotRegularFileError",
     "atomic_path",
     "atomic_write_bytes",
@@ -49,6 +51,29 @@ MAX_HEADER_BYTES = 100 << 20  # the whole safetensors JSON header (safetensors' 
 # What the atomic writer leaves behind if the process dies between create and rename:
 # ".<final name>.<mkstemp suffix>.part" (files) and CIFAR's ".cifar-10-...<suffix>.part" folders.
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(part|tmp)$")
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space (ENOSPC, EDQUOT) or a file-size limit (EFBIG)."""
+
+    def __str__(self) -> str:  # OSError would print "[Errno None] ..." otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large"}
+if hasattr(errno, "EDQUOT"):
+    _DISK_FULL[errno.EDQUOT] = "disk quota exceeded"
+
+
+def _disk_full_reason(exc: BaseException) -> str | None:
+    """Why a write failed, when it is a full disk: OSError's errno, or the Rust writer's
+    "(os error 28)" text (safetensors raises its own error type)."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return _DISK_FULL[exc.errno]
+    for code, reason in _DISK_FULL.items():
+        if f"os error {code})" in str(exc):
+            return reason
+    return None
 
 
 class NotRegularFileError(ValueError):
@@ -242,9 +267,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_current_umask())
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        reason = _disk_full_reason(exc)
+        if reason is not None:
+            raise DiskFullError(
+                f"cannot write {path}: {reason} (a full disk or a file-size limit); the previous "
+                "version of the file is intact: free some space and rerun (a training run "
+                "continues from its last checkpoint)"
+            ) from exc
         raise
     _fsync_dir(folder)
 
