@@ -223,3 +223,59 @@ def test_a_fifo_checkpoint_is_an_error_not_a_hang(tmp_path):
     os.mkfifo(tmp_path / "checkpoint.safetensors")
     with pytest.raises(RunDirError, match="checkpoint.safetensors is a FIFO"):
         _run(tmp_path, 2, resume=True)
+
+
+class _NaNLoss(CrossEntropy):
+    """A loss that is NaN from the first step: the inputs or the objective, never the lr."""
+
+    def __call__(self, logits, labels, index):
+        return super().__call__(logits, labels, index) * math.nan
+
+
+def test_a_loss_that_is_nan_before_any_update_does_not_blame_the_learning_rate():
+    model = build_model("mnist", "baseline", seed=0)
+    with pytest.raises(TrainingDiverged) as info:
+        fit(model, TRAIN, TEST, TrainConfig(**ONE), _NaNLoss(), progress=False)
+    message = str(info.value)
+    assert "before any update" in message and "learning rate" not in message
+    assert "epoch 1, step 1/" in message
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_fifo_or_dev_zero_in_a_run_folder_is_an_error_naming_the_file(tmp_path, name, kind):
+    from rbkd.engine import load_run
+
+    _run(tmp_path, 1)
+    path = tmp_path / name
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(ValueError) as info:
+        load_run(tmp_path)
+    message = str(info.value)
+    what = "a FIFO (named pipe)" if kind == "fifo" else "a character device"
+    assert f"{path} is {what}, not a regular file" in message and "\n" not in message
+
+
+def test_an_oversized_config_json_is_refused(tmp_path):
+    from rbkd.engine import read_config
+
+    _run(tmp_path, 1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["extra_config"] = {"note": "x" * (9 << 20)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunDirError, match="larger than 8 MiB"):
+        read_config(tmp_path)
+
+
+def test_oversized_model_metadata_is_refused(tmp_path):
+    from rbkd.engine import load_run
+
+    _run(tmp_path, 1)
+    path = tmp_path / "model.safetensors"
+    save_file(load_file(path), str(path), metadata={"arch": "baseline", "x": "y" * 100_000})
+    with pytest.raises(RunDirError, match="metadata"):
+        load_run(tmp_path)
