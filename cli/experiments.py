@@ -81,7 +81,7 @@ def _run(study: dict, out: Path, data_dir, device: str, progress: bool) -> list[
         )
     n = len(result.plan.teachers) + len(result.plan.students)
     if not result.trained:
-        console.print(f"nothing to run: all {n} runs are done in {escape(out)}")
+        console.print(f"nothing to run: all {n} runs are done in {escape(out)}", soft_wrap=True)
     console.print(f"wrote {escape(out / 'results.csv')}, results.jsonl and {escape(result.report)}")
     return read_jsonl(out / "results.jsonl")
 

@@ -91,7 +91,9 @@ def run(
             todo += state.status != "done"
             console.print(escape(describe(task, state)), soft_wrap=True)
         n = len(plan.plan.teachers) + len(plan.plan.students)
-        console.print(f"{todo} of {n} runs to do in {escape(out)} (dry run: nothing ran)")
+        console.print(
+            f"{todo} of {n} runs to do in {escape(out)} (dry run: nothing ran)", soft_wrap=True
+        )
         return
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -127,16 +129,22 @@ def run(
     if result.trained:
         console.print(
             f"ran {len(result.trained)} of {n} runs in {_duration(result.wall_time_s)}; "
-            f"the other {n - len(result.trained)} were already done"
+            f"the other {n - len(result.trained)} were already done",
+            soft_wrap=True,
         )
     else:
-        console.print(f"nothing to run: all {n} runs of {escape(study['name'])} are done")
-    console.print(f"results: {escape(out / 'results.csv')} (and results.jsonl, teachers.jsonl)")
+        console.print(
+            f"nothing to run: all {n} runs of {escape(study['name'])} are done", soft_wrap=True
+        )
+    console.print(
+        f"results: {escape(out / 'results.csv')} (and results.jsonl, teachers.jsonl)",
+        soft_wrap=True,
+    )
     if report:
         from rbkd.study.report import write_report
 
         path = write_report(out, data_dir=data_dir)
-        console.print(f"report: {escape(path)}")
+        console.print(f"report: {escape(path)}", soft_wrap=True)
 
 
 @app.command("report")
@@ -168,4 +176,4 @@ def report_cmd(
     if not (folder / "study.json").is_file():
         raise ValueError(f"{folder} holds no study.json: pass a folder written by `rbkd study run`")
     path = write_report(folder, out=out, fmt=fmt, labels=_labels(label), data_dir=data_dir)
-    console.print(f"report: {escape(path)}")
+    console.print(f"report: {escape(path)}", soft_wrap=True)
