@@ -12,6 +12,7 @@ from rbkd.cli.common import (
     LimitOpt,
     ProgressOpt,
     console,
+    err_console,
     escape,
     handle_errors,
     new_app,
@@ -111,20 +112,31 @@ def run(
     def on_run(label: str, done: int, total: int) -> None:
         bar.update(task_id, description=escape(label[:100]), completed=done, total=total or 1)
 
+    finished: list[str] = []  # one line per run finished in this session
+
     def log(line: str) -> None:
+        finished.append(line)
         bar.console.print(escape(line), soft_wrap=True)
 
-    with bar:
-        result = run_study(
-            study,
-            out,
-            data_dir=data_dir,
-            device=device,
-            log=log,
-            on_run=on_run,
-            report=False,
-            source=file,
+    try:
+        with bar:
+            result = run_study(
+                study,
+                out,
+                data_dir=data_dir,
+                device=device,
+                log=log,
+                on_run=on_run,
+                report=False,
+                source=file,
+            )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every finished run is kept
+        err_console.print(
+            f"[bold yellow]Stopped:[/] {len(finished)} run(s) finished in this session are kept "
+            f"in {escape(out)}; run the same command again to continue where it stopped",
+            soft_wrap=True,
         )
+        raise typer.Exit(130) from None
     n = len(result.plan.teachers) + len(result.plan.students)
     if result.trained:
         console.print(
