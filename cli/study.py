@@ -18,6 +18,8 @@ from rbkd.cli.common import (
     new_app,
 )
 
+from rbkd.config import TrainConfig
+
 app = new_app(help="Run a declared study (docs/studies.md) and write its report.")
 
 FORMATS = ("png", "pdf", "svg")
@@ -53,7 +55,7 @@ def run(
     ] = None,
     limit: LimitOpt = None,
     data_dir: DataDirOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = TrainConfig().device,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="List every run and whether it is done; run nothing."),
