@@ -48,6 +48,22 @@ def _max_abs(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors, float("inf"))).max().float()
 
 
+def _nonfinite_gradients(grads: list[Tensor], device: torch.device) -> Tensor:
+    """1.0 when any gradient holds NaN or inf, else 0.0 (a device scalar, no host sync).
+
+    GradScaler's fused check (its `unscale_` with a scale of exactly 1, so the gradients are
+    unchanged): one kernel for all tensors, about 6x cheaper than a foreach max-norm on the
+    baseline student's 10 parameter tensors (34 vs 221 us per step on the 2-core CPU)."""
+    found = torch.zeros(1, device=device)
+    if grads:
+        try:
+            one = torch.ones(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        except (RuntimeError, NotImplementedError):  # a dtype or device the fused check lacks
+            found = (~torch.isfinite(_max_abs(grads))).float().reshape(1).to(device)
+    return found[0]
+
+
 def _weights_finite(model: nn.Module) -> bool:
     params = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
     return bool(torch.isfinite(_max_abs(params)))
@@ -189,17 +205,16 @@ def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, prog
                     (loss * (world / count)).backward()
                     correct = (logits.detach().argmax(1) == y).sum()
                     grads = [p.grad for p in model.parameters() if p.grad is not None]
-                    stats = torch.stack(
-                        [loss.detach().float(), correct.float(), _max_abs(grads).to(device)]
-                    )
+                    bad_grads = _nonfinite_gradients(grads, device)
+                    stats = torch.stack([loss.detach().float(), correct.float(), bad_grads])
                     # .tolist() syncs with the device once per step: the price of refusing a NaN
                     # step before it reaches the weights (and of an honest progress bar).
-                    batch_loss, batch_correct, grad_max = ctx.all_reduce_sum(stats).tolist()
+                    batch_loss, batch_correct, grad_bad = ctx.all_reduce_sum(stats).tolist()
                     # Every rank sees the same reduced values, so every rank stops together.
-                    if not (math.isfinite(batch_loss) and math.isfinite(grad_max)):
+                    if not math.isfinite(batch_loss) or grad_bad != 0:
                         raise _diverged(
                             model, objective, cfg, epoch, step, steps, start_epoch,
-                            batch_loss / count, grad_max,
+                            batch_loss / count,
                         )  # fmt: skip
                     optimizer.step()
                     seen, loss_sum, correct_sum = (
@@ -250,10 +265,10 @@ def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, prog
     return final
 
 
-def _diverged(model, objective, cfg, epoch, step, steps, start_epoch, loss, grad_max):
+def _diverged(model, objective, cfg, epoch, step, steps, start_epoch, loss):
     """The one-line TrainingDiverged for a non-finite loss or gradient, naming the likely cause."""
     where = f"at epoch {epoch + 1}, step {step + 1}/{steps}"
-    what = f"loss became {loss}" if not math.isfinite(loss) else f"gradients became {grad_max}"
+    what = f"loss became {loss}" if not math.isfinite(loss) else "gradients became NaN or inf"
     if not _weights_finite(model):
         return TrainingDiverged(
             f"{what} {where} because the weights are already NaN or inf (the previous update "
