@@ -19,8 +19,8 @@ from datetime import date
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BACKEND_ORDER = ["eager", "compile", "torch", "cpu", "triton", "cuda", "liger"]
-FAST_BACKENDS = {"cpu": ["cpu"], "cuda": ["triton", "cuda"]}  # the fused kernels, not the twin
+BACKEND_ORDER = ["eager", "compile", "torch", "cpu", "triton", "liger"]
+FAST_BACKENDS = {"cpu": ["cpu"], "cuda": ["triton"]}  # the fused kernels, not the twin
 BUSY_LOAD = 2.5  # 1-minute load average above which the numbers are flagged as noisy
 
 # The targets: (op, shape tag, what, threshold).

@@ -2,7 +2,7 @@
 
 Each case is (op, device, N x C, dtype, backend). Backends: "eager" (plain torch ops doing the
 same math), "compile" (torch.compile of that eager function), every built rbkd backend that
-serves the device ("torch" reference, "cpu" C++/OpenMP, "triton", "cuda"), and on GPUs Liger-Kernel
+serves the device ("torch" reference, "cpu" C++/OpenMP, "triton"), and on GPUs Liger-Kernel
 when it is installed. extra_info carries the effective bandwidth over the op's minimum traffic,
 its share of the memory-copy bandwidth measured in this run, and the speed-up over eager/compile.
 Nothing here asserts a speed: bench/report.py judges the targets from the JSON.
@@ -40,7 +40,7 @@ if QUICK:  # same C (the kernels' code paths), far fewer rows
 
 BACKENDS = {
     "cpu": ["eager", "compile", "torch", "cpu"],
-    "cuda": ["eager", "compile", "torch", "triton", "cuda"],
+    "cuda": ["eager", "compile", "torch", "triton"],
 }
 
 

@@ -362,7 +362,7 @@ RBKD_INLINE void kd_tile(int64_t C, const float (*z)[kLanes], const float (*t)[k
 
 // kLanes rows at once (C <= kSmallC). Pass 1 folds each lane's row into online (max, sum) pairs,
 // pass 2 recomputes the exps with the final maxima for the KL term and the gradient: the same
-// two-pass scheme as the CUDA kernel. 65536 x 10: 12x faster than one row per task.
+// two-pass scheme as the Triton kernel. 65536 x 10: 12x faster than one row per task.
 RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
   const int64_t C = a.C;
   const int rows = static_cast<int>(std::min<int64_t>(kLanes, a.N - i0));

@@ -10,7 +10,8 @@
         -> (loss[N] float32, grad[N, C] in student dtype | None)
     entropy_forward(x, temps, kind, normalize, probs_tol) -> Tensor[K, N] float32
 
-Conventions (the caller in rbkd/ops has validated everything already):
+Conventions (the caller in rbkd/ops has validated shapes, dtypes and Python scalars; tensor values
+only where rbkd.ops.validation.host_value_checks says so, hence the rule below):
 - 2-D inputs have a unit stride in the last dimension; row strides may be anything.
 - `T` and `alpha` are Python floats or contiguous float32 [N] tensors on the inputs' device.
 - `labels` is None (pure distillation: no CE term, alpha taken as 1) or int64 / int32 [N].
