@@ -111,10 +111,10 @@ def entropy(
     )
     from rbkd.analysis.files import write_json
     from rbkd.analysis.plots import plot_entropy_curves
-    from rbkd.study.softlabels import teacher_soft_labels
     from rbkd.data import load_dataset
     from rbkd.engine import read_config
     from rbkd.softlabels import SPLITS, read_soft_labels
+    from rbkd.study.softlabels import teacher_soft_labels
 
     temps = parse_temperatures(T)
     check_choice(split, SPLITS, "--split")

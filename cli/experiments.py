@@ -51,38 +51,12 @@ def _pct(x) -> str:
 
 
 def _run(study: dict, out: Path, data_dir, device: str, progress: bool) -> list[dict]:
-    """Run the study with a progress bar; return its results rows (and write the report)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Run the study with a progress bar and its report; return its results rows."""
+    from rbkd.cli.study_progress import run_with_progress
 
     from rbkd.study.results import read_jsonl
-    from rbkd.study.runner import run_study
 
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
-    )
-    task = bar.add_task("preparing", total=None)
-
-    def on_run(label: str, done: int, total: int) -> None:
-        bar.update(task, description=escape(label[:90]), completed=done, total=total or 1)
-
-    with bar:
-        result = run_study(
-            study,
-            out,
-            data_dir=data_dir,
-            device=device,
-            on_run=on_run,
-            log=lambda line: bar.console.print(escape(line), soft_wrap=True),
-        )
-    n = len(result.plan.teachers) + len(result.plan.students)
-    if not result.trained:
-        console.print(f"nothing to run: all {n} runs are done in {escape(out)}", soft_wrap=True)
-    console.print(f"wrote {escape(out / 'results.csv')}, results.jsonl and {escape(result.report)}")
+    run_with_progress(study, out, data_dir=data_dir, device=device, progress=progress, report=True)
     return read_jsonl(out / "results.jsonl")
 
 

@@ -47,10 +47,10 @@ def soft_labels(
         rbkd soft-labels --teacher runs/t1 --split test --limit 2000 --out runs/t1-test.safetensors
     """
     from rbkd.analysis.entropy import entropy_at
-    from rbkd.study.splits import limit_dataset
     from rbkd.data import load_dataset
     from rbkd.engine import load_run, read_config
     from rbkd.softlabels import SPLITS, read_soft_labels, soft_labels_from_model
+    from rbkd.study.splits import limit_dataset
 
     check_choice(split, SPLITS, "--split")
     config = read_config(teacher)

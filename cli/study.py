@@ -12,7 +12,6 @@ from rbkd.cli.common import (
     LimitOpt,
     ProgressOpt,
     console,
-    err_console,
     escape,
     handle_errors,
     new_app,
@@ -23,12 +22,6 @@ from rbkd.config import TrainConfig
 app = new_app(help="Run a declared study (docs/studies.md) and write its report.")
 
 FORMATS = ("png", "pdf", "svg")
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def _labels(items: list[str] | None) -> dict[str, str]:
@@ -77,6 +70,8 @@ def run(
 
         rbkd study run studies/fashion-mnist-quick.toml --limit 300 --out results/quick-300
     """
+    from rbkd.cli.study_progress import run_with_progress
+
     from rbkd.study import load_study
     from rbkd.study.runner import describe, run_study
 
@@ -99,66 +94,9 @@ def run(
         )
         return
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
+    run_with_progress(
+        study, out, data_dir=data_dir, device=device, progress=progress, report=report, source=file
     )
-    task_id = bar.add_task("preparing", total=None)
-
-    def on_run(label: str, done: int, total: int) -> None:
-        bar.update(task_id, description=escape(label[:100]), completed=done, total=total or 1)
-
-    finished: list[str] = []  # one line per run finished in this session
-
-    def log(line: str) -> None:
-        finished.append(line)
-        bar.console.print(escape(line), soft_wrap=True)
-
-    try:
-        with bar:
-            result = run_study(
-                study,
-                out,
-                data_dir=data_dir,
-                device=device,
-                log=log,
-                on_run=on_run,
-                report=False,
-                source=file,
-            )
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every finished run is kept
-        err_console.print(
-            f"[bold yellow]Stopped:[/] {len(finished)} run(s) finished in this session are kept "
-            f"in {escape(out)}; run the same command again to continue where it stopped",
-            soft_wrap=True,
-        )
-        raise typer.Exit(130) from None
-    n = len(result.plan.teachers) + len(result.plan.students)
-    if result.trained:
-        console.print(
-            f"ran {len(result.trained)} of {n} runs in {_duration(result.wall_time_s)}; "
-            f"the other {n - len(result.trained)} were already done",
-            soft_wrap=True,
-        )
-    else:
-        console.print(
-            f"nothing to run: all {n} runs of {escape(study['name'])} are done", soft_wrap=True
-        )
-    console.print(
-        f"results: {escape(out / 'results.csv')} (and results.jsonl, teachers.jsonl)",
-        soft_wrap=True,
-    )
-    if report:
-        from rbkd.study.report import write_report
-
-        path = write_report(out, data_dir=data_dir)
-        console.print(f"report: {escape(path)}", soft_wrap=True)
 
 
 @app.command("report")

@@ -1,0 +1,89 @@
+"""Running a study from the command line: one progress bar over its runs, a line per finished
+run, and on Ctrl-C or SIGTERM one line saying what is kept and how to continue. Shared by
+`rbkd study run` and the `rbkd experiment` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rbkd.cli.common import console, err_console, escape
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def run_with_progress(
+    study: dict,
+    out: Path,
+    *,
+    data_dir: Path | None,
+    device: str,
+    progress: bool,
+    report: bool,
+    source: Path | None = None,
+):
+    """`rbkd.study.runner.run_study` with a progress bar; prints what ran; returns its StudyRun."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rbkd.study.runner import run_study
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    )
+    task_id = bar.add_task("preparing", total=None)
+    finished: list[str] = []  # one line per run finished in this session
+
+    def on_run(label: str, done: int, total: int) -> None:
+        bar.update(task_id, description=escape(label[:100]), completed=done, total=total or 1)
+
+    def log(line: str) -> None:
+        finished.append(line)
+        bar.console.print(escape(line), soft_wrap=True)
+
+    try:
+        with bar:
+            result = run_study(
+                study,
+                out,
+                data_dir=data_dir,
+                device=device,
+                log=log,
+                on_run=on_run,
+                report=report,
+                source=source,
+            )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every finished run is kept
+        err_console.print(
+            f"[bold yellow]Stopped:[/] {len(finished)} run(s) finished in this session are kept "
+            f"in {escape(out)}; run the same command again to continue where it stopped",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    n = len(result.plan.teachers) + len(result.plan.students)
+    if result.trained:
+        console.print(
+            f"ran {len(result.trained)} of {n} runs in {duration(result.wall_time_s)}; "
+            f"the other {n - len(result.trained)} were already done",
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"nothing to run: all {n} runs of {escape(study['name'])} are done in {escape(out)}",
+            soft_wrap=True,
+        )
+    console.print(
+        f"results: {escape(out / 'results.csv')} (and results.jsonl, teachers.jsonl)",
+        soft_wrap=True,
+    )
+    if result.report is not None:
+        console.print(f"report: {escape(result.report)}", soft_wrap=True)
+    return result
