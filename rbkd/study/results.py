@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbkd.analysis.files import write_csv
-from rbkd.io import jsonable, write_bytes
+from rbkd.io import jsonable, read_bounded, write_bytes
 
 ENTROPY_T = tuple(float(t) for t in range(1, 21))  # figs 5.2-5.4 and 6.4 span T = 1..20
 
@@ -67,10 +67,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_bytes(path, text.encode())
 
 
+MAX_TABLE_BYTES = 256 << 20  # a results table of a million runs is ~1 GB; a study has thousands
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
+    """The rows of a JSON-lines table ([] when it does not exist yet), read bounded from a
+    regular file; ValueError naming the line for a row that is not a JSON object."""
+    path = Path(path)
+    if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = read_bounded(path, MAX_TABLE_BYTES, "results table").decode(errors="replace")
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} line {n} is not valid JSON ({e.msg}); rerun `rbkd study run` on the "
+                "folder to rebuild it"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def study_temperatures(study: dict) -> set[float]:
@@ -78,7 +99,9 @@ def study_temperatures(study: dict) -> set[float]:
     temps = {float(t) for t in study["loss"]["T"]}
     for e in study["experiments"].values():
         value = e.get("T")
-        temps |= {float(t) for t in (value if isinstance(value, list) else [value] if value else [])}
+        temps |= {
+            float(t) for t in (value if isinstance(value, list) else [value] if value else [])
+        }
     return temps
 
 

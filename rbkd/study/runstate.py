@@ -7,12 +7,12 @@ run. A folder whose config.json carries another key holds a different run and is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rbkd.engine.rundir import RunDirError
+from rbkd.io import MAX_JSON_BYTES, read_bounded, read_json_file
 
 
 @dataclass
@@ -25,21 +25,21 @@ class RunState:
 
 
 def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
     try:
-        if not path.is_file():
-            return None
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # unreadable: treated as absent; the run redoes what it needs
+        value = read_json_file(path, "run file")
+    except ValueError:
+        return None  # unreadable (half a file cannot be: writes are atomic): the run redoes it
     return value if isinstance(value, dict) else None
 
 
 def _epochs_done(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
-    try:
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
-    except OSError:
+    if not path.exists():
         return 0
+    text = read_bounded(path, MAX_JSON_BYTES, "metrics file").decode(errors="replace")
+    return sum(1 for line in text.splitlines() if line.strip())
 
 
 def run_state(run_dir: Path, key: str, result_file: str) -> RunState:

@@ -22,6 +22,7 @@ from rbkd.config import (
     DistillSpec,
     TrainConfig,
 )
+from rbkd.io import read_bounded
 
 _TRAIN = TrainConfig()
 _DISTILL = DistillSpec()
@@ -386,12 +387,14 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
 def load_study(path: str | Path) -> dict[str, Any]:
     """Read and check a study file (TOML); StudyFileError on any problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise StudyFileError(f"{path}: no such study file (see studies/ for examples)")
-    if path.stat().st_size > 1 << 20:
-        raise StudyFileError(f"{path}: larger than 1 MiB; a study file is a few dozen lines")
     try:
-        data = tomllib.loads(path.read_text())
+        text = read_bounded(path, 1 << 20, "study file").decode()
+    except ValueError as e:  # not a regular file, or over 1 MiB (a study is a few dozen lines)
+        raise StudyFileError(str(e)) from None
+    try:
+        data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise StudyFileError(f"{path}: not valid TOML ({e})") from None
     return parse_study(data, path)

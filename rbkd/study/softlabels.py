@@ -21,6 +21,7 @@ from rbkd.softlabels import (
     SoftLabelsError,
     check_matches_dataset,
     read_soft_labels,
+    read_teacher_soft_labels,
     sha256_file,
     teacher_id,
 )
@@ -75,15 +76,13 @@ def teacher_soft_labels(
 ) -> SoftLabels:
     """A teacher run's soft labels for `split`: its saved file (checked against the run's
     weights), or, for a run made without one, the logits computed now from model.safetensors."""
-    from rbkd import softlabels as files
     from rbkd.engine import load_run, predict_logits, read_config, resolve_device
 
     teacher = Path(teacher)
     read_config(teacher)  # a clear error if this is not a run folder
     path = teacher / (TRAIN_FILE if split == "train" else TEST_FILE)
-    if path.exists():
-        reader = getattr(files, "read_teacher_soft_labels", None)
-        soft = reader(teacher, split) if reader else read_soft_labels(path)
+    if path.exists():  # checked against the run's weights: never stale or foreign labels
+        soft = read_teacher_soft_labels(teacher, split)
         return fit_to_dataset(soft, dataset, allow_partial=allow_partial)
     model, _ = load_run(teacher)
     logits = predict_logits(model, dataset, device=resolve_device(device))

@@ -36,20 +36,13 @@ def teacher_dir_name(spec: TeacherSpec, cfg: TrainConfig, key: str) -> str:
 
 def _soft_labels_current(run_dir: Path) -> bool:
     """Both soft-label files exist and were made from the final model.safetensors."""
-    from rbkd.io import sha256_file
-    from rbkd.softlabels import SPLITS, SoftLabelsError, read_soft_labels
+    from rbkd.softlabels import SPLITS, SoftLabelsError, read_teacher_soft_labels
 
-    model = run_dir / "model.safetensors"
-    if not model.is_file():
+    try:
+        for split in SPLITS:
+            read_teacher_soft_labels(run_dir, split)
+    except (SoftLabelsError, OSError):
         return False
-    digest = sha256_file(model)
-    for split in SPLITS:
-        try:
-            soft = read_soft_labels(run_dir / f"soft_labels_{split}.safetensors")
-        except (SoftLabelsError, OSError):
-            return False
-        if not soft.teacher.endswith(f"@sha256:{digest}"):
-            return False
     return True
 
 

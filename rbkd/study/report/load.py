@@ -3,7 +3,6 @@ contract) and the statistics over seeds that every table is made of."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -12,27 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file ([] when it does not exist yet); ValueError naming the line
-    for a row that is not a JSON object."""
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path} line {n} is not valid JSON ({e.msg}); rerun `rbkd study run` on the "
-                "folder to rebuild it"
-            ) from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {n} is not a JSON object")
-        rows.append(row)
-    return rows
+from rbkd.io import read_json_file
+from rbkd.study.results import read_jsonl
 
 
 def finite(v: Any) -> bool:
@@ -104,10 +84,7 @@ def read_study_output(study_dir: str | os.PathLike) -> StudyOutput:
             f"{path} not found: pass the folder `rbkd study run` wrote (it holds study.json, "
             "teachers.jsonl and results.jsonl)"
         )
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); rerun `rbkd study run`") from None
+    spec = read_json_file(path, "study file")
     if not isinstance(spec, dict):
         raise ValueError(f"{path} does not hold a study (a JSON object); rerun `rbkd study run`")
     return StudyOutput(

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from rbkd.io import write_bytes
+from rbkd.io import read_json_file, write_bytes
 from rbkd.study.report.document import Report
 from rbkd.study.report.entropy import section_entropy, section_hypothesis
 from rbkd.study.report.images import section_examples, section_projection
@@ -80,7 +80,7 @@ def _forget_old_figures(out: Path, figures: list[str]) -> None:
     listed in the manifest are touched: `out` may hold files of the user's."""
     manifest = out / MANIFEST_FILE
     try:
-        old = json.loads(manifest.read_text()).get("figures", [])
+        old = read_json_file(manifest, "figure list").get("figures", [])
     except (OSError, ValueError, AttributeError):
         old = []
     for name in set(old) - set(figures):
