@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up rbkd from a fresh checkout: a virtual environment in .venv, PyTorch, the package with its
-# compiled kernels (C++ CPU always; CUDA when nvcc exists), the test tools, and Fashion-MNIST from
+# compiled CPU kernels, Triton (the gpu extra), the test tools, and Fashion-MNIST from
 # Debian when apt is there. Safe to run again: it only installs what is missing or changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,7 +21,10 @@ from rbkd.ops import library
 from rbkd.ops import validation as v
 from rbkd.ops.dispatch import BackendError, available_backends, select_backend, use_backend
 
+KD_MAX_TEMPERATURE = v.KD_MAX_TEMPERATURE  # the largest T kd_loss accepts (README, loss convention)
+
 __all__ = [
+    "KD_MAX_TEMPERATURE",
     "BackendError",
     "available_backends",
     "kd_loss",

@@ -111,6 +111,14 @@ def bad_rows(
     return bad & counted_rows(labels, n, ignore_index, student.device)
 
 
+def _weighted(w: float | Tensor, x: Tensor) -> Tensor:
+    """w * x, where a zero weight drops the term (0 * inf would be NaN). A float weight is
+    decided in Python, a per-row one on the tensors' device (no host read, no CPU tensor)."""
+    if isinstance(w, Tensor):
+        return torch.where(w > 0, w * x, torch.zeros_like(x))
+    return w * x if w > 0 else torch.zeros_like(x)
+
+
 def valid_rows(labels: Tensor | None, n: int, c: int, ignore_index: int, device) -> Tensor:
     """Counted rows with a usable label (the rows whose formula is computed)."""
     if labels is None:
@@ -152,8 +160,8 @@ def kd_loss_rows(
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         ce = torch.logsumexp(z, dim=-1) - z.gather(1, safe.unsqueeze(1)).squeeze(1)
         # A term with zero weight is dropped, as the fused kernels do: 0 * inf would be NaN.
-        ce_part = torch.where(torch.as_tensor(1 - a) > 0, (1 - a) * ce, torch.zeros_like(ce))
-        kl_part = torch.where(torch.as_tensor(a) > 0, a * scale * kl, torch.zeros_like(kl))
+        ce_part = _weighted(1 - a, ce)
+        kl_part = _weighted(a, scale * kl)
         loss = ce_part + kl_part
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     bad = bad_rows(student, teacher, labels, T, alpha, teacher_kind, ignore_index, probs_tol)
