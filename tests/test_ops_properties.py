@@ -32,7 +32,7 @@ KINDS = {"logits": 0, "probs": 1, "log_probs": 2}
 NAN, INF = math.nan, math.inf
 # Small example counts keep the suite fast on 2 cores; derandomized so CI sees the same cases.
 PROPERTY = settings(
-    max_examples=8 if INTERPRETED else 25,
+    max_examples=5 if INTERPRETED else 15,
     deadline=None,
     derandomize=True,
     database=None,
@@ -236,7 +236,7 @@ def test_temperature_softmax_property(backend, case):
     y64 = (torch.log_softmax if log else torch.softmax)(x64 / T, -1)
     (y64 * up).sum().backward()
     atol, rtol = TOLERANCES[x.dtype]
-    yscale = max(1.0, float(y64.abs().max())) if y64.numel() else 1.0
+    yscale = max(1.0, float(y64.detach().abs().max())) if y64.numel() else 1.0
     assert_close(y, y64, atol * yscale, rtol, f"{backend} softmax")
     # The gradient is formed from the stored y (rounded to the dtype), so its error is relative to
     # the size of the terms |g| / T, not to the (possibly tiny) result.
