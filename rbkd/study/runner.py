@@ -158,7 +158,12 @@ def run_study(
                 result = _external_result(task)
             else:
                 result = train_teacher(
-                    task.spec, task.cfg, out=task.run_dir, splits=splits, progress=False
+                    task.spec,
+                    task.cfg,
+                    out=task.run_dir,
+                    splits=splits,
+                    limit=study["limit"],  # recorded; the splits are already cut
+                    progress=False,
                 )
             if not result["reused"]:
                 done += 1
