@@ -49,7 +49,12 @@ def temperature_softmax(logits: Tensor, T: float = 1.0, *, log: bool = False) ->
     T = v.check_temperature("T", T, 0, logits.device)
     if isinstance(T, Tensor):
         raise TypeError("T for temperature_softmax must be a float")
-    return library.temperature_softmax_op(logits, T, bool(log))
+    op = (
+        library.temperature_softmax_impl
+        if library.eager(logits)
+        else library.temperature_softmax_op
+    )
+    return op(logits, T, bool(log))
 
 
 def kd_loss(
@@ -162,5 +167,6 @@ def soft_label_entropy(
         if temps.device.type == "cpu" and logits.is_cuda:
             temps = temps.pin_memory()
         temps = temps.to(logits.device, non_blocking=True)
-    out = library.soft_label_entropy_op(logits, temps, kind, bool(normalize))
+    op = library.soft_label_entropy_impl if library.eager(logits) else library.soft_label_entropy_op
+    out = op(logits, temps, kind, bool(normalize))
     return out if many else out[0]

@@ -24,14 +24,28 @@ def _rows(x: Tensor) -> Tensor:
 
 
 # ---- temperature softmax -------------------------------------------------------------------------
+# Each op is a plain implementation and its registration. A call that needs no autograd and is not
+# being traced runs the implementation directly (`eager`): the registered op's first eager call
+# imports torch._dynamo, 3 s on this 2-core machine, for `rbkd analyze entropy` and every study.
 
 
-@torch.library.custom_op("rbkd::temperature_softmax", mutates_args=())
-def temperature_softmax_op(x: Tensor, T: float, log: bool) -> Tensor:
+def eager(*tensors: Tensor) -> bool:
+    """True when the op may skip its registration: not traced and no gradient wanted."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def temperature_softmax_impl(x: Tensor, T: float, log: bool) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
     out = select_backend(x.device).softmax_forward(_rows(x), T, log)
     return out.reshape(x.shape)
+
+
+temperature_softmax_op = torch.library.custom_op(
+    "rbkd::temperature_softmax", temperature_softmax_impl, mutates_args=()
+)
 
 
 @temperature_softmax_op.register_fake
@@ -244,8 +258,7 @@ class KDLoss(torch.autograd.Function):
 # ---- soft-label entropy --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("rbkd::soft_label_entropy", mutates_args=())
-def soft_label_entropy_op(x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Tensor:
+def soft_label_entropy_impl(x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Tensor:
     """Entropy [K, N] of softmax(x / T_k) (kind 0) or of probability rows (kind 1)."""
     if v.host_value_checks(x.device):
         v.check_temperature_values("T", temps)
@@ -263,6 +276,11 @@ def soft_label_entropy_op(x: Tensor, temps: Tensor, kind: int, normalize: bool) 
     temps = temps.to(device=x.device, dtype=torch.float32).contiguous()
     backend = select_backend(x.device)
     return backend.entropy_forward(_rows(x), temps, kind, normalize, v.probs_tolerance(x.dtype))
+
+
+soft_label_entropy_op = torch.library.custom_op(
+    "rbkd::soft_label_entropy", soft_label_entropy_impl, mutates_args=()
+)
 
 
 @soft_label_entropy_op.register_fake
