@@ -74,7 +74,7 @@ def describe(task, state: RunState) -> str:
         src = f"LS A={s.label_smoothing:g}" if s.label_smoothing is not None else task.teacher
         bits = [f"{'+'.join(task.experiments)}: {s.student} from {src}"]
         if s.label_smoothing is None:
-            bits.append(f"T={s.T:g}")
+            bits.append(f"T={s.T:g}" + ("" if s.t_squared else " without the T^2 factor"))
         if s.exclude_classes:
             bits.append(f"without class {','.join(map(str, s.exclude_classes))}")
         if s.per_class is not None:
