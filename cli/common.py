@@ -21,6 +21,8 @@ from rich.table import Table
 from typer import _click as click
 from typer.core import TyperGroup
 
+from rbkd.config import check_choice  # noqa: F401  (re-exported for the commands)
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEBUG_VAR = "RBKD_DEBUG"
 
@@ -201,12 +203,6 @@ def parse_int_list(text: str, what: str) -> list[int]:
     if not values:
         raise ValueError(f"{what} is empty; write integers like 5,10,50")
     return values
-
-
-def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------ errors

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rbkd.config import check_temperature  # noqa: F401  (re-exported: callers import it here)
+
 DEFAULT_TEMPERATURES = (1.0, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 20.0)
 DEFAULT_LS_FACTORS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # At most this many temperatures per analysis: a curve needs tens of points, and the count is
@@ -83,12 +85,6 @@ def parse_temperatures(text: str) -> list[float]:
     if bad or not temps:
         raise ValueError(f"temperature T must be > 0, got {bad[0] if bad else text}")
     return temps
-
-
-def check_temperature(T: float) -> float:
-    if not (math.isfinite(T) and T > 0):
-        raise ValueError(f"temperature T must be > 0, got {T}")
-    return float(T)
 
 
 def entropy_matrix(logits: Tensor, temperatures: Sequence[float]) -> Tensor:

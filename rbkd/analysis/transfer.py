@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-SELECTIONS = ("entropy", "random")
+from rbkd.config import SELECTIONS
 
 
 @dataclass

@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 class StudyRun:
     out: Path
     plan: Plan
-    states: dict[str, RunState]  # key -> state before this invocation
+    states: dict[str, RunState]  # key -> state (as found, then updated as runs finish)
     trained: list[str] = field(default_factory=list)  # keys run now
     wall_time_s: float = 0.0
     report: Path | None = None
@@ -98,11 +98,12 @@ def prepare(
     return StudyRun(Path(out), plan, _states(plan)), splits
 
 
-def _record(run: StudyRun, study: dict, splits, teacher_rows: dict) -> None:
-    """Rebuild the tables from the finished runs, in plan order."""
+def _record(run: StudyRun, study: dict, teacher_rows: dict) -> None:
+    """Rebuild the tables from the finished runs, in plan order (their reports are in
+    run.states: read once at the start, or handed back by the run that just finished)."""
     students = []
     for task in run.plan.students:
-        state = run_state(task.run_dir, task.key, "report.json")
+        state = run.states[task.key]
         if state.status != "done":
             continue
         teacher = teacher_rows.get(task.teacher) if task.teacher else None
@@ -178,7 +179,7 @@ def run_study(
             teacher_rows[("task", task.key)] = rows
             for r in rows:
                 teacher_rows[r["name"]] = r
-            _record(run, study, splits, teacher_rows)
+            _record(run, study, teacher_rows)
 
         from rbkd.study.softlabels import fit_to_dataset
 
@@ -204,6 +205,7 @@ def run_study(
             )
             done += 1
             run.trained.append(task.key)
+            run.states[task.key] = RunState(task.run_dir, task.key, "done", result=result)
             log(
                 f"{describe(task, state).split('] ', 1)[1]}: test accuracy "
                 f"{result['test_accuracy']:.2%}"
@@ -213,9 +215,9 @@ def run_study(
                     else ""
                 )
             )
-            _record(run, study, splits, teacher_rows)
+            _record(run, study, teacher_rows)
         step("done")
-        _record(run, study, splits, teacher_rows)
+        _record(run, study, teacher_rows)
     run.wall_time_s = time.perf_counter() - t_start
     if report:
         from rbkd.study.report import write_report

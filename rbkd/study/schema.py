@@ -101,8 +101,6 @@ class _Reader:
             raise self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
-    study_teachers: list = []
-
     def missing(self, key: str, hint: str = "it is required"):
         raise self.fail(key, f"missing ({hint})")
 
@@ -152,10 +150,14 @@ def _teacher(r: _Reader, defaults: dict) -> dict[str, Any]:
     }
 
 
-def _teacher_names(r: _Reader, known: list[str], key: str = "teachers") -> list[str]:
+def _teacher_names(
+    r: _Reader, known: list[str], own: list[str], key: str = "teachers"
+) -> list[str]:
+    """The experiment's teacher list, each a known name; default `own`, the study's own
+    teachers (the batch sweep's are used only where named)."""
     names = r.get(key, list, None)
-    if names is None:  # all the study's own teachers (the batch sweep's only when named)
-        return [t["name"] for t in r.study_teachers]
+    if names is None:
+        return list(own)
     for n in names:
         if n not in known:
             raise r.fail(key, f"no teacher named {n!r}; the study has {', '.join(known) or 'none'}")
@@ -226,7 +228,8 @@ def sweep_names(sweep: dict) -> list[str]:
 
 def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
     # experiments may name the study's teachers and the batch sweep's (parsed first)
-    teachers = [t["name"] for t in study["teachers"]]
+    own = [t["name"] for t in study["teachers"]]
+    teachers = list(own)
     if "batch_sweep" in study["experiments"]:
         teachers += [
             n for n in sweep_names(study["experiments"]["batch_sweep"]) if n not in teachers
@@ -236,7 +239,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
     if name == "missing_class":
         r.known("teachers", "student", "classes", "T", "label_smoothing", "epochs", *STUDENT_KEYS)
         return {
-            "teachers": _teacher_names(r, teachers),
+            "teachers": _teacher_names(r, teachers, own),
             "student": r.choice("student", STUDENTS, "general"),
             "classes": _classes(r, 10),
             "T": _temps(r, "T", loss_T),
@@ -251,7 +254,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
         if bad or not select:
             raise r.fail("select", f"must list {' and/or '.join(SELECTIONS)}, got {select!r}")
         return {
-            "teachers": _teacher_names(r, teachers),
+            "teachers": _teacher_names(r, teachers, own),
             "student": r.choice("student", STUDENTS, "general"),
             "per_class": r.number_list("per_class", int, [10, 50, 100], low=1),
             "select": select,
@@ -261,7 +264,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
     if name == "temperature":
         r.known("teachers", "student", "T", "epochs", *STUDENT_KEYS)
         return {
-            "teachers": _teacher_names(r, teachers),
+            "teachers": _teacher_names(r, teachers, own),
             "student": r.choice("student", STUDENTS, "baseline"),
             "T": _temps(r, "T", loss_T),
             "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
@@ -290,7 +293,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
             except ValueError as e:
                 raise r.fail("noise", str(e)) from None
         return {
-            "teachers": _teacher_names(r, teachers),
+            "teachers": _teacher_names(r, teachers, own),
             "student": r.choice("student", STUDENTS, "general"),
             "noise": [str(s) for s in specs],
             "T": _temps(r, "T", [_DISTILL.T]),
@@ -306,7 +309,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
     if name == "examples":
         r.known("teachers", "T", "count")
         return {
-            "teachers": _teacher_names(r, teachers),
+            "teachers": _teacher_names(r, teachers, own),
             "T": _temps(r, "T", [_DISTILL.T])[0],
             "count": r.number_list("count", int, [10], low=1)[0],
         }
@@ -315,7 +318,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
     if len(classes) != 3 or max(classes) >= 10:
         raise r.fail("classes", f"must name three classes in 0..9, got {classes}")
     return {
-        "teachers": _teacher_names(r, teachers),
+        "teachers": _teacher_names(r, teachers, own),
         "classes": classes,
         "per_class": r.number_list("per_class", int, [100], low=1)[0],
     }
@@ -374,7 +377,6 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
     for name in EXPERIMENTS:
         r = experiments.sub(name)
         if r is not None:
-            r.study_teachers = teachers
             study["experiments"][name] = _experiment(name, r, study)
     if not study["experiments"]:
         raise experiments.fail(EXPERIMENTS[0], "no experiment declared")
