@@ -21,7 +21,7 @@ python -c "import torch" 2>/dev/null || pip install -q "${RBKD_TORCH:-torch==2.1
 pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 # The gpu extra (Triton) too: the test suite runs the Triton kernels under TRITON_INTERPRET=1 on
 # the CPU. A CPU-only user installs plain `pip install .` (or ".[test]"), without Triton.
-pip install -q --no-build-isolation -e ".[test,gpu]"
+pip install -q --no-build-isolation -e ".[test,gpu,plots]"
 
 # The embedded default dataset. Debian ships Fashion-MNIST as a package; elsewhere use
 # `rbkd data fetch fashion-mnist`.
