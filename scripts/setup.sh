@@ -18,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q "${RBKD_TORCH:-torch==2.13.0}"
 
 # The build runs without isolation so it reuses this environment's scikit-build-core and pybind11.
-pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+pip install -q "scikit-build-core>=0.11" "pybind11>=2.12" ninja
 # The gpu extra (Triton) too: the test suite runs the Triton kernels under TRITON_INTERPRET=1 on
 # the CPU. A CPU-only user installs plain `pip install .` (or ".[test]"), without Triton.
 pip install -q --no-build-isolation -e ".[test,gpu,plots]"
