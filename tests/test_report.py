@@ -583,3 +583,18 @@ def test_mean_std_and_cells():
     assert format_cell([0.9, 0.8], seeds=3) == "85.0 ± 7.1 (n=2)"
     assert format_cell([None]) == "–"
     assert markdown_table(["a", "b"], [["x|y", 1]]) == "| a | b |\n| --- | ---: |\n| x\\|y | 1 |"
+
+
+def test_without_matplotlib_the_report_keeps_its_tables_and_names_the_missing_figures(
+    tmp_path, monkeypatch
+):
+    from rbkd.study.report import document
+
+    _only(tmp_path, {"temperature", "transfer_set"})
+    monkeypatch.setattr(document, "_have_matplotlib", lambda: False)
+    path = write_report(tmp_path)
+    md = path.read_text()
+    assert "(n=" in table_row(md, "3", "## Student accuracy vs temperature")[1]
+    assert "not drawn, matplotlib is not installed (pip install 'rbkd[plots]')" in md
+    assert linked_files(md) == []
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".png"]

@@ -3,6 +3,8 @@ and model sections read."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +68,14 @@ class Report:
         self.lines += [markdown_table(header, rows, align), ""]
 
     def figure(self, stem: str, draw: Callable[[Path], Any], caption: str) -> None:
-        """Draw a figure into out/<stem>.<fmt> and link it (inline for PNG and SVG)."""
+        """Draw a figure into out/<stem>.<fmt> and link it (inline for PNG and SVG). Without
+        matplotlib (the `plots` extra) the report keeps its tables and says which figure it left
+        out, rather than failing at the end of a long study."""
+        if not _have_matplotlib():
+            self.text(
+                f"*{caption}: not drawn, matplotlib is not installed (pip install 'rbkd[plots]').*"
+            )
+            return
         path = self.out / f"{slug(stem)}.{self.fmt}"
         draw(path)
         self.figures.append(path)
@@ -96,3 +105,8 @@ class Report:
             raise ValueError(f"teachers.jsonl has no run folder for teacher {teacher!r}")
         path = Path(row["run_dir"])
         return path if path.is_absolute() else self.study.folder / path
+
+
+@functools.cache
+def _have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
