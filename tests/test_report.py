@@ -594,7 +594,7 @@ def test_without_matplotlib_the_report_keeps_its_tables_and_names_the_missing_fi
     monkeypatch.setattr(document, "_have_matplotlib", lambda: False)
     path = write_report(tmp_path)
     md = path.read_text()
-    assert "(n=" in table_row(md, "3", "## Student accuracy vs temperature")[1]
+    assert "±" in table_row(md, "3", "## Student accuracy vs temperature")[1]
     assert "not drawn, matplotlib is not installed (pip install 'rbkd[plots]')" in md
     assert linked_files(md) == []
     assert not [p for p in path.parent.iterdir() if p.suffix == ".png"]
