@@ -13,21 +13,30 @@ from rbkd.cli.common import (
     LimitOpt,
     SeedOpt,
     SoftLabelFilesOpt,
+    Split,
     TeachersOpt,
+    ThreadsOpt,
     TListOpt,
-    check_choice,
+    apply_threads,
     console,
+    err_console,
     escape,
     handle_errors,
     new_app,
     parse_int_list,
     titled_table,
 )
+from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table
 
 app = new_app(help="Analyse soft labels and representations (thesis sections 4.5-4.7).")
 
-PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")]
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")]
+PlotOpt = Annotated[
+    Path | None, typer.Option("--plot", help="Write the figure here (.png, .pdf or .svg).")
+]
+JsonFileOpt = Annotated[
+    Path | None,
+    typer.Option("--json", help="Write the numbers as JSON here (-: to stdout, nothing else)."),
+]
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -73,7 +82,7 @@ def entropy(
     soft_labels: SoftLabelFilesOpt = None,
     teacher: TeachersOpt = None,
     split: Annotated[
-        str, typer.Option("--split", help="With --teacher: which split's soft labels.")
+        Split, typer.Option("--split", help="With --teacher: which split's soft labels.")
     ] = "train",
     T: TListOpt = "1,3,6,9,12,15,18,20",
     per_class: Annotated[
@@ -88,9 +97,10 @@ def entropy(
         ),
     ] = False,
     plot: PlotOpt = None,
-    json_out: JsonOpt = None,
+    json_out: JsonFileOpt = None,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Mean soft-label entropy (nats) at each temperature T, overall and per class.
 
@@ -113,12 +123,15 @@ def entropy(
     from rbkd.analysis.plots import plot_entropy_curves
     from rbkd.data import load_dataset
     from rbkd.engine import read_config
-    from rbkd.softlabels import SPLITS, read_soft_labels
+    from rbkd.softlabels import read_soft_labels
     from rbkd.study.softlabels import teacher_soft_labels
 
     temps = parse_temperatures(T)
-    check_choice(split, SPLITS, "--split")
     _check_limit(limit)
+    check_plot(plot)
+    apply_threads(threads)
+    to_stdout = json_out is not None and str(json_out) == "-"
+    shown = err_console if to_stdout else console  # `--json -`: stdout holds the JSON only
     sources = [("file", p) for p in soft_labels or []] + [("run", p) for p in teacher or []]
     if not sources:
         raise ValueError("give --soft-labels FILE or --teacher RUN (either may be repeated)")
@@ -153,17 +166,10 @@ def entropy(
         out.add_column(escape(name), justify="right")
     for i, t in enumerate(temps):
         out.add_row(f"{t:g}", *[_num(tab["mean_entropy"][i]) for tab in tables.values()])
-    console.print(out)
+    print_table(out, shown)
     if per_class:
         for name, tab in tables.items():
-            pc = titled_table(f"per-class mean entropy (nats): {escape(name)}")
-            pc.add_column("class")
-            for t in temps:
-                pc.add_column(f"T={t:g}", justify="right")
-            for k in range(tab["num_classes"]):
-                label = f"{k} {class_names[k]}" if k < len(class_names) else str(k)
-                pc.add_row(escape(label), *[_num(row[k], 3) for row in tab["per_class_entropy"]])
-            console.print(pc)
+            print_table(_per_class_table(name, tab, temps, class_names), shown)
     ls = ls_curve(num_classes) if label_smoothing_curve else None
     if ls:
         lt = titled_table("label smoothing reference (independent of T)")
@@ -171,28 +177,41 @@ def entropy(
         lt.add_column("entropy (nats)", justify="right")
         for a, h in ls.items():
             lt.add_row(a, _num(h))
-        console.print(lt)
-    console.print(
+        print_table(lt, shown)
+    shown.print(
         f"maximum possible entropy (uniform over {num_classes} classes): "
         f"{math.log(num_classes):.4f} nats"
     )
-    if json_out is not None:
-        write_json(
-            json_out,
-            {
-                "unit": "nats",
-                "temperatures": temps,
-                "sources": tables,
-                "label_smoothing": ls,
-                "max_entropy": math.log(num_classes),
-            },
-        )
-        console.print(f"wrote {escape(json_out)}")
+    numbers = {
+        "unit": "nats",
+        "temperatures": temps,
+        "sources": tables,
+        "label_smoothing": ls,
+        "max_entropy": math.log(num_classes),
+    }
+    if to_stdout:
+        print_json(numbers)
+    elif json_out is not None:
+        write_json(json_out, numbers)
+        shown.print(f"wrote {escape(json_out)}", soft_wrap=True)
     if plot is not None:
         plot_entropy_curves(
             plot, tables, per_class=per_class, label_smoothing=ls, max_entropy=math.log(num_classes)
         )
-        console.print(f"wrote {escape(plot)}")
+        shown.print(f"wrote {escape(plot)}", soft_wrap=True)
+
+
+def _per_class_table(name: str, tab: dict, temps: list[float], class_names: list[str]):
+    """One row per temperature, one column per class: ten narrow columns fit a terminal, where
+    a column per temperature (--T 1:20) would not."""
+    table = titled_table(f"per-class mean entropy (nats): {escape(name)}")
+    table.add_column("T", justify="right")
+    for k in range(tab["num_classes"]):
+        label = f"{k} {class_names[k]}" if k < len(class_names) else str(k)
+        table.add_column(escape(label), justify="right", min_width=5)
+    for t, row in zip(temps, tab["per_class_entropy"], strict=True):
+        table.add_row(f"{t:g}", *[_num(h, 3) for h in row])
+    return table
 
 
 @app.command("projection")
@@ -205,7 +224,7 @@ def projection(
     per_class: Annotated[
         int, typer.Option("--per-class", help="Examples per class (random, seeded).")
     ] = 100,
-    split: Annotated[str, typer.Option("--split", help="train or test.")] = "test",
+    split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = "test",
     seed: SeedOpt = 0,
     plot: PlotOpt = None,
     csv_out: Annotated[
@@ -214,6 +233,8 @@ def projection(
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Project penultimate-layer activations of three classes onto the plane through their
     class templates (rows of the final layer), as in Müller et al. 2019 and thesis fig. 5.14.
@@ -231,13 +252,14 @@ def projection(
     from rbkd.analysis.projection import project_model
     from rbkd.data import load_dataset
     from rbkd.engine import load_run
-    from rbkd.softlabels import SPLITS
 
-    check_choice(split, SPLITS, "--split")
     ks = parse_int_list(classes, "--classes")
     if per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {per_class}")
     _check_limit(limit)
+    check_plot(plot)
+    apply_threads(threads)
+    shown = err_console if as_json else console
     model, config = load_run(teacher)
     ds = _first_examples(load_dataset(config["dataset"], split, data_dir), limit)
     proj = project_model(model, ds, ks, per_class=per_class, seed=seed, device=device)
@@ -247,14 +269,24 @@ def projection(
     table.add_column("name")
     table.add_column("examples", justify="right")
     table.add_column("spread", justify="right")
+    clusters = []
     for k in ks:
-        table.add_row(
-            str(k), escape(names[k]), str(int((proj.labels == k).sum())), _num(proj.spread[k])
+        clusters.append(
+            {
+                "class": k,
+                "name": names[k],
+                "examples": int((proj.labels == k).sum()),
+                "spread": proj.spread[k],
+            }
         )
-    console.print(table)
+        table.add_row(str(k), escape(names[k]), str(clusters[-1]["examples"]), _num(proj.spread[k]))
+    if as_json:
+        print_json({"teacher": teacher, "arch": config["arch"], "clusters": clusters})
+    else:
+        print_table(table)
     if csv_out is not None:
         write_csv(csv_out, ["index", "label", "x", "y"], proj.rows())
-        console.print(f"wrote {escape(csv_out)}")
+        shown.print(f"wrote {escape(csv_out)}", soft_wrap=True)
     if plot is not None:
         plot_projection(
             plot,
@@ -265,7 +297,7 @@ def projection(
             class_names=names,
             title=f"{config['arch']} {config['dataset']}: penultimate layer",
         )
-        console.print(f"wrote {escape(plot)}")
+        shown.print(f"wrote {escape(plot)}", soft_wrap=True)
 
 
 from rbkd.cli import analyze_examples  # noqa: E402,F401  (registers `rbkd analyze examples`)

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 from rbkd.cli.analyze import app
-from rbkd.cli.common import DataDirOpt, LimitOpt, console, escape, handle_errors, titled_table
+from rbkd.cli.common import (
+    DataDirOpt,
+    LimitOpt,
+    Split,
+    ThreadsOpt,
+    apply_threads,
+    escape,
+    handle_errors,
+    titled_table,
+)
+from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table
 
 
 @app.command("examples")
@@ -21,13 +31,15 @@ def examples(
     count: Annotated[
         int, typer.Option("--count", help="Examples per class (highest entropy first).")
     ] = 10,
-    split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
+    split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = "train",
     plot: Annotated[
         Path | None,
         typer.Option("--plot", help="Write the image grid here (.png, .pdf or .svg)."),
     ] = None,
     limit: LimitOpt = None,
     data_dir: DataDirOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """The COUNT training images of each class whose soft labels have the highest entropy at T.
 
@@ -40,20 +52,18 @@ def examples(
 
         rbkd analyze examples --teacher runs/t1 --T 9 --count 10 --plot examples.png
     """
+    from rbkd.cli.common import console, err_console
+
     from rbkd.analysis.entropy import check_temperature
     from rbkd.analysis.examples import check_count, plot_top_entropy_examples, teacher_examples
-    from rbkd.analysis.plots import figure_format
-    from rbkd.softlabels import SPLITS
 
     # every argument is checked before the data is read
     check_temperature(T)
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     check_count(count)
-    if split not in SPLITS:
-        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if plot is not None:
-        figure_format(plot)
+    check_plot(plot)
+    apply_threads(threads)
     found = teacher_examples(teacher, T, count, data_dir=data_dir, limit=limit, split=split)
     names = found.class_names
     table = titled_table(
@@ -62,10 +72,16 @@ def examples(
     table.add_column("class")
     table.add_column("mean entropy (nats)", justify="right")
     table.add_column("dataset indices, highest entropy first")
+    rows = []
     for k, (idx, hs) in enumerate(zip(found.indices, found.entropies, strict=True)):
-        mean = f"{sum(hs) / len(hs):.4f}" if hs else "-"
-        table.add_row(escape(f"{k} {names[k]}"), mean, ", ".join(map(str, idx)) or "-")
-    console.print(table)
+        mean = sum(hs) / len(hs) if hs else None
+        rows.append({"class": k, "name": names[k], "indices": idx, "entropies": hs})
+        shown_mean = "-" if mean is None else f"{mean:.4f}"
+        table.add_row(escape(f"{k} {names[k]}"), shown_mean, ", ".join(map(str, idx)) or "-")
+    if as_json:
+        print_json({"teacher": teacher, "T": T, "split": split, "classes": rows})
+    else:
+        print_table(table)
     if plot is not None:
         plot_top_entropy_examples(plot, found)
-        console.print(f"wrote {escape(plot)}")
+        (err_console if as_json else console).print(f"wrote {escape(plot)}", soft_wrap=True)

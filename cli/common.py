@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,7 +21,14 @@ from rich.table import Table
 from typer import _click as click
 from typer.core import TyperGroup
 
-from rbkd.config import check_choice  # noqa: F401  (re-exported for the commands)
+from rbkd.config import (  # no torch here: `rbkd --help` must stay fast
+    DATASETS,
+    OPTIMIZERS,
+    SELECTIONS,
+    STUDENTS,
+    TEACHERS,
+    check_choice,  # noqa: F401  (re-exported for the commands)
+)
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEBUG_VAR = "RBKD_DEBUG"
@@ -85,22 +92,37 @@ def report_usage_error(exc: Any) -> None:
 
 
 def new_app(**kwargs: Any) -> typer.Typer:
-    """A Typer app with the house settings: -h/--help, no completion install, plain tracebacks,
-    one-line usage errors."""
+    """A Typer app with the house settings: -h/--help, plain tracebacks, one-line usage errors.
+    Only the root app (cli/app.py) passes add_completion=True: the completion options belong to
+    `rbkd` itself, not to each group."""
     kwargs.setdefault("no_args_is_help", True)
     kwargs.setdefault("cls", OneLineGroup)
-    return typer.Typer(
-        context_settings=CONTEXT_SETTINGS,
-        add_completion=False,
-        pretty_exceptions_enable=False,
-        **kwargs,
-    )
+    kwargs.setdefault("add_completion", False)
+    return typer.Typer(context_settings=CONTEXT_SETTINGS, pretty_exceptions_enable=False, **kwargs)
+
+
+# ------------------------------------------------------------------ choices
+# A Literal type makes Typer show the choices in --help (`<small|large>`) and turns a bad value
+# into a one-line usage error that lists them, before any work starts.
+Dataset = Literal[DATASETS]
+Capacity = Literal[TEACHERS]
+Student = Literal[STUDENTS]
+Selection = Literal[SELECTIONS]
+Optimizer = Literal[OPTIMIZERS]
+Split = Literal["train", "test"]  # rbkd.softlabels.SPLITS (that module imports torch)
+FigureFormat = Literal["png", "pdf", "svg"]
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(value: str | None) -> str | None:
+    """--device: auto, cpu, cuda or cuda:N (mps on Apple machines); a usage error otherwise."""
+    if value is not None and not DEVICE_PATTERN.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
 
 
 # ------------------------------------------------------------------ option aliases
-DatasetOpt = Annotated[
-    str, typer.Option("--dataset", help="Dataset: fashion-mnist, mnist or cifar10.")
-]
+DatasetOpt = Annotated[Dataset, typer.Option("--dataset", help="Dataset.")]
 DataDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -113,11 +135,19 @@ BatchSizeOpt = Annotated[
     int, typer.Option("--batch-size", help="Global batch size (the thesis's chapter-6 knob).")
 ]
 LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate.")]
-OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam or sgd.")]
+OptimizerOpt = Annotated[Optimizer, typer.Option("--optimizer", help="Optimizer.")]
 SeedOpt = Annotated[
     int, typer.Option("--seed", help="Seed of initial weights, batch order, dropout and noise.")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="<auto|cpu|cuda|cuda:N>",
+        callback=check_device,
+        help="Device (auto: cuda when available).",
+    ),
+]
 OutDirOpt = Annotated[
     Path | None, typer.Option("--out", help="Run folder to write (default: under runs/).")
 ]
@@ -151,7 +181,7 @@ TSquaredOpt = Annotated[
     bool,
     typer.Option("--t-squared/--no-t-squared", help="Scale the soft term by T^2 (Hinton et al.)."),
 ]
-StudentOpt = Annotated[str, typer.Option("--student", help="Student model: general or baseline.")]
+StudentOpt = Annotated[Student, typer.Option("--student", help="Student model.")]
 ExcludeClassOpt = Annotated[
     list[int] | None,
     typer.Option(
@@ -164,7 +194,7 @@ PerClassOpt = Annotated[
     int | None, typer.Option("--per-class", help="Transfer set of N examples per class.")
 ]
 SelectOpt = Annotated[
-    str,
+    Selection,
     typer.Option(
         "--select", help="With --per-class: entropy (N highest entropy at T) or random (seeded)."
     ),
@@ -190,7 +220,22 @@ LimitOpt = Annotated[
         "of the full split).",
     ),
 ]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ProgressOpt = Annotated[
+    bool,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Live progress bars on a terminal (--no-progress: none; the per-epoch lines stay).",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch and rbkd's kernels (default: $OMP_NUM_THREADS when set, "
+        "else the physical cores).",
+    ),
+]
 
 
 # ------------------------------------------------------------------ parsing
@@ -220,7 +265,8 @@ def debug_enabled() -> bool:
 # Programming errors: a bug in rbkd, not a problem with the user's input. KeyError and IndexError
 # are LookupErrors, so they are tested before the domain errors.
 INTERNAL_ERRORS = (KeyError, IndexError, AttributeError, TypeError, NameError, AssertionError)
-DOMAIN_ERRORS = (CLIError, ValueError, LookupError, OSError, RuntimeError)
+# ImportError: a missing optional extra or a broken install, which the message names.
+DOMAIN_ERRORS = (CLIError, ValueError, LookupError, OSError, RuntimeError, ImportError)
 MAX_ERROR_CHARS = 2000  # a message quoting a hostile file never floods the terminal
 
 
@@ -373,3 +419,51 @@ def titled_table(title: str, **kwargs: Any) -> Table:
 
     kwargs.setdefault("min_width", min(len(Text.from_markup(title).plain) + 4, 100))
     return Table(title=title, **kwargs)
+
+
+# ------------------------------------------------------------------ threads
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's vector units, so a
+    second torch thread on one rarely helps): distinct (physical id, core id) pairs of
+    /proc/cpuinfo among the CPUs in our affinity mask; else the CPUs we may use."""
+    try:
+        allowed: set[int] | None = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        allowed = None
+    cores: set[tuple[str, str]] = set()
+    with contextlib.suppress(OSError):
+        for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
+            fields = dict(
+                (key.strip(), value.strip())
+                for key, _, value in (line.partition(":") for line in block.splitlines())
+            )
+            if "core id" not in fields or "processor" not in fields:
+                continue
+            if allowed is None or int(fields["processor"]) in allowed:
+                cores.add((fields.get("physical id", "0"), fields["core id"]))
+    if cores:
+        return len(cores)
+    return len(allowed) if allowed else os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The thread count when --threads is not given: $OMP_NUM_THREADS if the user set it (a
+    positive integer), else the physical cores."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else physical_cores()
+
+
+def apply_threads(n: int | None) -> int:
+    """Set torch's intra-op threads (which rbkd's CPU kernels follow too) before any work:
+    --threads N, else $OMP_NUM_THREADS, else the physical cores. Returns the count used."""
+    import torch
+
+    n = default_threads() if n is None else n
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    # The inter-op pool can be sized once per process, before it first runs; rbkd queues no
+    # inter-op work, so a pool that already exists (a second command in one process) is fine.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(n)
+    return n

@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import console, escape, handle_errors, new_app
-from rich.table import Table
-
-from rbkd.data import DATASETS, fetch, get_info, locate_dataset, search_roots
-from rbkd.data.locate import resolve_file
+from rbkd.cli.common import Dataset, console, escape, handle_errors, new_app
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 app = new_app(help="Find, list and fetch the datasets (fashion-mnist, mnist, cifar10).")
 
@@ -30,7 +27,7 @@ def _megabytes(n_bytes: int) -> str:
 
 @app.command("list")
 @handle_errors
-def list_datasets(data_dir: DataDirOption = None) -> None:
+def list_datasets(data_dir: DataDirOption = None, as_json: JsonOpt = False) -> None:
     """Show each dataset, where it was found (or "not found") and its size.
 
     Folders are searched in this order: $RBKD_DATA, the cache folder ($XDG_CACHE_HOME/rbkd or
@@ -38,6 +35,13 @@ def list_datasets(data_dir: DataDirOption = None) -> None:
 
     Example: rbkd data list --data-dir ./data
     """
+    from rich.table import Table
+
+    # rbkd.data imports torch: only here, so that `rbkd --help` stays fast
+    from rbkd.data import DATASETS, locate_dataset, search_roots
+    from rbkd.data.locate import resolve_file
+
+    rows = []
     table = Table(title="Datasets")
     table.add_column("dataset")
     table.add_column("classes", justify="right")
@@ -47,12 +51,24 @@ def list_datasets(data_dir: DataDirOption = None) -> None:
     table.add_column("on disk", justify="right")
     for name, info in DATASETS.items():
         folder = locate_dataset(name, data_dir)
+        n_bytes = None
         if folder is None:
             location, size = "[red]not found[/red]", "-"
         else:
             files = [resolve_file(folder, filename) for filename in info.files]
             location = escape(folder)
-            size = _megabytes(sum(path.stat().st_size for path in files if path is not None))
+            n_bytes = sum(path.stat().st_size for path in files if path is not None)
+            size = _megabytes(n_bytes)
+        rows.append(
+            {
+                "dataset": name,
+                "classes": info.num_classes,
+                "image_shape": list(info.image_shape),
+                "split_sizes": dict(info.split_sizes),
+                "location": None if folder is None else str(folder),
+                "bytes": n_bytes,
+            }
+        )
         table.add_row(
             name,
             str(info.num_classes),
@@ -61,15 +77,18 @@ def list_datasets(data_dir: DataDirOption = None) -> None:
             location,
             size,
         )
-    console.print(table)
-    roots = ", ".join(str(root) for root in search_roots(data_dir))
-    console.print(f"searched: {escape(roots)}")
+    roots = [str(root) for root in search_roots(data_dir)]
+    if as_json:
+        print_json({"datasets": rows, "searched": roots})
+        return
+    print_table(table)
+    console.print(f"searched: {escape(', '.join(roots))}", soft_wrap=True)
 
 
 @app.command("fetch")
 @handle_errors
 def fetch_dataset(
-    name: Annotated[str, typer.Argument(help="fashion-mnist, mnist or cifar10.")],
+    name: Annotated[Dataset, typer.Argument(help="The dataset to download.")],
     dest: Annotated[
         Path | None,
         typer.Option(
@@ -94,6 +113,8 @@ def fetch_dataset(
 
     Example: rbkd data fetch mnist --dest ./data/mnist
     """
+    from rbkd.data import fetch, get_info
+
     info = get_info(name)
     folder = fetch(info.name, dest, base_url=base_url, progress=progress)
-    console.print(f"{info.title} is in {escape(folder)}")
+    console.print(f"{info.title} is in {escape(folder)}", soft_wrap=True)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-import platform
-from importlib import metadata
 
-from rbkd.cli.common import console, escape, handle_errors, new_app, titled_table
+from rbkd.cli.common import escape, handle_errors, new_app, physical_cores, titled_table
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 app = new_app()
 
 
 def _version(package: str) -> str:
+    from importlib import metadata  # 20 ms: not for `rbkd --help`
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -20,6 +21,8 @@ def _version(package: str) -> str:
 
 def collect_info() -> dict[str, str]:
     """Everything `rbkd info` shows, as strings (also handy in tests and bug reports)."""
+    import platform
+
     import torch
 
     import rbkd
@@ -57,7 +60,7 @@ def collect_info() -> dict[str, str]:
         info["cuda"] = str(torch.version.cuda)
     else:
         info["devices"] = "cpu (no CUDA device)"
-    info["cpu cores"] = str(os.cpu_count())
+    info["cpu cores"] = f"{physical_cores()} physical, {os.cpu_count()} logical"
     info["torch threads"] = str(torch.get_num_threads())
     info["RBKD_BACKEND"] = os.environ.get("RBKD_BACKEND", "auto (unset)")
     return info
@@ -65,7 +68,7 @@ def collect_info() -> dict[str, str]:
 
 @app.command("info")
 @handle_errors
-def info() -> None:
+def info(as_json: JsonOpt = False) -> None:
     """Show versions, kernel backends, devices and threads (paste it into bug reports).
 
     Versions of rbkd, torch, triton and Python; the kernel backends built and the one each
@@ -75,7 +78,11 @@ def info() -> None:
 
         rbkd info
     """
+    found = collect_info()
+    if as_json:
+        print_json(found)
+        return
     table = titled_table("rbkd info", show_header=False)
-    for key, value in collect_info().items():
+    for key, value in found.items():
         table.add_row(key, escape(value))
-    console.print(table)
+    print_table(table)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import console, escape, handle_errors, new_app
-from rich import box
-from rich.table import Table
+from rbkd.cli.common import escape, handle_errors, new_app
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 app = new_app()
 
@@ -18,6 +17,7 @@ def models(
     layers: Annotated[
         bool, typer.Option("--layers", help="Also describe each model's layers.")
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List every model (dataset x arch) with our parameter count next to the thesis's.
 
@@ -28,8 +28,15 @@ def models(
 
         rbkd models
     """
+    from rich import box
+    from rich.table import Table
+
     from rbkd.models import list_models
 
+    found = list_models()
+    if as_json:
+        print_json([_as_dict(m, layers) for m in found])
+        return
     table = Table(
         title="rbkd models",
         caption="c/d/dr/bn: conv, dense, dropout and batch-norm layers",
@@ -43,7 +50,7 @@ def models(
         table.add_column(col, justify="right", no_wrap=True)
     if layers:
         table.add_column("layers")
-    for m in list_models():
+    for m in found:
         table.add_row(
             m.dataset,
             m.arch,
@@ -54,4 +61,24 @@ def models(
             f"{m.conv}/{m.dense}/{m.dropout}/{m.bn}",
             *([escape(m.description)] if layers else []),
         )
-    console.print(table)
+    print_table(table)
+
+
+def _as_dict(model, layers: bool) -> dict:
+    row = {
+        "dataset": model.dataset,
+        "arch": model.arch,
+        "role": model.role,
+        "parameters": model.parameters,
+        "thesis_parameters": model.thesis_parameters,
+        "relative_error": model.relative_error,
+        "layers": {
+            "conv": model.conv,
+            "dense": model.dense,
+            "dropout": model.dropout,
+            "bn": model.bn,
+        },
+    }
+    if layers:
+        row["description"] = model.description
+    return row

@@ -1,5 +1,5 @@
-"""Running a study from the command line: one progress bar over its runs, a line per finished
-run, and on Ctrl-C or SIGTERM one line saying what is kept and how to continue. Shared by
+"""Running a study from the command line: one progress bar over its runs (on a terminal, with
+--progress), a line per finished run (always; both on stderr), and on Ctrl-C or SIGTERM one line saying what is kept and how to continue. Shared by
 `rbkd study run` and the `rbkd experiment` commands."""
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def run_with_progress(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
+        console=err_console,
+        disable=not (progress and err_console.is_terminal),  # no bar redrawn into a log file
     )
     task_id = bar.add_task("preparing", total=None)
     finished: list[str] = []  # one line per run finished in this session

@@ -19,12 +19,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib import rc_context
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
-
 from rbkd.io import write_bytes
+
+MISSING_MATPLOTLIB = "figures need matplotlib: pip install 'rbkd[plots]'"
+try:  # matplotlib is the optional `plots` extra
+    from matplotlib import rc_context
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
+except ImportError as exc:
+    raise ImportError(MISSING_MATPLOTLIB) from exc
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}

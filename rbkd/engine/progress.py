@@ -1,14 +1,35 @@
-"""The rich progress bar of one epoch: loss, accuracy and samples/s of the steps so far."""
+"""What a training run shows while it runs: one line per finished epoch (always, on the main
+rank) and, on a terminal with progress on, a live bar of the epoch (loss, accuracy, samples/s).
 
+Both go to stderr: stdout carries only a command's result (its table, or its `--json`).
+A file or pipe gets the epoch lines but no bar: a bar redrawn into a log file is noise.
+"""
+
+import os
+
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
-class EpochProgress:
-    """`with EpochProgress(enabled) as bar: bar.start(epoch, steps); bar.step(loss, acc, rate)`;
-    a no-op when disabled (progress=False, or any rank but 0)."""
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a lone process: the one that reports."""
+    import torch.distributed as dist
 
-    def __init__(self, enabled: bool, total_epochs: int):
-        self.enabled, self.total_epochs = enabled, total_epochs
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+class EpochProgress:
+    """`with EpochProgress(bars, epochs) as bar: bar.start(epoch, steps); bar.step(loss, acc,
+    rate); bar.log(line)`. `bars` switches the live bar only (progress=False, or any rank but
+    0, passes False); `log` prints on the main rank whatever `bars` is."""
+
+    def __init__(self, enabled: bool, total_epochs: int, console: Console | None = None):
+        self.total_epochs = total_epochs
+        self.console = console or Console(stderr=True, highlight=False)
+        self.enabled = enabled and self.console.is_terminal
+        self._main = is_main_process()
         self._progress: Progress | None = None
         self._task = None
 
@@ -21,6 +42,7 @@ class EpochProgress:
                 TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
                 TextColumn("{task.fields[rate]:,.0f} samples/s"),
                 TimeRemainingColumn(),
+                console=self.console,
             )
             self._progress.__enter__()
         return self
@@ -45,7 +67,9 @@ class EpochProgress:
 
     def log(self, message: str) -> None:
         if self._progress is not None:
-            self._progress.console.print(message)
+            self._progress.console.print(message, soft_wrap=True, markup=False)
+        elif self._main:
+            self.console.print(message, soft_wrap=True, markup=False)
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
