@@ -13,12 +13,13 @@ from rbkd.cli import analyze, distill, experiments, info, models, softlabels, st
 from rbkd.cli.common import console, debug_enabled, new_app, report_error
 
 app = new_app(
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     help="Response-based knowledge distillation: train teachers, distill students, and test "
     "the soft-label hypothesis (entropy vs T, missing classes, transfer sets, batch size).\n\n"
     "Start with a teacher; every command has its own example in its --help.\n\n"
     "Example:\n\n"
     "    rbkd train-teacher --capacity small --epochs 1 --batch-size 128 --limit 2000 "
-    "--out runs/t1"
+    "--out runs/t1",
 )
 
 app.add_typer(train.app)
