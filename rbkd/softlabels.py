@@ -10,6 +10,11 @@ derived later: `softmax(logits / T)`. Tensors:
 String metadata: `rbkd_format` ("1"), `dataset`, `split`, `num_classes`, `teacher`
 ("runs/t1@sha256:<hex of its model.safetensors>"), `created` (ISO 8601, UTC).
 
+Soft labels of a teacher that is not an rbkd run (`rbkd.soft_labels(teacher, data)`) say so:
+`teacher` is "user model <class> (state-dict sha256 <hex>)" or "user callable <qualname>, no
+state", with `teacher_kind` ("user model" | "user callable") and, for a model,
+`teacher_state_sha256`. Extra keys only: files of either kind read the same way.
+
 Reading validates everything a later run relies on and raises `SoftLabelsError` (a `ValueError`)
 with one line naming the file and what to do next.
 """
@@ -89,6 +94,52 @@ def teacher_id(teacher_run: str | os.PathLike, teacher_sha256: str) -> str:
     return f"{teacher_run}@sha256:{teacher_sha256}"
 
 
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in order): changes
+    whenever a weight or buffer does, whatever device it lives on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def user_teacher_metadata(teacher: Any) -> dict[str, str]:
+    """The `teacher` metadata of a teacher that is not an rbkd run: a module is named by its
+    class and the hash of its state dict; a plain function by its qualified name (no state)."""
+    if isinstance(teacher, torch.nn.Module):
+        cls = type(teacher)
+        digest = state_dict_sha256(teacher)
+        return {
+            "teacher": f"user model {cls.__module__}.{cls.__qualname__} (state-dict sha256 {digest})",
+            "teacher_kind": "user model",
+            "teacher_state_sha256": digest,
+        }
+    name = getattr(teacher, "__qualname__", None) or type(teacher).__qualname__
+    module = getattr(teacher, "__module__", None)
+    name = f"{module}.{name}" if module else name
+    return {"teacher": f"user callable {name}, no state", "teacher_kind": "user callable"}
+
+
+def soft_labels_metadata(
+    dataset: str, split: str, num_classes: int, teacher: dict[str, str]
+) -> dict[str, str]:
+    """A soft-label file's metadata; `teacher` holds "teacher" and any teacher_* keys."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return {
+        "rbkd_format": FORMAT_VERSION,
+        "dataset": str(dataset),
+        "split": split,
+        "num_classes": str(num_classes),
+        **teacher,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
 def write_soft_labels(
     path: str | os.PathLike,
     logits: Tensor,
@@ -97,11 +148,20 @@ def write_soft_labels(
     *,
     dataset: str,
     split: str,
-    teacher_run: str | os.PathLike,
-    teacher_sha256: str,
+    teacher_run: str | os.PathLike | None = None,
+    teacher_sha256: str | None = None,
+    teacher: dict[str, str] | None = None,
 ) -> Path:
-    """Write a soft-label file atomically; returns its path. Inputs are checked, not coerced."""
+    """Write a soft-label file atomically; returns its path. Inputs are checked, not coerced.
+
+    The teacher is a run (`teacher_run` and the SHA-256 of its model.safetensors) or, for any
+    other teacher, `teacher=user_teacher_metadata(model_or_function)`."""
     from safetensors.torch import save
+
+    if (teacher is None) == (teacher_run is None or teacher_sha256 is None):
+        raise ValueError("give either teacher_run and teacher_sha256, or teacher (not both)")
+    if teacher is None:
+        teacher = {"teacher": teacher_id(teacher_run, teacher_sha256)}
 
     logits = logits.detach().to("cpu", torch.float32).contiguous()
     labels = labels.detach().to("cpu").contiguous()
@@ -113,16 +173,7 @@ def write_soft_labels(
         raise ValueError(f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
     if indices.dtype != torch.int64 or indices.shape != (n,):
         raise ValueError(f"indices must be int64 [{n}], got {indices.dtype} {tuple(indices.shape)}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    metadata = {
-        "rbkd_format": FORMAT_VERSION,
-        "dataset": str(dataset),
-        "split": split,
-        "num_classes": str(c),
-        "teacher": teacher_id(teacher_run, teacher_sha256),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    metadata = soft_labels_metadata(dataset, split, c, teacher)
     data = save({"logits": logits, "labels": labels, "indices": indices}, metadata=metadata)
     return write_bytes(path, data)
 

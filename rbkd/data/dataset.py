@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rbkd.data import adapters
 from rbkd.data.cifar import read_cifar_binary
 from rbkd.data.errors import DataError
 from rbkd.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
@@ -22,7 +23,12 @@ __all__ = ["ImageDataset", "load_dataset"]
 @dataclass(eq=False)
 class ImageDataset:
     """One split of a dataset. `images` stay uint8 ([N, C, H, W], 60,000 Fashion-MNIST images
-    are 47 MB instead of 188 MB as float32); `normalize` turns one batch at a time into float32."""
+    are 47 MB instead of 188 MB as float32); `normalize` turns one batch at a time into float32.
+
+    Your own data (rbkd/data/adapters.py): `ImageDataset.from_tensors(x, y)` and
+    `ImageDataset.from_dataset(ds)`. Their float inputs ([N, ...] float32 features of any shape,
+    already normalised) are kept as they are: `normalize` passes a float batch through unchanged
+    and `mean`/`std` are empty."""
 
     name: str
     split: str
@@ -38,7 +44,13 @@ class ImageDataset:
     _affine: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+        if self.is_float:  # already-normalised features of any shape: nothing per channel
+            if self.images.dtype != torch.float32 or self.images.dim() < 2:
+                raise ValueError(
+                    f"float images must be float32 [N, ...], got {self.images.dtype} "
+                    f"{list(self.images.shape)}"
+                )
+        elif self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(
                 f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
                 f"{list(self.images.shape)}"
@@ -48,9 +60,17 @@ class ImageDataset:
                 f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} "
                 f"{list(self.labels.shape)}"
             )
-        channels = self.images.shape[1]
+        channels = 0 if self.is_float else self.images.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std need {channels} values, one per channel")
+
+    @property
+    def is_float(self) -> bool:
+        """True for float features (kept as given, never normalised), False for uint8 images."""
+        return self.images.dtype.is_floating_point
+
+    from_tensors = classmethod(adapters.from_tensors)
+    from_dataset = classmethod(adapters.from_dataset)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -69,6 +89,8 @@ class ImageDataset:
         Takes [N, C, H, W] or one [C, H, W] image; call it per batch, after moving the uint8
         batch to the GPU (4x fewer bytes to copy than float32).
         """
+        if self.is_float and batch_uint8.dtype == torch.float32:
+            return batch_uint8  # float features are the user's, already normalised
         if batch_uint8.dtype != torch.uint8:
             raise TypeError(f"batch must be torch.uint8, got {batch_uint8.dtype}")
         channels = len(self.mean)

@@ -24,10 +24,15 @@ def run_config(
     extra_config: dict | None,
 ) -> dict:
     return {
-        "dataset": model.dataset,
-        "arch": model.arch,
+        # rbkd's own models name their dataset and architecture (load_run rebuilds them from
+        # these); any other nn.Module has neither, so its class and size describe it instead.
+        "dataset": getattr(model, "dataset", None),
+        "arch": getattr(model, "arch", None),
+        "model": describe_model(model),
         "train_data": {"name": train.name, "split": train.split, "size": len(train)},
-        "test_data": {"name": test.name, "split": test.split, "size": len(test)},
+        "test_data": None
+        if test is None
+        else {"name": test.name, "split": test.split, "size": len(test)},
         # The transfer set itself is the caller's to record (e.g. in extra_config: "50 per
         # class, seed 3"); its size and digest here tell whether a resume uses the same one.
         "transfer_set": {"size": len(rows), "indices_sha256": tensor_sha256(rows)},
@@ -37,6 +42,15 @@ def run_config(
         "world_size": world_size,
         "versions": package_versions(),
         "extra_config": extra_config or {},
+    }
+
+
+def describe_model(model) -> dict:
+    """The model's class (module.qualname) and trainable parameter count."""
+    cls = type(model)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
 
@@ -53,7 +67,9 @@ def check_resumable(run_dir: Path, new: dict, old: dict | None = None, where: st
             raise RunDirError(f"cannot resume: {path} is missing or unreadable ({e})") from e
         where = where or "config.json"
     where = f" ({where})" if where else ""
-    for key in ("dataset", "arch", "train_data", "transfer_set", "objective", "seed"):
+    for key in ("dataset", "arch", "model", "train_data", "transfer_set", "objective", "seed"):
+        if key == "model" and key not in old:
+            continue  # written by an rbkd that did not record it: dataset and arch still do
         if old.get(key) != new[key]:
             raise RunDirError(
                 f"cannot resume {run_dir}: {key} was {_short(old.get(key))}{where}, now "
