@@ -17,7 +17,6 @@ from rbkd.cli.common import (
     new_app,
     titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt
 
 app = new_app()
 
@@ -36,7 +35,6 @@ def soft_labels(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     limit: LimitOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """Run a teacher over a dataset split and save its logits as a soft-label file.
 

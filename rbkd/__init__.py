@@ -3,6 +3,48 @@
 Fused kernels for the temperature softmax, the KD loss and soft-label entropy (`rbkd.ops`), a training
 engine for teachers and students (`rbkd.engine`), soft labels stored as safetensors
 (`rbkd.softlabels`) and the `rbkd` command line (`rbkd.cli`).
+
+The Python API, for your own models and data (docs/engine-api.md, README "Using rbkd from Python"):
+
+    rbkd.train_teacher(model, train, test=None, **hyper_parameters) -> rbkd.RunResult
+    rbkd.soft_labels(teacher, data) -> rbkd.SoftLabels
+    rbkd.distill(student, train, test=None, teacher=... | soft_labels=..., T=9, alpha=0.99)
+    rbkd.kd_loss, rbkd.soft_label_entropy, rbkd.temperature_softmax (rbkd.ops)
+
+Everything here is imported on first use: `import rbkd` does not import torch, so the command
+line starts fast.
 """
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it, imported when the name is first used (PEP 562).
+_LAZY = {
+    "train_teacher": "rbkd.api",
+    "soft_labels": "rbkd.api",
+    "distill": "rbkd.api",
+    "RunResult": "rbkd.api_results",
+    "SoftLabels": "rbkd.softlabels",
+    "ImageDataset": "rbkd.data.dataset",
+    "TrainConfig": "rbkd.config",
+    "DistillSpec": "rbkd.config",
+    "kd_loss": "rbkd.ops",
+    "soft_label_entropy": "rbkd.ops",
+    "temperature_softmax": "rbkd.ops",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rbkd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # next time a plain attribute: no more __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,1 +1,299 @@
-"""Placeholder: filled in by issue 8 work."""
+"""The public Python API: `rbkd.train_teacher`, `rbkd.soft_labels`, `rbkd.distill`.
+
+Bring your own teacher, student and data: any nn.Module (or an rbkd model name such as "small"
+or "general"), data as an ImageDataset, a pair (x, y) of tensors or NumPy arrays (uint8 images
+or float features of any shape), or a map-style Dataset of (x, y). Every default is the command
+line's (rbkd.config: TrainConfig, DistillSpec). Nothing is written to disk unless asked (`out=`).
+
+    teacher = rbkd.train_teacher(my_teacher, (x, y), (x_test, y_test), epochs=5).model
+    result = rbkd.distill(my_student, (x, y), (x_test, y_test), teacher=teacher, T=9)
+    result.test_accuracy, result.history, result.soft_labels.probs(T=9)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from rbkd.api_inputs import as_dataset, as_model, as_splits, train_config, with_classes
+from rbkd.api_results import RunResult, run_files
+from rbkd.config import DistillSpec, TrainConfig, check_temperature
+
+__all__ = ["RunResult", "distill", "soft_labels", "train_teacher"]
+
+PathLike = str | os.PathLike
+
+
+def _checked_model(model: Any, train, test, cfg: TrainConfig, fixed: bool, what: str):
+    """(module, train, test): the model built or taken as is, on cfg's device, and the splits
+    widened to its number of outputs when their class count was only inferred from labels."""
+    from rbkd.api_softlabels import teacher_logits
+    from rbkd.engine import resolve_device
+
+    net = as_model(model, train, cfg.seed, what)
+    device = resolve_device(cfg.device)
+    net.to(device)
+    # Two rows through the model before training: a wrong output width is one clear line here,
+    # not an index error deep inside the loss.
+    probe = dataclasses.replace(train, images=train.images[:2], labels=train.labels[:2])
+    width = teacher_logits(net, probe, device=device, batch_size=2).shape[1]
+    train = _fit_classes(train, width, fixed, f"{what} {type(net).__name__}")
+    test = _fit_classes(test, width, fixed, f"{what} {type(net).__name__}")
+    return net, train, test
+
+
+def _fit_classes(data, width: int, fixed: bool, who: str):
+    if data is None or data.num_classes == width:
+        return data
+    if fixed or width < data.num_classes:
+        raise ValueError(
+            f"{who} has {width} outputs but the data has {data.num_classes} classes; give it "
+            f"one output (logit) per class"
+        )
+    return with_classes(data, width, fixed=False)
+
+
+def _fit(net, train, test, cfg, objective, out, resume, progress, extra) -> tuple[dict, list]:
+    from rbkd.engine import fit, read_metrics
+
+    history: list[dict] = []
+    run_dir = Path(out) if out is not None else None
+    metrics = fit(
+        net,
+        train,
+        test,
+        cfg,
+        objective,
+        run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        extra_config=extra,
+        on_epoch=history.append,
+    )
+    if run_dir is not None:  # a resumed run's earlier epochs are in its folder only
+        history = read_metrics(run_dir)
+    return metrics, history
+
+
+def train_teacher(
+    model: Any,
+    train: Any,
+    test: Any | None = None,
+    *,
+    config: TrainConfig | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    num_classes: int | None = None,
+    out: PathLike | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> RunResult:
+    """Train `model` on `train`'s hard labels (cross-entropy), scoring it on `test` each epoch.
+
+    `model`: an nn.Module (trained in place) or an rbkd teacher name ("small", "large") built
+    for the data from `seed`. Hyper-parameters: `config` and/or the keywords (defaults:
+    rbkd.TrainConfig). With `out`, writes a run folder like `rbkd train-teacher --out`: weights,
+    config.json, metrics.jsonl, an epoch checkpoint (`resume=True` continues it) and both splits'
+    soft labels."""
+    cfg = train_config(
+        config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
+    )
+    train_ds, test_ds, fixed = as_splits(train, test, num_classes)
+    net, train_ds, test_ds = _checked_model(model, train_ds, test_ds, cfg, fixed, "model")
+    from rbkd.engine import CrossEntropy
+
+    extra = {"api": "rbkd.train_teacher"}
+    metrics, history = _fit(
+        net, train_ds, test_ds, cfg, CrossEntropy(), out, resume, progress, extra
+    )
+    if out is not None:
+        _write_run_soft_labels(net, Path(out), train_ds, test_ds, cfg)
+    run_dir = Path(out) if out is not None else None
+    return RunResult.from_fit(net, metrics, history, cfg, run_dir=run_dir, files=run_files(run_dir))
+
+
+def _write_run_soft_labels(net, run_dir: Path, train, test, cfg: TrainConfig) -> None:
+    """Both splits' soft labels in the run folder, tied to its model.safetensors (as the CLI's)."""
+    from rbkd.api_softlabels import teacher_device, teacher_logits
+    from rbkd.io import sha256_file
+    from rbkd.softlabels import soft_labels_file, write_soft_labels
+
+    digest = sha256_file(run_dir / "model.safetensors")
+    device = teacher_device(net, None)
+    for split, data in (("train", train), ("test", test)):
+        if data is None:
+            continue
+        logits = teacher_logits(net, data, device=device, batch_size=cfg.eval_batch_size)
+        write_soft_labels(
+            soft_labels_file(run_dir, split),
+            logits,
+            data.labels,
+            _rows(len(data)),
+            dataset=data.name,
+            split=split,
+            teacher_run=run_dir,
+            teacher_sha256=digest,
+        )
+
+
+def _rows(n: int):
+    import torch
+
+    return torch.arange(n, dtype=torch.int64)
+
+
+def soft_labels(
+    teacher: Any,
+    data: Any,
+    *,
+    split: str = "train",
+    num_classes: int | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    out: PathLike | None = None,
+):
+    """The teacher's logits for every example of `data`, as `rbkd.softlabels.SoftLabels`
+    (`.logits` [N, C], `.labels`, `.indices`, `.probs(T)`, `.metadata`).
+
+    `teacher`: an nn.Module (run in eval mode, without gradients, on its own device unless
+    `device` is given) or any function mapping a batch to logits [batch, C]. The metadata names
+    it ("user model <class> (state-dict sha256 ...)" or "user callable <name>, no state"). With
+    `out`, also written as a safetensors file that `rbkd.distill(soft_labels=out)` and the CLI
+    read back (checked against their data)."""
+    soft, _ = _soft_labels(teacher, data, split, num_classes, device, batch_size, out)
+    return soft
+
+
+def _soft_labels(teacher, data, split, num_classes, device, batch_size, out, fixed=None):
+    """(SoftLabels, the data as an ImageDataset with the teacher's number of classes)."""
+    from rbkd.api_softlabels import teacher_device, teacher_logits
+    from rbkd.softlabels import (
+        SoftLabels,
+        read_soft_labels,
+        soft_labels_metadata,
+        user_teacher_metadata,
+        write_soft_labels,
+    )
+
+    if fixed is None:
+        fixed = num_classes is not None or isinstance(data, _image_dataset())
+    dataset = as_dataset(data, split=split, num_classes=num_classes)
+    batch = batch_size or TrainConfig().eval_batch_size
+    logits = teacher_logits(
+        teacher, dataset, device=teacher_device(teacher, device), batch_size=batch
+    )
+    dataset = _fit_classes(dataset, logits.shape[1], fixed, "the teacher")
+    who = user_teacher_metadata(teacher)
+    rows = _rows(len(dataset))
+    if out is None:
+        meta = soft_labels_metadata(dataset.name, split, logits.shape[1], who)
+        return SoftLabels(logits, dataset.labels.clone(), rows, meta), dataset
+    path = write_soft_labels(
+        out, logits, dataset.labels, rows, dataset=dataset.name, split=split, teacher=who
+    )
+    return read_soft_labels(path, dataset=dataset), dataset
+
+
+def _image_dataset():
+    from rbkd.data.dataset import ImageDataset
+
+    return ImageDataset
+
+
+def distill(
+    student: Any,
+    train: Any,
+    test: Any | None = None,
+    *,
+    teacher: Any | None = None,
+    soft_labels: Any | None = None,
+    T: float | None = None,
+    alpha: float | None = None,
+    t_squared: bool | None = None,
+    config: TrainConfig | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    num_classes: int | None = None,
+    out: PathLike | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> RunResult:
+    """Train `student` on `train` against a teacher's soft labels at temperature T (the loss of
+    README's "The loss convention": `(1 - alpha) * CE + alpha * s * KL` at T).
+
+    The teacher is given once: `teacher` (an nn.Module or a function of a batch, run over
+    `train` now) or `soft_labels` (a SoftLabels, or the path of a soft-label file, covering
+    every training example; checked against `train`'s labels). `student`: an nn.Module
+    (trained in place) or an rbkd student name ("general", "baseline"). T, alpha and t_squared
+    default to rbkd.DistillSpec's (T=9, alpha=0.99, t_squared=True), the rest to TrainConfig's.
+    `result.soft_labels` holds the soft labels learnt from."""
+    from rbkd.engine import Distillation
+    from rbkd.ops import KD_MAX_TEMPERATURE
+
+    spec = DistillSpec()
+    T = check_temperature(spec.T if T is None else T)
+    alpha = spec.alpha if alpha is None else float(alpha)
+    t_squared = spec.t_squared if t_squared is None else bool(t_squared)
+    if T > KD_MAX_TEMPERATURE:
+        raise ValueError(f"T must be at most {KD_MAX_TEMPERATURE:g} for kd_loss, got {T:g}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if (teacher is None) == (soft_labels is None):
+        raise ValueError("give exactly one of teacher= (a model or function) or soft_labels=")
+    cfg = train_config(
+        config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
+    )
+    train_ds, test_ds, fixed = as_splits(train, test, num_classes)
+    soft, train_ds = _teacher_soft_labels(teacher, soft_labels, train_ds, fixed, cfg)
+    test_ds = _fit_classes(test_ds, soft.num_classes, fixed, "the teacher")
+    net, train_ds, test_ds = _checked_model(student, train_ds, test_ds, cfg, fixed, "student")
+    objective = Distillation(soft.dense_logits(len(train_ds)), T, alpha, t_squared)
+    extra = {
+        "api": "rbkd.distill",
+        "teacher": soft.teacher,
+        "soft_labels": str(soft.path) if soft.path else None,
+    }
+    metrics, history = _fit(net, train_ds, test_ds, cfg, objective, out, resume, progress, extra)
+    run_dir = Path(out) if out is not None else None
+    return RunResult.from_fit(
+        net,
+        metrics,
+        history,
+        cfg,
+        soft_labels=soft,
+        run_dir=run_dir,
+        files=run_files(run_dir),
+    )
+
+
+def _teacher_soft_labels(teacher, soft, train, fixed: bool, cfg: TrainConfig):
+    """(the train split's SoftLabels, train with the teacher's classes), checked to cover every
+    training example with its own label."""
+    from rbkd.softlabels import SoftLabels, check_matches_dataset, read_soft_labels
+
+    if teacher is not None:
+        device = None if cfg.device == "auto" else cfg.device
+        return _soft_labels(teacher, train, "train", None, device, cfg.eval_batch_size, None, fixed)
+    if isinstance(soft, (str, os.PathLike)):
+        soft = read_soft_labels(soft)
+    if not isinstance(soft, SoftLabels):
+        raise ValueError(
+            f"soft_labels must be an rbkd SoftLabels or a file path, got {type(soft).__name__}"
+        )
+    train = _fit_classes(train, soft.num_classes, fixed, "the soft labels")
+    check_matches_dataset(soft, train)
+    covered = int(soft.indices.unique().numel())
+    if covered != len(train):
+        raise ValueError(
+            f"the soft labels cover {covered} of the {len(train)} training examples; make them "
+            "from the same training data (rbkd.soft_labels(teacher, train))"
+        )
+    return soft, train

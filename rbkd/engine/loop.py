@@ -8,6 +8,7 @@ every GLOBAL batch, so `batch_size` means the same thing for any number of proce
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,6 @@ from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_metr
 from rbkd.engine.runinfo import check_resumable, run_config
 from rbkd.io import remove_stale_temporaries, write_json
 from rbkd.locking import folder_lock
-from rbkd.provenance import run_provenance
 
 _ORDER_STREAM, _DROPOUT_STREAM = 0, 1  # seed streams (objectives.py uses 2 for noise)
 
@@ -123,9 +123,12 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     extra_config: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train `model` in place on `train[indices]` against `objective`; evaluate on `test` after
-    every epoch; write `run_dir` (rank 0). Returns the final metrics (see docs/engine-api.md)."""
+    """Train `model` (any nn.Module) in place on `train[indices]` against `objective`; evaluate on
+    `test` after every epoch (test=None: no evaluation, test metrics NaN); write `run_dir`
+    (rank 0). Returns the final metrics (see docs/engine-api.md); `on_epoch(row)` receives each
+    epoch's metrics row as it is trained (the public API's history without a run folder)."""
     ctx = distributed.setup(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
     # One writer per run folder (rank 0 writes; the other ranks only read the checkpoint). The
@@ -153,22 +156,35 @@ def fit(
                 resume,
                 progress,
                 extra_config,
+                on_epoch,
             )
     finally:
         ctx.close()
 
 
-def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, progress, extra_config):
+def _fit(
+    model,
+    train,
+    test,
+    cfg,
+    objective,
+    ctx,
+    run_dir,
+    indices,
+    resume,
+    progress,
+    extra_config,
+    on_epoch,
+):
     device, world = ctx.device, ctx.world_size
     model.to(device)
     rows = _transfer_set(indices, len(train))
     objective.validate(train, rows)
     objective.to(device)
-    data, test_data = DeviceDataset(train, device), DeviceDataset(test, device)
+    data = DeviceDataset(train, device)
+    test_data = DeviceDataset(test, device) if test is not None else None
     optimizer = make_optimizer(model, cfg)
     config = run_config(model, train, test, cfg, objective, rows, world, extra_config)
-    if run_dir is not None and ctx.is_main:  # how it was made; never compared, never in a key
-        config["provenance"] = run_provenance(device, model, (train, test))
     start_epoch, history = _open_run_dir(run_dir, resume, config, model, optimizer, ctx)
     if not _weights_finite(model):
         where = f"the checkpoint in {run_dir}" if start_epoch else "the model passed to fit"
@@ -240,10 +256,17 @@ def _fit(model, train, test, cfg, objective, ctx, run_dir, indices, resume, prog
                     "epoch_time_s": train_time,
                 }
                 history.append(row)
+                if on_epoch is not None:
+                    on_epoch(dict(row))
+                tested = (
+                    f"test loss {scores['loss']:.4f} acc {scores['accuracy']:.2%}"
+                    if test_data is not None
+                    else "no test data"
+                )
                 bar.log(
                     f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                    f"acc {row['train_accuracy']:.2%} | test loss {scores['loss']:.4f} "
-                    f"acc {scores['accuracy']:.2%} | {row['samples_per_s']:,.0f} samples/s"
+                    f"acc {row['train_accuracy']:.2%} | {tested} | "
+                    f"{row['samples_per_s']:,.0f} samples/s"
                 )
                 if not _weights_finite(model):  # an overflowing update: never checkpoint it
                     raise TrainingDiverged(
@@ -338,6 +361,8 @@ def _open_run_dir(run_dir, resume, config, model, optimizer, ctx) -> tuple[int, 
 
 def _evaluate_sharded(model, test_data, cfg, ctx) -> dict:
     """Each rank scores its shard of the test set; the summed counts are the full-set result."""
+    if test_data is None:  # no test split: nothing to score
+        return {"accuracy": math.nan, "per_class_accuracy": [], "loss": math.nan, "count": 0}
     sums = evaluation_sums(
         model,
         test_data,

@@ -1,0 +1,118 @@
+"""What the public API (rbkd/api.py) accepts, turned into what the engine trains on.
+
+Data: an `ImageDataset`, a pair (x, y) of tensors or NumPy arrays, or a map-style Dataset
+returning (x, y). Models: any nn.Module, or an rbkd model name ("small", "general", ...) built
+for the data's shape. Hyper-parameters: a TrainConfig, keyword arguments, or both (the keywords
+win); every default is rbkd.config's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rbkd.config import DEFAULT_DATASET, TrainConfig
+from rbkd.data.adapters import USER_DATA, from_dataset, from_tensors
+from rbkd.data.dataset import ImageDataset
+
+DATA_FORMS = "an ImageDataset, a pair (x, y) of tensors or NumPy arrays, or a Dataset of (x, y)"
+
+
+def as_dataset(
+    data: Any, *, split: str, num_classes: int | None = None, what: str = "data"
+) -> ImageDataset:
+    """`data` as an ImageDataset (rbkd's own are returned as they are)."""
+    if isinstance(data, ImageDataset):
+        if num_classes is not None and num_classes != data.num_classes:
+            raise ValueError(
+                f"{what} has {data.num_classes} classes, num_classes says {num_classes}"
+            )
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        return from_tensors(ImageDataset, x, y, num_classes=num_classes, split=split)
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, str):
+        return from_dataset(ImageDataset, data, num_classes=num_classes, split=split)
+    raise ValueError(f"{what} must be {DATA_FORMS}; got {type(data).__name__}")
+
+
+def with_classes(dataset: ImageDataset, num_classes: int, *, fixed: bool) -> ImageDataset:
+    """`dataset` with `num_classes` classes: widened when its count was only inferred from its
+    labels (`fixed` False), an error when the count was the user's or the dataset's own."""
+    if num_classes == dataset.num_classes:
+        return dataset
+    if fixed or num_classes < dataset.num_classes:
+        raise ValueError(
+            f"the data has {dataset.num_classes} classes but the teacher or the other split has "
+            f"{num_classes}; pass data with the same classes (or num_classes={num_classes})"
+        )
+    names = tuple(map(str, range(num_classes)))
+    return dataclasses.replace(dataset, num_classes=num_classes, class_names=names)
+
+
+def as_splits(
+    train: Any, test: Any | None, num_classes: int | None
+) -> tuple[ImageDataset, ImageDataset | None, bool]:
+    """(train, test, fixed): both splits with one class count; `fixed` is False when that count
+    was inferred from the labels (so a teacher with more outputs may widen it)."""
+    fixed = num_classes is not None or isinstance(train, ImageDataset)
+    train_ds = as_dataset(train, split="train", num_classes=num_classes, what="train")
+    if test is None:
+        return train_ds, None, fixed
+    test_ds = as_dataset(test, split="test", num_classes=num_classes, what="test")
+    c = max(train_ds.num_classes, test_ds.num_classes)
+    train_ds = with_classes(train_ds, c, fixed=fixed)
+    test_ds = with_classes(test_ds, c, fixed=fixed or isinstance(test, ImageDataset))
+    return train_ds, test_ds, fixed or isinstance(test, ImageDataset)
+
+
+def train_config(config: TrainConfig | None, **overrides: Any) -> TrainConfig:
+    """`config` (default TrainConfig()) with the keyword arguments that are not None."""
+    cfg = config if config is not None else TrainConfig()
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"config must be an rbkd.TrainConfig, got {type(cfg).__name__}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def zoo_dataset(data: ImageDataset) -> str:
+    """The rbkd dataset whose models fit `data`: its own name, else the first (the default
+    first) whose image shape and class count are the data's."""
+    from rbkd.models import DATASET_SHAPES
+
+    if data.name in DATASET_SHAPES:
+        return data.name
+    shape = tuple(data.images.shape[1:])
+    fits = [n for n, (s, c) in DATASET_SHAPES.items() if (s, c) == (shape, data.num_classes)]
+    if not data.is_float and fits:
+        return DEFAULT_DATASET if DEFAULT_DATASET in fits else fits[0]
+    known = ", ".join(f"{n} {list(s)} x {c} classes" for n, (s, c) in DATASET_SHAPES.items())
+    raise ValueError(
+        f"rbkd's models are built for uint8 images of {known}; the data is {data.images.dtype} "
+        f"{list(shape)} with {data.num_classes} classes: pass your own nn.Module"
+    )
+
+
+def as_model(model: Any, data: ImageDataset, seed: int, what: str = "model"):
+    """An nn.Module as it is, or rbkd's model `model` (a name) built for `data` from `seed`."""
+    from torch import nn
+
+    from rbkd.models import ARCHS, build_model
+
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, str):
+        if model not in ARCHS:
+            raise ValueError(
+                f"{what} {model!r} is not an rbkd model: choose one of {', '.join(ARCHS)}, or "
+                "pass an nn.Module"
+            )
+        return build_model(zoo_dataset(data), model, seed=seed)
+    raise ValueError(
+        f"{what} must be an nn.Module or an rbkd model name ({', '.join(ARCHS)}), got "
+        f"{type(model).__name__}"
+    )
+
+
+def data_name(dataset: ImageDataset) -> str:
+    return dataset.name or USER_DATA
