@@ -9,7 +9,7 @@ import sys
 from typing import Annotated
 
 import typer
-from rbkd.cli import analyze, distill, experiments, info, models, softlabels, study, train
+from rbkd.cli import analyze, distill, experiments, info, models, rerun, softlabels, study, train
 from rbkd.cli.common import console, debug_enabled, new_app, report_error
 
 app = new_app(
@@ -30,6 +30,7 @@ app.add_typer(experiments.app, name="experiment")
 app.add_typer(study.app, name="study")
 app.add_typer(models.app)
 app.add_typer(info.app)
+app.add_typer(rerun.app)
 
 try:  # `rbkd data` lives in cli/data.py (the data layer's own commands)
     from rbkd.cli import data as _data

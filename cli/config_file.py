@@ -1,1 +1,156 @@
-"""Placeholder: filled in by issue 8 work."""
+"""`--config FILE`: a command's options read from a TOML or JSON file; flags given on the command
+line win. Also where a command's invocation (argv, every resolved option) is recorded for the
+config.json of the runs it writes (rbkd.provenance).
+
+The file's keys are the option names, with '-' or '_' (`batch-size = 256` or `batch_size = 256`).
+A run's own config.json works too: its recorded options are read back. The option is eager and
+fills click's `default_map`, so click's own precedence (command line, then the file, then the
+defaults) does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
+
+import typer
+from typer import _click as click
+
+from rbkd.io import read_bounded
+
+MAX_CONFIG_BYTES = 1 << 20  # an options file is a few hundred bytes; a run's config.json a few KB
+SUFFIXES = (".toml", ".json")
+
+
+def _fail(path: Path, message: str) -> None:
+    raise click.exceptions.UsageError(f"--config {path}: {message}")
+
+
+def read_options_file(path: Path) -> dict[str, Any]:
+    """The table of a TOML or JSON options file (or the options a run's config.json recorded)."""
+    if path.suffix not in SUFFIXES:
+        _fail(path, f"unknown format {path.suffix or '(no suffix)'}: name it .toml or .json")
+    try:
+        text = read_bounded(path, MAX_CONFIG_BYTES, "config file").decode("utf-8")
+        table = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except FileNotFoundError:
+        _fail(path, "no such file; give the path of a .toml or .json file of options")
+    except (OSError, ValueError) as e:  # includes TOML/JSON syntax errors and bad UTF-8
+        _fail(path, f"cannot read it ({' '.join(str(e).split())}); fix the file")
+    if not isinstance(table, dict):
+        _fail(path, "must hold a table of options (key = value), not a list or a value")
+    invocation = (table.get("provenance") or {}).get("invocation")
+    if isinstance(invocation, dict) and isinstance(invocation.get("options"), dict):
+        table = dict(invocation["options"])  # a run's config.json: the options it ran with
+    return table
+
+
+def _check_value(path: Path, key: str, annotation: Any, value: Any) -> Any:
+    """`value` if it fits the option's type (as click will take it), else a one-line error.
+    Stricter than click: 1.5 for an integer option is an error, never a silent 1."""
+    if get_origin(annotation) is list:
+        (item,) = get_args(annotation) or (str,)
+        values = value if isinstance(value, list) else [value]
+        return [_check_value(path, key, item, v) for v in values]
+    if isinstance(value, list) and annotation is str:  # T = [3, 9] for the option --T 3,9
+        return ",".join(str(_check_value(path, key, str, v)) for v in value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is bool and isinstance(value, bool):
+        return value
+    if annotation is int and number and isinstance(value, int):
+        return value
+    if annotation is float and number:
+        return float(value)
+    if annotation is str and (isinstance(value, str) or number):
+        return value if isinstance(value, str) else str(value)
+    if annotation is Path and isinstance(value, str):
+        return value
+    if annotation not in (bool, int, float, str, Path):  # a type this module does not know
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a number"}.get(annotation, "a string")
+    _fail(path, f"{key} must be {kind}, got {value!r}; fix it in the file")
+    return value  # not reached
+
+
+def options_from_file(ctx: click.Context, path: Path) -> dict[str, Any]:
+    """The file's options checked against the command's parameters: {parameter name: value}."""
+    params = {p.name: p for p in ctx.command.params if p.expose_value}
+    by_key = {name.replace("_", "-"): name for name in params}
+    options: dict[str, Any] = {}
+    for key, value in read_options_file(path).items():
+        name = by_key.get(str(key).replace("_", "-"))
+        if name is None:
+            known = ", ".join(sorted(by_key))
+            _fail(path, f"unknown key {key!r}: `{_command(ctx)}` takes {known}")
+        if value is None:  # JSON null: the option's default
+            continue
+        annotation = params[name].type_descriptor.annotation
+        options[name] = _check_value(path, str(key), annotation, value)
+    return options
+
+
+def _command(ctx: click.Context) -> str:
+    """The command as typed after `rbkd`: "train-teacher", "experiment missing-class"."""
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(reversed(names))
+
+
+def _plain(value: Any) -> Any:
+    """An option's value as JSON; paths absolute, so the record works from any folder."""
+    if isinstance(value, Path):
+        return os.path.abspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe_invocation(ctx: click.Context, config: Path | None) -> dict[str, Any]:
+    """What config.json records of the command line (read when a run starts, so every option is
+    resolved): the command, argv, the folder it ran in and every option's final value."""
+    from rbkd.cli.common import _invocation
+
+    from rbkd.provenance import file_record
+
+    argv = ["rbkd", *_invocation]
+    record: dict[str, Any] = {
+        "command": _command(ctx),
+        "argv": argv,
+        "shell": shlex.join(argv),
+        "cwd": os.getcwd(),
+        "options": {
+            p.name: _plain(ctx.params[p.name]) for p in ctx.command.params if p.name in ctx.params
+        },
+    }
+    if config is not None:
+        record["config_file"] = file_record(config)
+    return record
+
+
+def _load(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    from rbkd.provenance import push_invocation
+
+    if value is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **options_from_file(ctx, Path(value))}
+    ctx.call_on_close(push_invocation(lambda: describe_invocation(ctx, value)))
+    return value
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        is_eager=True,
+        expose_value=False,
+        callback=_load,
+        help="Read options from a TOML or JSON file (keys are option names: batch-size = 256); "
+        "flags given here win. A run's config.json works too.",
+    ),
+]

@@ -34,6 +34,7 @@ from rbkd.cli.common import (
     new_app,
     titled_table,
 )
+from rbkd.cli.config_file import ConfigOpt
 
 from rbkd.config import DistillSpec, TrainConfig
 
@@ -133,6 +134,7 @@ def distill(
         ),
     ] = _DISTILL.allow_partial,
     progress: ProgressOpt = True,
+    config: ConfigOpt = None,
 ) -> None:
     """Distill a student from a teacher's soft labels at temperature T (loss: rbkd.ops.kd_loss).
 

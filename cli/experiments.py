@@ -37,6 +37,7 @@ from rbkd.cli.common import (
     parse_int_list,
     titled_table,
 )
+from rbkd.cli.config_file import ConfigOpt
 
 from rbkd.config import DEFAULT_DATASET, SELECTIONS, STUDENTS, TEACHERS, DistillSpec, TrainConfig
 
@@ -98,6 +99,7 @@ def missing_class(
     limit: LimitOpt = None,
     out: OutOpt = Path("results/missing-class"),
     progress: ProgressOpt = True,
+    config: ConfigOpt = None,
 ) -> None:
     """Exclude each class in turn from the transfer set, distill, and report the student's
     accuracy on the class it never saw (thesis tables 5.1-5.7), per teacher and T.
@@ -182,6 +184,7 @@ def transfer_set(
     limit: LimitOpt = None,
     out: OutOpt = Path("results/transfer-set"),
     progress: ProgressOpt = True,
+    config: ConfigOpt = None,
 ) -> None:
     """Distill on N examples per class, chosen by highest soft-label entropy at T (or at
     random), for each N, and on the whole split for reference; report test accuracy against N
@@ -265,6 +268,7 @@ def batch_sweep(
     limit: LimitOpt = None,
     out: OutOpt = Path("results/batch-sweep"),
     progress: ProgressOpt = True,
+    config: ConfigOpt = None,
 ) -> None:
     """Train a teacher at each batch size (and number of epochs), record its mean soft-label
     entropy at T and test accuracy, and optionally distill a student from each (thesis ch. 6).

@@ -1,1 +1,212 @@
-"""Placeholder: filled in by issue 8 work."""
+"""`rbkd rerun RUN`: run a run again from the command its config.json records, into a new
+folder, and compare the final metrics and weights with the original's: the reproducibility check.
+
+Runs are content-addressed, so the same command into the same folder would only reuse the
+finished run; a rerun therefore always trains into a folder of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rbkd.cli.common import (
+    ProgressOpt,
+    console,
+    escape,
+    handle_errors,
+    new_app,
+    titled_table,
+)
+
+app = new_app()
+
+# Options a rerun always sets itself: its own folder, and a fresh start (never --resume).
+_SET_BY_RERUN = ("out", "resume")
+
+
+def recorded_invocation(run_dir: Path) -> dict[str, Any]:
+    """The invocation a run's config.json records; a one-line error when it records none."""
+    from rbkd.engine import read_config
+
+    config = read_config(run_dir)
+    invocation = (config.get("provenance") or {}).get("invocation")
+    if not isinstance(invocation, dict) or not isinstance(invocation.get("options"), dict):
+        raise ValueError(
+            f"{run_dir}/config.json records no command (the run was written by an older rbkd "
+            "or by the Python API): run it again with its own options instead"
+        )
+    return invocation
+
+
+def fresh_folder(run_dir: Path) -> Path:
+    """RUN.rerun, else RUN.rerun-2, -3, ...: the first that does not exist yet."""
+    base = run_dir.parent / f"{run_dir.name}.rerun"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _command_object(words: list[str]):
+    """The click command of `rbkd WORDS` ("experiment missing-class" -> its command)."""
+    from rbkd.cli.app import app as root_app
+    from typer.main import get_command
+
+    command = get_command(root_app)
+    for word in words:
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            raise ValueError(f"the recorded command `rbkd {' '.join(words)}` does not exist here")
+        command = sub
+    return command
+
+
+def options_to_argv(words: list[str], options: dict[str, Any]) -> list[str]:
+    """The command line that gives a command exactly `options` (flags spelled out, lists
+    repeated, None left to the default)."""
+    command = _command_object(words)
+    params = {p.name: p for p in command.params if p.expose_value}
+    argv = list(words)
+    for name, value in options.items():
+        param = params.get(name)
+        if param is None:
+            raise ValueError(
+                f"the recorded option {name!r} is not an option of `rbkd {' '.join(words)}` "
+                "in this rbkd: the run was made by another version"
+            )
+        if value is None:
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            if value:
+                argv.append(flag)
+            elif param.secondary_opts:
+                argv.append(param.secondary_opts[0])
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            argv += [flag, str(item)]
+    return argv
+
+
+def _new_run_dir(run_dir: Path, invocation: dict, new_out: Path) -> Path:
+    """Where the rerun's copy of `run_dir` lands: --out itself for train-teacher and distill;
+    the same place inside --out for an experiment (its runs sit under teachers/, students/)."""
+    if not invocation["command"].startswith("experiment"):
+        return new_out
+    relative = os.path.relpath(os.path.abspath(run_dir), invocation["options"].get("out") or "")
+    if relative.startswith(".."):  # the results folder was moved: teachers/NAME or students/NAME
+        relative = os.path.join(run_dir.parent.name, run_dir.name)
+    return new_out / relative
+
+
+def _number(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Every tensor bit for bit equal. (Not the files' SHA-256: safetensors writes the metadata
+    in no fixed order, so equal weights may make different files.)"""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        names = fa.keys()
+        if set(names) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in names)
+
+
+def compare_runs(original: Path, repeat: Path) -> bool:
+    """Print the two runs' final metrics, weights and data side by side; True when identical."""
+    from rbkd.engine import read_config
+
+    old, new = read_config(original), read_config(repeat)
+    a, b = old.get("final_metrics") or {}, new.get("final_metrics") or {}
+    table = titled_table("rerun against the original")
+    for column in ("", "original", "rerun", "difference"):
+        table.add_column(column, justify="left" if not column else "right")
+    same = True
+    for key in ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "epochs"):
+        x, y = a.get(key), b.get(key)
+        equal = x == y or (x is None and y is None)
+        diff = "equal" if equal else "-"
+        if not equal and isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            diff = f"{y - x:+.3g}"
+        same &= equal
+        table.add_row(key, _number(x), _number(y), diff)
+    per_class = a.get("per_class_accuracy") == b.get("per_class_accuracy")
+    same &= per_class
+    table.add_row("per-class accuracy", "", "", "equal" if per_class else "differ")
+    weights = same_weights(original / "model.safetensors", repeat / "model.safetensors")
+    same &= weights
+    table.add_row("weights", "", "", "identical" if weights else "differ")
+    files = [
+        sorted(f["sha256"] for f in (c.get("provenance") or {}).get("data_files", []))
+        for c in (old, new)
+    ]
+    table.add_row("data files (SHA-256)", "", "", "identical" if files[0] == files[1] else "differ")
+    devices = [(c.get("provenance") or {}).get("device", "?") for c in (old, new)]
+    table.add_row("device", escape(devices[0]), escape(devices[1]), "")
+    console.print(table)
+    return same
+
+
+@app.command("rerun")
+@handle_errors
+def rerun(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder to repeat (its config.json records the command).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for the repeat (default: RUN.rerun, or RUN.rerun-2, ...: a new one).",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="Device for the repeat (default: the one recorded)."),
+    ] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run a run again from the command its config.json records, into a new folder, then
+    compare: final test and train accuracy and loss, per-class accuracy, the weights' SHA-256
+    and the data files read. A run of an experiment reruns the whole experiment.
+
+    On the same machine, device and thread count, a rerun is expected to be identical.
+
+    Example:
+
+        rbkd rerun runs/t1 --out runs/t1-again
+    """
+    from rbkd.cli.app import app as root_app
+    from typer.main import get_command
+
+    invocation = recorded_invocation(run_dir)
+    words = str(invocation["command"]).split()
+    new_out = out if out is not None else fresh_folder(run_dir)
+    options = {k: v for k, v in invocation["options"].items() if k not in _SET_BY_RERUN}
+    options["out"] = os.path.abspath(new_out)
+    if device is not None:
+        options["device"] = device
+    if "progress" in options:
+        options["progress"] = progress
+    argv = options_to_argv(words, options)
+    console.print(f"rerunning {escape(run_dir)}: {escape(shlex.join(['rbkd', *argv]))}")
+    code = get_command(root_app).main(args=argv, prog_name="rbkd", standalone_mode=False)
+    if code:
+        raise typer.Exit(code)
+    repeat = _new_run_dir(run_dir, invocation, new_out)
+    if compare_runs(run_dir, repeat):
+        console.print("reproduced: identical final metrics and weights")
+    else:
+        console.print("[bold yellow]not reproduced:[/] the rerun differs (see above)")

@@ -17,6 +17,7 @@ from rbkd.cli.common import (
     new_app,
     titled_table,
 )
+from rbkd.cli.config_file import ConfigOpt
 
 app = new_app()
 
@@ -35,6 +36,7 @@ def soft_labels(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     limit: LimitOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Run a teacher over a dataset split and save its logits as a soft-label file.
 

@@ -24,6 +24,7 @@ from rbkd.cli.common import (
     new_app,
     titled_table,
 )
+from rbkd.cli.config_file import ConfigOpt
 
 from rbkd.config import TEACHERS, TeacherSpec, TrainConfig
 
@@ -58,6 +59,7 @@ def train_teacher(
     ] = False,
     limit: LimitOpt = None,
     progress: ProgressOpt = True,
+    config: ConfigOpt = None,
 ) -> None:
     """Train a teacher on hard labels (cross-entropy) and write its run folder.
 

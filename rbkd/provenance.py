@@ -1,1 +1,153 @@
-"""Placeholder: filled in by issue 8 work."""
+"""Where a run came from: the command, the code, the machine and the data files it read.
+
+config.json's "provenance" field, written by `fit`. None of it is part of a run's key
+(rbkd.study.keys): the device, the thread count, the command line and the commit do not change
+what a run computes, so the same run asked for in another way is still reused. Nothing here is
+compared when a run resumes (rbkd.engine.runinfo.check_resumable).
+
+Torch is imported inside the functions that need it, so the command line can import this module
+for free.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+GIT_TIMEOUT_S = 2.0  # a hung network filesystem must not hold up a training run
+
+# The command line that is running now (set by the CLI for the span of one command): a function,
+# so the options are read when the run starts, after click has resolved every one of them.
+_invocation: list[Callable[[], dict[str, Any]]] = []
+
+
+def push_invocation(describe: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+    """Until the returned function is called, every run written records `describe()` as its
+    invocation (innermost first: a command run by `rbkd rerun` records its own)."""
+    _invocation.append(describe)
+    return lambda: _invocation.remove(describe) if describe in _invocation else None
+
+
+def current_invocation() -> dict[str, Any] | None:
+    """The invocation being recorded (the innermost), or None outside the command line."""
+    return _invocation[-1]() if _invocation else None
+
+
+# ------------------------------------------------------------------ code
+@cache
+def git_state() -> dict[str, Any] | None:
+    """{"commit", "dirty"} of the git checkout rbkd runs from, or None (an installed wheel, no
+    git, a timeout). Cached: the checkout does not change under a running process."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        # Untracked files are left out: they are not rbkd's code (runs/, results/, notes).
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+# ------------------------------------------------------------------ data files
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """{"path", "size", "sha256"} of a file. Digests are cached by (path, size, mtime), so the
+    ten runs of an experiment hash Fashion-MNIST's 30 MB once."""
+    from rbkd.io import sha256_file
+
+    path = Path(os.path.abspath(path))
+    st = path.stat()
+    cache_key = (str(path), st.st_size, st.st_mtime_ns)
+    if cache_key not in _digests:
+        _digests[cache_key] = sha256_file(path)
+    return {"path": str(path), "size": st.st_size, "sha256": _digests[cache_key]}
+
+
+def dataset_files(dataset: Any) -> list[dict[str, Any]]:
+    """The files one split was read from (an ImageDataset knows its folder); [] for data that
+    did not come from rbkd's dataset files."""
+    from rbkd.data.locate import resolve_file
+    from rbkd.data.registry import get_info
+
+    root, name, split = (getattr(dataset, a, None) for a in ("root", "name", "split"))
+    if root is None or name is None or split is None:
+        return []
+    try:
+        names = get_info(name).split_files[split]
+    except (KeyError, ValueError, LookupError):
+        return []
+    paths = [resolve_file(Path(root), n) for n in names]
+    return [{"split": split, **file_record(p)} for p in paths if p is not None]
+
+
+# ------------------------------------------------------------------ machine
+def device_name(device: Any) -> str:
+    """ "cpu", or "cuda:0 (NVIDIA H200)": the device a run actually used, never "auto"."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------ all of it
+def run_provenance(device: Any, model: Any, datasets: tuple = ()) -> dict[str, Any]:
+    """config.json's "provenance": rbkd's version and commit, the device and dtype used, the
+    machine, the data files with their SHA-256, and the command line when there is one."""
+    import rbkd
+
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else None
+    files: list[dict[str, Any]] = []
+    for dataset in datasets:
+        for record in dataset_files(dataset):
+            if record not in files:  # train and test may share a file (CIFAR's are separate)
+                files.append(record)
+    record = {
+        "rbkd_version": rbkd.__version__,
+        "device": device_name(device),
+        "dtype": dtype,
+        **machine(),
+        "data_files": files,
+    }
+    git = git_state()
+    if git is not None:
+        record["git"] = git
+    invocation = current_invocation()
+    if invocation is not None:
+        record["invocation"] = invocation
+    return record

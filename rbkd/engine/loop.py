@@ -23,6 +23,7 @@ from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_metr
 from rbkd.engine.runinfo import check_resumable, run_config
 from rbkd.io import remove_stale_temporaries, write_json
 from rbkd.locking import folder_lock
+from rbkd.provenance import run_provenance
 
 _ORDER_STREAM, _DROPOUT_STREAM = 0, 1  # seed streams (objectives.py uses 2 for noise)
 
@@ -185,6 +186,8 @@ def _fit(
     test_data = DeviceDataset(test, device) if test is not None else None
     optimizer = make_optimizer(model, cfg)
     config = run_config(model, train, test, cfg, objective, rows, world, extra_config)
+    if run_dir is not None and ctx.is_main:  # how it was made; never compared, never in a key
+        config["provenance"] = run_provenance(device, model, (train, test))
     start_epoch, history = _open_run_dir(run_dir, resume, config, model, optimizer, ctx)
     if not _weights_finite(model):
         where = f"the checkpoint in {run_dir}" if start_epoch else "the model passed to fit"

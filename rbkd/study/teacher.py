@@ -72,7 +72,13 @@ def train_teacher(
     with folder_lock(run_dir, "teacher"):
         state = run_state(run_dir, key, RESULT_FILE)
         if state.status == "done" and _soft_labels_current(run_dir):
-            return {**state.result, "run_dir": run_dir, "reused": True}
+            # The recorded paths are relative to the folder the run was made from: name the
+            # files under run_dir as given now (the same run asked for from another folder).
+            files = {
+                s: str(run_dir / f"soft_labels_{s}.safetensors")
+                for s in state.result.get("soft_labels", {})
+            }
+            return {**state.result, "soft_labels": files, "run_dir": run_dir, "reused": True}
         t0 = time.perf_counter()
         model = build_model(spec.dataset, spec.capacity, seed=cfg.seed)
         extra = {
