@@ -19,7 +19,8 @@ class RunResult:
     `train_loss` / `train_accuracy` (running means over the last epoch's batches, in train mode)
     are the only scores."""
 
-    model: Any  # the trained nn.Module (trained in place: the very object passed in, or built)
+    # The trained nn.Module (trained in place: the very object passed in, or the one built).
+    model: Any = field(repr=False)
     test_accuracy: float | None  # final, on the test split; None without one
     per_class_accuracy: tuple[float, ...] | None  # C values (NaN: no test example of the class)
     test_loss: float | None  # mean cross-entropy on the test split
@@ -28,7 +29,8 @@ class RunResult:
     epochs: int  # completed epochs (resumed ones included)
     history: tuple[dict, ...]  # one metrics row per epoch: epoch, train_loss, test_accuracy, ...
     config: Any  # the TrainConfig the run used (defaults filled in)
-    soft_labels: Any = None  # distill: the train split's SoftLabels it learnt from
+    # distill: the train split's SoftLabels the student learnt from.
+    soft_labels: Any = field(default=None, repr=False)
     run_dir: Path | None = None  # only when asked for (out=)
     files: dict[str, Path] = field(default_factory=dict)  # name -> path of what was written
 
