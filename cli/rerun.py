@@ -43,9 +43,9 @@ def recorded_invocation(run_dir: Path) -> dict[str, Any]:
     return invocation
 
 
-def fresh_folder(run_dir: Path) -> Path:
-    """RUN.rerun, else RUN.rerun-2, -3, ...: the first that does not exist yet."""
-    base = run_dir.parent / f"{run_dir.name}.rerun"
+def fresh_folder(folder: Path) -> Path:
+    """FOLDER.rerun, else FOLDER.rerun-2, -3, ...: the first that does not exist yet."""
+    base = folder.parent / f"{folder.name}.rerun"
     candidate, n = base, 1
     while candidate.exists():
         n += 1
@@ -169,7 +169,8 @@ def rerun(
         Path | None,
         typer.Option(
             "--out",
-            help="Folder for the repeat (default: RUN.rerun, or RUN.rerun-2, ...: a new one).",
+            help="Folder for the repeat (default: RUN.rerun, or RUN.rerun-2, ...: a new one; "
+            "for a run of an experiment, beside the experiment's folder).",
         ),
     ] = None,
     device: Annotated[
@@ -193,7 +194,9 @@ def rerun(
 
     invocation = recorded_invocation(run_dir)
     words = str(invocation["command"]).split()
-    new_out = out if out is not None else fresh_folder(run_dir)
+    # An experiment's run sits inside its results folder: the rerun is a sibling of that folder.
+    experiment = words[0] == "experiment" and invocation["options"].get("out")
+    new_out = out if out is not None else fresh_folder(Path(experiment or run_dir))
     options = {k: v for k, v in invocation["options"].items() if k not in _SET_BY_RERUN}
     options["out"] = os.path.abspath(new_out)
     if device is not None:

@@ -204,3 +204,15 @@ def test_rerun_of_a_folder_without_a_record_is_one_line(teacher, tmp_path):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "records no command" in lines[0], result.output
+
+
+def test_rerun_of_an_experiments_run_repeats_the_experiment_beside_it(teacher, tiny_data):
+    out = teacher.parent / "missing"
+    options = "classes = [0]\nT = [9]\nepochs = 1\nbatch-size = 32\nprogress = false\n"
+    (teacher.parent / "missing.toml").write_text(options + 'device = "cpu"\n')
+    invoke("experiment", "missing-class", "--teacher", teacher, "--config",
+           teacher.parent / "missing.toml", "--out", out)  # fmt: skip
+    (run,) = (out / "students").iterdir()
+    result = invoke("rerun", run, "--no-progress")
+    assert "reproduced: identical final metrics and weights" in result.output, result.output
+    assert (teacher.parent / "missing.rerun" / "students" / run.name / "report.json").exists()
