@@ -55,25 +55,50 @@ def print_json(data: Any) -> None:
 
 
 def never_cut(table: Table) -> Table:
-    """Let every column fold (wrap at spaces, then between characters) instead of ending in "…"."""
+    """Let every column wrap at spaces and fold what is left instead of ending in "…"."""
     for column in table.columns:
         column.no_wrap = False
         column.overflow = "fold"
     return table
 
 
+def print_records(table: Table, console: Console) -> None:
+    """A table one row at a time, one `header: value` line per cell (psql's expanded display):
+    for a terminal too narrow for the table's longest words. Lines are soft-wrapped by the
+    terminal, never cut."""
+    from rich.text import Text
+
+    def plain(cell: Any) -> Text:
+        return Text.from_markup(cell) if isinstance(cell, str) else Text(str(cell))
+
+    if table.title:
+        console.print(plain(table.title), soft_wrap=True)
+    columns = [list(column.cells) for column in table.columns]
+    for r in range(table.row_count):
+        cells = [plain(column[r]) if r < len(column) else Text() for column in columns]
+        if table.show_header:
+            for column, cell in zip(table.columns, cells, strict=True):
+                console.print(Text.assemble(plain(column.header), ": ", cell), soft_wrap=True)
+            console.print()
+        else:
+            console.print(Text(": ").join(cells), soft_wrap=True)
+
+
 def print_table(table: Table, console: Console | None = None) -> None:
-    """Print `table` whole: folded to fit a terminal, at its natural width into a file or pipe."""
-    if console is None:
-        from rbkd.cli.common import console
+    """Print `table` whole: wrapped at spaces to fit a terminal (row by row, as records, when
+    even its longest words do not fit), at its natural width into a file or pipe."""
     from rich.measure import Measurement
 
+    if console is None:
+        from rbkd.cli.common import console
     never_cut(table)
+    need = Measurement.get(console, console.options.update_width(_WIDEST), table)
     if not console.is_terminal:
-        wide = console.options.update_width(_WIDEST)
-        width = Measurement.get(console, wide, table).maximum
-        if width > console.width:  # console.print(width=) only narrows: draw on a wider one
-            console = Console(file=console.file, width=width, highlight=False)
+        if need.maximum > console.width:  # console.print(width=) only narrows: draw wider
+            console = Console(file=console.file, width=need.maximum, highlight=False)
+    elif need.minimum > console.width:
+        print_records(table, console)
+        return
     console.print(table)
 
 
