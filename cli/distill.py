@@ -10,6 +10,7 @@ from rbkd.cli.common import (
     AlphaOpt,
     BatchSizeOpt,
     DataDirOpt,
+    Dataset,
     DeviceOpt,
     EpochsOpt,
     ExcludeClassOpt,
@@ -26,8 +27,10 @@ from rbkd.cli.common import (
     SoftLabelsOpt,
     StudentOpt,
     TeacherOpt,
+    ThreadsOpt,
     TOpt,
     TSquaredOpt,
+    apply_threads,
     console,
     escape,
     handle_errors,
@@ -113,7 +116,7 @@ def distill(
     label_smoothing: LabelSmoothingOpt = None,
     noise: NoiseOpt = None,
     dataset: Annotated[
-        str | None,
+        Dataset | None,
         typer.Option("--dataset", help="Dataset (needed only with --label-smoothing)."),
     ] = None,
     epochs: EpochsOpt = _TRAIN.epochs,
@@ -134,6 +137,7 @@ def distill(
         ),
     ] = _DISTILL.allow_partial,
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Distill a student from a teacher's soft labels at temperature T (loss: rbkd.ops.kd_loss).
@@ -174,5 +178,6 @@ def distill(
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
+    apply_threads(threads)
     report = run_distill(spec, cfg, out=out, progress=progress)
     print_report(report)

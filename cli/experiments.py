@@ -15,7 +15,9 @@ import typer
 from rbkd.cli.common import (
     AlphaOpt,
     BatchSizeOpt,
+    Capacity,
     DataDirOpt,
+    Dataset,
     DatasetOpt,
     DeviceOpt,
     EpochsOpt,
@@ -24,11 +26,14 @@ from rbkd.cli.common import (
     OptimizerOpt,
     ProgressOpt,
     SeedOpt,
+    Student,
     StudentOpt,
     TeachersOpt,
+    ThreadsOpt,
     TListOpt,
     TOpt,
     TSquaredOpt,
+    apply_threads,
     check_choice,
     console,
     escape,
@@ -51,12 +56,13 @@ def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2%}"
 
 
-def _run(study: dict, out: Path, data_dir, device: str, progress: bool) -> list[dict]:
+def _run(study: dict, out: Path, data_dir, device: str, progress: bool, threads) -> list[dict]:
     """Run the study with a progress bar and its report; return its results rows."""
     from rbkd.cli.study_progress import run_with_progress
 
     from rbkd.study.results import read_jsonl
 
+    apply_threads(threads)
     run_with_progress(study, out, data_dir=data_dir, device=device, progress=progress, report=True)
     return read_jsonl(out / "results.jsonl")
 
@@ -80,7 +86,7 @@ def missing_class(
         ),
     ] = None,
     dataset: Annotated[
-        str, typer.Option("--dataset", help="Dataset (for --label-smoothing alone).")
+        Dataset, typer.Option("--dataset", help="Dataset (for --label-smoothing alone).")
     ] = DEFAULT_DATASET,
     classes: Annotated[
         str, typer.Option("--classes", help="Classes to exclude in turn: all, or e.g. 0,3,6.")
@@ -99,6 +105,7 @@ def missing_class(
     limit: LimitOpt = None,
     out: OutOpt = Path("results/missing-class"),
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Exclude each class in turn from the transfer set, distill, and report the student's
@@ -133,7 +140,7 @@ def missing_class(
         cfg=_train_config(epochs, batch_size, lr, optimizer, seed, device),
         limit=limit,
     )
-    rows = _run(study, out, data_dir, device, progress)
+    rows = _run(study, out, data_dir, device, progress, threads)
     e = study["experiments"]["missing_class"]
     table = titled_table("student accuracy on the missing class")
     table.add_column("missing class")
@@ -168,7 +175,9 @@ def transfer_set(
     ] = "5,10,50,100",
     select: Annotated[
         str,
-        typer.Option("--select", help="entropy, random, or both: entropy,random."),
+        typer.Option(
+            "--select", metavar="<entropy,random>", help="entropy, random, or both: entropy,random."
+        ),
     ] = _DISTILL.select,
     T: TOpt = _DISTILL.T,
     alpha: AlphaOpt = _DISTILL.alpha,
@@ -184,6 +193,7 @@ def transfer_set(
     limit: LimitOpt = None,
     out: OutOpt = Path("results/transfer-set"),
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Distill on N examples per class, chosen by highest soft-label entropy at T (or at
@@ -217,7 +227,7 @@ def transfer_set(
         cfg=_train_config(epochs, batch_size, lr, optimizer, seed, device),
         limit=limit,
     )
-    rows = _run(study, out, data_dir, device, progress)
+    rows = _run(study, out, data_dir, device, progress, threads)
     e = study["experiments"]["transfer_set"]
     table = titled_table(f"student test accuracy vs examples per class (T={T:g})")
     table.add_column("per class", justify="right")
@@ -241,7 +251,7 @@ def transfer_set(
 @handle_errors
 def batch_sweep(
     dataset: DatasetOpt = DEFAULT_DATASET,
-    capacity: Annotated[str, typer.Option("--capacity", help="Teacher: small or large.")] = "large",
+    capacity: Annotated[Capacity, typer.Option("--capacity", help="Teacher capacity.")] = "large",
     batch_sizes: Annotated[
         str, typer.Option("--batch-sizes", help="Teacher batch sizes, e.g. 32,256,2048.")
     ] = "32,256,2048",
@@ -250,8 +260,7 @@ def batch_sweep(
     ] = str(_TRAIN.epochs),
     T: TOpt = _DISTILL.T,
     student: Annotated[
-        str | None,
-        typer.Option("--student", help="Also distill this student (general or baseline)."),
+        Student | None, typer.Option("--student", help="Also distill this student.")
     ] = None,
     student_epochs: Annotated[
         int, typer.Option("--student-epochs", help="Epochs of each student.")
@@ -268,6 +277,7 @@ def batch_sweep(
     limit: LimitOpt = None,
     out: OutOpt = Path("results/batch-sweep"),
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a teacher at each batch size (and number of epochs), record its mean soft-label
@@ -298,7 +308,7 @@ def batch_sweep(
         alpha=alpha,
         limit=limit,
     )
-    rows = _run(study, out, data_dir, device, progress)
+    rows = _run(study, out, data_dir, device, progress, threads)
     teachers = [t for t in read_jsonl(out / "teachers.jsonl") if t["role"] == "sweep"]
     table = titled_table(f"{capacity} teacher on {dataset}: batch size sweep (entropy at T={T:g})")
     for col in ("batch size", "epochs", "teacher accuracy", "mean entropy (nats)"):

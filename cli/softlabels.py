@@ -10,6 +10,9 @@ from rbkd.cli.common import (
     DataDirOpt,
     DeviceOpt,
     LimitOpt,
+    Split,
+    ThreadsOpt,
+    apply_threads,
     check_choice,
     console,
     escape,
@@ -28,7 +31,7 @@ def soft_labels(
     teacher: Annotated[
         Path, typer.Option("--teacher", help="Teacher run folder (from train-teacher).")
     ],
-    split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
+    split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = "train",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="File to write (default: RUN/soft_labels_SPLIT.safetensors)."),
@@ -36,6 +39,7 @@ def soft_labels(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
     limit: LimitOpt = None,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a teacher over a dataset split and save its logits as a soft-label file.
@@ -55,6 +59,7 @@ def soft_labels(
     from rbkd.study.splits import limit_dataset
 
     check_choice(split, SPLITS, "--split")
+    apply_threads(threads)
     config = read_config(teacher)
     model, _ = load_run(teacher)
     ds = limit_dataset(load_dataset(config["dataset"], split, data_dir), limit)

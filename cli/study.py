@@ -9,8 +9,11 @@ import typer
 from rbkd.cli.common import (
     DataDirOpt,
     DeviceOpt,
+    FigureFormat,
     LimitOpt,
     ProgressOpt,
+    ThreadsOpt,
+    apply_threads,
     console,
     escape,
     handle_errors,
@@ -57,6 +60,7 @@ def run(
         bool, typer.Option("--report/--no-report", help="Write the report at the end.")
     ] = True,
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run every run of a study that is not done yet, then write results.csv and the report.
 
@@ -94,6 +98,7 @@ def run(
         )
         return
 
+    apply_threads(threads)
     run_with_progress(
         study, out, data_dir=data_dir, device=device, progress=progress, report=report, source=file
     )
@@ -103,7 +108,7 @@ def run(
 @handle_errors
 def report_cmd(
     folder: Annotated[Path, typer.Argument(help="A study folder written by `rbkd study run`.")],
-    fmt: Annotated[str, typer.Option("--format", help="Figure format: png, pdf or svg.")] = "png",
+    fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure format.")] = "png",
     label: Annotated[
         list[str] | None,
         typer.Option("--label", help="Legend name of a teacher: NAME=LEGEND (repeatable)."),

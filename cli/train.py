@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rbkd.cli.common import (
     BatchSizeOpt,
+    Capacity,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
@@ -17,6 +18,8 @@ from rbkd.cli.common import (
     OutDirOpt,
     ProgressOpt,
     SeedOpt,
+    ThreadsOpt,
+    apply_threads,
     check_choice,
     console,
     escape,
@@ -32,7 +35,7 @@ app = new_app()
 _SPEC, _TRAIN = TeacherSpec(), TrainConfig()
 
 CapacityOpt = Annotated[
-    str, typer.Option("--capacity", help="Teacher capacity: small or large (thesis App. A).")
+    Capacity, typer.Option("--capacity", help="Teacher capacity (thesis App. A).")
 ]
 
 
@@ -59,6 +62,7 @@ def train_teacher(
     ] = False,
     limit: LimitOpt = None,
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a teacher on hard labels (cross-entropy) and write its run folder.
@@ -84,6 +88,7 @@ def train_teacher(
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
+    apply_threads(threads)
     result = run_train_teacher(
         spec, cfg, out=out, data_dir=data_dir, limit=limit, progress=progress
     )
