@@ -10,12 +10,13 @@ defaults) does the rest.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import shlex
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from typer import _click as click
@@ -31,7 +32,7 @@ def _fail(path: Path, message: str) -> None:
 
 
 def read_options_file(path: Path) -> dict[str, Any]:
-    """The table of a TOML or JSON options file (or the options a run's config.json recorded)."""
+    """The table of a TOML or JSON options file."""
     if path.suffix not in SUFFIXES:
         _fail(path, f"unknown format {path.suffix or '(no suffix)'}: name it .toml or .json")
     try:
@@ -43,10 +44,20 @@ def read_options_file(path: Path) -> dict[str, Any]:
         _fail(path, f"cannot read it ({' '.join(str(e).split())}); fix the file")
     if not isinstance(table, dict):
         _fail(path, "must hold a table of options (key = value), not a list or a value")
-    invocation = (table.get("provenance") or {}).get("invocation")
-    if isinstance(invocation, dict) and isinstance(invocation.get("options"), dict):
-        table = dict(invocation["options"])  # a run's config.json: the options it ran with
     return table
+
+
+def _recorded_options(path: Path, table: dict, command: str) -> dict[str, Any]:
+    """A run's config.json gives the options it ran with (when it was the same command)."""
+    provenance = table.get("provenance")
+    invocation = provenance.get("invocation") if isinstance(provenance, dict) else None
+    if not isinstance(invocation, dict) or not isinstance(invocation.get("options"), dict):
+        return table
+    if invocation.get("command") != command:
+        _fail(
+            path, f"it records options of `rbkd {invocation.get('command')}`, not `rbkd {command}`"
+        )
+    return dict(invocation["options"])
 
 
 def _check_value(path: Path, key: str, annotation: Any, value: Any) -> Any:
@@ -56,6 +67,12 @@ def _check_value(path: Path, key: str, annotation: Any, value: Any) -> Any:
         (item,) = get_args(annotation) or (str,)
         values = value if isinstance(value, list) else [value]
         return [_check_value(path, key, item, v) for v in values]
+    if get_origin(annotation) is Literal:  # a choice: capacity = "small"
+        choices = get_args(annotation)
+        if value not in choices:
+            known = ", ".join(map(str, choices))
+            _fail(path, f"{key} must be one of {known}, got {value!r}; fix it in the file")
+        return value
     if isinstance(value, list) and annotation is str:  # T = [3, 9] for the option --T 3,9
         return ",".join(str(_check_value(path, key, str, v)) for v in value)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -81,7 +98,8 @@ def options_from_file(ctx: click.Context, path: Path) -> dict[str, Any]:
     params = {p.name: p for p in ctx.command.params if p.expose_value}
     by_key = {name.replace("_", "-"): name for name in params}
     options: dict[str, Any] = {}
-    for key, value in read_options_file(path).items():
+    table = _recorded_options(path, read_options_file(path), _command(ctx))
+    for key, value in table.items():
         name = by_key.get(str(key).replace("_", "-"))
         if name is None:
             known = ", ".join(sorted(by_key))
@@ -106,6 +124,8 @@ def _plain(value: Any) -> Any:
     """An option's value as JSON; paths absolute, so the record works from any folder."""
     if isinstance(value, Path):
         return os.path.abspath(value)
+    if isinstance(value, enum.Enum):  # a choice option's member: its spelling on the command line
+        return value.value
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value

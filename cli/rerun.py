@@ -37,8 +37,8 @@ def recorded_invocation(run_dir: Path) -> dict[str, Any]:
     invocation = (config.get("provenance") or {}).get("invocation")
     if not isinstance(invocation, dict) or not isinstance(invocation.get("options"), dict):
         raise ValueError(
-            f"{run_dir}/config.json records no command (the run was written by an older rbkd "
-            "or by the Python API): run it again with its own options instead"
+            f"{run_dir}/config.json records no command (the run was written by `rbkd study "
+            "run`, an older rbkd or the Python API): run it again with its own options instead"
         )
     return invocation
 

@@ -169,6 +169,24 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, suffix, fragments)
         assert fragment in lines[0], lines[0]
 
 
+def test_a_choice_outside_its_list_is_an_error_naming_the_choices(tmp_path):
+    from typing import Literal
+
+    from rbkd.cli.config_file import _check_value
+    from typer import _click as click
+
+    choice = Literal["small", "large"]
+    assert _check_value(tmp_path, "capacity", choice, "small") == "small"
+    with pytest.raises(click.exceptions.UsageError, match="one of small, large, got 'huge'"):
+        _check_value(tmp_path, "capacity", choice, "huge")
+
+
+def test_another_commands_config_json_is_refused(student):
+    result = invoke("train-teacher", "--config", student / "config.json", ok=False)
+    assert result.exit_code == 2
+    assert "records options of `rbkd distill`, not `rbkd train-teacher`" in result.output
+
+
 def test_a_directory_is_not_a_config_file(tmp_path):
     (tmp_path / "d.toml").mkdir()
     result = invoke("train-teacher", "--config", tmp_path / "d.toml", ok=False)
