@@ -180,8 +180,8 @@ def rerun(
     progress: ProgressOpt = True,
 ) -> None:
     """Run a run again from the command its config.json records, into a new folder, then
-    compare: final test and train accuracy and loss, per-class accuracy, the weights' SHA-256
-    and the data files read. A run of an experiment reruns the whole experiment.
+    compare: final test and train accuracy and loss, per-class accuracy, the weights (bit for
+    bit) and the data files read (SHA-256). A run of an experiment reruns the whole experiment.
 
     On the same machine, device and thread count, a rerun is expected to be identical.
 
