@@ -166,6 +166,8 @@ def test_help_shows_the_choices(wide_help, command, shown):
         (["train-teacher", "--optimizer", "lamb"], ["'--optimizer'", "'adam', 'sgd'"]),
         (["train-teacher", "--device", "gpu"], ["'--device'", "auto, cpu, cuda, cuda:N"]),
         (["data", "fetch", "imagenet"], ["'imagenet'", "'mnist'"]),
+        (["analyze", "examples", "--teacher", "t", "--split", "valid"], ["'train', 'test'"]),
+        (["soft-labels", "--teacher", "t", "--split", "valid"], ["'train', 'test'"]),
         (["study", "report", "x", "--format", "gif"], ["'--format'", "'png', 'pdf', 'svg'"]),
     ],
 )

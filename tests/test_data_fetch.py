@@ -374,7 +374,8 @@ def test_cli_fetch_errors_are_domain_errors(tmp_path: Path) -> None:
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ")
     assert "HTTP 404" in lines[0] and "Traceback" not in result.output
     result = runner.invoke(_cli(), ["data", "fetch", "imagenet", "--dest", str(tmp_path)])
-    assert result.exit_code == 1 and "choose one of" in result.output
+    # an unknown name is a usage error (exit code 2) listing the datasets
+    assert result.exit_code == 2 and "'imagenet' is not one of 'fashion-mnist'" in result.output
 
 
 def test_registry_is_left_alone_by_the_pins() -> None:

@@ -152,7 +152,6 @@ def test_cli_examples_table_and_plot(teacher_run, tiny_data, tmp_path):
         (["--T", "-3"], "T must be > 0"),
         (["--count", "0"], "--count must be >= 1, got 0"),
         (["--plot", "examples.jpg"], "must end in .png, .pdf or .svg"),
-        (["--split", "valid"], "--split must be one of train, test"),
     ],
 )
 def test_cli_examples_bad_input_is_one_line(teacher_run, tiny_data, tmp_path, args, fragment):

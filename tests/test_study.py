@@ -336,4 +336,4 @@ def test_study_report_command_writes_the_figures(clean, tmp_path):
     svgs = list((tmp_path / "r").glob("*.svg"))
     assert svgs and all(p.read_bytes().lstrip().startswith((b"<?xml", b"<svg")) for p in svgs)
     bad = runner.invoke(app, ["study", "report", str(out), "--format", "gif"])
-    assert bad.exit_code == 1 and "--format must be one of png, pdf, svg" in bad.output
+    assert bad.exit_code == 2 and "'gif' is not one of 'png', 'pdf', 'svg'" in bad.output
