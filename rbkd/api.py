@@ -151,7 +151,7 @@ def soft_labels(
     teacher: Any,
     data: Any,
     *,
-    split: str = "train",
+    split: str | None = None,
     num_classes: int | None = None,
     device: str | None = None,
     batch_size: int | None = None,
@@ -164,7 +164,10 @@ def soft_labels(
     `device` is given) or any function mapping a batch to logits [batch, C]. The metadata names
     it ("user model <class> (state-dict sha256 ...)" or "user callable <name>, no state"). With
     `out`, also written as a safetensors file that `rbkd.distill(soft_labels=out)` and the CLI
-    read back (checked against their data)."""
+    read back (checked against their data). `split` ("train" or "test") defaults to an
+    ImageDataset's own, else "train"."""
+    if split is None:
+        split = data.split if isinstance(data, _image_dataset()) else "train"
     soft, _ = _soft_labels(teacher, data, split, num_classes, device, batch_size, out)
     return soft
 

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from rbkd.config import DEFAULT_DATASET, TrainConfig
-from rbkd.data.adapters import USER_DATA, from_dataset, from_tensors
+from rbkd.data.adapters import from_dataset, from_tensors
 from rbkd.data.dataset import ImageDataset
 
 DATA_FORMS = "an ImageDataset, a pair (x, y) of tensors or NumPy arrays, or a Dataset of (x, y)"
@@ -112,7 +112,3 @@ def as_model(model: Any, data: ImageDataset, seed: int, what: str = "model"):
         f"{what} must be an nn.Module or an rbkd model name ({', '.join(ARCHS)}), got "
         f"{type(model).__name__}"
     )
-
-
-def data_name(dataset: ImageDataset) -> str:
-    return dataset.name or USER_DATA

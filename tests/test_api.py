@@ -11,6 +11,7 @@ import copy
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -189,6 +190,28 @@ def test_soft_labels_from_a_plain_function():
     torch.testing.assert_close(
         soft.probs(3.0), torch.softmax(x.double() @ w.double() / 3, 1).float()
     )
+
+
+class OutputWithLogits(nn.Module):
+    """A Hugging Face style model: its output object carries `.logits`."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(seed=6)
+
+    def forward(self, x):
+        return SimpleNamespace(logits=self.net(x), hidden_states=None)
+
+
+def test_soft_labels_read_logits_fields_and_keep_an_image_datasets_split():
+    x, y = blobs(30, 13)
+    teacher = OutputWithLogits()
+    data = ImageDataset.from_tensors(x, y, split="test")
+    soft = rbkd.soft_labels(teacher, data)
+    assert soft.split == "test"
+    with torch.no_grad():
+        torch.testing.assert_close(soft.logits, teacher.net(x))
+    assert teacher.training  # put back in train mode after labelling in eval mode
 
 
 def test_soft_labels_from_a_module_record_its_state(tmp_path):
