@@ -28,7 +28,7 @@ def as_dataset(
                 f"{what} has {data.num_classes} classes, num_classes says {num_classes}"
             )
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
+    if isinstance(data, tuple) and len(data) == 2:  # a list is a dataset of samples
         x, y = data
         return from_tensors(ImageDataset, x, y, num_classes=num_classes, split=split)
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, str):
