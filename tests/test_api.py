@@ -265,6 +265,14 @@ def test_run_folder_only_when_asked_then_loadable_and_resumable(tmp_path):
     fresh.load_state_dict(weights)  # a user model loads into its own class
     for p, q in zip(fresh.parameters(), whole.model.parameters(), strict=True):
         assert torch.equal(p, q)  # resumed == uninterrupted
+    with pytest.raises(ValueError, match=r"your own model \(torch.nn.modules.container.Sequential"):
+        rbkd.engine.load_run(out)  # rbkd cannot rebuild it: says how to load it instead
+    loaded, _ = rbkd.engine.load_run(out, model=mlp(seed=7))
+    assert not loaded.training
+    for p, q in zip(loaded.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="does not fit the model passed to load_run"):
+        rbkd.engine.load_run(out, model=nn.Sequential(nn.Linear(FEATURES, CLASSES)))
     assert resumed.test_accuracy == whole.test_accuracy
     with pytest.raises(ValueError, match="cannot resume"):  # another student class
         rbkd.distill(

@@ -92,12 +92,26 @@ def read_config(run_dir: Path) -> dict:
     return config
 
 
-def load_run(run_dir: str | Path, *, device="cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode with the final weights, config dict) of a finished run."""
+def load_run(
+    run_dir: str | Path, *, device="cpu", model: nn.Module | None = None
+) -> tuple[nn.Module, dict]:
+    """(model in eval mode with the final weights, config dict) of a finished run.
+
+    rbkd's own models are rebuilt from config.json; a run of a model of your own (the Python
+    API's train_teacher/distill with an nn.Module) needs that module passed as `model`, whose
+    weights are then replaced by the run's."""
     from rbkd.models import build_model
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    own_model = not config.get("arch")
+    if own_model and model is None:
+        what = config.get("model") or {}
+        name = what.get("class", "a model") if isinstance(what, dict) else "a model"
+        raise RunDirError(
+            f"{run_dir} holds a run of your own model ({name}), which rbkd cannot rebuild: pass "
+            "an instance of it, load_run(run_dir, model=MyModel())"
+        )
     path = run_dir / MODEL
     if not path.exists() and not path.is_symlink():
         hint = (
@@ -115,6 +129,20 @@ def load_run(run_dir: str | Path, *, device="cpu") -> tuple[nn.Module, dict]:
             f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated; "
             "re-run the training (or resume it from checkpoint.safetensors)"
         ) from e
+    if own_model:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise RunDirError(
+                f"{path} does not fit the model passed to load_run ({_first_line(e)}): pass the "
+                "same architecture the run trained"
+            ) from e
+        return model.to(device).eval(), config
+    if model is not None:
+        raise ValueError(
+            f"{run_dir} holds rbkd's {config['dataset']}/{config['arch']} model, which load_run "
+            "rebuilds itself: leave out model="
+        )
     model = build_model(config["dataset"], config["arch"])
     if saved.get("arch") and (saved.get("dataset"), saved.get("arch")) != (
         config["dataset"],
@@ -133,3 +161,8 @@ def load_run(run_dir: str | Path, *, device="cpu") -> tuple[nn.Module, dict]:
             f"{config.get('versions', {}).get('rbkd', '?')}) — retrain, or load it with that version"
         ) from e
     return model.to(device).eval(), config
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
