@@ -347,3 +347,23 @@ def test_bad_input_is_one_clear_line(case, match):
         "temperature": lambda: rbkd.distill(student, (x, y), teacher=mlp(), T=500),
     }
     _one_line_error(calls[case], match)
+
+
+class LogitsOutput(nn.Module):
+    """A model whose forward returns an object with `.logits`, as Hugging Face models do."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.body = mlp(seed=seed)
+
+    def forward(self, x):
+        return SimpleNamespace(logits=self.body(x), hidden_states=None)
+
+
+def test_models_returning_an_output_object_train_as_teacher_and_student():
+    x, y = blobs(96, 12)
+    plain = rbkd.distill(mlp(seed=5), (x, y), (x, y), teacher=mlp(seed=2), **FAST)
+    wrapped = rbkd.distill(LogitsOutput(5), (x, y), (x, y), teacher=LogitsOutput(2), **FAST)
+    assert wrapped.test_accuracy == plain.test_accuracy
+    for p, q in zip(wrapped.model.body.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(p, q)  # the same numbers as the plain modules, step for step

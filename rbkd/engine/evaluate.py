@@ -29,6 +29,12 @@ def _map_batches(model: nn.Module, dataset, fn, *, device, batch_size, indices=N
         model.train(was_training)
 
 
+def logits_of(output):
+    """A model's logits: the output itself, or its `.logits` (a Hugging Face style output
+    object), so such models train and evaluate without a wrapper."""
+    return getattr(output, "logits", output)
+
+
 def evaluation_sums(model, dataset, *, device, batch_size=1024, indices=None) -> Tensor:
     """float64 [3, C]: per class (correct, count, summed CE loss). Sums, not means, so that ranks
     holding different shards can all-reduce them into the exact full-dataset result."""
@@ -38,7 +44,7 @@ def evaluation_sums(model, dataset, *, device, batch_size=1024, indices=None) ->
 
     def batch_sums(model, x, rows):
         y = labels[rows]
-        logits = model(x).float()
+        logits = logits_of(model(x)).float()
         loss = F.cross_entropy(logits, y, reduction="none").double()
         correct = (logits.argmax(1) == y).double()
         sums = torch.zeros(3, c, dtype=torch.float64, device=device)
@@ -81,7 +87,11 @@ def evaluate(model: nn.Module, dataset, *, device, batch_size: int = 1024, indic
 def predict_logits(model: nn.Module, dataset, *, device, batch_size: int = 1024) -> Tensor:
     """Logits [N, C] float32 on the CPU, rows in dataset order (what soft labels are made of)."""
     parts = _map_batches(
-        model, dataset, lambda m, x, rows: m(x).float().cpu(), device=device, batch_size=batch_size
+        model,
+        dataset,
+        lambda m, x, rows: logits_of(m(x)).float().cpu(),
+        device=device,
+        batch_size=batch_size,
     )
     return torch.cat(parts) if parts else torch.zeros(0, dataset.num_classes)
 

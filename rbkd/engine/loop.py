@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from rbkd.engine import checkpoint as ckpt
 from rbkd.engine import distributed
 from rbkd.engine.config import TrainConfig, derive_seed, make_generator
-from rbkd.engine.evaluate import evaluation_sums, metrics_from_sums
+from rbkd.engine.evaluate import evaluation_sums, logits_of, metrics_from_sums
 from rbkd.engine.progress import EpochProgress
 from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_metrics
 from rbkd.engine.runinfo import check_resumable, run_config
@@ -218,7 +218,7 @@ def _fit(
                     count = len(global_rows)  # the last global batch may be short
                     idx = ctx.shard(global_rows)
                     x, y = data.normalize(data.images[idx]), data.labels[idx]
-                    logits = net(x)
+                    logits = logits_of(net(x))
                     loss = objective(logits, y, idx)  # sum over this rank's rows
                     # DDP averages gradients over ranks: scaling the local sum by world / count
                     # makes that average the gradient of the mean over the global batch, exactly
