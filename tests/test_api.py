@@ -259,6 +259,9 @@ def test_run_folder_only_when_asked_then_loadable_and_resumable(tmp_path):
         mlp(seed=4), (x, y), (x, y), teacher=teacher, epochs=2, device="cpu", out=out, resume=True
     )
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+    provenance = json.loads((out / "config.json").read_text())["provenance"]
+    assert provenance["device"] == "cpu" and provenance["torch_threads"] >= 1
+    assert [r["resumed_at_epoch"] for r in provenance["resumes"]] == [1]  # the start is kept
     assert resumed.files["model"] == out / "model.safetensors"
     weights = load_file(str(out / "model.safetensors"))
     fresh = mlp(seed=0)

@@ -338,7 +338,14 @@ def _open_run_dir(run_dir, resume, config, model, optimizer, ctx) -> tuple[int, 
                     f"{info['seed']}, this run has seed {config['seed']}; rerun with the run's "
                     "own options, or start a new run folder"
                 )
+        started_by = (info.get("config") or {}).get("provenance")
         start_epoch, info = ckpt.load_checkpoint(run_dir, model, optimizer)
+        if "provenance" in config and isinstance(started_by, dict):
+            # config.json keeps the record of the command that started the run (what `rbkd
+            # rerun` repeats); each resume is listed after it, with the epoch it resumed at.
+            resume_record = {**config["provenance"], "resumed_at_epoch": start_epoch}
+            resumes = [*started_by.get("resumes", []), resume_record]
+            config["provenance"] = {**started_by, "resumes": resumes}
         # The metrics of the completed epochs travel in the checkpoint: metrics.jsonl is rebuilt
         # from them, so a kill between the two writes never loses or duplicates a row.
         if "metrics" in info and len(info["metrics"]) == start_epoch:
