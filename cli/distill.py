@@ -31,13 +31,13 @@ from rbkd.cli.common import (
     TOpt,
     TSquaredOpt,
     apply_threads,
-    console,
     escape,
     handle_errors,
     new_app,
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import DistillSpec, TrainConfig
 
@@ -81,7 +81,7 @@ def print_report(report: dict) -> None:
         summary.add_row(
             f"accuracy on excluded class(es) {names}", _pct(report["excluded_accuracy"])
         )
-    console.print(summary)
+    print_table(summary)
 
     per = titled_table("test accuracy per class")
     per.add_column("class", justify="right")
@@ -98,7 +98,7 @@ def print_report(report: dict) -> None:
             _pct(acc),
         ]
         per.add_row(*row, style="bold yellow" if excluded else None)
-    console.print(per)
+    print_table(per)
 
 
 @app.command("distill")
@@ -138,6 +138,7 @@ def distill(
     ] = _DISTILL.allow_partial,
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Distill a student from a teacher's soft labels at temperature T (loss: rbkd.ops.kd_loss).
@@ -180,4 +181,7 @@ def distill(
     )
     apply_threads(threads)
     report = run_distill(spec, cfg, out=out, progress=progress)
+    if as_json:
+        print_json(report)
+        return
     print_report(report)

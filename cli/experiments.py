@@ -35,7 +35,6 @@ from rbkd.cli.common import (
     TSquaredOpt,
     apply_threads,
     check_choice,
-    console,
     escape,
     handle_errors,
     new_app,
@@ -43,6 +42,7 @@ from rbkd.cli.common import (
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import DEFAULT_DATASET, SELECTIONS, STUDENTS, TEACHERS, DistillSpec, TrainConfig
 
@@ -56,14 +56,25 @@ def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2%}"
 
 
-def _run(study: dict, out: Path, data_dir, device: str, progress: bool, threads) -> list[dict]:
+def _run(
+    study: dict, out: Path, data_dir, device: str, progress: bool, threads, as_json: bool
+) -> list[dict]:
     """Run the study with a progress bar and its report; return its results rows."""
+    from rbkd.cli.common import err_console
     from rbkd.cli.study_progress import run_with_progress
 
     from rbkd.study.results import read_jsonl
 
     apply_threads(threads)
-    run_with_progress(study, out, data_dir=data_dir, device=device, progress=progress, report=True)
+    run_with_progress(
+        study,
+        out,
+        data_dir=data_dir,
+        device=device,
+        progress=progress,
+        report=True,
+        summary=err_console if as_json else None,  # --json: stdout holds the JSON only
+    )
     return read_jsonl(out / "results.jsonl")
 
 
@@ -106,6 +117,7 @@ def missing_class(
     out: OutOpt = Path("results/missing-class"),
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Exclude each class in turn from the transfer set, distill, and report the student's
@@ -140,7 +152,10 @@ def missing_class(
         cfg=_train_config(epochs, batch_size, lr, optimizer, seed, device),
         limit=limit,
     )
-    rows = _run(study, out, data_dir, device, progress, threads)
+    rows = _run(study, out, data_dir, device, progress, threads, as_json)
+    if as_json:
+        print_json({"results": rows})
+        return
     e = study["experiments"]["missing_class"]
     table = titled_table("student accuracy on the missing class")
     table.add_column("missing class")
@@ -163,7 +178,7 @@ def missing_class(
             cells.append(_pct(match[0]["missing_class_accuracy"]) if match else "-")
         label = f"{k} {names[k]}" if k < len(names) else str(k)
         table.add_row(escape(label), *cells)
-    console.print(table)
+    print_table(table)
 
 
 @app.command("transfer-set")
@@ -194,6 +209,7 @@ def transfer_set(
     out: OutOpt = Path("results/transfer-set"),
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Distill on N examples per class, chosen by highest soft-label entropy at T (or at
@@ -227,7 +243,10 @@ def transfer_set(
         cfg=_train_config(epochs, batch_size, lr, optimizer, seed, device),
         limit=limit,
     )
-    rows = _run(study, out, data_dir, device, progress, threads)
+    rows = _run(study, out, data_dir, device, progress, threads, as_json)
+    if as_json:
+        print_json({"results": rows})
+        return
     e = study["experiments"]["transfer_set"]
     table = titled_table(f"student test accuracy vs examples per class (T={T:g})")
     table.add_column("per class", justify="right")
@@ -244,7 +263,7 @@ def transfer_set(
             ]
             cells.append(_pct(match[0]["test_accuracy"]) if match else "-")
         table.add_row("all" if n is None else str(n), *cells)
-    console.print(table)
+    print_table(table)
 
 
 @app.command("batch-sweep")
@@ -278,6 +297,7 @@ def batch_sweep(
     out: OutOpt = Path("results/batch-sweep"),
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Train a teacher at each batch size (and number of epochs), record its mean soft-label
@@ -308,8 +328,11 @@ def batch_sweep(
         alpha=alpha,
         limit=limit,
     )
-    rows = _run(study, out, data_dir, device, progress, threads)
+    rows = _run(study, out, data_dir, device, progress, threads, as_json)
     teachers = [t for t in read_jsonl(out / "teachers.jsonl") if t["role"] == "sweep"]
+    if as_json:
+        print_json({"teachers": teachers, "results": rows})
+        return
     table = titled_table(f"{capacity} teacher on {dataset}: batch size sweep (entropy at T={T:g})")
     for col in ("batch size", "epochs", "teacher accuracy", "mean entropy (nats)"):
         table.add_column(col, justify="right")
@@ -322,4 +345,4 @@ def batch_sweep(
             match = [r for r in rows if r["teacher"] == t["name"]]
             cells.append(_pct(match[0]["test_accuracy"]) if match else "-")
         table.add_row(*cells)
-    console.print(table)
+    print_table(table)

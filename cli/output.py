@@ -1,8 +1,9 @@
 """Printing a command's result: rich tables for people, one JSON document for scripts.
 
 Two rules every command follows through these helpers:
-- a table never cuts a number or a path: columns fold instead of ending in "…", and when stdout
-  is a file or a pipe (no edge to fit) the table is drawn at its natural width;
+- a table never cuts a number or a path: on a terminal it wraps at spaces (and a table whose
+  longest words do not fit is printed row by row, `header: value`); into a file or a pipe (no
+  edge to fit) it is drawn at its natural width;
 - `--json` prints exactly one JSON document on stdout and nothing else (progress, epoch lines
   and warnings go to stderr), so `rbkd models --json | python -m json.tool` works.
 """

@@ -14,13 +14,13 @@ from rbkd.cli.common import (
     ThreadsOpt,
     apply_threads,
     check_choice,
-    console,
     escape,
     handle_errors,
     new_app,
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 app = new_app()
 
@@ -40,6 +40,7 @@ def soft_labels(
     device: DeviceOpt = "auto",
     limit: LimitOpt = None,
     threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run a teacher over a dataset split and save its logits as a soft-label file.
@@ -66,6 +67,22 @@ def soft_labels(
     path = out if out is not None else teacher / f"soft_labels_{split}.safetensors"
     soft_labels_from_model(model, ds, path, teacher_run=teacher, split=split, device=device)
     soft = read_soft_labels(path, dataset=ds)
+    if as_json:
+        accuracy = float((soft.logits.argmax(1) == soft.labels).float().mean())
+        mean = {f"{T:g}": float(entropy_at(soft.logits, T).mean()) for T in (1.0, 9.0)}
+        print_json(
+            {
+                "file": path,
+                "dataset": soft.dataset,
+                "split": soft.split,
+                "examples": len(soft),
+                "num_classes": soft.num_classes,
+                "teacher": soft.teacher,
+                "teacher_accuracy": accuracy,
+                "mean_entropy_nats": mean,
+            }
+        )
+        return
     table = titled_table("soft labels", show_header=False)
     table.add_row("file", escape(path))
     table.add_row("dataset / split", f"{soft.dataset} / {soft.split}")
@@ -78,4 +95,4 @@ def soft_labels(
         table.add_row(
             f"mean entropy, T={T:g}", f"{float(entropy_at(soft.logits, T).mean()):.4f} nats"
         )
-    console.print(table)
+    print_table(table)

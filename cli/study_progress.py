@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rbkd.cli.common import console, err_console, escape
+from rbkd.cli.common import console as _console
+from rbkd.cli.common import err_console, escape
+from rich.console import Console
 
 
 def duration(seconds: float) -> str:
@@ -25,8 +27,10 @@ def run_with_progress(
     progress: bool,
     report: bool,
     source: Path | None = None,
+    summary: Console | None = None,
 ):
-    """`rbkd.study.runner.run_study` with a progress bar; prints what ran; returns its StudyRun."""
+    """`rbkd.study.runner.run_study` with a progress bar; prints what ran (on `summary`, stdout
+    by default; stderr when stdout is kept for --json); returns its StudyRun."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from rbkd.study.runner import run_study
@@ -68,6 +72,7 @@ def run_with_progress(
             soft_wrap=True,
         )
         raise typer.Exit(130) from None
+    console = summary or _console
     n = len(result.plan.teachers) + len(result.plan.students)
     if result.trained:
         console.print(

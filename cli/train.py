@@ -21,13 +21,13 @@ from rbkd.cli.common import (
     ThreadsOpt,
     apply_threads,
     check_choice,
-    console,
     escape,
     handle_errors,
     new_app,
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import TEACHERS, TeacherSpec, TrainConfig
 
@@ -63,6 +63,7 @@ def train_teacher(
     limit: LimitOpt = None,
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Train a teacher on hard labels (cross-entropy) and write its run folder.
@@ -94,6 +95,10 @@ def train_teacher(
     )
     m = result["metrics"]
     soft = read_soft_labels(result["soft_labels"]["train"])
+    if as_json:
+        mean = {f"{T:g}": float(entropy_at(soft.logits, T).mean()) for T in (1.0, 9.0)}
+        print_json({**result, "mean_entropy_nats": mean})
+        return
     title = f"{capacity} teacher on {dataset}"
     if result["reused"]:
         title += " (already trained: nothing to do)"
@@ -106,4 +111,4 @@ def train_teacher(
         table.add_row(f"mean soft-label entropy, T={T:g}", f"{h:.4f} nats")
     for split, path in result["soft_labels"].items():
         table.add_row(f"soft labels ({split})", escape(path))
-    console.print(table)
+    print_table(table)

@@ -395,3 +395,44 @@ def test_failed_fetch_leaves_nothing_behind(tmp_path):
     assert result.exit_code == 1
     assert "offline?" in error_lines(result.output)[0]
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ --json on the long commands
+FAST = ["--epochs", "1", "--batch-size", "50", "--device", "cpu", "--threads", "1"]
+
+
+def test_train_teacher_and_soft_labels_json(tiny_data, tmp_path):
+    run = tmp_path / "t"
+    args = ["train-teacher", "--capacity", "small", "--limit", "100", "--out", str(run)]
+    result = runner.invoke(app, [*args, *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    teacher = json.loads(result.stdout)
+    assert teacher["run_dir"] == str(run) and set(teacher["mean_entropy_nats"]) == {"1", "9"}
+    assert "epoch 1/1" in result.stderr  # the log went to stderr, not into the JSON
+
+    out = tmp_path / "test.safetensors"
+    args = ["soft-labels", "--teacher", str(run), "--split", "test", "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    soft = json.loads(result.stdout)
+    assert soft["file"] == str(out) and soft["split"] == "test" and soft["num_classes"] == 10
+
+
+def test_distill_json_is_its_report(tiny_data, tmp_path):
+    args = ["distill", "--label-smoothing", "0.1", "--out", str(tmp_path / "s"), *FAST, "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    saved = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["test_accuracy"] == saved["test_accuracy"]
+    assert len(report["per_class_accuracy"]) == 10
+
+
+def test_experiment_json_holds_the_results_rows(tiny_data, tmp_path):
+    args = ["experiment", "missing-class", "--label-smoothing", "0.5", "--classes", "0,1"]
+    args += ["--limit", "100", "--out", str(tmp_path / "m"), "--no-progress", *FAST, "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert sorted(r["missing_class"] for r in rows) == [0, 1]
+    assert "results:" in result.stderr  # the summary lines moved off stdout

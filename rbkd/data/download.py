@@ -40,10 +40,14 @@ def _manual_hint(info: DatasetInfo, dest: Path) -> str:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, description: str, total: int | None) -> Iterator:
-    if not enabled:
+    from rich.console import Console
+
+    # stderr, so that stdout stays clean for whatever a script reads from it; and only on a
+    # terminal: a bar redrawn into a log file is noise.
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
         yield lambda advance: None
         return
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -60,8 +64,7 @@ def _progress_bar(enabled: bool, description: str, total: int | None) -> Iterato
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    # stderr, so that stdout stays clean for whatever a script reads from it.
-    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+    with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda advance: progress.update(task, advance=advance)
 
