@@ -17,13 +17,13 @@ from rbkd.cli.common import (
     TeachersOpt,
     ThreadsOpt,
     TListOpt,
-    apply_threads,
     console,
     err_console,
     escape,
     handle_errors,
     new_app,
     parse_int_list,
+    start_compute,
     titled_table,
 )
 from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table
@@ -129,7 +129,7 @@ def entropy(
     temps = parse_temperatures(T)
     _check_limit(limit)
     check_plot(plot)
-    apply_threads(threads)
+    start_compute(threads)
     to_stdout = json_out is not None and str(json_out) == "-"
     shown = err_console if to_stdout else console  # `--json -`: stdout holds the JSON only
     sources = [("file", p) for p in soft_labels or []] + [("run", p) for p in teacher or []]
@@ -258,7 +258,7 @@ def projection(
         raise ValueError(f"--per-class must be >= 1, got {per_class}")
     _check_limit(limit)
     check_plot(plot)
-    apply_threads(threads)
+    start_compute(threads)
     shown = err_console if as_json else console
     model, config = load_run(teacher)
     ds = _first_examples(load_dataset(config["dataset"], split, data_dir), limit)

@@ -13,9 +13,9 @@ from rbkd.cli.common import (
     LimitOpt,
     Split,
     ThreadsOpt,
-    apply_threads,
     escape,
     handle_errors,
+    start_compute,
     titled_table,
 )
 from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table
@@ -63,7 +63,7 @@ def examples(
         raise ValueError(f"--count must be >= 1, got {count}")
     check_count(count)
     check_plot(plot)
-    apply_threads(threads)
+    start_compute(threads)
     found = teacher_examples(teacher, T, count, data_dir=data_dir, limit=limit, split=split)
     names = found.class_names
     table = titled_table(

@@ -460,6 +460,15 @@ def default_threads() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else physical_cores()
 
 
+def start_compute(threads: int | None) -> int:
+    """What every computing command does before its work: set the threads (`apply_threads`)
+    and print each epoch's line even with --no-progress, which only drops the live bars."""
+    from rbkd.engine.progress import print_epoch_lines
+
+    print_epoch_lines()
+    return apply_threads(threads)
+
+
 def apply_threads(n: int | None) -> int:
     """Set torch's intra-op threads (which rbkd's CPU kernels follow too) before any work:
     --threads N, else $OMP_NUM_THREADS, else the physical cores. Returns the count used."""

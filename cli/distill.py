@@ -30,10 +30,10 @@ from rbkd.cli.common import (
     ThreadsOpt,
     TOpt,
     TSquaredOpt,
-    apply_threads,
     escape,
     handle_errors,
     new_app,
+    start_compute,
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
@@ -179,7 +179,7 @@ def distill(
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
-    apply_threads(threads)
+    start_compute(threads)
     report = run_distill(spec, cfg, out=out, progress=progress)
     if as_json:
         print_json(report)

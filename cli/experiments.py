@@ -33,12 +33,12 @@ from rbkd.cli.common import (
     TListOpt,
     TOpt,
     TSquaredOpt,
-    apply_threads,
     check_choice,
     escape,
     handle_errors,
     new_app,
     parse_int_list,
+    start_compute,
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
@@ -65,7 +65,7 @@ def _run(
 
     from rbkd.study.results import read_jsonl
 
-    apply_threads(threads)
+    start_compute(threads)
     run_with_progress(
         study,
         out,

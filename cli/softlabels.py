@@ -12,11 +12,11 @@ from rbkd.cli.common import (
     LimitOpt,
     Split,
     ThreadsOpt,
-    apply_threads,
     check_choice,
     escape,
     handle_errors,
     new_app,
+    start_compute,
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
@@ -60,7 +60,7 @@ def soft_labels(
     from rbkd.study.splits import limit_dataset
 
     check_choice(split, SPLITS, "--split")
-    apply_threads(threads)
+    start_compute(threads)
     config = read_config(teacher)
     model, _ = load_run(teacher)
     ds = limit_dataset(load_dataset(config["dataset"], split, data_dir), limit)

@@ -13,11 +13,11 @@ from rbkd.cli.common import (
     LimitOpt,
     ProgressOpt,
     ThreadsOpt,
-    apply_threads,
     console,
     escape,
     handle_errors,
     new_app,
+    start_compute,
 )
 
 from rbkd.config import TrainConfig
@@ -98,7 +98,7 @@ def run(
         )
         return
 
-    apply_threads(threads)
+    start_compute(threads)
     run_with_progress(
         study, out, data_dir=data_dir, device=device, progress=progress, report=report, source=file
     )

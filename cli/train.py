@@ -19,11 +19,11 @@ from rbkd.cli.common import (
     ProgressOpt,
     SeedOpt,
     ThreadsOpt,
-    apply_threads,
     check_choice,
     escape,
     handle_errors,
     new_app,
+    start_compute,
     titled_table,
 )
 from rbkd.cli.config_file import ConfigOpt
@@ -89,7 +89,7 @@ def train_teacher(
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
-    apply_threads(threads)
+    start_compute(threads)
     result = run_train_teacher(
         spec, cfg, out=out, data_dir=data_dir, limit=limit, progress=progress
     )

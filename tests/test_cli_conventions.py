@@ -436,3 +436,24 @@ def test_experiment_json_holds_the_results_rows(tiny_data, tmp_path):
     rows = json.loads(result.stdout)["results"]
     assert sorted(r["missing_class"] for r in rows) == [0, 1]
     assert "results:" in result.stderr  # the summary lines moved off stdout
+
+
+def test_the_python_api_stays_quiet_without_progress(capsys, monkeypatch):
+    from rbkd.engine import progress
+
+    monkeypatch.setattr(progress, "_always_log", False)
+    with progress.EpochProgress(False, 1) as bar:
+        bar.log("epoch 1/1: quiet")
+    assert "quiet" not in capsys.readouterr().err
+    progress.print_epoch_lines()  # what every computing command does (start_compute)
+    with progress.EpochProgress(False, 1) as bar:
+        bar.log("epoch 1/1: printed")
+    assert "epoch 1/1: printed" in capsys.readouterr().err
+
+
+def test_the_rbkd_console_script_runs():
+    script = Path(sys.executable).with_name("rbkd")
+    if not script.is_file():
+        pytest.skip(f"no console script next to {sys.executable} (not an installed environment)")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: rbkd "), proc.stderr

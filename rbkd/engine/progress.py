@@ -1,14 +1,25 @@
-"""What a training run shows while it runs: one line per finished epoch (always, on the main
-rank) and, on a terminal with progress on, a live bar of the epoch (loss, accuracy, samples/s).
+"""What a training run shows while it runs: one line per finished epoch (on the main rank) and,
+on a terminal with progress on, a live bar of the epoch (loss, accuracy, samples/s).
 
 Both go to stderr: stdout carries only a command's result (its table, or its `--json`).
 A file or pipe gets the epoch lines but no bar: a bar redrawn into a log file is noise.
+The epoch lines come with progress=True; the command line asks for them always
+(`print_epoch_lines`), so `--no-progress` drops only the bar, while the Python API, whose
+default is progress=False, stays quiet.
 """
 
 import os
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+_always_log = False
+
+
+def print_epoch_lines(on: bool = True) -> None:
+    """Print every epoch's line even with progress=False (what the command line wants)."""
+    global _always_log
+    _always_log = on
 
 
 def is_main_process() -> bool:
@@ -22,14 +33,15 @@ def is_main_process() -> bool:
 
 class EpochProgress:
     """`with EpochProgress(bars, epochs) as bar: bar.start(epoch, steps); bar.step(loss, acc,
-    rate); bar.log(line)`. `bars` switches the live bar only (progress=False, or any rank but
-    0, passes False); `log` prints on the main rank whatever `bars` is."""
+    rate); bar.log(line)`. `enabled` asks for the live bar (drawn on a terminal only) and the
+    epoch lines (progress=False, or any rank but 0, passes False); `log` prints on the main
+    rank when enabled or when `print_epoch_lines()` was called."""
 
     def __init__(self, enabled: bool, total_epochs: int, console: Console | None = None):
         self.total_epochs = total_epochs
         self.console = console or Console(stderr=True, highlight=False)
         self.enabled = enabled and self.console.is_terminal
-        self._main = is_main_process()
+        self._logs = (enabled or _always_log) and is_main_process()
         self._progress: Progress | None = None
         self._task = None
 
@@ -68,7 +80,7 @@ class EpochProgress:
     def log(self, message: str) -> None:
         if self._progress is not None:
             self._progress.console.print(message, soft_wrap=True, markup=False)
-        elif self._main:
+        elif self._logs:
             self.console.print(message, soft_wrap=True, markup=False)
 
     def __exit__(self, *exc) -> None:
