@@ -7,9 +7,11 @@ finished run; a rerun therefore always trains into a folder of its own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,11 +19,13 @@ import typer
 from rbkd.cli.common import (
     ProgressOpt,
     console,
+    err_console,
     escape,
     handle_errors,
     new_app,
     titled_table,
 )
+from rbkd.cli.output import JsonOpt, print_json, print_table
 
 app = new_app()
 
@@ -65,6 +69,10 @@ def _command_object(words: list[str]):
             raise ValueError(f"the recorded command `rbkd {' '.join(words)}` does not exist here")
         command = sub
     return command
+
+
+def _command_params(words: list[str]) -> set[str]:
+    return {p.name for p in _command_object(words).params if p.expose_value}
 
 
 def options_to_argv(words: list[str], options: dict[str, Any]) -> list[str]:
@@ -124,39 +132,61 @@ def same_weights(a: Path, b: Path) -> bool:
         return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in names)
 
 
-def compare_runs(original: Path, repeat: Path) -> bool:
-    """Print the two runs' final metrics, weights and data side by side; True when identical."""
+def compare_runs(original: Path, repeat: Path) -> dict[str, Any]:
+    """The two runs side by side: final metrics, per-class accuracy, weights (bit for bit), data
+    files (SHA-256), device and threads; `reproduced` is True when all of it is identical."""
     from rbkd.engine import read_config
 
     old, new = read_config(original), read_config(repeat)
     a, b = old.get("final_metrics") or {}, new.get("final_metrics") or {}
-    table = titled_table("rerun against the original")
-    for column in ("", "original", "rerun", "difference"):
-        table.add_column(column, justify="left" if not column else "right")
-    same = True
+    metrics = {}
     for key in ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "epochs"):
         x, y = a.get(key), b.get(key)
         equal = x == y or (x is None and y is None)
-        diff = "equal" if equal else "-"
+        diff = None
         if not equal and isinstance(x, (int, float)) and isinstance(y, (int, float)):
-            diff = f"{y - x:+.3g}"
-        same &= equal
-        table.add_row(key, _number(x), _number(y), diff)
-    per_class = a.get("per_class_accuracy") == b.get("per_class_accuracy")
-    same &= per_class
-    table.add_row("per-class accuracy", "", "", "equal" if per_class else "differ")
-    weights = same_weights(original / "model.safetensors", repeat / "model.safetensors")
-    same &= weights
-    table.add_row("weights", "", "", "identical" if weights else "differ")
-    files = [
-        sorted(f["sha256"] for f in (c.get("provenance") or {}).get("data_files", []))
-        for c in (old, new)
-    ]
-    table.add_row("data files (SHA-256)", "", "", "identical" if files[0] == files[1] else "differ")
-    devices = [(c.get("provenance") or {}).get("device", "?") for c in (old, new)]
-    table.add_row("device", escape(devices[0]), escape(devices[1]), "")
-    console.print(table)
-    return same
+            diff = y - x
+        metrics[key] = {"original": x, "rerun": y, "equal": equal, "difference": diff}
+    provenance = [c.get("provenance") or {} for c in (old, new)]
+    files = [sorted(f["sha256"] for f in p.get("data_files", [])) for p in provenance]
+    same = {
+        "metrics": all(m["equal"] for m in metrics.values()),
+        "per_class_accuracy": a.get("per_class_accuracy") == b.get("per_class_accuracy"),
+        "weights": same_weights(original / "model.safetensors", repeat / "model.safetensors"),
+        "data_files": files[0] == files[1],
+    }
+    return {
+        "original": str(original),
+        "rerun": str(repeat),
+        "reproduced": all(same.values()),
+        "same": same,
+        "metrics": metrics,
+        "device": [p.get("device") for p in provenance],
+        "threads": [p.get("torch_threads") for p in provenance],
+    }
+
+
+def print_comparison(comparison: dict[str, Any]) -> None:
+    table = titled_table("rerun against the original")
+    for column in ("", "original", "rerun", "difference"):
+        table.add_column(column, justify="left" if not column else "right")
+    for key, m in comparison["metrics"].items():
+        diff = "equal" if m["equal"] else "-"
+        if m["difference"] is not None:
+            diff = f"{m['difference']:+.3g}"
+        table.add_row(key, _number(m["original"]), _number(m["rerun"]), diff)
+    same = comparison["same"]
+    table.add_row("per-class accuracy", "", "", "equal" if same["per_class_accuracy"] else "differ")
+    table.add_row("weights", "", "", "identical" if same["weights"] else "differ")
+    table.add_row("data files (SHA-256)", "", "", "identical" if same["data_files"] else "differ")
+    devices, threads = comparison["device"], comparison["threads"]
+    table.add_row("device", escape(devices[0] or "?"), escape(devices[1] or "?"), "")
+    table.add_row("threads", _number(threads[0]), _number(threads[1]), "")
+    print_table(table)
+    if comparison["reproduced"]:
+        console.print("reproduced: identical final metrics and weights")
+    else:
+        console.print("[bold yellow]not reproduced:[/] the rerun differs (see above)")
 
 
 @app.command("rerun")
@@ -177,7 +207,17 @@ def rerun(
         str | None,
         typer.Option("--device", help="Device for the repeat (default: the one recorded)."),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads for the repeat (default: the count the run recorded, since the "
+            "thread count can change a CPU run's last bits).",
+        ),
+    ] = None,
     progress: ProgressOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run a run again from the command its config.json records, into a new folder, then
     compare: final test and train accuracy and loss, per-class accuracy, the weights (bit for
@@ -192,7 +232,10 @@ def rerun(
     from rbkd.cli.app import app as root_app
     from typer.main import get_command
 
+    from rbkd.engine import read_config
+
     invocation = recorded_invocation(run_dir)
+    recorded_threads = (read_config(run_dir).get("provenance") or {}).get("torch_threads")
     words = str(invocation["command"]).split()
     # An experiment's run sits inside its results folder: the rerun is a sibling of that folder.
     experiment = words[0] == "experiment" and invocation["options"].get("out")
@@ -203,13 +246,17 @@ def rerun(
         options["device"] = device
     if "progress" in options:
         options["progress"] = progress
+    if "threads" in _command_params(words):
+        options["threads"] = threads if threads is not None else recorded_threads
     argv = options_to_argv(words, options)
-    console.print(f"rerunning {escape(run_dir)}: {escape(shlex.join(['rbkd', *argv]))}")
-    code = get_command(root_app).main(args=argv, prog_name="rbkd", standalone_mode=False)
+    err_console.print(f"rerunning {escape(run_dir)}: {escape(shlex.join(['rbkd', *argv]))}")
+    # The repeated command's own report goes to stderr: stdout holds the comparison alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        code = get_command(root_app).main(args=argv, prog_name="rbkd", standalone_mode=False)
     if code:
         raise typer.Exit(code)
-    repeat = _new_run_dir(run_dir, invocation, new_out)
-    if compare_runs(run_dir, repeat):
-        console.print("reproduced: identical final metrics and weights")
+    comparison = compare_runs(run_dir, _new_run_dir(run_dir, invocation, new_out))
+    if as_json:
+        print_json(comparison)
     else:
-        console.print("[bold yellow]not reproduced:[/] the rerun differs (see above)")
+        print_comparison(comparison)

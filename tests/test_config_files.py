@@ -234,3 +234,24 @@ def test_rerun_of_an_experiments_run_repeats_the_experiment_beside_it(teacher, t
     result = invoke("rerun", run, "--no-progress")
     assert "reproduced: identical final metrics and weights" in result.output, result.output
     assert (teacher.parent / "missing.rerun" / "students" / run.name / "report.json").exists()
+
+
+def test_rerun_uses_the_recorded_threads_and_prints_one_json_document(student, tiny_data, tmp_path):
+    import torch
+
+    recorded = config_of(student)["provenance"]["torch_threads"]
+    before = torch.get_num_threads()
+    try:
+        result = invoke("rerun", student, "--out", tmp_path / "again", "--json", "--no-progress")
+        comparison = json.loads(result.stdout)  # the repeated command's own lines: stderr
+        assert comparison["reproduced"] is True and all(comparison["same"].values())
+        assert comparison["threads"] == [recorded, recorded]
+        assert comparison["metrics"]["test_accuracy"]["equal"] is True
+        assert comparison["rerun"] == str(tmp_path / "again")
+
+        other = 2 if recorded == 1 else 1
+        result = invoke("rerun", student, "--out", tmp_path / "b", "--threads", other, "--json")
+        assert json.loads(result.stdout)["threads"] == [recorded, other]
+        assert config_of(tmp_path / "b")["provenance"]["torch_threads"] == other
+    finally:
+        torch.set_num_threads(before)
