@@ -361,7 +361,7 @@ def test_progress_bar_checkpoint_contents_and_caller_rng(tmp_path, capsys):
         progress=True,
     )
     assert torch.equal(torch.get_rng_state(), state), "fit must not consume the caller's RNG"
-    assert "epoch 2/2" in capsys.readouterr().out
+    assert "epoch 2/2" in capsys.readouterr().err
     tensors = load_file(tmp_path / "checkpoint.safetensors")
     assert tensors["rng.cpu"].dtype == torch.uint8
     assert {"model.head.weight", "optimizer.0.exp_avg", "optimizer.0.step"} <= set(tensors)
