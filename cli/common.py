@@ -41,6 +41,20 @@ err_console = Console(stderr=True, highlight=False)
 _invocation: list[str] = []
 
 
+def keep_examples_whole(command: Any) -> None:
+    """Mark every indented paragraph of every help (the examples) with click's "\b", which
+    prints a paragraph as written: click rewraps the others to the terminal, and a command
+    broken across two lines would not paste into a shell."""
+    text = getattr(command, "help", None)
+    if text and "\n    " in text:
+        paragraphs = text.split("\n\n")
+        command.help = "\n\n".join(
+            "\b\n" + p if p.startswith("    ") and not p.startswith("\b") else p for p in paragraphs
+        )
+    for sub in getattr(command, "commands", {}).values():
+        keep_examples_whole(sub)
+
+
 class OneLineGroup(TyperGroup):
     """A Typer group whose usage errors (`--T abc`, an unknown option, `--epochs 1.5`) are one
     line on stderr and exit code 2, instead of click's usage text and a framed box."""
@@ -54,6 +68,7 @@ class OneLineGroup(TyperGroup):
         **extra: Any,
     ) -> Any:
         _invocation[:] = list(sys.argv[1:] if args is None else args)
+        keep_examples_whole(self)
         try:
             rv = super().main(
                 args=args,

@@ -457,3 +457,29 @@ def test_the_rbkd_console_script_runs():
         pytest.skip(f"no console script next to {sys.executable} (not an installed environment)")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("Usage: rbkd "), proc.stderr
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_help_example_prints_on_one_line_however_narrow_the_terminal():
+    """click rewraps help paragraphs to the terminal; an example broken over two lines would not
+    paste into a shell, so indented paragraphs are printed as written."""
+    from typer.main import get_command
+
+    examples = 0
+    for path, command in _commands(get_command(app)):
+        doc = command.callback.__doc__ if command.callback else None
+        lines = [ln.strip() for ln in (doc or "").splitlines() if ln.strip().startswith("rbkd ")]
+        if not lines:
+            continue
+        result = runner.invoke(app, [*path, "--help"], terminal_width=60)
+        assert result.exit_code == 0, result.output
+        printed = [out.strip() for out in result.output.splitlines()]
+        for line in lines:
+            examples += 1
+            assert line in printed, f"`{' '.join(path)} --help` breaks its example {line!r}"
+    assert examples >= 10  # the walk found the commands' examples
