@@ -5,14 +5,89 @@ rbkd train-teacher | soft-labels | distill | analyze ... | experiment ... | mode
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rbkd.cli import analyze, distill, experiments, info, models, rerun, softlabels, study, train
-from rbkd.cli.common import console, debug_enabled, new_app, report_error
+from rbkd.cli.common import OneLineGroup, debug_enabled, keep_examples_whole, new_app, report_error
+from typer import _click as click
+
+# Every command: its module (imported only when the command runs, or its own help is asked
+# for) and the one-line summary `rbkd --help` lists. The summaries are the commands' own first
+# lines (tests/test_cli_conventions.py checks they agree), kept here so that `rbkd --help`
+# imports no command module: that is what keeps it under 0.3 s.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train-teacher": (
+        "train",
+        "Train a teacher on hard labels (cross-entropy) and write its run folder.",
+    ),
+    "soft-labels": (
+        "softlabels",
+        "Run a teacher over a dataset split and save its logits as a soft-label file.",
+    ),
+    "distill": (
+        "distill",
+        "Distill a student from a teacher's soft labels at temperature T (loss: rbkd.ops.kd_loss).",
+    ),
+    "analyze": ("analyze", "Analyse soft labels and representations (thesis sections 4.5-4.7)."),
+    "experiment": (
+        "experiments",
+        "Run the thesis's experiments: grids of distillations with result tables.",
+    ),
+    "study": ("study", "Run a declared study (docs/studies.md) and write its report."),
+    "models": (
+        "models",
+        "List every model (dataset x arch) with our parameter count next to the thesis's.",
+    ),
+    "info": (
+        "info",
+        "Show versions, kernel backends, devices and threads (paste it into bug reports).",
+    ),
+    "rerun": (
+        "rerun",
+        "Run a run again from the command its config.json records, and compare the two.",
+    ),
+    "data": ("data", "Find, list and fetch the datasets (fashion-mnist, mnist, cifar10)."),
+}
+
+
+class LazyCommands(OneLineGroup):
+    """The root group: a command's module is imported, and its Typer app turned into a click
+    command, the first time the command is looked up, not before."""
+
+    _loaded: dict[str, click.Command]
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        loaded = self.__dict__.setdefault("_loaded", {})
+        if name not in loaded:
+            from typer.main import get_command
+
+            module = importlib.import_module(f"rbkd.cli.{COMMANDS[name][0]}")
+            command = get_command(module.app)
+            command.name = name
+            keep_examples_whole(command)
+            loaded[name] = command
+        return loaded[name]
+
+    def format_commands(self, ctx: click.Context, formatter: Any) -> None:
+        """The command list from COMMANDS' summaries, without importing any command."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [
+            (name, click.utils.make_default_short_help(summary, limit))
+            for name, (_, summary) in COMMANDS.items()
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
 
 app = new_app(
+    cls=LazyCommands,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     help="Response-based knowledge distillation: train teachers, distill students, and test "
     "the soft-label hypothesis (entropy vs T, missing classes, transfer sets, batch size).\n\n"
@@ -22,29 +97,12 @@ app = new_app(
     "--out runs/t1",
 )
 
-app.add_typer(train.app)
-app.add_typer(softlabels.app)
-app.add_typer(distill.app)
-app.add_typer(analyze.app, name="analyze")
-app.add_typer(experiments.app, name="experiment")
-app.add_typer(study.app, name="study")
-app.add_typer(models.app)
-app.add_typer(info.app)
-app.add_typer(rerun.app)
-
-try:  # `rbkd data` lives in cli/data.py (the data layer's own commands)
-    from rbkd.cli import data as _data
-except ImportError:  # pragma: no cover - only in a checkout without it
-    _data = None
-if _data is not None and hasattr(_data, "app"):
-    app.add_typer(_data.app, name="data")
-
 
 def _version_callback(value: bool) -> None:
     if value:
         import rbkd
 
-        console.print(f"rbkd {rbkd.__version__}")
+        print(f"rbkd {rbkd.__version__}")
         raise typer.Exit()
 
 

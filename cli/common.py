@@ -55,6 +55,18 @@ def keep_examples_whole(command: Any) -> None:
         keep_examples_whole(sub)
 
 
+def walk_commands(command: Any, path: tuple[str, ...] = ()):
+    """(path, command) for `command` and every command below it, loading lazy ones (the root's
+    commands are imported on first lookup: cli/app.py)."""
+    yield path, command
+    if hasattr(command, "list_commands"):  # a group (Typer's click has no Group class)
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None:
+                yield from walk_commands(sub, (*path, name))
+
+
 class OneLineGroup(TyperGroup):
     """A Typer group whose usage errors (`--T abc`, an unknown option, `--epochs 1.5`) are one
     line on stderr and exit code 2, instead of click's usage text and a framed box."""

@@ -31,9 +31,14 @@ def models(
     from rich import box
     from rich.table import Table
 
-    from rbkd.models import list_models
+    # From the specs alone: torch is not imported (tests/test_models.py checks the numbers
+    # against the built models).
+    from rbkd.models.specs import SPECS, spec_summary
 
-    found = list_models()
+    found = [
+        _Row(dataset, arch, spec, spec_summary(dataset, arch))
+        for (dataset, arch), spec in SPECS.items()
+    ]
     if as_json:
         print_json([_as_dict(m, layers) for m in found])
         return
@@ -82,3 +87,16 @@ def _as_dict(model, layers: bool) -> dict:
     if layers:
         row["description"] = model.description
     return row
+
+
+class _Row:
+    """One model as the table and the JSON show it."""
+
+    def __init__(self, dataset: str, arch: str, spec, summary: dict):
+        self.dataset, self.arch, self.role = dataset, arch, spec.role
+        self.parameters, self.thesis_parameters = summary["parameters"], spec.thesis_parameters
+        self.conv, self.dense, self.dropout, self.bn = (
+            summary[k] for k in ("conv", "dense", "dropout", "bn")
+        )
+        self.description = spec.doc
+        self.relative_error = (self.parameters - self.thesis_parameters) / self.thesis_parameters

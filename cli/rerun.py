@@ -26,6 +26,7 @@ from rbkd.cli.common import (
     titled_table,
 )
 from rbkd.cli.output import JsonOpt, print_json, print_table
+from typer import _click as click
 
 app = new_app()
 
@@ -64,7 +65,8 @@ def _command_object(words: list[str]):
 
     command = get_command(root_app)
     for word in words:
-        sub = getattr(command, "commands", {}).get(word)
+        group = command if hasattr(command, "get_command") else None
+        sub = group.get_command(click.Context(group), word) if group is not None else None
         if sub is None:
             raise ValueError(f"the recorded command `rbkd {' '.join(words)}` does not exist here")
         command = sub
@@ -219,9 +221,11 @@ def rerun(
     progress: ProgressOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a run again from the command its config.json records, into a new folder, then
-    compare: final test and train accuracy and loss, per-class accuracy, the weights (bit for
-    bit) and the data files read (SHA-256). A run of an experiment reruns the whole experiment.
+    """Run a run again from the command its config.json records, and compare the two.
+
+    The repeat trains into a new folder; then final test and train accuracy and loss, per-class
+    accuracy, the weights (bit for bit) and the data files read (SHA-256) are compared. A run
+    of an experiment reruns the whole experiment.
 
     On the same machine, device and thread count, a rerun is expected to be identical.
 

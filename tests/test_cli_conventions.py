@@ -86,6 +86,38 @@ def test_importing_the_cli_loads_no_heavy_library(module):
     assert proc.stdout.strip() == "[]", proc.stdout
 
 
+def test_root_help_and_version_import_no_command_module():
+    """`rbkd --help` lists the commands from cli/app.py's COMMANDS without importing them."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from rbkd.cli.app import main\n"
+        "for args in (['--help'], ['--version']):\n"
+        "    sys.argv = ['rbkd', *args]\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rbkd.cli.') and m not in\n"
+        "    ('rbkd.cli.app', 'rbkd.cli.common')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_the_root_help_summaries_are_the_commands_own():
+    from rbkd.cli.app import COMMANDS
+    from rbkd.cli.common import walk_commands
+    from typer.main import get_command
+
+    root = get_command(app)
+    listed = {path[0]: cmd for path, cmd in walk_commands(root) if len(path) == 1}
+    assert list(listed) == list(COMMANDS)
+    for name, (_, summary) in COMMANDS.items():
+        assert listed[name].get_short_help_str(1000) == summary, name
+    for name, (_, summary) in COMMANDS.items():  # and --help lists them (cut to the width)
+        help_text = runner.invoke(app, ["--help"], terminal_width=200).output
+        assert f"{name}  " in help_text and summary[:40] in help_text
+
+
 def test_python_m_rbkd_version():
     proc = subprocess.run(
         [sys.executable, "-m", "rbkd", "--version"], capture_output=True, text=True
@@ -459,19 +491,14 @@ def test_the_rbkd_console_script_runs():
     assert proc.returncode == 0 and proc.stdout.startswith("Usage: rbkd "), proc.stderr
 
 
-def _commands(command, path=()):
-    yield path, command
-    for name, sub in getattr(command, "commands", {}).items():
-        yield from _commands(sub, (*path, name))
-
-
 def test_every_help_example_prints_on_one_line_however_narrow_the_terminal():
     """click rewraps help paragraphs to the terminal; an example broken over two lines would not
     paste into a shell, so indented paragraphs are printed as written."""
+    from rbkd.cli.common import walk_commands
     from typer.main import get_command
 
     examples = 0
-    for path, command in _commands(get_command(app)):
+    for path, command in walk_commands(get_command(app)):
         doc = command.callback.__doc__ if command.callback else None
         lines = [ln.strip() for ln in (doc or "").splitlines() if ln.strip().startswith("rbkd ")]
         if not lines:

@@ -386,19 +386,14 @@ def test_experiment_batch_sweep(tiny_data, tmp_path):
 def _examples() -> list[tuple[str, str]]:
     """(command path, example line) of every command, in the order a user would run them."""
     import typer.main
+    from rbkd.cli.common import walk_commands
 
-    root = typer.main.get_command(app)
     found = []
-
-    def walk(cmd, path):
-        text = cmd.help or ""
+    for path, cmd in walk_commands(typer.main.get_command(app)):
+        text = (cmd.help or "").replace("\b\n", "")  # click's "print as written" mark
         match = re.search(r"Example:\s*\n\s*(rbkd [^\n]+)", text)
         if match:
             found.append((" ".join(path) or "rbkd", match.group(1).strip()))
-        for name, sub in getattr(cmd, "commands", {}).items():
-            walk(sub, [*path, name])
-
-    walk(root, [])
     return found
 
 

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from rbkd.models import DATASET_SHAPES, build_model, count_parameters, layer_counts, list_models
+from rbkd.models import (
+    DATASET_SHAPES,
+    SPECS,
+    build_model,
+    count_parameters,
+    layer_counts,
+    list_models,
+    spec_summary,
+)
 
 # dataset, arch, conv, dense (incl. output), dropout?, bn?, thesis parameters
 THESIS = [
@@ -78,3 +86,33 @@ def test_unknown_names_are_rejected_with_choices():
         build_model("svhn", "large")
     with pytest.raises(ValueError, match="choose one of"):
         build_model("mnist", "huge")
+
+
+@pytest.mark.parametrize(("dataset", "arch"), sorted(SPECS))
+def test_spec_summary_counts_what_the_built_model_has(dataset, arch):
+    """`rbkd models` reads spec_summary (no torch); it must agree with the real modules."""
+
+    with torch.device("meta"):
+        model = build_model(dataset, arch)
+    summary = spec_summary(dataset, arch)
+    assert summary["parameters"] == count_parameters(model)
+    assert {k: summary[k] for k in ("conv", "dense", "dropout", "bn")} == layer_counts(model)
+
+
+def test_rbkd_models_json_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json, io, contextlib\n"
+        "from rbkd.cli.app import main\n"
+        "sys.argv = ['rbkd', 'models', '--json']\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "    main()\n"
+        "rows = json.loads(out.getvalue())\n"
+        "print(len(rows), 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(SPECS)), "False"]

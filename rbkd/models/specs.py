@@ -131,3 +131,32 @@ for _name, ((_ch, _h, _w), _k) in DATASET_SHAPES.items():
         thesis_parameters=_ch * _h * _w * _k + _k,
         doc=f"flatten {_ch}x{_h}x{_w} -> {_k} (softmax regression)",
     )
+
+
+def spec_summary(dataset: str, arch: str) -> dict:
+    """Trainable parameters and layer counts of SPECS[(dataset, arch)], computed from the spec
+    alone (no torch: `rbkd models` answers at once). It follows zoo._build_body layer for layer;
+    tests/test_models.py checks it against the built models."""
+    spec = SPECS[(dataset, arch)]
+    (channels, height, width), classes = DATASET_SHAPES[dataset]
+    parameters = 0
+    for conv in spec.convs:
+        parameters += channels * conv.out_channels * conv.kernel**2 + conv.out_channels
+        if spec.batch_norm:
+            parameters += 2 * conv.out_channels  # weight and bias; running stats are buffers
+        channels = conv.out_channels
+        if not conv.same:
+            height, width = height - conv.kernel + 1, width - conv.kernel + 1
+        if conv.pool:
+            height, width = height // 2, width // 2
+    dim = channels * height * width
+    for units in (*spec.hidden, classes):
+        parameters += dim * units + units
+        dim = units
+    return {
+        "parameters": parameters,
+        "conv": len(spec.convs),
+        "dense": len(spec.hidden) + 1,
+        "dropout": len(spec.hidden) if spec.dropout > 0 else 0,
+        "bn": len(spec.convs) if spec.batch_norm else 0,
+    }
