@@ -266,6 +266,7 @@ ThreadsOpt = Annotated[
     typer.Option(
         "--threads",
         min=1,
+        metavar="<int>",
         help="CPU threads for torch and rbkd's kernels (default: $OMP_NUM_THREADS when set, "
         "else the physical cores).",
     ),

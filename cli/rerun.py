@@ -214,6 +214,7 @@ def rerun(
         typer.Option(
             "--threads",
             min=1,
+            metavar="<int>",
             help="CPU threads for the repeat (default: the count the run recorded, since the "
             "thread count can change a CPU run's last bits).",
         ),
