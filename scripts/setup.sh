@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up rbkd from a fresh checkout: a virtual environment in .venv, PyTorch, the package with its
-# compiled CPU kernels, Triton (the gpu extra), the test tools, and Fashion-MNIST from
-# Debian when apt is there. Safe to run again: it only installs what is missing or changed.
+# compiled CPU kernels, Triton and matplotlib (the gpu and plots extras; RBKD_EXTRAS chooses),
+# and Fashion-MNIST from Debian when apt is there. Safe to run again: it only installs what is missing or changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,9 +19,11 @@ python -c "import torch" 2>/dev/null || pip install -q "${RBKD_TORCH:-torch==2.1
 
 # The build runs without isolation so it reuses this environment's scikit-build-core and pybind11.
 pip install -q "scikit-build-core>=0.11" "pybind11>=2.12" ninja
-# The gpu extra (Triton) too: the test suite runs the Triton kernels under TRITON_INTERPRET=1 on
-# the CPU. A CPU-only user installs plain `pip install .` (or ".[test]"), without Triton.
-pip install -q --no-build-isolation -e ".[test,gpu,plots]"
+# Extras: gpu (Triton; the test suite runs its kernels under TRITON_INTERPRET=1 on the CPU) and
+# plots (matplotlib) by default; scripts/test.sh adds test, which brings the test tools and the
+# README examples' Hugging Face and Lightning (~210 MB the demo does not need). A CPU-only user
+# of their own environment installs plain `pip install ".[plots]"`, without Triton.
+pip install -q --no-build-isolation -e ".[${RBKD_EXTRAS:-gpu,plots}]"
 
 # The embedded default dataset. Debian ships Fashion-MNIST as a package; elsewhere use
 # `rbkd data fetch fashion-mnist`.

@@ -2,7 +2,7 @@
 # Installs everything (scripts/setup.sh), then lints and runs the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+RBKD_EXTRAS=test,gpu,plots bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 ruff check .
