@@ -32,19 +32,24 @@ _LAZY = {
     "temperature_softmax": "rbkd.ops",
 }
 
+# Subpackages reachable as attributes after a bare `import rbkd` (rbkd.engine.load_run(...)).
+_SUBMODULES = ("analysis", "config", "data", "engine", "models", "ops", "softlabels", "study")
+
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"rbkd.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'rbkd' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # next time a plain attribute: no more __getattr__
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

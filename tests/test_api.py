@@ -69,6 +69,17 @@ def test_lazy_names_resolve_to_their_homes():
         rbkd.nope  # noqa: B018
 
 
+def test_subpackages_are_attributes_after_a_bare_import():
+    code = (
+        "import rbkd, sys\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(rbkd.engine.load_run.__module__, rbkd.models.SPECS is not None)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["rbkd.engine.rundir", "True"]
+
+
 def test_teacher_soft_labels_and_student_on_tensors(tmp_path):
     x, y = blobs(256, 0)
     xt, yt = blobs(128, 1)
