@@ -19,7 +19,7 @@ from typing import Any
 
 from rbkd.api_inputs import as_dataset, as_model, as_splits, train_config, with_classes
 from rbkd.api_results import RunResult, run_files
-from rbkd.config import DistillSpec, TrainConfig, check_temperature
+from rbkd.config import DistillSpec, TrainConfig, check_alpha, check_kd_temperature
 
 __all__ = ["RunResult", "distill", "soft_labels", "train_teacher"]
 
@@ -239,16 +239,11 @@ def distill(
     default to rbkd.DistillSpec's (T=9, alpha=0.99, t_squared=True), the rest to TrainConfig's.
     `result.soft_labels` holds the soft labels learnt from."""
     from rbkd.engine import Distillation
-    from rbkd.ops import KD_MAX_TEMPERATURE
 
     spec = DistillSpec()
-    T = check_temperature(spec.T if T is None else T)
-    alpha = spec.alpha if alpha is None else float(alpha)
+    T = check_kd_temperature(spec.T if T is None else T)
+    alpha = check_alpha(spec.alpha if alpha is None else alpha)
     t_squared = spec.t_squared if t_squared is None else bool(t_squared)
-    if T > KD_MAX_TEMPERATURE:
-        raise ValueError(f"T must be at most {KD_MAX_TEMPERATURE:g} for kd_loss, got {T:g}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if (teacher is None) == (soft_labels is None):
         raise ValueError("give exactly one of teacher= (a model or function) or soft_labels=")
     cfg = train_config(

@@ -115,8 +115,9 @@ class DistillSpec:
                 + (f" (got {' and '.join(given)})" if given else "")
             )
         check_temperature(self.T)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.label_smoothing is None:  # T is the distillation's; LS targets have none
+            check_kd_temperature(self.T, "--T")
+        check_alpha(self.alpha, "--alpha")
         if self.per_class is not None and self.per_class < 1:
             raise ValueError(f"--per-class must be >= 1, got {self.per_class}")
         if self.label_smoothing is not None:
@@ -156,5 +157,28 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 def check_temperature(T: float) -> float:
     if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
-        raise ValueError(f"temperature T must be > 0, got {T}")
+        raise ValueError(f"temperature T must be finite, and T must be > 0, got {T}")
     return float(T)
+
+
+# The largest T kd_loss accepts (rbkd.ops.validation says why: float32's KL loses digits as
+# T^2 * 1e-7). Here, torch-free, so a distillation is refused before it opens a run folder.
+KD_MAX_TEMPERATURE = 100.0
+
+
+def check_kd_temperature(T: float, name: str = "T") -> float:
+    """A temperature kd_loss can distill at: finite, > 0 and at most KD_MAX_TEMPERATURE."""
+    T = check_temperature(T)
+    if T > KD_MAX_TEMPERATURE:
+        raise ValueError(
+            f"{name} = {T:g} is above {KD_MAX_TEMPERATURE:g}, the largest temperature kd_loss "
+            "computes accurately in float32; use a smaller T"
+        )
+    return T
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """The KL weight: a number in [0, 1]."""
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {alpha}")
+    return float(alpha)

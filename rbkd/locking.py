@@ -43,6 +43,7 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterator[P
     """Hold the folder's lock for the block (the folder is created). Raises FolderBusyError at
     once, naming the holder, when another process has it: two writers never share a folder."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(folder)
     with _guard:
@@ -67,8 +68,10 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterator[P
             os.ftruncate(fd, 0)
             os.pwrite(fd, stamp, 0)
             _held[key] = (fd, 1)
+    failed = True
     try:
         yield folder
+        failed = False
     finally:
         with _guard:
             fd, depth = _held[key]
@@ -76,4 +79,16 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "run") -> Iterator[P
                 _held[key] = (fd, depth - 1)
             else:
                 del _held[key]
+                if failed and created:
+                    _forget_empty(folder)
                 os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _forget_empty(folder: Path) -> None:
+    """A folder this lock created, for work that failed before writing anything in it (bad
+    input found under the lock), goes again: a refused command leaves nothing behind. Anything
+    else in it, or a writer that opened the lock file meanwhile, keeps it."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()
+            folder.rmdir()

@@ -339,7 +339,7 @@ def _one_line_error(call, match: str) -> None:
         ("model_name", "is not an rbkd model"),
         ("zoo_shape", "pass your own nn.Module"),
         ("data_kind", "must be an ImageDataset, a pair"),
-        ("temperature", "T must be at most 100"),
+        ("temperature", "T = 500 is above 100, the largest temperature kd_loss computes"),
     ],
 )
 def test_bad_input_is_one_clear_line(case, match):

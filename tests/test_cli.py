@@ -174,11 +174,13 @@ def test_mismatched_soft_label_file(tmp_path, tiny_data):
         (["--label-smoothing", "0.1", "--per-class", "0"], "--per-class must be >= 1"),
         (["--label-smoothing", "0.1", "--per-class", "5"], "with --label-smoothing use"),
         (["--label-smoothing", "0.1", "--exclude-class", "12"], "class 12 does not exist"),
+        (["--teacher", "runs/x", "--T", "150"], "--T = 150 is above 100, the largest temperature"),
     ],
 )
 def test_distill_bad_options(tiny_data, tmp_path, args, message):
     result = runner.invoke(app, ["distill", *args, "--epochs", "1", "--out", str(tmp_path / "r")])
     assert_one_line_error(result, message)
+    assert not (tmp_path / "r").exists()  # refused before any run folder is made
 
 
 def test_teacher_that_is_not_a_run(tmp_path, tiny_data):

@@ -24,7 +24,7 @@ from rbkd.engine import (
     read_metrics,
 )
 from rbkd.engine.checkpoint import read_checkpoint_info
-from rbkd.locking import FolderBusyError
+from rbkd.locking import FolderBusyError, folder_lock
 from rbkd.models import build_model
 
 ONE = {**CFG, "epochs": 1}
@@ -279,3 +279,19 @@ def test_oversized_model_metadata_is_refused(tmp_path):
     save_file(load_file(path), str(path), metadata={"arch": "baseline", "x": "y" * 100_000})
     with pytest.raises(RunDirError, match="metadata"):
         load_run(tmp_path)
+
+
+def test_a_failure_under_the_lock_of_a_new_folder_leaves_nothing_behind(tmp_path):
+    new, kept, used = tmp_path / "new", tmp_path / "kept", tmp_path / "used"
+    kept.mkdir()
+    for folder in (new, kept, used):
+        with pytest.raises(ValueError), folder_lock(folder):
+            if folder is used:
+                (folder / "config.json").write_text("{}")  # work began: the folder stays
+            raise ValueError("bad input found under the lock")
+    assert not new.exists()  # made by the lock, nothing written: gone
+    assert sorted(p.name for p in kept.iterdir()) == [".rbkd.lock"]  # the user's folder stays
+    assert (used / "config.json").exists()
+    with folder_lock(new):  # success keeps what the lock made
+        pass
+    assert new.is_dir()

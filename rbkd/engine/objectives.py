@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rbkd.config import check_alpha, check_kd_temperature
 from rbkd.engine.config import make_generator
 from rbkd.engine.noise import add_noise, parse_noise
 
@@ -74,10 +75,8 @@ class Distillation:
             raise ValueError(
                 f"teacher_logits must be [N, C], got shape {tuple(teacher_logits.shape)}"
             )
-        if not (math.isfinite(T) and T > 0):
-            raise ValueError(f"temperature T must be finite and > 0, got {T}")
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        # Checked here, before fit opens a run folder, not at the first kd_loss call inside it.
+        T, alpha = check_kd_temperature(T), check_alpha(alpha)
         self.teacher_logits = teacher_logits.detach().float()
         self.T, self.alpha, self.t_squared, self.noise = float(T), float(alpha), t_squared, noise
         self._noise = None if noise is None else parse_noise(noise)

@@ -20,6 +20,8 @@ import os
 import torch
 from torch import Tensor
 
+from rbkd.config import KD_MAX_TEMPERATURE as KD_MAX_TEMPERATURE  # re-exported
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TEACHER_KINDS = {"logits": 0, "probs": 1, "log_probs": 2}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -27,8 +29,8 @@ REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 PROBS_SUM_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # kd_loss refuses larger temperatures: its float32 KL loses digits as T^2 * 1e-7 (relative error
 # against float64, measured on C = 10..32000: 5e-5 at T = 100, 3e-3 at T = 1000, 1e3 at 1e6), and
-# T^2 overflows float32 from T = 1.8e19. csrc/common/rbkd_rows.h holds the same bound.
-KD_MAX_TEMPERATURE = 100.0
+# T^2 overflows float32 from T = 1.8e19. csrc/common/rbkd_rows.h holds the same bound; the
+# constant, KD_MAX_TEMPERATURE, lives in the torch-free rbkd.config (imported above).
 CHECK_MODES = ("default", "full")
 LABEL_DTYPES = (torch.int64, torch.int32)
 
