@@ -49,9 +49,10 @@ def read_options_file(path: Path) -> dict[str, Any]:
 
 def _recorded_options(path: Path, table: dict, command: str) -> dict[str, Any]:
     """A run's config.json gives the options it ran with (when it was the same command)."""
-    provenance = table.get("provenance")
-    invocation = provenance.get("invocation") if isinstance(provenance, dict) else None
-    if not isinstance(invocation, dict) or not isinstance(invocation.get("options"), dict):
+    from rbkd.provenance import recorded_invocation
+
+    invocation = recorded_invocation(table)
+    if invocation is None:
         return table
     if invocation.get("command") != command:
         _fail(

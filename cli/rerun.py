@@ -34,13 +34,12 @@ app = new_app()
 _SET_BY_RERUN = ("out", "resume")
 
 
-def recorded_invocation(run_dir: Path) -> dict[str, Any]:
-    """The invocation a run's config.json records; a one-line error when it records none."""
-    from rbkd.engine import read_config
+def recorded_invocation(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The invocation `config` (run_dir's config.json) records; a one-line error when none."""
+    from rbkd.provenance import recorded_invocation as recorded
 
-    config = read_config(run_dir)
-    invocation = (config.get("provenance") or {}).get("invocation")
-    if not isinstance(invocation, dict) or not isinstance(invocation.get("options"), dict):
+    invocation = recorded(config)
+    if invocation is None:
         raise ValueError(
             f"{run_dir}/config.json records no command (the run was written by `rbkd study "
             "run`, an older rbkd or the Python API): run it again with its own options instead"
@@ -239,8 +238,9 @@ def rerun(
 
     from rbkd.engine import read_config
 
-    invocation = recorded_invocation(run_dir)
-    recorded_threads = (read_config(run_dir).get("provenance") or {}).get("torch_threads")
+    config = read_config(run_dir)
+    invocation = recorded_invocation(run_dir, config)
+    recorded_threads = config["provenance"].get("torch_threads")
     words = str(invocation["command"]).split()
     # An experiment's run sits inside its results folder: the rerun is a sibling of that folder.
     experiment = words[0] == "experiment" and invocation["options"].get("out")

@@ -34,6 +34,16 @@ def push_invocation(describe: Callable[[], dict[str, Any]]) -> Callable[[], None
     return lambda: _invocation.remove(describe) if describe in _invocation else None
 
 
+def recorded_invocation(config: Any) -> dict[str, Any] | None:
+    """The invocation a run's config.json records ({"command", "options", ...}), or None when it
+    records none (written by the Python API, by `rbkd study run` or by an older rbkd)."""
+    provenance = config.get("provenance") if isinstance(config, dict) else None
+    invocation = provenance.get("invocation") if isinstance(provenance, dict) else None
+    if isinstance(invocation, dict) and isinstance(invocation.get("options"), dict):
+        return invocation
+    return None
+
+
 def current_invocation() -> dict[str, Any] | None:
     """The invocation being recorded (the innermost), or None outside the command line."""
     return _invocation[-1]() if _invocation else None
