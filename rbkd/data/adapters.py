@@ -100,9 +100,7 @@ def from_tensors(
     features used as they are. `num_classes` defaults to the largest label + 1."""
     x = _as_tensor(x, "inputs")
     x = _images_or_features(x)
-    y, num_classes = check_labels(y, x.shape[0], num_classes)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels: they must match")
+    y, num_classes = check_labels(y, x.shape[0], num_classes)  # one label per input, checked
     if x.dtype == torch.uint8:
         channels = x.shape[1]
         mean = tuple(mean) if mean is not None else (0.0,) * channels
