@@ -202,7 +202,7 @@ def _fit(
     steps = math.ceil(n / batch)
     rows = rows.to(device)
     try:
-        with EpochProgress(progress and ctx.is_main, cfg.epochs) as bar:
+        with EpochProgress(progress, cfg.epochs, main=ctx.is_main) as bar:
             for epoch in range(start_epoch, cfg.epochs):
                 # Everything random in an epoch derives from (seed, epoch): resuming at any epoch,
                 # on any number of ranks, replays exactly what an uninterrupted run would do.

@@ -8,8 +8,6 @@ The epoch lines come with progress=True; the command line asks for them always
 default is progress=False, stays quiet.
 """
 
-import os
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -22,26 +20,25 @@ def print_epoch_lines(on: bool = True) -> None:
     _always_log = on
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun job, or a lone process: the one that reports."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
 class EpochProgress:
-    """`with EpochProgress(bars, epochs) as bar: bar.start(epoch, steps); bar.step(loss, acc,
-    rate); bar.log(line)`. `enabled` asks for the live bar (drawn on a terminal only) and the
-    epoch lines (progress=False, or any rank but 0, passes False); `log` prints on the main
-    rank when enabled or when `print_epoch_lines()` was called."""
+    """`with EpochProgress(progress, epochs, main=...) as bar: bar.start(epoch, steps);
+    bar.step(loss, acc, rate); bar.log(line)`. `enabled` asks for the live bar (drawn on a
+    terminal only) and the epoch lines; `log` prints when enabled or when `print_epoch_lines()`
+    was called. Only the main rank (`main`, the engine's DistributedContext.is_main) shows
+    anything."""
 
-    def __init__(self, enabled: bool, total_epochs: int, console: Console | None = None):
+    def __init__(
+        self,
+        enabled: bool,
+        total_epochs: int,
+        console: Console | None = None,
+        *,
+        main: bool = True,
+    ):
         self.total_epochs = total_epochs
         self.console = console or Console(stderr=True, highlight=False)
-        self.enabled = enabled and self.console.is_terminal
-        self._logs = (enabled or _always_log) and is_main_process()
+        self.enabled = enabled and main and self.console.is_terminal
+        self._logs = (enabled or _always_log) and main
         self._progress: Progress | None = None
         self._task = None
 
