@@ -25,7 +25,7 @@ QUICK = quick_mode()
 
 # Seconds of timed rounds per case (after the warm-up), and the bounds on the round count: big
 # shapes get MIN_ROUNDS (a 1024 x 32000 eager fwd+bwd is ~0.7 s on 2 cores), small ones more.
-ROUND_BUDGET_S = 0.15 if QUICK else 1.5
+ROUND_BUDGET_S = float(os.environ.get("RBKD_BENCH_ROUND_S") or (0.15 if QUICK else 1.5))
 MIN_ROUNDS = 2 if QUICK else 3
 MAX_ROUNDS = 10 if QUICK else 100
 MIN_ROUND_S = 1e-3  # calls faster than this are repeated inside a round (timer + sync overhead)

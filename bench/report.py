@@ -194,7 +194,7 @@ def targets(rows: list[dict], pairs: list[dict]) -> list[str]:
             else "no measurement"
         )
         lines.append(
-            f"- [{device}] kd_loss fwd+bwd >= {need:.0%} of copy bandwidth at 1024 x 32000: "
+            f"- [{device}] kd_loss fwd+bwd >= {need:.0%} of copy bandwidth at C = 32000: "
             f"**{verdict(ok)}** — {detail}{note}"
         )
 
@@ -330,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="output base name (default: cpu-<date> or gpu-<date>)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--note", action="append", help="a line for the Notes section (repeatable)")
+    parser.add_argument(
+        "--append", action="append", type=Path, default=[],
+        help="a markdown file to append as a section (repeatable; bench/gpu.sh's parts)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not args.json.is_file():
         print(
@@ -339,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load(args.json)
     name = args.name or default_name(data)
     text, goal_lines = render(data, name, args.note)
+    for part in args.append:
+        text += "\n" + part.read_text()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = args.out_dir / f"{name}.md", args.out_dir / f"{name}.json"
     md_path.write_text(text)

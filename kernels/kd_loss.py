@@ -200,13 +200,15 @@ def kd_loss_forward(
     need_grad: bool,
     probs_tol: float = 1e-3,
     block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row KD loss (float32 [N]) and, when need_grad, dL_i/dz_i * grad_scale ([N, C], in
     the student's dtype), from one launch.
 
     student, teacher: [N, C] with unit column stride (any row stride; dtypes may differ).
     labels: None or int64 / int32 [N]. T, alpha: float or float32 [N] on the device. grad_scale: float
-    or float32 0-dim device tensor, read by the kernel (no host sync).
+    or float32 0-dim device tensor, read by the kernel (no host sync). block_size and num_warps
+    override the launch heuristics (tests and bench/gpu_tune.py).
     """
     N, C = student.shape
     if teacher_kind not in (TEACHER_LOGITS, TEACHER_PROBS, TEACHER_LOG_PROBS):
@@ -236,7 +238,7 @@ def kd_loss_forward(
             loss, grad if need_grad else loss, C, float(probs_tol),
             TEACHER_KIND=int(teacher_kind), HAS_LABELS=has_labels, T_ROWS=T_rows,
             ALPHA_ROWS=alpha_rows, T_SQUARED=bool(t_squared), GS_PTR=gs_is_ptr,
-            NEED_GRAD=bool(need_grad), BLOCK=block, num_warps=pick_num_warps(block),
+            NEED_GRAD=bool(need_grad), BLOCK=block, num_warps=num_warps or pick_num_warps(block),
         )  # fmt: skip
     return loss, grad
 

@@ -109,6 +109,7 @@ def soft_label_entropy_forward(
     normalize: bool,
     probs_tol: float = 1e-3,
     block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Entropies of the rows of x ([N, C], unit column stride) as float32 [K, N].
 
@@ -149,6 +150,6 @@ def soft_label_entropy_forward(
     with device_guard(x):
         _entropy_logits_kernel[(N,)](
             x, x.stride(0), temps, K, out, N, C, inv_log_c,
-            K_PAD=k_pad, BLOCK=block, num_warps=pick_num_warps(k_pad * block),
+            K_PAD=k_pad, BLOCK=block, num_warps=num_warps or pick_num_warps(k_pad * block),
         )  # fmt: skip
     return out

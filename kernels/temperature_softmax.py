@@ -112,6 +112,7 @@ def temperature_softmax_forward(
     T: float | torch.Tensor,
     log: bool,
     block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """softmax(x / T) (or log_softmax) over the last dim of a 2-D x with unit column stride.
 
@@ -127,7 +128,8 @@ def temperature_softmax_forward(
     with device_guard(x):
         _temperature_softmax_fwd_kernel[(N,)](
             x, x.stride(0), out, C, T_ptr, T_scalar,
-            T_ROWS=T_rows, LOG=bool(log), BLOCK=block, num_warps=pick_num_warps(block),
+            T_ROWS=T_rows, LOG=bool(log), BLOCK=block,
+            num_warps=num_warps or pick_num_warps(block),
         )  # fmt: skip
     return out
 
