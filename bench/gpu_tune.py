@@ -30,7 +30,8 @@ GRID = [
     ("kd_loss", 8192, 128256, torch.bfloat16, [1024, 2048, 4096, 8192], [4, 8, 16, 32]),
     ("kd_loss", 16384, 32000, torch.bfloat16, [1024, 2048, 4096, 8192], [4, 8, 16, 32]),
     ("softmax", 8192, 128256, torch.bfloat16, [2048, 4096, 8192, 16384], [4, 8, 16, 32]),
-    ("entropy", 8192, 128256, torch.bfloat16, [32, 64, 128, 256], [2, 4, 8, 16]),
+    ("entropy", 8192, 128256, torch.bfloat16, [256, 512, 1024, 2048], [1, 2, 4, 8]),
+    ("entropy", 16384, 32000, torch.bfloat16, [256, 512, 1024, 2048], [1, 2, 4, 8]),
 ]
 
 
@@ -88,6 +89,7 @@ def check(op: str, out, ref) -> float:
 def sweep(op, n, c, dtype, blocks, warps_list) -> dict:
     import triton.testing
     from rbkd.kernels import _launch
+    from rbkd.kernels.soft_label_entropy import temperature_chunk
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = (2 * torch.randn(n, c, device="cuda", generator=gen)).to(dtype)
@@ -114,12 +116,14 @@ def sweep(op, n, c, dtype, blocks, warps_list) -> dict:
 
     default = measure(None, None)
     if op == "entropy":
-        k_pad = 32
-        default["block"] = _launch.pick_block(c, max(16, _launch.MAX_TILE_ENTROPY // k_pad))
-        default["warps"] = _launch.pick_num_warps(k_pad * default["block"])
+        kc = temperature_chunk(len(TEMPS))
+        default["block"] = _launch.pick_block(c, max(16, _launch.MAX_TILE_ENTROPY // kc))
+        default["warps"] = _launch.pick_num_warps(kc * default["block"], _launch.ENTROPY_COLS)
+    elif op == "kd_loss":
+        default["block"] = _launch.pick_block(c, _launch.MAX_BLOCK_KD)
+        default["warps"] = _launch.pick_num_warps(default["block"], _launch.KD_COLS)
     else:
-        cap = _launch.MAX_BLOCK_KD if op == "kd_loss" else _launch.MAX_BLOCK_SOFTMAX
-        default["block"] = _launch.pick_block(c, cap)
+        default["block"] = _launch.pick_block(c, _launch.MAX_BLOCK_SOFTMAX)
         default["warps"] = _launch.pick_num_warps(default["block"])
     rows = [measure(b, w) for b in blocks for w in warps_list]
     timed = [r for r in rows if "ms" in r]

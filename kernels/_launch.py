@@ -18,16 +18,18 @@ import triton.language as tl
 # instead of the NaN of (-inf) - (-inf), so rows holding -inf entries need no extra branch.
 NEG_FLT_MAX = tl.constexpr(-3.4028234663852886e38)
 
-# A column block covers at most this many elements.  The KD kernel keeps five float32 lane
-# vectors alive across its first pass (max, two student sums, teacher max and sum): at 2048 lanes
-# and 8 warps that is 40 registers per thread; compiled for sm_90 the kernel uses at most 80
-# registers and no local memory (cuobjdump --dump-resource-usage, all 12 variants).  The softmax
-# kernels keep two vectors, so they can afford 4096.  Not yet timed on a GPU (no device on the
-# build machine): these are register budgets, not measured optima.
+# A column block covers at most this many elements.  Measured on an H200 (bench/gpu_tune.py,
+# bench/results/gpu-h200-2026-12-04*): the KD kernel runs fastest at 1024 columns and 8 warps
+# (4 columns per thread; 2048 columns, the former register-budget choice, was 10-20% slower at
+# 16384 x 32000 and 8192 x 128256 bf16), the softmax kernels at 4096 columns and 16 warps.
 MAX_BLOCK_SOFTMAX = 4096
-MAX_BLOCK_KD = 2048
-# The entropy kernel holds a [K_PAD, BLOCK] tile of exponentials; this caps the tile size.
+MAX_BLOCK_KD = 1024
+KD_COLS = 128  # columns per warp: 1024 columns take 8 warps
+# The entropy kernel holds [KC, BLOCK] tiles of exponentials; this caps the tile size, and
+# ENTROPY_COLS (tile elements per warp) sets its warps. Bound by exponentials, not memory, it
+# wants fewer threads per element than the streaming kernels.
 MAX_TILE_ENTROPY = 4096
+ENTROPY_COLS = 1024
 
 
 def pick_block(C: int, max_block: int, override: int | None = None) -> int:
@@ -43,13 +45,13 @@ def pick_block(C: int, max_block: int, override: int | None = None) -> int:
     return min(triton.next_power_of_2(max(C, 1)), max_block)
 
 
-def pick_num_warps(block: int) -> int:
+def pick_num_warps(block: int, per_warp: int = 256) -> int:
     """Eight columns per thread: a bf16/fp16 thread then issues one 16-byte vector load per
     block and a float32 one two, the width the memory system serves best.  Capped at 16 warps so
     a program still fits twice per SM alongside its registers.  Small C (10 classes) gets one
     warp per row with idle lanes; such batches are a few MB and launch-latency bound, so packing
     several rows per program would not show."""
-    return max(1, min(16, block // 256))
+    return max(1, min(16, block // per_warp))
 
 
 def row_param(value: float | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, float, bool]:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
+    KD_COLS,
     MAX_BLOCK_KD,
     NEG_FLT_MAX,
     device_guard,
@@ -238,7 +239,8 @@ def kd_loss_forward(
             loss, grad if need_grad else loss, C, float(probs_tol),
             TEACHER_KIND=int(teacher_kind), HAS_LABELS=has_labels, T_ROWS=T_rows,
             ALPHA_ROWS=alpha_rows, T_SQUARED=bool(t_squared), GS_PTR=gs_is_ptr,
-            NEED_GRAD=bool(need_grad), BLOCK=block, num_warps=num_warps or pick_num_warps(block),
+            NEED_GRAD=bool(need_grad), BLOCK=block,
+            num_warps=num_warps or pick_num_warps(block, KD_COLS),
         )  # fmt: skip
     return loss, grad
 

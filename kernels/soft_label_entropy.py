@@ -5,14 +5,17 @@
                      same; 0 * log 0 = 0
     out[K, N] float32, divided by log(C) when normalize (0 when C == 1)
 
-The entropy sweep over temperatures is the point of this op, so a row is read once for all K:
-each column block is loaded once and expanded into a [K_PAD, BLOCK] tile of exponentials.
-Per temperature the program carries an online pair (D, B) relative to the running max m of x:
+The entropy sweep over temperatures is the point of this op, and it is bound by exponentials
+(K per element), not by memory. A program owns one row and a chunk of KC temperatures (the grid is
+rows x chunks, a row's chunks next to each other so its re-reads hit L2). Pass 1 finds the row's
+max m (no exponential); pass 2 accumulates, per lane and per temperature,
 
     D = sum exp(u_j),  B = sum exp(u_j) * u_j,  u_j = (x_j - m) / T,   H = log D - B / D
 
-(B <= 0, so H is a sum of two non-negative terms: no cancellation). When the max moves from m
-to m' every u shifts by c = (m - m') / T: D <- e^c D, B <- e^c (B + c D).
+in a [KC, BLOCK] tile, reduced across lanes once at the end (B <= 0, so H is a sum of two
+non-negative terms: no cancellation). Measured on an H200 (bench/results/gpu-h200-2026-12-04.md):
+the one-pass form with a running max, which rescaled and reduced the tile at every block, ran
+2.6-7x slower; so did padding K to a power of two (20 temperatures as 32).
 
 The non-finite rule (README): a row with NaN or +inf or no finite value, a temperature that is
 not finite and > 0, or (kind 1) a row whose mass is off 1 by more than probs_tol has entropy NaN.
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
+    ENTROPY_COLS,
     MAX_BLOCK_SOFTMAX,
     MAX_TILE_ENTROPY,
     NEG_FLT_MAX,
@@ -39,42 +43,46 @@ KIND_LOGITS, KIND_PROBS = 0, 1
 
 @triton.jit
 def _entropy_logits_kernel(
-    x_ptr, x_row_stride, temps_ptr, K, out_ptr, N, C, inv_log_c,
-    K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, x_row_stride, temps_ptr, K, n_chunks, out_ptr, N, C, inv_log_c,
+    KC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    # One grid axis (the second is capped at 65535); a row's chunks are neighbours.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    chunk = pid % n_chunks
     x_row = x_ptr + row * x_row_stride
     cols = tl.arange(0, BLOCK)
-    ks = tl.arange(0, K_PAD)
+    ks = chunk * KC + tl.arange(0, KC)
     kmask = ks < K
     # Padding temperatures compute with T = 1 and are never stored; bad ones too, then give NaN.
     temps = tl.load(temps_ptr + ks, mask=kmask, other=1.0)
     t_ok = (temps > 0.0) & (temps < float("inf"))
     inv_t = 1.0 / tl.where(t_ok, temps, 1.0)
 
-    # The max is a property of x, shared by all temperatures (T > 0); a scalar per row.
-    m = tl.full([], NEG_FLT_MAX, tl.float32)
-    D = tl.zeros([K_PAD], tl.float32)
-    B = tl.zeros([K_PAD], tl.float32)
+    # Pass 1: the max is a property of x, shared by all temperatures (T > 0).
+    m_lanes = tl.full([BLOCK], NEG_FLT_MAX, tl.float32)
     for start in range(0, C, BLOCK):
         offs = start + cols
         x = tl.load(x_row + offs, mask=offs < C, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        c = (m - m_new) * inv_t
-        e_c = tl.exp(c)
-        # e_c == 0: the old terms vanish (and c * D could be 0 * inf on the first block).
-        B = tl.where(e_c > 0.0, e_c * (B + c * D), 0.0)
-        D = e_c * D
-        u = (x[None, :] - m_new) * inv_t[:, None]
+        m_lanes = tl.maximum(m_lanes, x)
+    m = tl.max(m_lanes, 0)
+
+    # Pass 2: u <= 0 everywhere, so no rescaling and no cross-lane work inside the loop.
+    D = tl.zeros([KC, BLOCK], tl.float32)
+    B = tl.zeros([KC, BLOCK], tl.float32)
+    for start in range(0, C, BLOCK):
+        offs = start + cols
+        x = tl.load(x_row + offs, mask=offs < C, other=float("-inf")).to(tl.float32)
+        u = (x[None, :] - m) * inv_t[:, None]
         e = tl.exp(u)
-        D += tl.sum(e, 1)
+        D += e
         # -inf entries: e = 0 and u = -inf; their term is 0, not 0 * inf.
-        B += tl.sum(tl.where(e > 0.0, e * u, 0.0), 1)
-        m = m_new
-    H = tl.log(D) - B / D
-    # A finite max gives D >= 1; NaN entries make D NaN, no finite entry leaves it 0, and +inf
-    # makes D NaN through inf - inf.
-    ok = (D >= 1.0) & t_ok
+        B += tl.where(e > 0.0, e * u, 0.0)
+    D_row = tl.sum(D, 1)
+    H = tl.log(D_row) - tl.sum(B, 1) / D_row
+    # A finite max gives D >= 1 (the max adds exp(0)); NaN entries make D NaN, no finite entry
+    # leaves it 0, and +inf makes it NaN through inf - inf.
+    ok = (D_row >= 1.0) & t_ok
     H = tl.where(ok, H * inv_log_c, float("nan"))
     tl.store(out_ptr + ks.to(tl.int64) * N + row, H, mask=kmask)
 
@@ -100,6 +108,12 @@ def _entropy_probs_kernel(
     for _ in range(0, K):
         tl.store(out_k, H)
         out_k += N  # pointer arithmetic is 64-bit: K * N may pass 2^31
+
+
+def temperature_chunk(K: int) -> int:
+    """Temperatures per program: 4 (no padding for the usual 20, and a tile that stays in
+    registers), fewer when K is smaller."""
+    return min(4, triton.next_power_of_2(K))
 
 
 def soft_label_entropy_forward(
@@ -142,14 +156,15 @@ def soft_label_entropy_forward(
         return out
     if C == 0:
         return out.zero_()
-    k_pad = triton.next_power_of_2(K)
-    # The [K_PAD, BLOCK] tile of exponentials bounds the block: more temperatures, narrower
-    # blocks, same registers. At least 16 columns keeps the loads vectorized.
-    block = pick_block(C, max(16, MAX_TILE_ENTROPY // k_pad), block_size)
+    kc = temperature_chunk(K)
+    # The [KC, BLOCK] tile of exponentials bounds the block: more temperatures per program,
+    # narrower blocks, same registers.
+    block = pick_block(C, max(16, MAX_TILE_ENTROPY // kc), block_size)
     temps = temps.to(device=x.device, dtype=torch.float32).contiguous()
     with device_guard(x):
-        _entropy_logits_kernel[(N,)](
-            x, x.stride(0), temps, K, out, N, C, inv_log_c,
-            K_PAD=k_pad, BLOCK=block, num_warps=num_warps or pick_num_warps(k_pad * block),
+        n_chunks = triton.cdiv(K, kc)
+        _entropy_logits_kernel[(n_chunks * N,)](
+            x, x.stride(0), temps, K, n_chunks, out, N, C, inv_log_c,
+            KC=kc, BLOCK=block, num_warps=num_warps or pick_num_warps(kc * block, ENTROPY_COLS),
         )  # fmt: skip
     return out

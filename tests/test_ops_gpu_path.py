@@ -71,27 +71,52 @@ def _every_option_cases(n=12, c=10):
         yield {"labels": labels, "teacher_kind": "log_probs", "reduction": reduction}, probs.log()
 
 
-def _gpu_path_calls(device, backend):
+def _gpu_path_calls(device):
+    """[(label, call)]: every public op with every option, inputs already on `device` (a copy
+    from the host inside the check would be the test's own synchronisation, not the op's)."""
     n, c = 12, 10
     g = torch.Generator(device=device).manual_seed(1)
-    with ops.use_backend(backend):
-        for kwargs, teacher in _every_option_cases(n, c):
-            kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            z = torch.randn(n, c, generator=g, device=device).requires_grad_(True)
-            labels = kwargs.pop("labels")
-            loss = ops.kd_loss(z, teacher.to(device), labels, **kwargs)
+    calls = []
+    for i, (kwargs, teacher) in enumerate(_every_option_cases(n, c)):
+        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        z = torch.randn(n, c, generator=g, device=device).requires_grad_(True)
+        teacher, labels = teacher.to(device), kwargs.pop("labels")
+
+        def kd_calls(z=z, teacher=teacher, labels=labels, kwargs=kwargs):
+            loss = ops.kd_loss(z, teacher, labels, **kwargs)
             loss.sum().backward() if loss.dim() else loss.backward()
             with torch.no_grad():
-                ops.kd_loss(z, teacher.to(device), labels, **kwargs)
-            (ops.kd_loss(z, teacher.to(device), labels, **kwargs) * 0.5).sum().backward()
-        x = torch.randn(3, 4, c, generator=g, device=device).requires_grad_(True)
-        ops.kd_loss(x, x.detach() * 2, None, T=2.0).backward()  # [..., C] logits
-        for log in (False, True):
-            ops.temperature_softmax(x, 2.0, log=log).sum().backward()
-        logits = torch.randn(n, c, generator=g, device=device).requires_grad_(True)
-        ops.soft_label_entropy(logits, [1.0, 4.0, 9.0], normalize=True).sum().backward()
-        ops.soft_label_entropy(logits, torch.tensor([1.0, 2.0], device=device)).sum().backward()
-        ops.soft_label_entropy(torch.softmax(logits.detach(), -1), teacher_kind="probs")
+                ops.kd_loss(z, teacher, labels, **kwargs)
+            (ops.kd_loss(z, teacher, labels, **kwargs) * 0.5).sum().backward()
+
+        shown = {k: type(v).__name__ if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        calls.append((f"kd_loss case {i} {shown}", kd_calls))
+    x = torch.randn(3, 4, c, generator=g, device=device).requires_grad_(True)
+    x2 = x.detach() * 2
+    calls.append(("kd_loss [..., C]", lambda: ops.kd_loss(x, x2, None, T=2.0).backward()))
+    for log in (False, True):
+        calls.append(
+            (f"temperature_softmax log={log}",
+             lambda log=log: ops.temperature_softmax(x, 2.0, log=log).sum().backward())
+        )  # fmt: skip
+    logits = torch.randn(n, c, generator=g, device=device).requires_grad_(True)
+    temps = torch.tensor([1.0, 2.0], device=device)
+    probs = torch.softmax(logits.detach(), -1)
+    calls += [
+        ("soft_label_entropy list temps",
+         lambda: ops.soft_label_entropy(logits, [1.0, 4.0, 9.0], normalize=True).sum().backward()),
+        ("soft_label_entropy tensor temps",
+         lambda: ops.soft_label_entropy(logits, temps).sum().backward()),
+        ("soft_label_entropy probs",
+         lambda: ops.soft_label_entropy(probs, teacher_kind="probs")),
+    ]  # fmt: skip
+    return calls
+
+
+def _run_all(device, backend):
+    with ops.use_backend(backend):
+        for _, call in _gpu_path_calls(device):
+            call()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -100,8 +125,10 @@ def test_the_gpu_code_path_reads_no_values_on_the_host(monkeypatch, backend):
     if backend not in ops.available_backends():
         pytest.skip(f"backend {backend} not built")
     monkeypatch.setattr(validation, "host_reads_are_free", lambda device: False)
-    with NoHostReads():
-        _gpu_path_calls("cpu", backend)
+    calls = _gpu_path_calls("cpu")
+    with NoHostReads(), ops.use_backend(backend):
+        for _, call in calls:
+            call()
 
 
 def test_the_dispatch_mode_does_catch_host_reads():
@@ -151,14 +178,23 @@ def test_ops_compile_fullgraph_with_default_checks():
 def test_gpu_ops_do_not_synchronise(backend):
     if backend not in ops.available_backends():
         pytest.skip(f"backend {backend} not available")
-    _gpu_path_calls("cuda", backend)  # compile the kernels outside the check
+    _run_all("cuda", backend)  # compile the kernels outside the check
+    calls = _gpu_path_calls("cuda")
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        _gpu_path_calls("cuda", backend)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    synced = []
+    with ops.use_backend(backend):
+        for label, call in calls:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                call()
+            except RuntimeError as err:
+                if "synchronizing" not in str(err):
+                    raise
+                synced.append(label)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+    assert not synced, f"these calls synchronised: {synced}"
 
 
 # ---- Triton is optional -----------------------------------------------------------------------

@@ -248,7 +248,7 @@ def _compile_variants():
         "soft_label_entropy",
         "_entropy_logits_kernel",
         {"x_ptr": b16},
-        [dict(K_PAD=1, BLOCK=4096), dict(K_PAD=8, BLOCK=512)],
+        [dict(KC=1, BLOCK=4096), dict(KC=4, BLOCK=1024)],
     )
     yield (
         "soft_label_entropy",
@@ -277,7 +277,7 @@ def test_kernels_compile_for_sm90_without_spills():
 
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     cuobjdump = str(cuobjdump) if cuobjdump.exists() else shutil.which("cuobjdump")
-    scalars = {"C": "i32", "K": "i32", "N": "i32", "ignore_index": "i64", "inv_log_c": "fp32"}
+    scalars = {"C": "i32", "K": "i32", "N": "i32", "n_chunks": "i32", "ignore_index": "i64", "inv_log_c": "fp32"}
     for module, name, ptr_types, variants in _compile_variants():
         fn = getattr(importlib.import_module(f"rbkd.kernels.{module}"), name)
         for constexprs in variants:
@@ -291,7 +291,7 @@ def test_kernels_compile_for_sm90_without_spills():
                     sig[p.name] = "i32"
                 else:
                     sig[p.name] = scalars.get(p.name, "fp32")
-            warps = max(1, min(16, constexprs["BLOCK"] * constexprs.get("K_PAD", 1) // 256))
+            warps = max(1, min(16, constexprs["BLOCK"] * constexprs.get("KC", 1) // 256))
             src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
             kernel = triton.compile(
                 src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
