@@ -57,9 +57,10 @@ def _fit_classes(data, width: int, fixed: bool, who: str):
 
 def _fit(net, train, test, cfg, objective, out, resume, progress, extra) -> tuple[dict, list]:
     from rbkd.engine import fit, read_metrics
+    from rbkd.engine.rundir import check_run_folder
 
     history: list[dict] = []
-    run_dir = Path(out) if out is not None else None
+    run_dir = check_run_folder(out) if out is not None else None  # a file, a link: one line
     metrics = fit(
         net,
         train,
