@@ -104,10 +104,13 @@ def print_table(table: Table, console: Console | None = None) -> None:
 
 
 def check_plot(path: os.PathLike | str | None) -> None:
-    """--plot FILE, checked before any work: matplotlib importable and a .png, .pdf or .svg
-    name (the format follows the suffix)."""
+    """--plot FILE, checked before any work: matplotlib importable, a .png, .pdf or .svg name
+    (the format follows the suffix), and a new file or a figure rbkd drew (a file of the user's
+    is never replaced: one line naming it)."""
     if path is None:
         return
-    from rbkd.analysis.plots import figure_format  # ImportError: "figures need matplotlib..."
+    # ImportError: "figures need matplotlib..."
+    from rbkd.analysis.plots import check_figure_target, figure_format
 
     figure_format(path)
+    check_figure_target(path)

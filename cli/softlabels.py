@@ -41,6 +41,14 @@ def soft_labels(
     limit: LimitOpt = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing --out file even if it is not rbkd's soft labels of this "
+            "teacher and split.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run a teacher over a dataset split and save its logits as a soft-label file.
@@ -48,6 +56,8 @@ def soft_labels(
     The file (safetensors) holds `logits` [N, C] float32, `labels` and `indices` [N] int64, and
     metadata naming the dataset, split and teacher (its run folder and the SHA-256 of its
     model.safetensors), so any temperature can be derived later and a mismatch is caught.
+    An existing --out is replaced only when it holds this run's soft labels of the same split
+    (or with --force); a file of anything else is refused.
 
     Example:
 
@@ -56,16 +66,33 @@ def soft_labels(
     from rbkd.analysis.entropy import entropy_at
     from rbkd.data import load_dataset
     from rbkd.engine import load_run, read_config
-    from rbkd.softlabels import SPLITS, read_soft_labels, soft_labels_from_model
+    from rbkd.softlabels import (
+        SPLITS,
+        check_soft_labels_target,
+        read_soft_labels,
+        soft_labels_from_model,
+        teacher_id,
+    )
     from rbkd.study.splits import limit_dataset
 
     check_choice(split, SPLITS, "--split")
     start_compute(threads)
     config = read_config(teacher)
+    path = out if out is not None else teacher / f"soft_labels_{split}.safetensors"
+    # Before any work: --out must be new, or rbkd's soft labels of this run (or --force).
+    check_soft_labels_target(
+        path,
+        dataset=config["dataset"],
+        split=split,
+        teacher=teacher_id(teacher, ""),
+        teacher_run=teacher,
+        force=force,
+    )
     model, _ = load_run(teacher)
     ds = limit_dataset(load_dataset(config["dataset"], split, data_dir), limit)
-    path = out if out is not None else teacher / f"soft_labels_{split}.safetensors"
-    soft_labels_from_model(model, ds, path, teacher_run=teacher, split=split, device=device)
+    soft_labels_from_model(
+        model, ds, path, teacher_run=teacher, split=split, device=device, force=force
+    )
     soft = read_soft_labels(path, dataset=ds)
     if as_json:
         accuracy = float((soft.logits.argmax(1) == soft.labels).float().mean())

@@ -25,10 +25,14 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_METADATA_BYTES",
     "DiskFullError",
+    "NotOursError",
     "NotRegularFileError",
     "atomic_path",
     "atomic_write_bytes",
+    "check_new_file",
     "check_regular_file",
+    "claim_folder",
+    "csv_cell",
     "jsonable",
     "read_bounded",
     "read_json_file",
@@ -36,6 +40,7 @@ __all__ = [
     "remove_stale_temporaries",
     "sha256_file",
     "write_bytes",
+    "write_csv",
     "write_json",
 ]
 
@@ -328,3 +333,127 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(path, text.encode())
     return path
+
+
+# Ownership: rbkd writes only into a folder it created or recognises as its own, or into a new
+# file. Anything else is refused with one line naming the path and what to do (README, "CLI
+# conventions"); an explicit --force-style option is the only way past it.
+
+
+class NotOursError(ValueError):
+    """A path rbkd was asked to write holds something it did not write (or is not writable as
+    asked: a folder where a file goes, a dangling link). The message names it and what to do."""
+
+
+def _entry_kind(path: Path) -> str | None:
+    """None when nothing is at `path` (not even a dangling link), else what is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link" if path.exists() else "a dangling symbolic link"
+    if stat.S_ISREG(st.st_mode):
+        return "a file"
+    return _kind(st.st_mode)
+
+
+def check_new_file(
+    path: str | os.PathLike[str],
+    what: str,
+    *,
+    owned: Any = None,
+    force: bool = False,
+    todo: str = "choose a new file name, or delete it first",
+) -> Path:
+    """`path` if rbkd may write the file `what` there: nothing is there yet, or a regular file
+    that `owned(path)` recognises as rbkd's own (the same kind of file, of the same origin), or
+    any regular file or link when `force`. A folder, a FIFO or a device is never replaced.
+    Otherwise NotOursError, one line naming the path and saying `todo`."""
+    path = Path(path)
+    kind = _entry_kind(path)
+    if kind is None:
+        return path
+    if kind not in ("a file", "a symbolic link", "a dangling symbolic link"):
+        raise NotOursError(
+            f"cannot write the {what} to {path}: it is {kind}; give the path of a file "
+            f"(e.g. {path / 'NAME'})"
+            if kind == "a folder"
+            else f"cannot write the {what} to {path}: it is {kind}; give the path of a new file"
+        )
+    if force:
+        return path
+    if kind == "a file" and owned is not None:
+        try:
+            if owned(path):
+                return path
+        except NotOursError:  # rbkd's own kind of file, of another origin: the reason says so
+            raise
+        except (OSError, ValueError):
+            pass
+    held = "a file rbkd did not write" if kind == "a file" else kind
+    raise NotOursError(f"{path} already exists and is {held}; rbkd does not replace it: {todo}")
+
+
+def _ours_only(entries: list[Path]) -> list[Path]:
+    """The entries of a folder that are not rbkd's lock file or a leftover temporary."""
+    return [e for e in entries if e.name != ".rbkd.lock" and not _TEMPORARY.match(e.name)]
+
+
+def claim_folder(
+    folder: str | os.PathLike[str],
+    what: str,
+    *,
+    recognise: Any,
+    todo: str = "give a new or empty folder",
+) -> bool:
+    """Check that rbkd may write the `what` into `folder`: it does not exist yet (True: it is
+    new), is empty (rbkd's lock file and leftover temporaries aside), or `recognise(folder)`
+    says it is rbkd's own (False). `recognise` returns True, False, or raises NotOursError with
+    its own reason (another study's folder, say). Anything else is NotOursError, one line naming
+    the folder and one entry of it. Nothing is created or written here."""
+    folder = Path(folder)
+    kind = _entry_kind(folder)
+    if kind is None:
+        return True
+    if kind != "a folder" and not (kind == "a symbolic link" and folder.is_dir()):
+        raise NotOursError(
+            f"cannot write the {what} into {folder}: it is {kind}, not a folder; {todo}"
+        )
+    if recognise(folder):
+        return False
+    entries = sorted(_ours_only(list(folder.iterdir())))
+    if not entries:
+        return False
+    raise NotOursError(
+        f"{folder} already holds files rbkd did not write (e.g. {entries[0].name}); rbkd writes "
+        f"the {what} only into a folder of its own: {todo}"
+    )
+
+
+# What a spreadsheet reads as the start of a formula (OWASP, CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs as a formula: a text starting with =, +, -, @, tab
+    or CR gets a leading single quote (OWASP's CSV-injection advice). Numbers, and texts that
+    are plain numbers ("-0.5"), are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _NUMBER.match(value):
+        return "'" + value
+    return value
+
+
+def write_csv(path: str | os.PathLike, header: list[str], rows: Any) -> Path:
+    """A CSV table with `header`, atomically (parent folders are created); floats in full
+    precision, None and NaN as empty cells, every text cell neutralised by `csv_cell`."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([csv_cell(str(h)) for h in header])
+    for row in rows:
+        writer.writerow(["" if v is None else csv_cell(v) for v in jsonable(list(row))])
+    return write_bytes(path, buf.getvalue().encode())

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rbkd.io import read_safetensors_metadata, sha256_file, write_bytes
+from rbkd.io import (
+    NotOursError,
+    check_new_file,
+    read_safetensors_metadata,
+    sha256_file,
+    write_bytes,
+)
 
 FORMAT_VERSION = "1"
 TENSOR_KEYS = ("logits", "labels", "indices")
@@ -140,6 +146,63 @@ def soft_labels_metadata(
     }
 
 
+_REPLACE_TODO = (
+    "give another file name (--out, out=), or delete it first (`rbkd soft-labels --force` "
+    "replaces it)"
+)
+
+
+def _teacher_origin(teacher: str) -> str:
+    """What a `teacher` metadata string says about where the labels come from, without the
+    hash of the weights: the run folder (resolved), or the user model's class, or the callable."""
+    run, sep, _ = teacher.rpartition("@sha256:")
+    if sep and not teacher.startswith("user "):
+        return "run " + os.path.realpath(run)
+    return teacher.split(" (state-dict sha256 ", 1)[0]
+
+
+def check_soft_labels_target(
+    path: str | os.PathLike,
+    *,
+    dataset: str,
+    split: str,
+    teacher: str,
+    teacher_run: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """`path` if soft labels of `teacher` (its `teacher` metadata) for `dataset`/`split` may be
+    written there: a new file, or rbkd's own soft-label file of the same origin (the same run
+    folder or user model, dataset and split: a regenerated file replaces the old one), or, in a
+    teacher's run folder, that run's own soft_labels_SPLIT file. A foreign file or a link only
+    with `force`; a folder never. Otherwise NotOursError, one line naming the path."""
+    path = Path(path)
+
+    def owned(existing: Path) -> bool:
+        meta = read_safetensors_metadata(existing, "soft-label file")
+        if "rbkd_format" not in meta or "teacher" not in meta:
+            return False
+        if (
+            teacher_run is not None
+            and existing.name in (TRAIN_FILE, TEST_FILE)
+            and os.path.realpath(existing.parent) == os.path.realpath(teacher_run)
+        ):
+            return True  # the run's own file, wherever the run was made
+        same = (
+            meta.get("dataset") == str(dataset)
+            and meta.get("split") == split
+            and _teacher_origin(meta["teacher"]) == _teacher_origin(teacher)
+        )
+        if not same:
+            raise NotOursError(
+                f"{existing} already holds rbkd soft labels of another teacher or split "
+                f"({meta.get('dataset')}/{meta.get('split')} from {meta['teacher'][:200]!r}); "
+                f"rbkd does not replace them: {_REPLACE_TODO}"
+            )
+        return True
+
+    return check_new_file(path, "soft labels", owned=owned, force=force, todo=_REPLACE_TODO)
+
+
 def write_soft_labels(
     path: str | os.PathLike,
     logits: Tensor,
@@ -151,17 +214,28 @@ def write_soft_labels(
     teacher_run: str | os.PathLike | None = None,
     teacher_sha256: str | None = None,
     teacher: dict[str, str] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write a soft-label file atomically; returns its path. Inputs are checked, not coerced.
 
     The teacher is a run (`teacher_run` and the SHA-256 of its model.safetensors) or, for any
-    other teacher, `teacher=user_teacher_metadata(model_or_function)`."""
+    other teacher, `teacher=user_teacher_metadata(model_or_function)`. An existing file is
+    replaced only when it is rbkd's soft labels of the same origin, or with `force`
+    (`check_soft_labels_target`); a folder or a foreign file is NotOursError (a ValueError)."""
     from safetensors.torch import save
 
     if (teacher is None) == (teacher_run is None or teacher_sha256 is None):
         raise ValueError("give either teacher_run and teacher_sha256, or teacher (not both)")
     if teacher is None:
         teacher = {"teacher": teacher_id(teacher_run, teacher_sha256)}
+    check_soft_labels_target(
+        path,
+        dataset=dataset,
+        split=split,
+        teacher=teacher["teacher"],
+        teacher_run=teacher_run,
+        force=force,
+    )
 
     logits = logits.detach().to("cpu", torch.float32).contiguous()
     labels = labels.detach().to("cpu").contiguous()
@@ -364,11 +438,21 @@ def soft_labels_from_model(
     split: str,
     device: str | torch.device = "cpu",
     batch_size: int = 1024,
+    force: bool = False,
 ) -> Path:
-    """Run the teacher over the whole split and write its logits (`rbkd.engine.predict_logits`)."""
+    """Run the teacher over the whole split and write its logits (`rbkd.engine.predict_logits`).
+    `path` must be new or rbkd's soft labels of this run (checked first), unless `force`."""
     from rbkd.engine import predict_logits, resolve_device
     from rbkd.locking import folder_lock
 
+    check_soft_labels_target(
+        path,
+        dataset=dataset_name(dataset),
+        split=split,
+        teacher=teacher_id(teacher_run, ""),
+        teacher_run=teacher_run,
+        force=force,
+    )
     dev = resolve_device(device) if isinstance(device, str) else device
     logits = predict_logits(model, dataset, device=dev, batch_size=batch_size)
     labels = dataset_labels(dataset)
@@ -386,4 +470,5 @@ def soft_labels_from_model(
             split=split,
             teacher_run=teacher_run,
             teacher_sha256=sha256_file(model_file),
+            force=force,
         )

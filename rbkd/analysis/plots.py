@@ -66,12 +66,49 @@ def color(i: int) -> str:
     return _COLORS[i % len(_COLORS)]
 
 
+# Every figure rbkd draws carries this in its metadata (PNG Software, PDF and SVG Creator): the
+# mark that lets a later figure replace it. A file without it is the user's and is not replaced.
+FIGURE_MARK = "rbkd-figure"
+MAX_FIGURE_BYTES = 64 << 20  # rbkd's figures are well under a few MB
+
+
+def is_rbkd_figure(path: str | os.PathLike) -> bool:
+    """Whether `path` is a regular file holding a figure rbkd drew (its metadata mark)."""
+    from rbkd.io import read_bounded
+
+    try:
+        return FIGURE_MARK.encode() in read_bounded(path, MAX_FIGURE_BYTES, "figure")
+    except (OSError, ValueError):
+        return False
+
+
+def check_figure_target(path: str | os.PathLike) -> Path:
+    """`path` if a figure may be written there: a new file, a figure rbkd drew, or any file of
+    a report folder rbkd owns (it holds the report's figure list). A file of the user's is
+    refused with one line (rbkd.io.NotOursError, a ValueError)."""
+    from rbkd.io import check_new_file
+
+    path = Path(path)
+
+    def owned(existing: Path) -> bool:
+        return (existing.parent / ".report-figures.json").is_file() or is_rbkd_figure(existing)
+
+    return check_new_file(
+        path, "figure", owned=owned, todo="give another file name, or delete it first"
+    )
+
+
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     fmt = figure_format(path)
+    check_figure_target(path)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     # No creation date in PDFs and a fixed id salt in SVGs: the same data gives the same bytes.
-    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+    metadata = {
+        "png": {"Software": FIGURE_MARK},
+        "pdf": {"CreationDate": None, "Creator": FIGURE_MARK},
+        "svg": {"Date": None, "Creator": FIGURE_MARK},
+    }[fmt]
     with rc_context({"svg.hashsalt": "rbkd"}):
         # constrained layout already fits everything in; "tight" would draw the figure twice
         tight = None if fig.get_layout_engine() is not None else "tight"
@@ -81,6 +118,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 
 def _new_figure(path: str | os.PathLike, figsize: tuple[float, float]) -> Figure:
     figure_format(path)  # fail before drawing, not after
+    check_figure_target(path)
     fig = Figure(figsize=figsize)
     fig.set_layout_engine("constrained")
     return fig

@@ -5,6 +5,7 @@ half-written file behind: a reader sees the previous version or the new one.
 """
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -16,9 +17,11 @@ from torch import nn
 
 from rbkd.io import (
     MAX_JSON_BYTES,
+    NotOursError,
     atomic_path,
     atomic_write_bytes,
     check_regular_file,
+    claim_folder,
     jsonable,
     read_bounded,
     read_json_file,
@@ -30,6 +33,58 @@ CONFIG, METRICS, MODEL = "config.json", "metrics.jsonl", "model.safetensors"
 
 class RunDirError(ValueError):
     """A run directory (or a file in it) cannot be used; the message says which and what to do."""
+
+
+# Every name rbkd writes into a run folder (the engine's files, a teacher's soft labels, the
+# study's result marks): a folder holding only these (and no config.json) is a run killed early.
+RUN_FILES = frozenset(
+    {
+        CONFIG,
+        METRICS,
+        MODEL,
+        "checkpoint.safetensors",
+        "soft_labels_train.safetensors",
+        "soft_labels_test.safetensors",
+        "result.json",
+        "report.json",
+    }
+)
+
+
+def check_run_folder(run_dir: str | Path) -> Path:
+    """`run_dir` if a run may be written there: a new folder, an empty one, or an rbkd run
+    folder (its config.json is rbkd's, or it holds nothing but files a run writes). Whether the
+    run there is this one is for the caller (resume, content keys) to decide. A file, a dangling
+    link or a folder of the user's is RunDirError, one line naming the path."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise RunDirError(
+            f"cannot write a run into {run_dir}: it is a dangling symbolic link (to "
+            f"{os.readlink(run_dir)!r}); give a new folder name, or fix the link"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(
+            f"cannot write a run into {run_dir}: it is a file, not a folder; give a new folder "
+            "name (out=, --out)"
+        )
+
+    def recognise(folder: Path) -> bool:
+        if (folder / CONFIG).exists():
+            try:
+                read_config(folder)
+            except (OSError, ValueError):
+                return False
+            return True
+        names = {e.name for e in folder.iterdir()}
+        return bool(names) and names <= RUN_FILES | {".rbkd.lock"}
+
+    try:
+        claim_folder(
+            run_dir, "run", recognise=recognise, todo="give a new or empty folder (out=, --out)"
+        )
+    except NotOursError as e:
+        raise RunDirError(str(e)) from None
+    return run_dir
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:

@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rbkd.analysis.files import write_csv
-from rbkd.io import jsonable, read_bounded, write_bytes
+from rbkd.io import jsonable, read_bounded, write_bytes, write_csv
 
 ENTROPY_T = tuple(float(t) for t in range(1, 21))  # figs 5.2-5.4 and 6.4 span T = 1..20
 
@@ -186,7 +185,9 @@ def student_row(study: dict, task, report: dict, teacher: dict | None, out: Path
 
 
 def write_results(out: Path, teachers: list[dict], students: list[dict]) -> None:
-    """teachers.jsonl, results.jsonl and results.csv, each replaced atomically."""
+    """teachers.jsonl, results.jsonl and results.csv, each replaced atomically. A text cell of
+    results.csv that a spreadsheet would run as a formula (a teacher named "=HYPERLINK(...)")
+    starts with a single quote (`rbkd.io.csv_cell`); numbers stay numbers."""
     write_jsonl(out / "teachers.jsonl", teachers)
     write_jsonl(out / "results.jsonl", students)
     names = next((r["class_names"] for r in students if r.get("class_names")), [])

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbkd.io import write_bytes, write_json
-from rbkd.locking import folder_lock
+from rbkd.engine.distributed import is_main_process, main_folder_lock
+from rbkd.io import NotOursError, claim_folder, read_json_file, write_bytes, write_json
 from rbkd.study.keys import data_fingerprint
 from rbkd.study.plan import Plan, make_plan
 from rbkd.study.results import student_row, teacher_row, write_results
@@ -24,6 +24,51 @@ from rbkd.study.runstate import RunState, run_state
 from rbkd.study.splits import load_splits
 
 Log = Callable[[str], None]
+
+STUDY_MARKER = ".rbkd-study.json"  # {"study": name}: the study this folder belongs to
+
+
+def _held_study(folder: Path) -> str | None:
+    """The name of the study `folder` belongs to: its marker's, or (a folder written before
+    markers existed) its study.json's; None when it holds neither."""
+    for name, key in ((STUDY_MARKER, "study"), ("study.json", "name")):
+        path = folder / name
+        if path.exists() or path.is_symlink():
+            try:
+                held = read_json_file(path, "study record")
+            except (OSError, ValueError):
+                held = None
+            if not isinstance(held, dict) or not isinstance(held.get(key), str):
+                raise NotOursError(
+                    f"{path} is not a study record rbkd wrote; rbkd does not write into "
+                    f"{folder}: give the study another --out"
+                )
+            return held[key]
+    return None
+
+
+def check_study_folder(out: Path, name: str) -> bool:
+    """Whether `out` may hold study `name` (True: it does not exist yet). A study writes only
+    into a new or empty folder or one of its own earlier runs: a folder of the user's, or of
+    another study, is refused with one line (NotOursError). Writes nothing."""
+
+    def recognise(folder: Path) -> bool:
+        held = _held_study(folder)
+        if held is None:
+            return False
+        if held != name:
+            raise NotOursError(
+                f"{folder} holds the results of study {held!r}, not of {name!r}; two studies "
+                f"never share a folder: give this one another --out (default: results/<name>)"
+            )
+        return True
+
+    return claim_folder(
+        out,
+        f"results of study {name!r}",
+        recognise=recognise,
+        todo="give the study a new or empty --out (default: results/<study name>)",
+    )
 
 
 @dataclass
@@ -101,6 +146,8 @@ def prepare(
 def _record(run: StudyRun, study: dict, teacher_rows: dict) -> None:
     """Rebuild the tables from the finished runs, in plan order (their reports are in
     run.states: read once at the start, or handed back by the run that just finished)."""
+    if not is_main_process():  # under torchrun, rank 0 alone writes
+        return
     students = []
     for task in run.plan.students:
         state = run.states[task.key]
@@ -133,16 +180,21 @@ def run_study(
     from rbkd.study.teacher import train_teacher
 
     out = Path(out)
+    check_study_folder(out, study["name"])  # before the lock: it writes into the folder
     if dry_run:
         run, _ = prepare(study, out, data_dir=data_dir, device=device)
         return run
     device = str(resolve_device(device))
     t_start = time.perf_counter()
-    with folder_lock(out, "study"):
+    with main_folder_lock(out, "study", device) as ctx:
+        check_study_folder(out, study["name"])  # again, now that no other writer can be at it
+        if not (out / STUDY_MARKER).exists():
+            write_json(out / STUDY_MARKER, {"study": study["name"]})  # first: the folder's owner
         run, splits = prepare(study, out, data_dir=data_dir, device=device)
-        write_json(out / "study.json", study)
-        if source is not None and Path(source).resolve() != (out / "study.toml").resolve():
-            write_bytes(out / "study.toml", Path(source).read_bytes())  # the file as it ran
+        if ctx.is_main:  # under torchrun, rank 0 alone writes
+            write_json(out / "study.json", study)
+            if source is not None and Path(source).resolve() != (out / "study.toml").resolve():
+                write_bytes(out / "study.toml", Path(source).read_bytes())  # the file as it ran
         total, done = run.todo, 0
         teacher_rows: dict = {}
         soft_cache: dict[str, Any] = {}
@@ -219,7 +271,7 @@ def run_study(
         step("done")
         _record(run, study, teacher_rows)
     run.wall_time_s = time.perf_counter() - t_start
-    if report:
+    if report and ctx.is_main:
         from rbkd.study.report import write_report
 
         run.report = write_report(out, data_dir=data_dir)

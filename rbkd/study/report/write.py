@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from rbkd.io import read_json_file, write_bytes
+from rbkd.io import claim_folder, read_json_file, write_bytes
 from rbkd.study.report.document import Report
 from rbkd.study.report.entropy import section_entropy, section_hypothesis
 from rbkd.study.report.images import section_examples, section_projection
@@ -60,7 +60,10 @@ def write_report(
         raise ValueError(f"figure format must be png, pdf or svg, got {fmt!r}")
     study = read_study_output(study_dir)
     out = Path(out) if out is not None else study.folder / "report"
+    _claim_report_folder(out, study.folder)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST_FILE).exists():  # first: the mark of a folder rbkd's reports own
+        write_bytes(out / MANIFEST_FILE, b'{"figures": []}\n')
     rep = Report(study, out, fmt, dict(labels or {}), Path(data_dir) if data_dir else None)
     section_header(rep)
     body_start = len(rep.lines)
@@ -72,6 +75,19 @@ def write_report(
     path = write_bytes(out / REPORT_FILE, text.encode())
     _forget_old_figures(out, [p.name for p in rep.figures])
     return path
+
+
+def _claim_report_folder(out: Path, study_folder: Path) -> None:
+    """A report goes into the study's own report folder, or into a folder that is new, empty
+    or holds an earlier report (its figure list); a folder of the user's is refused (one line)."""
+    if os.path.realpath(out.parent) == os.path.realpath(study_folder) and out.name == "report":
+        return  # inside the study folder: rbkd's own
+    claim_folder(
+        out,
+        "report",
+        recognise=lambda folder: (folder / MANIFEST_FILE).is_file(),
+        todo="give --out a new or empty folder (default: STUDY/report)",
+    )
 
 
 def _forget_old_figures(out: Path, figures: list[str]) -> None:
