@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,28 @@ from rbkd.config import TrainConfig
 app = new_app(help="Run a declared study (docs/studies.md) and write its report.")
 
 FORMATS = ("png", "pdf", "svg")
+DRY_RUN_LINES = 200  # a --dry-run lists this many runs, then counts the rest
+
+
+def study_file_errors_are_usage_errors(fn):
+    """A study file that cannot be used is a usage error (exit code 2, one line naming the file
+    and the key), as a --config file that cannot be used is."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from typer import _click as click
+        from typer._click.globals import get_current_context
+
+        from rbkd.study.schema import StudyFileError
+
+        try:
+            return fn(*args, **kwargs)
+        except StudyFileError as e:
+            raise click.exceptions.UsageError(
+                str(e), ctx=get_current_context(silent=True)
+            ) from None
+
+    return wrapper
 
 
 def _labels(items: list[str] | None) -> dict[str, str]:
@@ -41,6 +64,7 @@ def _labels(items: list[str] | None) -> dict[str, str]:
 
 @app.command("run")
 @handle_errors
+@study_file_errors_are_usage_errors
 def run(
     file: Annotated[
         Path, typer.Argument(help="The study file (TOML), e.g. studies/fashion-mnist-quick.toml.")
@@ -87,15 +111,18 @@ def run(
     out = out or Path("results") / study["name"]
     if dry_run:
         plan = run_study(study, out, data_dir=data_dir, device=device, dry_run=True)
-        todo = 0
-        for task in plan.plan.teachers + plan.plan.students:
-            state = plan.states[task.key]
-            todo += state.status != "done"
-            console.print(escape(describe(task, state)), soft_wrap=True)
-        n = len(plan.plan.teachers) + len(plan.plan.students)
-        console.print(
-            f"{todo} of {n} runs to do in {escape(out)} (dry run: nothing ran)", soft_wrap=True
+        tasks = plan.plan.teachers + plan.plan.students
+        todo = sum(plan.states[t.key].status != "done" for t in tasks)
+        console.print(  # the count first: the list may be long
+            f"{todo} of {len(tasks)} runs to do in {escape(out)} (dry run: nothing ran)",
+            soft_wrap=True,
         )
+        for task in tasks[:DRY_RUN_LINES]:
+            console.print(escape(describe(task, plan.states[task.key])), soft_wrap=True)
+        rest = tasks[DRY_RUN_LINES:]
+        if rest:
+            left = sum(plan.states[t.key].status != "done" for t in rest)
+            console.print(f"... and {len(rest)} more runs ({left} to do)", soft_wrap=True)
         return
 
     start_compute(threads)
@@ -132,5 +159,8 @@ def report_cmd(
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (folder / "study.json").is_file():
         raise ValueError(f"{folder} holds no study.json: pass a folder written by `rbkd study run`")
+    from rbkd.study.report.load import read_study_output
+
+    read_study_output(folder, data_dir=data_dir)  # tables checked against the run folders
     path = write_report(folder, out=out, fmt=fmt, labels=_labels(label), data_dir=data_dir)
     console.print(f"report: {escape(path)}", soft_wrap=True)

@@ -224,7 +224,7 @@ def test_bad_study_files_are_refused_in_one_line(tmp_path, text, message):
     path = tmp_path / "x.toml"
     path.write_text(text)
     result = runner.invoke(app, ["study", "run", str(path), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, as a bad --config file is
     line = result.output.strip()
     assert "\n" not in line and message in line, line
     assert not (tmp_path / "o").exists()  # refused before anything ran

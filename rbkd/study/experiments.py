@@ -8,22 +8,32 @@ Teachers given as run folders are used as they are.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from rbkd.config import TrainConfig
-from rbkd.study.schema import parse_study
+from rbkd.study.schema import MAX_NAME_CHARS, parse_study
 
 COMMAND_LINE = Path("<command line>")
+
+
+def _teacher_name(run: Path, taken: list[str]) -> str:
+    """A study name for a teacher run folder: its last name made safe (check_name: letters,
+    digits, '-', '_', '.', bounded), told apart from the names already taken by -2, -3, ..."""
+    raw = Path(run).resolve().name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).lstrip(".-")[: MAX_NAME_CHARS - 8] or "teacher"
+    base, n = name, 1
+    while name in taken:  # two folders with the same last name: keep both, told apart
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 def _teachers(runs: list[Path]) -> list[dict[str, Any]]:
     names: list[str] = []
     for run in runs:
-        name = Path(run).resolve().name or "teacher"
-        while name in names:  # two folders with the same last name: keep both, told apart
-            name += "'"
-        names.append(name)
+        names.append(_teacher_name(run, names))
     return [{"name": n, "run": str(Path(r).resolve())} for n, r in zip(names, runs, strict=True)]
 
 

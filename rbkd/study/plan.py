@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rbkd.config import DistillSpec, TeacherSpec, TrainConfig
-from rbkd.study.distill import student_dir_name, student_key
 from rbkd.study.keys import run_key
-from rbkd.study.teacher import teacher_dir_name, teacher_key
 
 # Experiments whose students learn from teachers, and their grids' extra dimensions.
 STUDENT_EXPERIMENTS = ("missing_class", "transfer_set", "temperature", "noise")
@@ -61,10 +59,13 @@ def _cfg(train: dict, device: str, **changes) -> TrainConfig:
 
 
 def _teacher_tasks(study: dict, out: Path, fingerprint: str, device: str) -> list[TeacherTask]:
+    from rbkd.study.teacher import teacher_dir_name, teacher_key
+
     wanted: list[tuple[str, str, TeacherSpec, TrainConfig]] = []
     external: list[TeacherTask] = []
-    for t in study["teachers"]:
+    for i, t in enumerate(study["teachers"]):
         if "run" in t:
+            _check_external_limit(study, i)
             external.append(_external_teacher(t, study["dataset"], fingerprint, device))
             continue
         spec = TeacherSpec(dataset=study["dataset"], capacity=t["capacity"])
@@ -87,6 +88,48 @@ def _teacher_tasks(study: dict, out: Path, fingerprint: str, device: str) -> lis
             run_dir = out / "teachers" / teacher_dir_name(spec, cfg, key)
             tasks[key] = TeacherTask([name], [role], spec, cfg, key, run_dir)
     return list(tasks.values())
+
+
+def _check_external_limit(study: dict, i: int) -> None:
+    """A teacher run made elsewhere on fewer training examples than the study uses has soft
+    labels for only part of the study's transfer set: refuse it before anything trains (its
+    config.json records the examples it saw), in the study's own terms."""
+    from rbkd.engine import read_config
+    from rbkd.study.schema import StudyFileError
+
+    t = study["teachers"][i]
+    run_dir = Path(t["run"])
+    if not (run_dir / "soft_labels_train.safetensors").is_file():
+        return  # its soft labels are computed now, on the study's own data
+    try:
+        config = read_config(run_dir)
+    except Exception:  # not a run folder: _external_teacher says so
+        return
+    seen = (config.get("train_data") or {}).get("size")
+    cut = (config.get("extra_config") or {}).get("limit")
+    if not isinstance(seen, int) or not isinstance(cut, int) or seen < cut:
+        return  # trained on its whole training split
+    limit = study.get("limit")
+    if limit is None:
+        from rbkd.data.registry import get_info
+
+        try:
+            wanted = get_info(study["dataset"]).split_sizes["train"]
+        except Exception:
+            return
+    else:
+        wanted = limit
+    if wanted <= seen:
+        return
+    path = getattr(study, "path", None)
+    where = f"{path}: " if path is not None else ""
+    uses = f"limit = {limit}" if limit is not None else "no limit (the whole training split)"
+    raise StudyFileError(
+        f"{where}teacher[{i}].run: teacher {t['name']!r} ({run_dir}) was trained on the first "
+        f"{seen} training examples (its run's limit), but the study uses {uses}, so it has no "
+        f"soft labels for the rest; set limit = {seen} or less in [study] (or run with "
+        f"--limit {seen}), or give a teacher run trained on at least {wanted} examples"
+    )
 
 
 def _external_teacher(t: dict, dataset: str, fingerprint: str, device: str) -> TeacherTask:
@@ -112,6 +155,34 @@ def _external_teacher(t: dict, dataset: str, fingerprint: str, device: str) -> T
     )
     spec = TeacherSpec(dataset=dataset, capacity=capacity)
     return TeacherTask([t["name"]], ["teacher"], spec, cfg, key, run_dir, external=True)
+
+
+def count_runs(study: dict) -> tuple[int, int]:
+    """(teachers, students) a study asks for, counted from the grid's sizes without expanding it
+    (a million-cell grid is counted at once). Runs that two experiments share are counted once
+    per experiment, so the plan may hold fewer, never more."""
+    ex = study["experiments"]
+    sweep = ex.get("batch_sweep")
+    teachers = len(study["teachers"])
+    if sweep:
+        teachers += len(sweep["epochs"]) * len(sweep["batch_sizes"])
+    students = 0
+    for name in STUDENT_EXPERIMENTS:
+        e = ex.get(name)
+        if e is None:
+            continue
+        taught = len(e["teachers"]) * len(e["T"]) * len(e["t_squared"])
+        smoothed = len(e.get("label_smoothing") or [])  # once, not per t_squared
+        if name == "missing_class":
+            cells = (taught + smoothed) * len(e["classes"])
+        elif name == "transfer_set":
+            cells = taught * (1 + len(e["select"]) * len(e["per_class"]))
+        elif name == "temperature":
+            cells = taught
+        else:  # noise
+            cells = (taught + smoothed) * len(e["noise"])
+        students += cells * len(e["seeds"])
+    return teachers, students
 
 
 def _student_specs(study: dict):
@@ -175,6 +246,8 @@ def _cells(study: dict):
 
 def make_plan(study: dict, out: Path, fingerprint: str, device: str = "auto") -> Plan:
     """Every run of `study`, deduplicated, with its key and run folder under `out`."""
+    from rbkd.study.distill import student_dir_name, student_key
+
     out = Path(out)
     teachers = _teacher_tasks(study, out, fingerprint, device)
     by_name = {name: t for t in teachers for name in t.names}

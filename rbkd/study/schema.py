@@ -8,6 +8,7 @@ examples is docs/studies.md; the checked study is a plain dict (saved as study.j
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ from typing import Any
 from rbkd.config import (
     DATASETS,
     DEFAULT_DATASET,
+    KD_MAX_TEMPERATURE,
     OPTIMIZERS,
     SELECTIONS,
     STUDENTS,
     TEACHERS,
     DistillSpec,
     TrainConfig,
+    check_kd_temperature,
 )
 from rbkd.io import read_bounded
 
@@ -39,8 +42,45 @@ EXPERIMENTS = (  # in the order they are read: the others may name the batch swe
 )
 
 
+# Names (the study's, its teachers') become folder and file names ("results/<study>",
+# "entropy_per_class_<teacher>.svg" and its ".<name>.XXXXXXXX.part" while written) and cells of
+# report.md and results.csv: ASCII letters, digits, '-', '_' and '.', not starting with '.' or '-'
+# (no path, no hidden file, no option, no control or bidi character, no spreadsheet formula), and
+# short enough that every file name made from one stays far below the 255-byte limit.
+MAX_NAME_CHARS = 100
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+# Integers (seeds, sizes, counts) must fit the 64-bit integers that TOML, torch and JSON carry.
+MAX_INT = 2**63 - 1
+# The most runs a study may plan unless its [study] table raises `max_runs`: a typo in a grid
+# (1000 seeds instead of 10) must be refused before it starts days of training.
+DEFAULT_MAX_RUNS = 10_000
+# Temperatures that a student distils at are bounded by kd_loss (rbkd.config).
+KD_TEMPERATURE_EXPERIMENTS = ("missing_class", "transfer_set", "temperature", "noise")
+
+
 class StudyFileError(ValueError):
     """A study file cannot be used; the message names the file, the key and the reason."""
+
+
+class Study(dict):
+    """A checked study: a plain dict (saved as study.json) that remembers the file it came from
+    (`path`), so that problems found later, while planning, still name the file."""
+
+    path: Path | None = None
+
+
+def check_name(name: str, what: str = "name") -> str | None:
+    """None when `name` is a safe study or teacher name, else the reason it is not."""
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME_CHARS:
+        return f"is {len(name)} characters long; the most is {MAX_NAME_CHARS}"
+    if not _NAME.fullmatch(name):
+        return (
+            f"must be a plain name of ASCII letters, digits, '-', '_' and '.', not starting with "
+            f"'.' or '-' (it names folders and files), got {name!r}"
+        )
+    return None
 
 
 class _Reader:
@@ -71,6 +111,17 @@ class _Reader:
             raise self.fail(key, f"must be {_names(kinds)}, got {value!r}")
         if not isinstance(value, kinds):
             raise self.fail(key, f"must be {_names(kinds)}, got {type(value).__name__} {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise self.fail(key, f"{value} is out of range (at most {MAX_INT})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(key, f"must be a finite number, got {value}")
+        return value
+
+    def name(self, key: str) -> str:
+        value = self.get(key, str, required=True)
+        reason = check_name(value)
+        if reason:
+            raise self.fail(key, reason)
         return value
 
     def number_list(self, key: str, kind: type, default=None, *, low=None, positive=False):
@@ -84,6 +135,8 @@ class _Reader:
                 raise self.fail(key, f"must be a {_names((kind,))} or a list of them, got {raw!r}")
             if kind is int and not (isinstance(v, int) or float(v).is_integer()):
                 raise self.fail(key, f"must hold whole numbers, got {v!r}")
+            if isinstance(v, int) and abs(v) > MAX_INT:
+                raise self.fail(key, f"{v} is out of range (at most {MAX_INT})")
             v = kind(v)
             if not math.isfinite(v) or (positive and not v > 0) or (low is not None and v < low):
                 bound = "> 0" if positive else f">= {low}"
@@ -129,15 +182,23 @@ def _train(r: _Reader, base: dict[str, Any]) -> dict[str, Any]:
         out["optimizer"] = r.choice("optimizer", OPTIMIZERS, None)
     if out["epochs"] < 1 or out["batch_size"] < 1:
         raise r.fail("epochs" if out["epochs"] < 1 else "batch_size", "must be >= 1")
-    if not (math.isfinite(out["lr"]) and out["lr"] > 0):
-        raise r.fail("lr", f"must be > 0, got {out['lr']}")
+    _check_lr(r, "lr", out["lr"])
+    _check_seed(r, "seed", out["seed"])
     return out
 
 
+def _check_lr(r: _Reader, key: str, lr: float) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        raise r.fail(key, f"must be a finite number > 0, got {lr}")
+
+
+def _check_seed(r: _Reader, key: str, seed: int) -> None:
+    if not 0 <= seed <= MAX_INT:
+        raise r.fail(key, f"must be a whole number in 0..{MAX_INT}, got {seed}")
+
+
 def _teacher(r: _Reader, defaults: dict) -> dict[str, Any]:
-    name = r.get("name", str, required=True)
-    if not name or any(ch in name for ch in "/\\\0") or name.startswith("."):
-        raise r.fail("name", f"must be a plain name (letters, digits, -, _), got {name!r}")
+    name = r.name("name")
     if "run" in r.table:  # a teacher trained elsewhere: its run folder, used as it is
         r.known("name", "run")
         run = Path(r.get("run", str))
@@ -166,8 +227,40 @@ def _teacher_names(
     return names
 
 
-def _temps(r: _Reader, key: str, default) -> list[float]:
-    return r.number_list(key, float, default, positive=True)
+def _temps(r: _Reader, key: str, default, *, kd: bool = False) -> list[float]:
+    """Temperatures; `kd`: a student distils at them, so kd_loss's bound applies."""
+    values = r.number_list(key, float, default, positive=True)
+    if kd:
+        for T in values:
+            try:
+                check_kd_temperature(T, "T")
+            except ValueError as e:
+                raise r.fail(key, f"{e} (at most {KD_MAX_TEMPERATURE:g})") from None
+    return values
+
+
+def _noise_specs(r: _Reader) -> list[str]:
+    """The noise specs, each in one spelling ("normal:5e-2" is "normal:0.05"), each once: equal
+    noises are one run, as equal temperatures are."""
+    from rbkd.engine.noise import parse_noise
+
+    specs = r.get("noise", list, required=True)
+    out: list[str] = []
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise r.fail("noise", f"must list strings like 'normal:0.05', got {spec!r}")
+        try:
+            kind, scale = parse_noise(spec)
+        except ValueError as e:
+            raise r.fail("noise", str(e)) from None
+        text = repr(float(scale))
+        text = text[:-2] if text.endswith(".0") else text
+        canonical = f"{kind}:{text}"
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise r.fail("noise", "must not be empty")
+    return out
 
 
 def _smoothing(r: _Reader, key: str) -> list[float]:
@@ -206,10 +299,17 @@ def _bools(r: _Reader, key: str, default: bool) -> list[bool]:
 STUDENT_KEYS = ("seeds", "t_squared")
 
 
+def _seeds(r: _Reader, key: str, default: list[int]) -> list[int]:
+    seeds = r.number_list(key, int, default, low=0)
+    for seed in seeds:
+        _check_seed(r, key, seed)
+    return seeds
+
+
 def _student_common(r: _Reader, study: dict) -> dict[str, Any]:
     """Keys every student experiment takes: its own seeds and t_squared values."""
     return {
-        "seeds": r.number_list("seeds", int, study["seeds"], low=0),
+        "seeds": _seeds(r, "seeds", study["seeds"]),
         "t_squared": _bools(r, "t_squared", study["loss"]["t_squared"]),
     }
 
@@ -242,7 +342,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
             "teachers": _teacher_names(r, teachers, own),
             "student": r.choice("student", STUDENTS, "general"),
             "classes": _classes(r, 10),
-            "T": _temps(r, "T", loss_T),
+            "T": _temps(r, "T", loss_T, kd=True),
             "label_smoothing": _smoothing(r, "label_smoothing"),
             "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
         }
@@ -258,7 +358,7 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
             "student": r.choice("student", STUDENTS, "general"),
             "per_class": r.number_list("per_class", int, [10, 50, 100], low=1),
             "select": select,
-            "T": _temps(r, "T", [_DISTILL.T]),
+            "T": _temps(r, "T", [_DISTILL.T], kd=True),
             "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
         }
     if name == "temperature":
@@ -266,37 +366,32 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
         return {
             "teachers": _teacher_names(r, teachers, own),
             "student": r.choice("student", STUDENTS, "baseline"),
-            "T": _temps(r, "T", loss_T),
+            "T": _temps(r, "T", loss_T, kd=True),
             "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
         }
     if name == "batch_sweep":
         r.known("capacity", "batch_sizes", "epochs", "lr", "optimizer", "seed", "T")
         base = _train(_Reader(r.path, {}, r.where), study["teacher_defaults"])
+        lr, seed = r.get("lr", float, base["lr"]), r.get("seed", int, base["seed"])
+        _check_lr(r, "lr", lr)
+        _check_seed(r, "seed", seed)
         return {
             "capacity": r.choice("capacity", TEACHERS, "large"),
             "batch_sizes": r.number_list("batch_sizes", int, None, low=1)
             or r.missing("batch_sizes"),
             "epochs": r.number_list("epochs", int, [base["epochs"]], low=1),
-            "lr": r.get("lr", float, base["lr"]),
+            "lr": lr,
             "optimizer": r.choice("optimizer", OPTIMIZERS, base["optimizer"]),
-            "seed": r.get("seed", int, base["seed"]),
+            "seed": seed,
             "T": _temps(r, "T", [_DISTILL.T])[0],
         }
     if name == "noise":
         r.known("teachers", "student", "noise", "T", "label_smoothing", "epochs", *STUDENT_KEYS)
-        from rbkd.engine.noise import parse_noise
-
-        specs = r.get("noise", list, required=True)
-        for spec in specs:
-            try:
-                parse_noise(str(spec))
-            except ValueError as e:
-                raise r.fail("noise", str(e)) from None
         return {
             "teachers": _teacher_names(r, teachers, own),
             "student": r.choice("student", STUDENTS, "general"),
-            "noise": [str(s) for s in specs],
-            "T": _temps(r, "T", [_DISTILL.T]),
+            "noise": _noise_specs(r),
+            "T": _temps(r, "T", [_DISTILL.T], kd=True),
             "label_smoothing": _smoothing(r, "label_smoothing"),
             "epochs": r.number_list("epochs", int, [student_epochs], low=1)[0],
         }
@@ -329,25 +424,29 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
     top = _Reader(path, data, "")
     top.known("study", "loss", "student", "teacher_defaults", "teacher", "experiments")
     head = top.sub("study") or top.missing("study", "the [study] table names the study")
-    head.known("name", "dataset", "description", "limit", "seeds")
-    name = head.get("name", str, required=True)
+    head.known("name", "dataset", "description", "limit", "seeds", "max_runs")
+    name = head.name("name")
     limit = head.get("limit", int)
     if limit is not None and limit < 1:
         raise head.fail("limit", f"must be >= 1, got {limit}")
-    study: dict[str, Any] = {
-        "name": name,
-        "dataset": head.choice("dataset", DATASETS, DEFAULT_DATASET),
-        "description": head.get("description", str, ""),
-        "limit": limit,
-        "seeds": head.number_list("seeds", int, [0], low=0),
-    }
+    max_runs = head.get("max_runs", int, DEFAULT_MAX_RUNS)
+    if max_runs < 1:
+        raise head.fail("max_runs", f"must be >= 1, got {max_runs}")
+    study = Study(
+        name=name,
+        dataset=head.choice("dataset", DATASETS, DEFAULT_DATASET),
+        description=head.get("description", str, ""),
+        limit=limit,
+        seeds=_seeds(head, "seeds", [0]),
+    )
+    study.path = path
     loss = top.sub("loss") or _Reader(path, {}, "loss")
     loss.known("T", "alpha", "t_squared")
     alpha = loss.get("alpha", float, _DISTILL.alpha)
     if not 0.0 <= alpha <= 1.0:
         raise loss.fail("alpha", f"must be in [0, 1], got {alpha}")
     study["loss"] = {
-        "T": _temps(loss, "T", list(THESIS_T)),
+        "T": _temps(loss, "T", list(THESIS_T), kd=True),
         "alpha": alpha,
         "t_squared": loss.get("t_squared", bool, _DISTILL.t_squared),
     }
@@ -383,7 +482,24 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
     for name, e in study["experiments"].items():
         if "teachers" in e and not e["teachers"] and not e.get("label_smoothing"):
             raise top.fail("teacher", f"experiments.{name} needs at least one [[teacher]]")
+    _check_size(study, head, max_runs)
     return study
+
+
+def _check_size(study: dict, head: _Reader, max_runs: int) -> None:
+    """Refuse a grid of more than `max_runs` runs, counted without expanding it."""
+    from rbkd.study.plan import count_runs
+
+    teachers, students = count_runs(study)
+    n = teachers + students
+    if n > max_runs:
+        default = " (the default)" if "max_runs" not in head.table else ""
+        raise head.fail(
+            "max_runs",
+            f"the study plans {n:,} runs ({teachers:,} teacher and {students:,} student runs), more "
+            f"than max_runs = {max_runs:,}{default}; shrink the grid (seeds, T, classes, "
+            f"teachers) or set max_runs = {n} in [study] if you mean it",
+        )
 
 
 def load_study(path: str | Path) -> dict[str, Any]:
