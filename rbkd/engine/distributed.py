@@ -5,14 +5,22 @@ runs the same fit(); without it everything here degrades to a single process (no
 calls at all), so the one training loop serves both.
 """
 
+import contextlib
 import os
+import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from rbkd.engine.config import resolve_device
+from rbkd.locking import folder_lock
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +65,60 @@ def setup(device_name: str) -> DistContext:
     if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), device, owns)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or of torchrun's environment when no group is open (yet, or
+    any more): the one process that writes files."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def on_main(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0 only; every rank returns its value, or raises its error. The other ranks
+    wait here for rank 0, so this is also where they cannot race ahead of its writes."""
+    if ctx.world_size == 1:
+        return fn()
+    box: list = [None]
+    if ctx.is_main:
+        try:
+            box[0] = (True, fn())
+        except Exception as e:
+            box[0] = (False, _portable(e))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _portable(error: Exception) -> Exception:
+    """The error as the other ranks can unpickle it (its own type when it pickles)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(str(error))
+
+
+@contextlib.contextmanager
+def main_folder_lock(
+    folder: str | os.PathLike[str], what: str, device: str
+) -> Iterator[DistContext]:
+    """Hold `folder`'s lock for the block on rank 0 only (the folder is created), with the process
+    group open for the whole block; yields the context. The other ranks wait until rank 0 holds
+    the lock, or raise its error (another process holds it): under torchrun every rank runs the
+    same command, and only rank 0 writes."""
+    ctx = setup(device)
+    try:
+        with contextlib.ExitStack() as stack:
+            on_main(ctx, lambda: stack.enter_context(folder_lock(Path(folder), what)))
+            yield ctx
+    finally:
+        ctx.close()
 
 
 def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:

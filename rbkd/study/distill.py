@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from rbkd.config import DEFAULT_DATASET, DistillSpec, TrainConfig
+from rbkd.engine.distributed import main_folder_lock, on_main
 from rbkd.io import write_json
-from rbkd.locking import folder_lock
 from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
 from rbkd.study.runstate import run_state
 from rbkd.study.softlabels import soft_labels_digest, source_dataset, train_soft_labels
@@ -168,8 +168,10 @@ def distill(
     run_dir = (
         Path(out) if out is not None else Path(root) / student_dir_name(spec, dataset, cfg, key)
     )
-    with folder_lock(run_dir, "distillation"):
-        state = run_state(run_dir, key, REPORT_FILE)
+    # Under torchrun every rank runs this; rank 0 alone locks the folder and writes in it, and
+    # hands the others what it found and wrote, so that all take the same path.
+    with main_folder_lock(run_dir, "distillation", cfg.device) as ctx:
+        state = on_main(ctx, lambda: run_state(run_dir, key, REPORT_FILE))
         if state.status == "done":
             return {**state.result, "run_dir": str(run_dir), "reused": True}
         t0 = time.perf_counter()
@@ -231,5 +233,10 @@ def distill(
             "wall_time_s": time.perf_counter() - t0,
             "resumed_from_epoch": state.epochs_done,
         }
-        write_json(run_dir / REPORT_FILE, report)  # last: the mark of a finished run
+
+        def finish() -> dict[str, Any]:
+            write_json(run_dir / REPORT_FILE, report)  # last: the mark of a finished run
+            return report
+
+        report = on_main(ctx, finish)  # rank 0's report, on every rank
     return {**report, "reused": False}

@@ -188,7 +188,7 @@ def run_study(
     t_start = time.perf_counter()
     with main_folder_lock(out, "study", device) as ctx:
         check_study_folder(out, study["name"])  # again, now that no other writer can be at it
-        if not (out / STUDY_MARKER).exists():
+        if ctx.is_main and not (out / STUDY_MARKER).exists():  # rank 0 alone writes
             write_json(out / STUDY_MARKER, {"study": study["name"]})  # first: the folder's owner
         run, splits = prepare(study, out, data_dir=data_dir, device=device)
         if ctx.is_main:  # under torchrun, rank 0 alone writes

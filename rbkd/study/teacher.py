@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from rbkd.config import TeacherSpec, TrainConfig
+from rbkd.engine.distributed import main_folder_lock, on_main
 from rbkd.io import write_json
-from rbkd.locking import folder_lock
 from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
 from rbkd.study.runstate import run_state
 from rbkd.study.splits import load_splits
@@ -46,6 +46,12 @@ def _soft_labels_current(run_dir: Path) -> bool:
     return True
 
 
+def _state(run_dir: Path, key: str):
+    """(the run's state, whether its soft labels belong to its final weights)."""
+    state = run_state(run_dir, key, RESULT_FILE)
+    return state, state.status == "done" and _soft_labels_current(run_dir)
+
+
 def train_teacher(
     spec: TeacherSpec,
     cfg: TrainConfig,
@@ -69,9 +75,11 @@ def train_teacher(
         raise ValueError(f"the data is {train.name}, the teacher is for {spec.dataset}")
     key = teacher_key(spec, cfg, data_fingerprint(train, test))
     run_dir = Path(out) if out is not None else Path(root) / teacher_dir_name(spec, cfg, key)
-    with folder_lock(run_dir, "teacher"):
-        state = run_state(run_dir, key, RESULT_FILE)
-        if state.status == "done" and _soft_labels_current(run_dir):
+    # Under torchrun every rank runs this; rank 0 alone locks the folder and writes in it, and
+    # hands the others what it found and wrote, so that all take the same path.
+    with main_folder_lock(run_dir, "teacher", cfg.device) as ctx:
+        state, current = on_main(ctx, lambda: _state(run_dir, key))
+        if state.status == "done" and current:
             # The recorded paths are relative to the folder the run was made from: name the
             # files under run_dir as given now (the same run asked for from another folder).
             files = {
@@ -98,29 +106,34 @@ def train_teacher(
             progress=progress,
             extra_config=extra,
         )
-        files = {}
-        for split, ds in zip(SPLITS, (train, test), strict=True):
-            files[split] = soft_labels_from_model(
-                model,
-                ds,
-                run_dir / f"soft_labels_{split}.safetensors",
-                teacher_run=run_dir,
-                split=split,
-                device=cfg.device,
-                batch_size=cfg.eval_batch_size,
-            )
-        result = {
-            "key": key,
-            "kind": "teacher",
-            "dataset": spec.dataset,
-            "capacity": spec.capacity,
-            "train_config": cfg.result_inputs(),
-            "limit": limit,
-            "metrics": metrics,
-            "epochs": metrics.get("epochs"),
-            "soft_labels": {k: str(v) for k, v in files.items()},
-            "wall_time_s": time.perf_counter() - t0,
-            "resumed_from_epoch": state.epochs_done,
-        }
-        write_json(run_dir / RESULT_FILE, result)  # last: the mark of a finished run
+
+        def finish() -> dict[str, Any]:
+            files = {}
+            for split, ds in zip(SPLITS, (train, test), strict=True):
+                files[split] = soft_labels_from_model(
+                    model,
+                    ds,
+                    run_dir / f"soft_labels_{split}.safetensors",
+                    teacher_run=run_dir,
+                    split=split,
+                    device=cfg.device,
+                    batch_size=cfg.eval_batch_size,
+                )
+            result = {
+                "key": key,
+                "kind": "teacher",
+                "dataset": spec.dataset,
+                "capacity": spec.capacity,
+                "train_config": cfg.result_inputs(),
+                "limit": limit,
+                "metrics": metrics,
+                "epochs": metrics.get("epochs"),
+                "soft_labels": {k: str(v) for k, v in files.items()},
+                "wall_time_s": time.perf_counter() - t0,
+                "resumed_from_epoch": state.epochs_done,
+            }
+            write_json(run_dir / RESULT_FILE, result)  # last: the mark of a finished run
+            return result
+
+        result = on_main(ctx, finish)
     return {**result, "run_dir": run_dir, "reused": False}
