@@ -45,16 +45,17 @@ def min_bytes(op: str, n: int, c: int, itemsize: int) -> int:
 
 def make_call(op: str, x, teacher, labels, temps, block: int | None, warps: int | None):
     from rbkd import kernels as K
+    from rbkd.ops.args import EntropyOptions, KDOptions
 
     if op == "kd_loss":
         return lambda: K.kd_loss_forward(
-            x, teacher, labels, T, ALPHA, 0, True, -100, 1.0 / x.shape[0], True,
+            x, teacher, labels, T, ALPHA, 1.0 / x.shape[0], True, KDOptions(),
             block_size=block, num_warps=warps,
         )  # fmt: skip
     if op == "softmax":
         return lambda: K.temperature_softmax_forward(x, T, False, block_size=block, num_warps=warps)
     return lambda: K.soft_label_entropy_forward(
-        x, temps, 0, False, block_size=block, num_warps=warps
+        x, temps, EntropyOptions(), block_size=block, num_warps=warps
     )
 
 

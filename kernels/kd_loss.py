@@ -24,6 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from rbkd.config import KD_MAX_TEMPERATURE
+from rbkd.ops.args import KDOptions
+
 from ._launch import (
     KD_COLS,
     MAX_BLOCK_KD,
@@ -37,8 +40,8 @@ from ._launch import (
 )
 
 TEACHER_LOGITS, TEACHER_PROBS, TEACHER_LOG_PROBS = 0, 1, 2
-# rbkd.ops.validation.KD_MAX_TEMPERATURE: above it the float32 KL loses its digits.
-KD_MAX_T = tl.constexpr(100.0)
+# Above it the float32 KL loses its digits (rbkd.config, the one Python definition).
+KD_MAX_T = tl.constexpr(KD_MAX_TEMPERATURE)
 
 
 @triton.jit
@@ -194,12 +197,9 @@ def kd_loss_forward(
     labels: torch.Tensor | None,
     T: float | torch.Tensor,
     alpha: float | torch.Tensor,
-    teacher_kind: int,
-    t_squared: bool,
-    ignore_index: int,
     grad_scale: float | torch.Tensor,
     need_grad: bool,
-    probs_tol: float = 1e-3,
+    opts: KDOptions,
     block_size: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,9 +208,14 @@ def kd_loss_forward(
 
     student, teacher: [N, C] with unit column stride (any row stride; dtypes may differ).
     labels: None or int64 / int32 [N]. T, alpha: float or float32 [N] on the device. grad_scale: float
-    or float32 0-dim device tensor, read by the kernel (no host sync). block_size and num_warps
-    override the launch heuristics (tests and bench/gpu_tune.py).
+    or float32 0-dim device tensor, read by the kernel (no host sync). opts: the op's options
+    (rbkd.ops.args.KDOptions). block_size and num_warps override the launch heuristics (tests and
+    bench/gpu_tune.py).
     """
+    if opts.divergence != 0 or opts.standardize:
+        raise NotImplementedError("the Triton kd_loss computes divergence 'kl' without standardize")
+    teacher_kind, t_squared = opts.teacher_kind, opts.t_squared
+    ignore_index, probs_tol = opts.ignore_index, opts.probs_tol
     N, C = student.shape
     if teacher_kind not in (TEACHER_LOGITS, TEACHER_PROBS, TEACHER_LOG_PROBS):
         raise ValueError(

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rbkd.ops.args import EntropyOptions
+
 from ._launch import (
     ENTROPY_COLS,
     MAX_BLOCK_SOFTMAX,
@@ -119,17 +121,17 @@ def temperature_chunk(K: int) -> int:
 def soft_label_entropy_forward(
     x: torch.Tensor,
     temps: torch.Tensor | None,
-    kind: int,
-    normalize: bool,
-    probs_tol: float = 1e-3,
+    opts: EntropyOptions,
     block_size: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Entropies of the rows of x ([N, C], unit column stride) as float32 [K, N].
+    """Entropies of the rows of x ([N, C], unit column stride) as float32 [K, N]; opts: the op's
+    options (rbkd.ops.args.EntropyOptions: kind, normalize, probs_tol).
 
     kind 0: x are logits and temps a float32 [K] tensor on x's device (K >= 1).
     kind 1: x are probabilities; only temps' length K is used (K = 1 when temps is None).
     """
+    kind, normalize, probs_tol = opts.kind, opts.normalize, opts.probs_tol
     N, C = x.shape
     inv_log_c = inv_log_classes(C, normalize)
     if kind == KIND_PROBS:

@@ -16,6 +16,7 @@ cpu = pytest.importorskip("rbkd.ops.backends.cpu")
 if not cpu.is_available():  # pragma: no cover - depends on the build
     pytest.skip("rbkd._C is not built", allow_module_level=True)
 from rbkd import _C  # noqa: E402
+from rbkd.ops.args import EntropyOptions, KDOptions, SoftmaxOptions  # noqa: E402
 from rbkd.ops.validation import probs_tolerance  # noqa: E402
 
 INF = float("inf")
@@ -123,10 +124,8 @@ def teacher_of(kind, c, n, dtype, seed, strided=False, T=2.0):
 
 
 def run_kd(z, t, labels, T, alpha, kind, t_squared=True, ignore_index=-100, grad_scale=0.5):
-    loss, grad = cpu.kd_loss_forward(
-        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True,
-        probs_tolerance(t.dtype),
-    )  # fmt: skip
+    opts = KDOptions(kind, t_squared, ignore_index, probs_tolerance(t.dtype))
+    loss, grad = cpu.kd_loss_forward(z, t, labels, T, alpha, grad_scale, True, opts)
     ref_loss, ref_grad = oracle_kd(
         z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale
     )
@@ -267,11 +266,11 @@ def test_kd_ignored_and_out_of_range_labels(c):
 def test_kd_no_grad_and_tensor_grad_scale():
     z, t = rand_rows(9, 30, torch.float32, seed=11), rand_rows(9, 30, torch.float32, seed=12)
     labels = torch.arange(9)
-    loss, grad = cpu.kd_loss_forward(z, t, labels, 2.0, 0.5, 0, True, -100, 1.0, False)
+    loss, grad = cpu.kd_loss_forward(z, t, labels, 2.0, 0.5, 1.0, False, KDOptions())
     assert grad is None
     ref_loss, ref_grad = oracle_kd(z, t, labels, 2.0, 0.5, 0, True, -100, 0.25)
     assert_close(loss, ref_loss, loss_tol(ref_loss), "loss")
-    _, grad = cpu.kd_loss_forward(z, t, labels, 2.0, 0.5, 0, True, -100, torch.tensor(0.25), True)
+    _, grad = cpu.kd_loss_forward(z, t, labels, 2.0, 0.5, torch.tensor(0.25), True, KDOptions())
     assert_close(grad, ref_grad, grad_tol(torch.float32, ref_grad), "grad")
 
 
@@ -283,7 +282,7 @@ def test_kd_no_grad_and_tensor_grad_scale():
 @pytest.mark.parametrize("n,c", SHAPES)
 def test_softmax_fwd_bwd(n, c, dtype, log):
     x = rand_rows(n, c, dtype, seed=n * 7 + c, strided=c % 2 == 1)
-    y = cpu.softmax_forward(x, 2.5, log)
+    y = cpu.softmax_forward(x, SoftmaxOptions(2.5, log))
     atol, rtol = TOL[dtype]
     ref = torch.softmax(x.double() / 2.5, -1)
     if log:
@@ -291,7 +290,7 @@ def test_softmax_fwd_bwd(n, c, dtype, log):
         atol = atol * 8  # log-probabilities of up to ~30 in magnitude
     assert_close(y, ref, (atol, rtol), "forward")
     g = rand_rows(n, c, dtype, scale=1.0, seed=1, strided=True)
-    grad_in = cpu.softmax_backward(y, g, 2.5, log)
+    grad_in = cpu.softmax_backward(y, g, SoftmaxOptions(2.5, log))
     yd, gd = y.double(), g.double()
     if log:
         ref_bwd = (gd - yd.exp() * gd.sum(-1, keepdim=True)) / 2.5
@@ -303,9 +302,17 @@ def test_softmax_fwd_bwd(n, c, dtype, log):
 
 def test_softmax_extreme_and_minus_inf():
     x = torch.tensor([[1e4, -1e4, 0.0, -INF], [-INF, 3.0, -INF, 3.0]])
-    assert_close(cpu.softmax_forward(x, 1.0, False), torch.softmax(x.double(), -1), (0, 1e-6), "sm")
     assert_close(
-        cpu.softmax_forward(x, 1.0, True), torch.log_softmax(x.double(), -1), (0, 1e-6), "lsm"
+        cpu.softmax_forward(x, SoftmaxOptions(1.0, False)),
+        torch.softmax(x.double(), -1),
+        (0, 1e-6),
+        "sm",
+    )
+    assert_close(
+        cpu.softmax_forward(x, SoftmaxOptions(1.0, True)),
+        torch.log_softmax(x.double(), -1),
+        (0, 1e-6),
+        "lsm",
     )
 
 
@@ -318,7 +325,7 @@ def test_softmax_extreme_and_minus_inf():
 def test_entropy_logits(n, c, dtype, normalize):
     x = rand_rows(n, c, dtype, seed=n + 3 * c, strided=True)
     temps = torch.tensor([0.5, 1.0, 4.0, 20.0])
-    out = cpu.entropy_forward(x, temps, 0, normalize)
+    out = cpu.entropy_forward(x, temps, EntropyOptions(0, normalize))
     ref = oracle_entropy(x, temps, 0, normalize)
     scale = max(1.0, math.log(max(c, 1)))
     assert_close(out, ref, (LOSS_TOL[0] * scale, 1e-4), "entropy")
@@ -331,7 +338,9 @@ def test_entropy_probs(c, normalize):
     if c > 1:
         x[:, 0] = 0.0  # an exact zero: 0 * log 0 = 0
         x = x / x.sum(-1, keepdim=True)
-    out = cpu.entropy_forward(x, torch.ones(1), 1, normalize, probs_tolerance(x.dtype))
+    out = cpu.entropy_forward(
+        x, torch.ones(1), EntropyOptions(1, normalize, probs_tolerance(x.dtype))
+    )
     ref = oracle_entropy(x, torch.ones(1), 1, normalize)
     assert_close(out, ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
 
@@ -352,7 +361,7 @@ def test_entropy_small_c_tail_rows_and_minus_inf(c, dtype):
     x = x.to(dtype)
     temps = torch.tensor([0.5, 1.0, 3.0, 20.0])
     for normalize in (False, True):
-        out = cpu.entropy_forward(x, temps, 0, normalize)
+        out = cpu.entropy_forward(x, temps, EntropyOptions(0, normalize))
         ref = oracle_entropy(x, temps, 0, normalize)
         ref[:, n - 2 :] = float("nan")  # the oracle's p > 0 test would turn a NaN row into 0
         assert_close(out, ref, (LOSS_TOL[0] * max(1.0, math.log(c)), 1e-4), "entropy")
@@ -361,7 +370,9 @@ def test_entropy_small_c_tail_rows_and_minus_inf(c, dtype):
     p[::2, 0] = 0.0
     p = (p / p.sum(-1, keepdim=True)).to(dtype)
     for normalize in (False, True):
-        out = cpu.entropy_forward(p, torch.ones(3), 1, normalize, probs_tolerance(dtype))
+        out = cpu.entropy_forward(
+            p, torch.ones(3), EntropyOptions(1, normalize, probs_tolerance(dtype))
+        )
         ref = oracle_entropy(p, torch.ones(1), 1, normalize)
         assert out.shape == (3, n)
         for k in range(3):
@@ -374,9 +385,9 @@ def test_entropy_one_read_for_many_temperatures():
     """K temperatures give K rows of output, each equal to a K = 1 call."""
     x = rand_rows(64, 100, torch.float32, seed=2)
     temps = torch.linspace(0.5, 20, 20)
-    out = cpu.entropy_forward(x, temps, 0, False)
+    out = cpu.entropy_forward(x, temps, EntropyOptions())
     for k in (0, 7, 19):
-        assert torch.equal(out[k], cpu.entropy_forward(x, temps[k : k + 1], 0, False)[0])
+        assert torch.equal(out[k], cpu.entropy_forward(x, temps[k : k + 1], EntropyOptions())[0])
 
 
 # ---- the binding boundary --------------------------------------------------------------------------
@@ -396,14 +407,28 @@ def test_bindings_reject_bad_arguments():
     with pytest.raises(ValueError, match="num_threads"):
         _C.temperature_softmax_fwd(x.data_ptr(), 0, 3, out.data_ptr(), 2, 3, 1.0, False, 0)
     loss = torch.empty(2)
-    with pytest.raises(ValueError, match=r"kd_loss_fwd: teacher_kind 5 is not one of"):
-        _C.kd_loss_fwd(x.data_ptr(), 0, 3, x.data_ptr(), 0, 3, 5, 0, -100, 1.0, 0, 0.5, 0, True,
-                       2, 3, loss.data_ptr(), 0, 1.0, 0, 1e-3, 1)  # fmt: skip
-    with pytest.raises(ValueError, match="kd_loss_fwd: probs_tol must be >= 0"):
-        _C.kd_loss_fwd(x.data_ptr(), 0, 3, x.data_ptr(), 0, 3, 1, 0, -100, 1.0, 0, 0.5, 0, True,
-                       2, 3, loss.data_ptr(), 0, 1.0, 0, -1.0, 1)  # fmt: skip
+
+    def kd(**fields):
+        opts = _C.KdOptions()
+        for name, value in fields.items():
+            setattr(opts, name, value)
+        _C.kd_loss_fwd(x.data_ptr(), 0, 3, x.data_ptr(), 0, 3, 0, 1.0, 0, 0.5, 0, 2, 3,
+                       loss.data_ptr(), 0, 1.0, 0, opts, 1)  # fmt: skip
+
+    for fields, message in [
+        ({"teacher_kind": 5}, "teacher_kind 5 is not one of"),
+        ({"probs_tol": -1.0}, "probs_tol must be >= 0"),
+        ({"divergence": 7}, "divergence 7 is not a code"),
+        ({"beta": 1.5}, "beta must be in"),
+        ({"skew": 1.0}, "skew must be in"),
+        ({"divergence": 6}, "labels \\(dkd needs them\\) is a null pointer"),
+        ({"standardize": True, "teacher_kind": 1}, "standardize needs teacher_kind 0"),
+    ]:
+        with pytest.raises(ValueError, match=f"kd_loss_fwd: {message}"):
+            kd(**fields)
     with pytest.raises(ValueError, match="soft_label_entropy_fwd: temps is a null pointer"):
-        _C.soft_label_entropy_fwd(x.data_ptr(), 0, 3, 0, 0, 2, 2, 3, out.data_ptr(), False, 1e-3, 1)
+        _C.soft_label_entropy_fwd(x.data_ptr(), 0, 3, 0, 2, 2, 3, out.data_ptr(),
+                                  _C.EntropyOptions(), 1)  # fmt: skip
     # N = 0 touches no memory, so null pointers are fine there.
     _C.temperature_softmax_fwd(0, 0, 3, 0, 0, 3, 1.0, False, 1)
 
@@ -422,6 +447,7 @@ def test_scratch_allocation_failure_is_a_memory_error():
 
     code = """
 import resource, torch
+from rbkd.ops.args import KDOptions
 from rbkd.ops.backends import cpu
 c = 2**27
 z = torch.zeros(1, c, dtype=torch.bfloat16)
@@ -430,7 +456,7 @@ with open("/proc/self/status") as f:
     vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
 resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
 try:
-    cpu.kd_loss_forward(z, t, None, 2.0, 1.0, 0, True, -100, 1.0, False)
+    cpu.kd_loss_forward(z, t, None, 2.0, 1.0, 1.0, False, KDOptions())
 except MemoryError as e:
     print("MemoryError:", e)
 """

@@ -8,6 +8,7 @@ from helpers import cpu_backends
 
 import rbkd.ops as ops
 from rbkd.ops import library
+from rbkd.ops.args import KDOptions
 
 Z = torch.randn(6, 10)
 T_ = torch.randn(6, 10)
@@ -101,12 +102,17 @@ def test_opcheck(backend):
     # inputs here do not require grad; need_grad=True still makes it write the saved gradient.
     z = torch.randn(6, 10)
     with ops.use_backend(backend):
+        kd = KDOptions
         for args in [
-            (z, T_, Y, None, 3.0, None, 0.5, 0, True, -100, 2, True),
-            (z, T_, None, torch.rand(6) + 0.5, 1.0, torch.rand(6), 0.0, 0, False, -100, 0, True),
-            (z, torch.softmax(T_, -1), Y, None, 2.0, None, 0.9, 1, True, -100, 1, True),
-            (z, torch.log_softmax(T_, -1), Y.int(), None, 2.0, None, 0.9, 2, True, 3, 2, True),
-        ]:
+            (z, T_, Y, None, 3.0, None, 0.5, 2, True, kd().encode()),
+            (z, T_, None, torch.rand(6) + 0.5, 1.0, torch.rand(6), 0.0, 0, True,
+             kd(t_squared=False, divergence=2, beta=0.3).encode()),
+            (z, torch.softmax(T_, -1), Y, None, 2.0, None, 0.9, 1, True,
+             kd(teacher_kind=1, divergence=6).encode()),
+            (z, torch.log_softmax(T_, -1), Y.int(), None, 2.0, None, 0.9, 2, True,
+             kd(teacher_kind=2, ignore_index=3).encode()),
+            (z, T_, Y, None, 3.0, None, 0.5, 2, True, kd(standardize=True, divergence=5).encode()),
+        ]:  # fmt: skip
             torch.library.opcheck(library.kd_loss_op, args)
         z.requires_grad_(True)
         torch.library.opcheck(library.temperature_softmax_op, (z, 2.0, True))
@@ -114,3 +120,46 @@ def test_opcheck(backend):
 
 
 # torch.compile(fullgraph=True) of every op: tests/test_ops_gpu_path.py
+
+
+def test_one_definition_of_each_record_and_limit():
+    """The option records and numeric limits exist once in Python and once in C++/Triton, and
+    the copies agree (field names in order, the T bound, the standardize epsilon)."""
+    from rbkd import config
+    from rbkd.ops import args
+    from rbkd.ops.backends import reference
+
+    assert ops.KD_MAX_TEMPERATURE == config.KD_MAX_TEMPERATURE == reference.KD_MAX_TEMPERATURE
+    try:
+        from rbkd import _C
+    except ImportError:
+        _C = None
+    if _C is not None:
+        assert list(_C.KD_OPTION_FIELDS) == args.field_names(args.KDOptions)
+        assert list(_C.ENTROPY_OPTION_FIELDS) == args.field_names(args.EntropyOptions)
+        assert _C.KD_MAX_TEMPERATURE == config.KD_MAX_TEMPERATURE
+        assert abs(_C.STANDARDIZE_EPS - args.STANDARDIZE_EPS) <= 1e-7 * 2**-20
+        native = _C.KdOptions()  # the C++ defaults are the Python defaults
+        for name, value in zip(
+            args.field_names(args.KDOptions), _astuple(args.KDOptions()), strict=True
+        ):
+            assert getattr(native, name) == pytest.approx(value), name
+    from rbkd import kernels
+
+    if kernels.TRITON_AVAILABLE:
+        from rbkd.kernels import kd_loss as triton_kd
+
+        assert triton_kd.KD_MAX_T.value == config.KD_MAX_TEMPERATURE
+
+
+def _astuple(record):
+    import dataclasses
+
+    return dataclasses.astuple(record)
+
+
+def test_options_record_round_trips_through_the_registered_op():
+    from rbkd.ops.args import KDOptions
+
+    opts = KDOptions(teacher_kind=2, divergence=3, skew=0.25, standardize=True)
+    assert KDOptions.decode(opts.encode()) == opts

@@ -23,6 +23,8 @@ import pytest
 import rbkd.kernels as K
 import torch
 
+from rbkd.ops.args import EntropyOptions, KDOptions, SoftmaxOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 INF = float("inf")
 
@@ -277,7 +279,14 @@ def test_kernels_compile_for_sm90_without_spills():
 
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     cuobjdump = str(cuobjdump) if cuobjdump.exists() else shutil.which("cuobjdump")
-    scalars = {"C": "i32", "K": "i32", "N": "i32", "n_chunks": "i32", "ignore_index": "i64", "inv_log_c": "fp32"}
+    scalars = {
+        "C": "i32",
+        "K": "i32",
+        "N": "i32",
+        "n_chunks": "i32",
+        "ignore_index": "i64",
+        "inv_log_c": "fp32",
+    }
     for module, name, ptr_types, variants in _compile_variants():
         fn = getattr(importlib.import_module(f"rbkd.kernels.{module}"), name)
         for constexprs in variants:
@@ -372,17 +381,14 @@ def _teacher(kind, N, C, dtype, stride_pad=0, seed=2):
 def _check_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, block, dtype=None):
     dtype = dtype or z.dtype
     tol = PROBS_TOL[t.dtype]
-    loss, grad = K.kd_loss_forward(
-        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, True, tol, block
-    )
+    opts = KDOptions(kind, t_squared, ignore_index, tol)
+    loss, grad = K.kd_loss_forward(z, t, labels, T, alpha, grad_scale, True, opts, block)
     ref_loss, ref_grad = ref_kd(z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale)
     assert loss.dtype == torch.float32 and grad.dtype == z.dtype and grad.is_contiguous()
     assert_close(loss, ref_loss, FP32_TOL, "kd loss")
     scale = max(ref_grad.nan_to_num().abs().max().item(), 1e-30) if ref_grad.numel() else 1.0
     assert_close(grad, ref_grad, (TOL[dtype][0] * scale, TOL[dtype][1]), "kd grad")
-    loss2, none = K.kd_loss_forward(
-        z, t, labels, T, alpha, kind, t_squared, ignore_index, grad_scale, False, tol, block
-    )
+    loss2, none = K.kd_loss_forward(z, t, labels, T, alpha, grad_scale, False, opts, block)
     assert none is None
     assert_close(loss2, loss, (0.0, 0.0), "kd loss without grad")
 
@@ -438,13 +444,13 @@ def test_kd_loss_ignored_and_out_of_range_labels():
     # Out-of-range labels give NaN rows (the non-finite rule), never a read of z[y] out of
     # bounds; the ignored row stays 0.
     wild = torch.tensor([C, -1, 10**12, -(10**12), -100])
-    loss, grad = K.kd_loss_forward(z, t, wild, 2.0, 0.5, 0, True, -100, 1.0, True, block_size=16)
+    loss, grad = K.kd_loss_forward(z, t, wild, 2.0, 0.5, 1.0, True, KDOptions(), block_size=16)
     assert loss[:4].isnan().all() and grad[:4].isnan().all()
     assert loss[4] == 0 and grad[4].eq(0).all()
-    loss, grad = K.kd_loss_forward(z, t, wild.int(), 2.0, 0.5, 0, True, -100, 1.0, True)
+    loss, grad = K.kd_loss_forward(z, t, wild.int(), 2.0, 0.5, 1.0, True, KDOptions())
     assert loss[:4].isnan().all() and loss[4] == 0, "int32 labels"
     every = torch.full((N,), 7)  # ignore_index other than -100: all rows ignored
-    loss, grad = K.kd_loss_forward(z, t, every, 2.0, 0.5, 0, True, 7, 1.0, True)
+    loss, grad = K.kd_loss_forward(z, t, every, 2.0, 0.5, 1.0, True, KDOptions(ignore_index=7))
     assert loss.eq(0).all() and grad.eq(0).all() and not grad.isnan().any()
     mixed = torch.tensor([3, 7, 36, 37, 0])
     _check_kd(z, t, mixed, per_row_T(N), 0.3, 0, False, 7, 1.0, 16)
@@ -458,7 +464,7 @@ def test_kd_loss_ignored_and_out_of_range_labels():
 def test_entropy_logits_shapes(C, block, N, normalize):
     x = rows(N, C, torch.float32)
     temps = torch.tensor([0.5, 1.0, 4.0])  # K = 3: one padding temperature in the tile
-    h = K.soft_label_entropy_forward(x, temps, 0, normalize, block_size=block)
+    h = K.soft_label_entropy_forward(x, temps, EntropyOptions(0, normalize), block_size=block)
     assert h.dtype == torch.float32 and h.shape == (3, N)
     assert_close(h, ref_entropy(x, temps, 0, normalize), FP32_TOL, "entropy")
 
@@ -473,10 +479,10 @@ def test_entropy_dtypes_strides_extremes(dtype):
     x[1, :150] = -INF
     x[2, 1:] = -INF  # a single finite logit: entropy exactly 0
     temps = torch.tensor([0.25, 1.0, 2.0, 10.0, 1e4])  # K = 5 pads to 8
-    h = K.soft_label_entropy_forward(x, temps, 0, True, block_size=32)
+    h = K.soft_label_entropy_forward(x, temps, EntropyOptions(0, True), block_size=32)
     assert_close(h, ref_entropy(x, temps, 0, True), FP32_TOL, f"entropy {dtype}")
     assert h[:, 2].eq(0).all()
-    h1 = K.soft_label_entropy_forward(x, temps[:1], 0, False)  # default block, K = 1
+    h1 = K.soft_label_entropy_forward(x, temps[:1], EntropyOptions())  # default block, K = 1
     assert_close(h1, ref_entropy(x, temps[:1], 0, False), FP32_TOL, f"entropy K=1 {dtype}")
 
 
@@ -489,10 +495,10 @@ def test_entropy_probs(C, block):
     p[0, : C // 2] = 0.0  # 0 * log 0 = 0
     p = (p / p.sum(-1, keepdim=True)).to(torch.float32)
     for normalize in (False, True):
-        h = K.soft_label_entropy_forward(p, torch.ones(2), 1, normalize, 1e-3, block)
+        h = K.soft_label_entropy_forward(p, torch.ones(2), EntropyOptions(1, normalize), block)
         assert h.shape == (2, N)
         assert_close(h, ref_entropy(p, torch.ones(2), 1, normalize), FP32_TOL, "entropy of probs")
-    assert K.soft_label_entropy_forward(p, None, 1, False).shape == (1, N)
+    assert K.soft_label_entropy_forward(p, None, EntropyOptions(1)).shape == (1, N)
 
 
 @interp
@@ -508,27 +514,30 @@ def test_backend_interface_matches_reference_backend():
     N, C = 4, 53
     x = rows(N, C, torch.float32)
     for log in (False, True):
-        y = backend.softmax_forward(x, 2.0, log)
+        y = backend.softmax_forward(x, SoftmaxOptions(2.0, log))
         assert_close(
-            y, reference.softmax_forward(x, 2.0, log), TOL[torch.float32], "backend softmax"
+            y,
+            reference.softmax_forward(x, SoftmaxOptions(2.0, log)),
+            TOL[torch.float32],
+            "backend softmax",
         )
         g = rows(N, C, torch.float32, seed=5)
         assert_close(
-            backend.softmax_backward(y, g, 2.0, log),
-            reference.softmax_backward(y, g, 2.0, log),
+            backend.softmax_backward(y, g, SoftmaxOptions(2.0, log)),
+            reference.softmax_backward(y, g, SoftmaxOptions(2.0, log)),
             TOL[torch.float32],
             "backend softmax bwd",
         )
     t = _teacher(0, N, C, torch.float32)
     labels = torch.tensor([1, -100, 52, 0])
-    args = (x, t, labels, per_row_T(N), 0.4, 0, True, -100, torch.tensor(0.25), True)
+    args = (x, t, labels, per_row_T(N), 0.4, torch.tensor(0.25), True, KDOptions())
     (loss, grad), (rloss, rgrad) = backend.kd_loss_forward(*args), reference.kd_loss_forward(*args)
     assert_close(loss, rloss, FP32_TOL, "backend kd loss")
     assert_close(grad, rgrad, TOL[torch.float32], "backend kd grad")
     temps = torch.tensor([1.0, 3.0])
     assert_close(
-        backend.entropy_forward(x, temps, 0, True),
-        reference.entropy_forward(x, temps, 0, True),
+        backend.entropy_forward(x, temps, EntropyOptions(0, True)),
+        reference.entropy_forward(x, temps, EntropyOptions(0, True)),
         FP32_TOL,
         "backend entropy",
     )
@@ -560,7 +569,7 @@ def _vocab_case(device, N, C, kind):
     labels[::7] = -100
     T = (0.5 + 4 * torch.rand(N, generator=g, device=device)).float()
     grad_scale = torch.tensor(1.0 / N, device=device)
-    loss, grad = K.kd_loss_forward(z, t, labels, T, 0.5, kind, True, -100, grad_scale, True)
+    loss, grad = K.kd_loss_forward(z, t, labels, T, 0.5, grad_scale, True, KDOptions(kind))
     ref_loss, ref_grad = ref_kd(
         z.cpu(), t.cpu(), labels.cpu(), T.cpu(), 0.5, kind, True, -100, 1.0 / N
     )
@@ -581,7 +590,7 @@ def _softmax_entropy_case(device, N, C, dtype):
             gi, ref, (TOL[dtype][0] * ref.abs().max().item(), TOL[dtype][1]), f"softmax bwd C={C}"
         )
     temps = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0], device=device)
-    h = K.soft_label_entropy_forward(x, temps, 0, True)
+    h = K.soft_label_entropy_forward(x, temps, EntropyOptions(0, True))
     assert_close(h, ref_entropy(x.cpu(), temps.cpu(), 0, True), (1e-5, 1e-4), f"entropy C={C}")
 
 
@@ -624,9 +633,9 @@ def test_gpu_no_host_sync():
     gs = torch.tensor(1.0 / N, device="cuda")
     temps = torch.tensor([1.0, 4.0], device="cuda")
     run = lambda: (  # noqa: E731
-        K.kd_loss_forward(z, t, labels, T, alpha, 0, True, -100, gs, True),
+        K.kd_loss_forward(z, t, labels, T, alpha, gs, True, KDOptions()),
         K.temperature_softmax_forward(z, T, False),
-        K.soft_label_entropy_forward(z, temps, 0, True),
+        K.soft_label_entropy_forward(z, temps, EntropyOptions(0, True)),
     )
     run()  # compile outside the check
     torch.cuda.synchronize()
@@ -648,7 +657,7 @@ def test_gpu_rows_past_int32_offsets():
         pytest.skip("needs 24 GiB of GPU memory")
     z = torch.empty(N, C, device="cuda", dtype=torch.bfloat16).normal_()
     t = torch.empty(N, C, device="cuda", dtype=torch.bfloat16).normal_()
-    loss, grad = K.kd_loss_forward(z, t, None, 2.0, 1.0, 0, True, -100, 1.0, True)
+    loss, grad = K.kd_loss_forward(z, t, None, 2.0, 1.0, 1.0, True, KDOptions())
     tail = slice(N - 3, N)
     ref_loss, ref_grad = ref_kd(z[tail].cpu(), t[tail].cpu(), None, 2.0, 1.0, 0, True, -100, 1.0)
     assert_close(loss[tail], ref_loss, (1e-4, 1e-4), "kd loss, last rows")

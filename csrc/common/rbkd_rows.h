@@ -102,8 +102,11 @@ RBKD_HD RBKD_INLINE float row_param(const float* rows, float scalar, int64_t i) 
 
 // Above this T the float32 KL loses its digits (the error grows as T^2 * 1e-7: 5e-5 relative at
 // T = 100, 3e-3 at 1000, 1e3 at 1e6; measured against float64), so kd_loss refuses it.
-// rbkd/ops/validation.py holds the same number (KD_MAX_TEMPERATURE).
+// rbkd.config.KD_MAX_TEMPERATURE is the same number (tests/test_ops_api.py ties the copies).
 constexpr float kKdMaxTemperature = 100.0f;
+// standardize: z' = (z - mean) / (std + kStandardizeEps), as Sun et al. (CVPR 2024) write it.
+// rbkd/ops/args.py's STANDARDIZE_EPS is the same number (tests tie the copies).
+constexpr float kStandardizeEps = 1e-7f;
 
 RBKD_HD RBKD_INLINE bool kd_params_ok(float T, float alpha) {
   return T > 0.0f && T <= kKdMaxTemperature && alpha >= 0.0f && alpha <= 1.0f;  // NaN fails

@@ -1,6 +1,6 @@
 // The pybind11 boundary of rbkd._C: the four entry points with the ABI's argument order
 // (csrc/README.md), every argument checked and named in the error, the GIL released around the
-// kernel. `Launch` supplies the kernels and the name and meaning of the last argument.
+// kernel, and the option records (KdOptions, EntropyOptions) as Python classes.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -9,7 +9,9 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu_kernels.h"
 #include "rbkd_args.h"
+#include "rbkd_rows.h"
 
 namespace rbkd::bind {
 
@@ -47,18 +49,57 @@ inline const P* cptr(uintptr_t p) {
   return reinterpret_cast<const P*>(p);
 }
 
-// Launch: struct with static members
-//   static constexpr const char* kLastArg;            // "num_threads" or "stream"
-//   static void check_last(const char* op, int64_t);  // validates it
-//   static void softmax_fwd(const SoftmaxFwdArgs&, int64_t last);  (and bwd, kd_loss, entropy)
-template <typename Launch>
-void define_entry_points(py::module_& m) {
+inline void check_num_threads(const char* op, int64_t num_threads) {
+  if (num_threads < 1 || num_threads > 4096) {
+    fail(op, "num_threads must be in [1, 4096], got " + std::to_string(num_threads));
+  }
+}
+
+inline void check_kd_options(const char* op, const KdOptions& o) {
+  if (o.teacher_kind < 0 || o.teacher_kind > 2) {
+    fail(op, "teacher_kind " + std::to_string(o.teacher_kind) +
+                 " is not one of 0 (logits), 1 (probs), 2 (log_probs)");
+  }
+  if (o.divergence < kKL || o.divergence > kDKD) {
+    fail(op, "divergence " + std::to_string(o.divergence) + " is not a code in [0, 6]");
+  }
+  if (!(o.probs_tol >= 0.0f)) fail(op, "probs_tol must be >= 0, got " + std::to_string(o.probs_tol));
+  if (!(o.beta >= 0.0f && o.beta <= 1.0f)) fail(op, "beta must be in [0, 1], got " + std::to_string(o.beta));
+  if (!(o.skew >= 0.0f && o.skew < 1.0f)) fail(op, "skew must be in [0, 1), got " + std::to_string(o.skew));
+  if (!std::isfinite(o.dkd_alpha) || !std::isfinite(o.dkd_beta)) {
+    fail(op, "dkd_alpha and dkd_beta must be finite");
+  }
+  if (o.standardize && o.teacher_kind != 0) fail(op, "standardize needs teacher_kind 0 (logits)");
+}
+
+#define RBKD_BIND_FIELD(type, name, init) .def_readwrite(#name, &Opt::name)
+#define RBKD_FIELD_NAME(type, name, init) names.append(#name);
+
+inline void define_entry_points(py::module_& m) {
   using py::arg;
+  {
+    using Opt = KdOptions;
+    py::class_<Opt>(m, "KdOptions", "kd_loss's options (rbkd.ops.args.KDOptions)")
+        .def(py::init<>()) RBKD_KD_OPTIONS(RBKD_BIND_FIELD);
+    py::list names;
+    RBKD_KD_OPTIONS(RBKD_FIELD_NAME)
+    m.attr("KD_OPTION_FIELDS") = py::tuple(names);
+  }
+  {
+    using Opt = EntropyOptions;
+    py::class_<Opt>(m, "EntropyOptions", "soft_label_entropy's options")
+        .def(py::init<>()) RBKD_ENTROPY_OPTIONS(RBKD_BIND_FIELD);
+    py::list names;
+    RBKD_ENTROPY_OPTIONS(RBKD_FIELD_NAME)
+    m.attr("ENTROPY_OPTION_FIELDS") = py::tuple(names);
+  }
+  m.attr("KD_MAX_TEMPERATURE") = kKdMaxTemperature;
+  m.attr("STANDARDIZE_EPS") = kStandardizeEps;
 
   m.def(
       "temperature_softmax_fwd",
       [](uintptr_t x, int x_dtype, int64_t x_row_stride, uintptr_t out, int64_t N, int64_t C,
-         double T, bool log, int64_t last) {
+         double T, bool log, int64_t num_threads) {
         const char* op = "temperature_softmax_fwd";
         check_dtype(op, "x_dtype", x_dtype);
         check_nonneg(op, "N", N);
@@ -68,20 +109,20 @@ void define_entry_points(py::module_& m) {
         check_ptr(op, "x", x, touches);
         check_ptr(op, "out", out, touches);
         check_temperature(op, "T", T);
-        Launch::check_last(op, last);
+        check_num_threads(op, num_threads);
         const SoftmaxFwdArgs a{cptr<void>(x), x_dtype, x_row_stride, reinterpret_cast<void*>(out),
                                N, C, static_cast<float>(T), log};
         py::gil_scoped_release nogil;
-        Launch::softmax_fwd(a, last);
+        cpu::temperature_softmax_fwd(a, static_cast<int>(num_threads));
       },
       arg("x"), arg("x_dtype"), arg("x_row_stride"), arg("out"), arg("N"), arg("C"), arg("T"),
-      arg("log"), arg(Launch::kLastArg),
+      arg("log"), arg("num_threads"),
       "out[N, C] = softmax(x / T) (or log_softmax), computed in float32.");
 
   m.def(
       "temperature_softmax_bwd",
       [](uintptr_t y, uintptr_t grad_out, int64_t go_row_stride, uintptr_t grad_in, int dtype,
-         int64_t N, int64_t C, double T, bool log, int64_t last) {
+         int64_t N, int64_t C, double T, bool log, int64_t num_threads) {
         const char* op = "temperature_softmax_bwd";
         check_dtype(op, "dtype", dtype);
         check_nonneg(op, "N", N);
@@ -92,31 +133,28 @@ void define_entry_points(py::module_& m) {
         check_ptr(op, "grad_out", grad_out, touches);
         check_ptr(op, "grad_in", grad_in, touches);
         check_temperature(op, "T", T);
-        Launch::check_last(op, last);
+        check_num_threads(op, num_threads);
         const SoftmaxBwdArgs a{cptr<void>(y), cptr<void>(grad_out), go_row_stride,
                                reinterpret_cast<void*>(grad_in), dtype, N, C,
                                static_cast<float>(T), log};
         py::gil_scoped_release nogil;
-        Launch::softmax_bwd(a, last);
+        cpu::temperature_softmax_bwd(a, static_cast<int>(num_threads));
       },
       arg("y"), arg("grad_out"), arg("go_row_stride"), arg("grad_in"), arg("dtype"), arg("N"),
-      arg("C"), arg("T"), arg("log"), arg(Launch::kLastArg),
+      arg("C"), arg("T"), arg("log"), arg("num_threads"),
       "grad_in[N, C] of temperature_softmax_fwd given its output y and grad_out.");
 
   m.def(
       "kd_loss_fwd",
       [](uintptr_t student, int s_dtype, int64_t s_row_stride, uintptr_t teacher, int t_dtype,
-         int64_t t_row_stride, int teacher_kind, uintptr_t labels, int64_t ignore_index, double T,
-         uintptr_t T_rows, double alpha, uintptr_t alpha_rows, bool t_squared, int64_t N,
-         int64_t C, uintptr_t loss, uintptr_t grad, double grad_scale, uintptr_t grad_scale_ptr,
-         double probs_tol, int64_t last) {
+         int64_t t_row_stride, uintptr_t labels, double T, uintptr_t T_rows, double alpha,
+         uintptr_t alpha_rows, int64_t N, int64_t C, uintptr_t loss, uintptr_t grad,
+         double grad_scale, uintptr_t grad_scale_ptr, const KdOptions& options,
+         int64_t num_threads) {
         const char* op = "kd_loss_fwd";
         check_dtype(op, "s_dtype", s_dtype);
         check_dtype(op, "t_dtype", t_dtype);
-        if (teacher_kind < 0 || teacher_kind > 2) {
-          fail(op, "teacher_kind " + std::to_string(teacher_kind) +
-                       " is not one of 0 (logits), 1 (probs), 2 (log_probs)");
-        }
+        check_kd_options(op, options);
         check_nonneg(op, "N", N);
         check_nonneg(op, "C", C);
         check_nonneg(op, "s_row_stride", s_row_stride);
@@ -125,69 +163,72 @@ void define_entry_points(py::module_& m) {
         check_ptr(op, "student", student, touches);
         check_ptr(op, "teacher", teacher, touches);
         check_ptr(op, "loss", loss, N > 0);
+        if (options.divergence == kDKD) check_ptr(op, "labels (dkd needs them)", labels, touches);
+        if (options.divergence != kKL || options.standardize) {
+          fail(op, "this build computes divergence 0 (kl) without standardize only");
+        }
         if (T_rows == 0) check_temperature(op, "T", T);
-        if (!(probs_tol >= 0.0)) fail(op, "probs_tol must be >= 0, got " + std::to_string(probs_tol));
         if (alpha_rows == 0 && !std::isfinite(alpha)) {
           fail(op, "alpha must be finite, got " + std::to_string(alpha));
         }
-        Launch::check_last(op, last);
-        const KdLossArgs a{cptr<void>(student),
-                           s_dtype,
-                           s_row_stride,
-                           cptr<void>(teacher),
-                           t_dtype,
-                           t_row_stride,
-                           teacher_kind,
-                           cptr<int64_t>(labels),
-                           ignore_index,
-                           static_cast<float>(T),
-                           cptr<float>(T_rows),
-                           static_cast<float>(alpha),
-                           cptr<float>(alpha_rows),
-                           t_squared,
-                           N,
-                           C,
-                           reinterpret_cast<float*>(loss),
-                           reinterpret_cast<void*>(grad),
-                           static_cast<float>(grad_scale),
-                           cptr<float>(grad_scale_ptr),
-                           static_cast<float>(probs_tol)};
+        check_num_threads(op, num_threads);
+        KdLossArgs a{};
+        a.student = cptr<void>(student);
+        a.s_dtype = s_dtype;
+        a.s_row_stride = s_row_stride;
+        a.teacher = cptr<void>(teacher);
+        a.t_dtype = t_dtype;
+        a.t_row_stride = t_row_stride;
+        a.labels = cptr<int64_t>(labels);
+        a.T = static_cast<float>(T);
+        a.T_rows = cptr<float>(T_rows);
+        a.alpha = static_cast<float>(alpha);
+        a.alpha_rows = cptr<float>(alpha_rows);
+        a.N = N;
+        a.C = C;
+        a.loss = reinterpret_cast<float*>(loss);
+        a.grad = reinterpret_cast<void*>(grad);
+        a.grad_scale = static_cast<float>(grad_scale);
+        a.grad_scale_ptr = cptr<float>(grad_scale_ptr);
+        a.opt = options;
         py::gil_scoped_release nogil;
-        Launch::kd_loss(a, last);
+        cpu::kd_loss_fwd(a, static_cast<int>(num_threads));
       },
       arg("student"), arg("s_dtype"), arg("s_row_stride"), arg("teacher"), arg("t_dtype"),
-      arg("t_row_stride"), arg("teacher_kind"), arg("labels"), arg("ignore_index"), arg("T"),
-      arg("T_rows"), arg("alpha"), arg("alpha_rows"), arg("t_squared"), arg("N"), arg("C"),
-      arg("loss"), arg("grad"), arg("grad_scale"), arg("grad_scale_ptr"), arg("probs_tol"),
-      arg(Launch::kLastArg),
+      arg("t_row_stride"), arg("labels"), arg("T"), arg("T_rows"), arg("alpha"),
+      arg("alpha_rows"), arg("N"), arg("C"), arg("loss"), arg("grad"), arg("grad_scale"),
+      arg("grad_scale_ptr"), arg("options"), arg("num_threads"),
       "Per-row KD loss[N] (float32) and, when grad != 0, dL/dz * grad_scale in the same pass.");
 
   m.def(
       "soft_label_entropy_fwd",
-      [](uintptr_t x, int x_dtype, int64_t x_row_stride, int kind, uintptr_t temps, int64_t K,
-         int64_t N, int64_t C, uintptr_t out, bool normalize, double probs_tol, int64_t last) {
+      [](uintptr_t x, int x_dtype, int64_t x_row_stride, uintptr_t temps, int64_t K, int64_t N,
+         int64_t C, uintptr_t out, const EntropyOptions& options, int64_t num_threads) {
         const char* op = "soft_label_entropy_fwd";
         check_dtype(op, "x_dtype", x_dtype);
-        if (kind != 0 && kind != 1) {
-          fail(op, "kind " + std::to_string(kind) + " is not one of 0 (logits), 1 (probs)");
+        if (options.kind != 0 && options.kind != 1) {
+          fail(op, "kind " + std::to_string(options.kind) + " is not one of 0 (logits), 1 (probs)");
         }
+        if (!(options.probs_tol >= 0.0f)) fail(op, "probs_tol must be >= 0");
         check_nonneg(op, "K", K);
         check_nonneg(op, "N", N);
         check_nonneg(op, "C", C);
         check_nonneg(op, "x_row_stride", x_row_stride);
         check_ptr(op, "x", x, N > 0 && C > 0 && K > 0);
-        check_ptr(op, "temps", temps, kind == 0 && N > 0 && K > 0);
+        check_ptr(op, "temps", temps, options.kind == 0 && N > 0 && K > 0);
         check_ptr(op, "out", out, N > 0 && K > 0);
-        Launch::check_last(op, last);
-        const EntropyArgs a{cptr<void>(x), x_dtype, x_row_stride, kind, cptr<float>(temps),
-                            K, N, C, reinterpret_cast<float*>(out), normalize,
-                            static_cast<float>(probs_tol)};
+        check_num_threads(op, num_threads);
+        const EntropyArgs a{cptr<void>(x), x_dtype, x_row_stride, cptr<float>(temps),
+                            K, N, C, reinterpret_cast<float*>(out), options};
         py::gil_scoped_release nogil;
-        Launch::entropy(a, last);
+        cpu::soft_label_entropy_fwd(a, static_cast<int>(num_threads));
       },
-      arg("x"), arg("x_dtype"), arg("x_row_stride"), arg("kind"), arg("temps"), arg("K"),
-      arg("N"), arg("C"), arg("out"), arg("normalize"), arg("probs_tol"), arg(Launch::kLastArg),
+      arg("x"), arg("x_dtype"), arg("x_row_stride"), arg("temps"), arg("K"), arg("N"), arg("C"),
+      arg("out"), arg("options"), arg("num_threads"),
       "out[K, N] (float32): entropy in nats of softmax(x / T_k) (kind 0) or of the rows (kind 1).");
 }
+
+#undef RBKD_BIND_FIELD
+#undef RBKD_FIELD_NAME
 
 }  // namespace rbkd::bind

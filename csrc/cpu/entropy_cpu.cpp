@@ -22,14 +22,14 @@ RBKD_CLONES void entropy_row(const EntropyArgs& a, int64_t i, float norm, float*
   const void* row = static_cast<const char*>(a.x) + i * a.x_row_stride * dtype_size(a.dtype);
   float m;
   const float* x = row_as_float(row, a.dtype, scratch, C, &m);
-  if (a.kind != 0) {
+  if (a.opt.kind != 0) {
     float B = 0.0f, S = 0.0f;
 #pragma omp simd reduction(+ : B, S)
     for (int64_t j = 0; j < C; ++j) {
       B += entropy_term(x[j], fast_log(x[j]));
       S += x[j];
     }
-    const float H = mass_ok(S, a.probs_tol) ? entropy_finish_probs(B) * norm : NAN;
+    const float H = mass_ok(S, a.opt.probs_tol) ? entropy_finish_probs(B) * norm : NAN;
     for (int64_t k = 0; k < a.K; ++k) a.out[k * a.N + i] = H;
     return;
   }
@@ -132,8 +132,8 @@ RBKD_CLONES void entropy_rows_small(const EntropyArgs& a, int64_t i0, const floa
   } else {
     load_tile<kBFloat16>(a.x, a.x_row_stride, i0, rows, C, x);
   }
-  if (a.kind != 0) {
-    entropy_tile_probs(C, x, a.K, norm, a.probs_tol, a.out, a.N, i0, rows);
+  if (a.opt.kind != 0) {
+    entropy_tile_probs(C, x, a.K, norm, a.opt.probs_tol, a.out, a.N, i0, rows);
   } else {
     entropy_tile_logits(C, x, inv_T, a.K, norm, a.out, a.N, i0, rows);
   }
@@ -147,12 +147,12 @@ void soft_label_entropy_fwd(const EntropyArgs& a, int num_threads) {
     for (int64_t k = 0; k < a.K * a.N; ++k) a.out[k] = 0.0f;
     return;
   }
-  const float norm = entropy_normalizer(a.C, a.normalize);
-  const int64_t K = a.kind != 0 ? 1 : a.K;
+  const float norm = entropy_normalizer(a.C, a.opt.normalize);
+  const int64_t K = a.opt.kind != 0 ? 1 : a.K;
   if (a.C <= kSmallC) {
     // Same reciprocal as the large-C path (1.0f / T), computed once per call.
     std::vector<float> inv_T(static_cast<size_t>(K), 1.0f);
-    if (a.kind == 0) {
+    if (a.opt.kind == 0) {
       for (int64_t k = 0; k < K; ++k) inv_T[k] = 1.0f / a.temps[k];
     }
     const int64_t blocks = (a.N + kLanes - 1) / kLanes;

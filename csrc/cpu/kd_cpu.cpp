@@ -66,7 +66,7 @@ RBKD_INLINE RowParams row_params(const KdLossArgs& a, int64_t i) {
   RowParams p;
   const float T = row_param(a.T_rows, a.T, i);
   p.inv_T = 1.0f / T;
-  p.kl_scale = a.t_squared ? T * T : 1.0f;
+  p.kl_scale = a.opt.t_squared ? T * T : 1.0f;
   p.alpha = a.labels != nullptr ? row_param(a.alpha_rows, a.alpha, i) : 1.0f;
   p.label = -1;
   p.ignored = false;
@@ -76,7 +76,7 @@ RBKD_INLINE RowParams row_params(const KdLossArgs& a, int64_t i) {
                 : 0;
   if (a.labels != nullptr) {
     const int64_t y = a.labels[i];
-    if (y == a.ignore_index) {
+    if (y == a.opt.ignore_index) {
       p.ignored = true;
     } else if (y < 0 || y >= a.C) {
       p.bad = true;  // never read z[y]
@@ -162,7 +162,7 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
     const float* tb = t + j0;
     float* esb = es + j0;
     float* etb = et + j0;
-    if (a.teacher_kind == kLogits) {
+    if (a.opt.teacher_kind == kLogits) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float zs = (zb[j] - mz) * inv_T;
@@ -172,7 +172,7 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
         etb[j] = e_t;
         kt[j] = kl_term(e_t, ts, zs);
       }
-    } else if (a.teacher_kind == kLogProbs) {
+    } else if (a.opt.teacher_kind == kLogProbs) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float zs = (zb[j] - mz) * inv_T;
@@ -211,14 +211,14 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
   }
   if (!sep_ce) Sce = Ss;
   const bool teacher_ok =
-      a.teacher_kind == kLogits ? logits_row_ok(mt, St) : mass_ok(St, a.probs_tol);
+      a.opt.teacher_kind == kLogits ? logits_row_ok(mt, St) : mass_ok(St, a.opt.probs_tol);
   if (!(teacher_ok && logits_row_ok(mz, Ss))) {
     a.loss[i] = NAN;
     if (g_row != nullptr) fill_row(g_row, a.s_dtype, C, NAN);
     return;
   }
 
-  const float kl = kl_finish(A, St, Ss, a.teacher_kind);
+  const float kl = kl_finish(A, St, Ss, a.opt.teacher_kind);
   const float ce = has_ce ? ce_finish(Sce, mz, z[rp.label]) : 0.0f;
   a.loss[i] = kd_row_loss(ce, kl, rp.alpha, rp.kl_scale, has_ce);
   if (g_row == nullptr) return;
@@ -227,7 +227,7 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
   const float gs = a.grad_scale_ptr != nullptr ? *a.grad_scale_ptr : a.grad_scale;
   const KdGradCoef c = kd_grad_coef(rp.alpha, rp.kl_scale, inv_T, has_ce, gs);
   const float inv_Ss = 1.0f / Ss;
-  const float inv_St = a.teacher_kind == kLogits ? 1.0f / St : 1.0f;
+  const float inv_St = a.opt.teacher_kind == kLogits ? 1.0f / St : 1.0f;
   const float inv_Sce = 1.0f / Sce;
   if (pow_ce) {
     // The CE exps are not kept: re-formed block by block in L1 from the kept tempered ones.
@@ -399,7 +399,7 @@ RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
   alignas(64) float zy[kLanes], mt[kLanes];
 #define RBKD_TILE(KIND, CE) \
   kd_tile<KIND, CE>(C, z, t, g, inv_T, c_ce, c_kl, label, valid, mz, Ss, mce, Sce, St, mt, A, zy)
-  const int kind = a.teacher_kind;
+  const int kind = a.opt.teacher_kind;
   if (has_ce) {
     if (kind == kLogits) RBKD_TILE(kLogits, true);
     else if (kind == kProbs) RBKD_TILE(kProbs, true);
@@ -411,7 +411,7 @@ RBKD_CLONES void kd_rows_small(const KdLossArgs& a, int64_t i0) {
   }
 #undef RBKD_TILE
   for (int r = 0; r < rows; ++r) {
-    const bool teacher_ok = kind == kLogits ? logits_row_ok(mt[r], St[r]) : mass_ok(St[r], a.probs_tol);
+    const bool teacher_ok = kind == kLogits ? logits_row_ok(mt[r], St[r]) : mass_ok(St[r], a.opt.probs_tol);
     if (!ignored[r] && !(teacher_ok && logits_row_ok(mz[r], Ss[r]))) bad[r] = true;
     const float kl = kl_finish(A[r], St[r], Ss[r], kind);
     const float ce = has_ce ? ce_finish(Sce[r], mce[r], zy[r]) : 0.0f;

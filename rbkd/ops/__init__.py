@@ -2,7 +2,8 @@
 
     temperature_softmax(logits, T=1.0, *, log=False)
     kd_loss(student_logits, teacher, labels=None, *, T=4.0, alpha=0.9, teacher_kind="logits",
-            t_squared=True, ignore_index=-100, reduction="mean")
+            t_squared=True, ignore_index=-100, reduction="mean", divergence="kl", beta=0.5,
+            skew=0.1, dkd_alpha=1.0, dkd_beta=8.0, standardize=False)
     soft_label_entropy(logits, T=1.0, *, teacher_kind="logits", normalize=False)
 
 The backend is chosen per call from the tensors' device (see rbkd.ops.dispatch): the C++ CPU
@@ -19,11 +20,13 @@ from torch import Tensor
 
 from rbkd.ops import library
 from rbkd.ops import validation as v
+from rbkd.ops.args import DIVERGENCES, KDOptions
 from rbkd.ops.dispatch import BackendError, available_backends, select_backend, use_backend
 
 KD_MAX_TEMPERATURE = v.KD_MAX_TEMPERATURE  # the largest T kd_loss accepts (README, loss convention)
 
 __all__ = [
+    "DIVERGENCES",
     "KD_MAX_TEMPERATURE",
     "BackendError",
     "available_backends",
@@ -68,12 +71,31 @@ def kd_loss(
     t_squared: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
+    divergence: str = "kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    dkd_alpha: float = 1.0,
+    dkd_beta: float = 8.0,
+    standardize: bool = False,
 ) -> Tensor:
     """Knowledge-distillation loss of student logits [..., C] against a teacher of the same shape.
 
-    Per row i:  L_i = (1 - a) * CE(z_i, y_i) + a * s * KL(p_t || p_s), with p_s = softmax(z_i / T),
+    Per row i:  L_i = (1 - a) * CE(z_i, y_i) + a * s * D(p_t, p_s), with p_s = softmax(z_i / T),
     p_t = softmax(t_i / T) | t_i | exp(t_i) for teacher_kind "logits" | "probs" | "log_probs",
     s = T**2 if t_squared else 1 (Hinton et al. 2015; the thesis's eq. 3.5 is t_squared=False).
+    D is the divergence (csrc/README.md has the formulas and gradients):
+
+        "kl"               KL(p_t || p_s)                             (default; Hinton et al.)
+        "reverse_kl"       KL(p_s || p_t)                             (MiniLLM)
+        "jsd"              beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s
+                           (GKD, TRL, Liger; beta = 0 is "kl" and beta = 1 "reverse_kl", as they do)
+        "skew_kl"          KL(p_t || skew p_t + (1 - skew) p_s)        (DistiLLM)
+        "skew_reverse_kl"  KL(p_s || skew p_s + (1 - skew) p_t)        (DistiLLM)
+        "tvd"              0.5 sum_j |p_t - p_s|                       (DistillKit)
+        "dkd"              dkd_alpha TCKD + dkd_beta NCKD              (Zhao et al. 2022; needs labels)
+
+    standardize=True z-scores each student and teacher row before dividing by T (Sun et al. 2024;
+    logits teachers only); the CE term keeps the raw logits.
     Leading dimensions are flattened into rows (an LM's [batch, seq, vocab] works as is), and
     labels (int64 or int32) have the leading shape. labels=None is pure distillation (a = 1).
     Rows labelled ignore_index contribute nothing and leave the mean. T (at most
@@ -99,6 +121,15 @@ def kd_loss(
     alpha = v.check_alpha(_per_row(alpha, lead), n, device)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    opts = KDOptions(
+        teacher_kind=kind,
+        t_squared=bool(t_squared),
+        ignore_index=ignore_index,
+        probs_tol=v.probs_tolerance(teacher.dtype),
+        **v.check_divergence_options(
+            divergence, beta, skew, dkd_alpha, dkd_beta, standardize, teacher_kind, labels
+        ),
+    )
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     T_rows, T_scalar = (T, 1.0) if isinstance(T, Tensor) else (None, T)
     a_rows, a_scalar = (alpha, 0.0) if isinstance(alpha, Tensor) else (None, alpha)
@@ -110,11 +141,9 @@ def kd_loss(
         T_scalar,
         a_rows,
         a_scalar,
-        kind,
-        bool(t_squared),
-        ignore_index,
         red,
         need_grad,
+        opts.encode(),
     )
     return loss.reshape(lead) if red == v.REDUCTIONS["none"] else loss
 

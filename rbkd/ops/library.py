@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from rbkd.ops import validation as v
+from rbkd.ops.args import EntropyOptions, KDOptions, SoftmaxOptions
 from rbkd.ops.dispatch import select_backend
 
 _MEAN, _SUM, _NONE = v.REDUCTIONS["mean"], v.REDUCTIONS["sum"], v.REDUCTIONS["none"]
@@ -39,7 +40,7 @@ def eager(*tensors: Tensor) -> bool:
 def temperature_softmax_impl(x: Tensor, T: float, log: bool) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
-    out = select_backend(x.device).softmax_forward(_rows(x), T, log)
+    out = select_backend(x.device).softmax_forward(_rows(x), SoftmaxOptions(T, log))
     return out.reshape(x.shape)
 
 
@@ -58,7 +59,8 @@ def temperature_softmax_backward_op(y: Tensor, grad: Tensor, T: float, log: bool
     if y.numel() == 0:
         return torch.empty_like(y)
     grad_rows = _rows(grad.to(y.dtype))
-    out = select_backend(y.device).softmax_backward(_rows(y).contiguous(), grad_rows, T, log)
+    opts = SoftmaxOptions(T, log)
+    out = select_backend(y.device).softmax_backward(_rows(y).contiguous(), grad_rows, opts)
     return out.reshape(y.shape)
 
 
@@ -83,8 +85,9 @@ temperature_softmax_op.register_autograd(_softmax_backward, setup_context=_softm
 # ---- KD loss -------------------------------------------------------------------------------------
 
 
-def _check_kd_values(student, teacher, labels, T_rows, alpha_rows, teacher_kind, ignore_index):
+def _check_kd_values(student, teacher, labels, T_rows, alpha_rows, opts: KDOptions):
     """The value checks of kd_loss (validation.host_value_checks decides whether they run)."""
+    teacher_kind, ignore_index = opts.teacher_kind, opts.ignore_index
     c = student.shape[1]
     if labels is not None:
         v.check_label_values(labels, c, ignore_index)
@@ -109,20 +112,20 @@ def kd_loss_impl(
     T: float,
     alpha_rows: Tensor | None,
     alpha: float,
-    teacher_kind: int,
-    t_squared: bool,
-    ignore_index: int,
     reduction: int,
     need_grad: bool,
+    options: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns (loss, saved gradient of the reduced loss w.r.t. student; empty if not needed).
 
-    No host synchronisation on a GPU: value checks run only where validation.host_value_checks
-    says so, and the mean's row count stays a device tensor that the kernels read.
+    options: the KDOptions record, encoded (rbkd/ops/args.py). No host synchronisation on a GPU:
+    value checks run only where validation.host_value_checks says so, and the mean's row count
+    stays a device tensor that the kernels read.
     """
+    opts = KDOptions.decode(options)
     n, c = student.shape
     if v.host_value_checks(student.device):
-        _check_kd_values(student, teacher, labels, T_rows, alpha_rows, teacher_kind, ignore_index)
+        _check_kd_values(student, teacher, labels, T_rows, alpha_rows, opts)
     if T_rows is not None:
         T_rows = T_rows.to(torch.float32).contiguous()
     if alpha_rows is not None:
@@ -133,7 +136,7 @@ def kd_loss_impl(
         if labels is None:  # every row counts: the count is known on the host
             grad_scale = 1.0 / max(n, 1)
         else:  # the count stays a tensor: the kernels read it through a pointer
-            count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+            count = (labels != opts.ignore_index).sum().clamp_min(1).to(torch.float32)
             grad_scale = count.reciprocal()
     if n == 0:
         rows = student.new_zeros((0,), dtype=torch.float32)
@@ -146,12 +149,9 @@ def kd_loss_impl(
             labels,
             T if T_rows is None else T_rows,
             alpha if alpha_rows is None else alpha_rows,
-            teacher_kind,
-            t_squared,
-            ignore_index,
             grad_scale,
             need_grad,
-            v.probs_tolerance(teacher.dtype),
+            opts,
         )
     if reduction == _NONE:
         loss = rows
@@ -170,20 +170,7 @@ kd_loss_op = torch.library.custom_op("rbkd::kd_loss", kd_loss_impl, mutates_args
 
 
 @kd_loss_op.register_fake
-def _(
-    student,
-    teacher,
-    labels,
-    T_rows,
-    T,
-    alpha_rows,
-    alpha,
-    teacher_kind,
-    t_squared,
-    ignore_index,
-    reduction,
-    need_grad,
-):
+def _(student, teacher, labels, T_rows, T, alpha_rows, alpha, reduction, need_grad, options):
     n, c = student.shape
     loss_shape = (n,) if reduction == _NONE else ()
     grad = student.new_empty((n, c) if need_grad else (0,))
@@ -259,6 +246,8 @@ class KDLoss(torch.autograd.Function):
 
 
 def soft_label_entropy_impl(x: Tensor, temps: Tensor, kind: int, normalize: bool) -> Tensor:
+    # The registered op keeps plain arguments (kind, normalize): the record is built here, with
+    # the tolerance of the input's dtype.
     """Entropy [K, N] of softmax(x / T_k) (kind 0) or of probability rows (kind 1)."""
     if v.host_value_checks(x.device):
         v.check_temperature_values("T", temps)
@@ -275,7 +264,8 @@ def soft_label_entropy_impl(x: Tensor, temps: Tensor, kind: int, normalize: bool
         return x.new_zeros((k, n), dtype=torch.float32)
     temps = temps.to(device=x.device, dtype=torch.float32).contiguous()
     backend = select_backend(x.device)
-    return backend.entropy_forward(_rows(x), temps, kind, normalize, v.probs_tolerance(x.dtype))
+    opts = EntropyOptions(kind, bool(normalize), v.probs_tolerance(x.dtype))
+    return backend.entropy_forward(_rows(x), temps, opts)
 
 
 soft_label_entropy_op = torch.library.custom_op(

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from rbkd.config import KD_MAX_TEMPERATURE as KD_MAX_TEMPERATURE  # re-exported
+from rbkd.ops.args import DIVERGENCES
+from rbkd.ops.args import TEACHER_KINDS as TEACHER_KINDS  # re-exported
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TEACHER_KINDS = {"logits": 0, "probs": 1, "log_probs": 2}
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # Rows of probabilities must sum to 1 within this, loose enough for float16/bfloat16 inputs.
 PROBS_SUM_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -110,7 +111,7 @@ def check_temperature(
         raise ValueError(f"{name} must be a finite number > 0, got {T}")
     if max_T is not None and T > max_T:
         raise ValueError(
-            f"{name} = {T:g} is above {max_T:g}, the largest temperature kd_loss computes "
+            f"{name} = {T!r} is above {max_T:g}, the largest temperature kd_loss computes "
             "accurately in float32; use a smaller T"
         )
     return T
@@ -129,6 +130,57 @@ def check_choice(name: str, value: object, choices: dict[str, int]) -> int:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return choices[value]
+
+
+def _finite_number(name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return float(x)
+
+
+def check_divergence_options(
+    divergence: object,
+    beta: object,
+    skew: object,
+    dkd_alpha: object,
+    dkd_beta: object,
+    standardize: object,
+    teacher_kind: str,
+    labels: Tensor | None,
+) -> dict:
+    """kd_loss's divergence arguments as KDOptions fields; each error names the argument."""
+    code = check_choice("divergence", divergence, DIVERGENCES)
+    beta = _finite_number("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(
+            f"beta must be in [0, 1] (the teacher's weight in the mixture), got {beta}"
+        )
+    skew = _finite_number("skew", skew)
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(
+            f"skew must be in [0, 1) (1 would compare a distribution with itself), got {skew}"
+        )
+    dkd_alpha, dkd_beta = (
+        _finite_number("dkd_alpha", dkd_alpha),
+        _finite_number("dkd_beta", dkd_beta),
+    )
+    if dkd_alpha < 0 or dkd_beta < 0:
+        raise ValueError(f"dkd_alpha and dkd_beta must be >= 0, got {dkd_alpha} and {dkd_beta}")
+    if not isinstance(standardize, bool):
+        raise TypeError(f"standardize must be True or False, got {type(standardize).__name__}")
+    if divergence == "dkd" and labels is None:
+        raise ValueError(
+            "divergence='dkd' needs labels: it splits the target class from the others; pass "
+            "labels, or choose another divergence for an unlabelled transfer set"
+        )
+    if standardize and teacher_kind != "logits":
+        raise ValueError(
+            f"standardize=True z-scores logits: it needs teacher_kind='logits', got {teacher_kind!r}"
+        )
+    return {"divergence": code, "beta": beta, "skew": skew, "dkd_alpha": dkd_alpha,
+            "dkd_beta": dkd_beta, "standardize": standardize}  # fmt: skip
 
 
 def check_kd_inputs(student: Tensor, teacher: Tensor, labels: Tensor | None) -> None:

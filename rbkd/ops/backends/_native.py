@@ -1,16 +1,16 @@
 """Calling the compiled CPU kernels of `rbkd._C`: tensors in, the pointer ABI of csrc/README.md
-out. The last argument of every entry point is the thread count (`tail`).
+out. The last argument of every entry point is the thread count.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from rbkd.ops.args import EntropyOptions, KDOptions, SoftmaxOptions
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -39,33 +39,41 @@ def scalar_or_rows(value: float | Tensor) -> tuple[float, int, Tensor | None]:
     return float(value), 0, None
 
 
+def native_options(lib: ModuleType, record: KDOptions | EntropyOptions):
+    """The C++ twin of an option record, field by field (the names are the same on both sides)."""
+    native = (lib.KdOptions if isinstance(record, KDOptions) else lib.EntropyOptions)()
+    for field, value in zip(fields(record), astuple(record), strict=True):
+        setattr(native, field.name, value)
+    return native
+
+
 @dataclass(frozen=True)
 class NativeKernels:
     lib: ModuleType | None  # rbkd._C; None when not built
-    tail: Callable[[Tensor], int]  # the last argument: num_threads (CPU) or the stream (CUDA)
-    on_device: Callable[[Tensor], contextlib.AbstractContextManager]  # launch context
 
-    def softmax_forward(self, x: Tensor, T: float, log: bool) -> Tensor:
+    @staticmethod
+    def num_threads() -> int:
+        return max(1, torch.get_num_threads())
+
+    def softmax_forward(self, x: Tensor, opts: SoftmaxOptions) -> Tensor:
         x = unit_last_stride(x)
         n, c = x.shape
         out = torch.empty((n, c), dtype=x.dtype, device=x.device)
-        with self.on_device(x):
-            self.lib.temperature_softmax_fwd(
-                x.data_ptr(), dtype_code(x), row_stride(x), out.data_ptr(), n, c, float(T),
-                bool(log), self.tail(x),
-            )  # fmt: skip
+        self.lib.temperature_softmax_fwd(
+            x.data_ptr(), dtype_code(x), row_stride(x), out.data_ptr(), n, c, float(opts.T),
+            bool(opts.log), self.num_threads(),
+        )  # fmt: skip
         return out
 
-    def softmax_backward(self, y: Tensor, grad: Tensor, T: float, log: bool) -> Tensor:
+    def softmax_backward(self, y: Tensor, grad: Tensor, opts: SoftmaxOptions) -> Tensor:
         y = y.contiguous()
         grad = unit_last_stride(grad.to(y.dtype))  # e.g. the expanded ones of .sum().backward()
         n, c = y.shape
         grad_in = torch.empty((n, c), dtype=y.dtype, device=y.device)
-        with self.on_device(y):
-            self.lib.temperature_softmax_bwd(
-                y.data_ptr(), grad.data_ptr(), row_stride(grad), grad_in.data_ptr(), dtype_code(y),
-                n, c, float(T), bool(log), self.tail(y),
-            )  # fmt: skip
+        self.lib.temperature_softmax_bwd(
+            y.data_ptr(), grad.data_ptr(), row_stride(grad), grad_in.data_ptr(), dtype_code(y),
+            n, c, float(opts.T), bool(opts.log), self.num_threads(),
+        )  # fmt: skip
         return grad_in
 
     def kd_loss_forward(
@@ -75,12 +83,9 @@ class NativeKernels:
         labels: Tensor | None,
         T: float | Tensor,
         alpha: float | Tensor,
-        teacher_kind: int,
-        t_squared: bool,
-        ignore_index: int,
         grad_scale: float | Tensor,
         need_grad: bool,
-        probs_tol: float = 1e-3,
+        opts: KDOptions,
     ) -> tuple[Tensor, Tensor | None]:
         student, teacher = unit_last_stride(student), unit_last_stride(teacher)
         n, c = student.shape
@@ -99,28 +104,24 @@ class NativeKernels:
         grad = (
             torch.empty((n, c), dtype=student.dtype, device=student.device) if need_grad else None
         )
-        with self.on_device(student):
-            self.lib.kd_loss_fwd(
-                student.data_ptr(), dtype_code(student), row_stride(student),
-                teacher.data_ptr(), dtype_code(teacher), row_stride(teacher), int(teacher_kind),
-                labels.data_ptr() if labels is not None else 0, int(ignore_index),
-                T_value, T_ptr, alpha_value, alpha_ptr, bool(t_squared), n, c,
-                loss.data_ptr(), grad.data_ptr() if grad is not None else 0,
-                scale_value, scale_ptr, float(probs_tol), self.tail(student),
-            )  # fmt: skip
+        self.lib.kd_loss_fwd(
+            student.data_ptr(), dtype_code(student), row_stride(student),
+            teacher.data_ptr(), dtype_code(teacher), row_stride(teacher),
+            labels.data_ptr() if labels is not None else 0,
+            T_value, T_ptr, alpha_value, alpha_ptr, n, c,
+            loss.data_ptr(), grad.data_ptr() if grad is not None else 0,
+            scale_value, scale_ptr, native_options(self.lib, opts), self.num_threads(),
+        )  # fmt: skip
         return loss, grad
 
-    def entropy_forward(
-        self, x: Tensor, temps: Tensor, kind: int, normalize: bool, probs_tol: float = 1e-3
-    ) -> Tensor:
+    def entropy_forward(self, x: Tensor, temps: Tensor, opts: EntropyOptions) -> Tensor:
         x = unit_last_stride(x)
         n, c = x.shape
         temps = temps.to(dtype=torch.float32).contiguous()
         k = temps.numel()
         out = torch.empty((k, n), dtype=torch.float32, device=x.device)
-        with self.on_device(x):
-            self.lib.soft_label_entropy_fwd(
-                x.data_ptr(), dtype_code(x), row_stride(x), int(kind), temps.data_ptr(), k, n, c,
-                out.data_ptr(), bool(normalize), float(probs_tol), self.tail(x),
-            )  # fmt: skip
+        self.lib.soft_label_entropy_fwd(
+            x.data_ptr(), dtype_code(x), row_stride(x), temps.data_ptr(), k, n, c,
+            out.data_ptr(), native_options(self.lib, opts), self.num_threads(),
+        )  # fmt: skip
         return out

@@ -4,7 +4,6 @@ of rbkd/ops/backends/__init__.py. Tensors go in as pointers; the caller has vali
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -17,8 +16,8 @@ from ._native import NativeKernels
 # after each parallel region and fight for the same cores (on a 2-core machine that halves the
 # other runtime's speed). A passive wait policy makes our idle threads sleep at once. libgomp reads
 # it when it is loaded, so it must be set before rbkd._C is imported; setdefault keeps a user's
-# choice. Every call also passes num_threads = torch.get_num_threads() (the `tail` below), so the
-# two never oversubscribe by thread count.
+# choice. Every call also passes num_threads = torch.get_num_threads(), so the two never
+# oversubscribe by thread count.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:  # the compiled module is optional: without it this backend is merely unavailable
@@ -37,11 +36,7 @@ def supports(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu"
 
 
-_kernels = NativeKernels(
-    lib=_C,
-    tail=lambda _x: max(1, torch.get_num_threads()),
-    on_device=lambda _x: contextlib.nullcontext(),
-)
+_kernels = NativeKernels(lib=_C)
 softmax_forward = _kernels.softmax_forward
 softmax_backward = _kernels.softmax_backward
 kd_loss_forward = _kernels.kd_loss_forward

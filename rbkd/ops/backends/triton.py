@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rbkd import kernels
+from rbkd.ops.args import EntropyOptions, KDOptions, SoftmaxOptions
 
 NAME = "triton"
 
@@ -29,12 +30,12 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def softmax_forward(x: Tensor, T: float | Tensor, log: bool) -> Tensor:
-    return kernels.temperature_softmax_forward(x, T, log)
+def softmax_forward(x: Tensor, opts: SoftmaxOptions) -> Tensor:
+    return kernels.temperature_softmax_forward(x, opts.T, opts.log)
 
 
-def softmax_backward(y: Tensor, grad: Tensor, T: float | Tensor, log: bool) -> Tensor:
-    return kernels.temperature_softmax_backward(y, grad, T, log)
+def softmax_backward(y: Tensor, grad: Tensor, opts: SoftmaxOptions) -> Tensor:
+    return kernels.temperature_softmax_backward(y, grad, opts.T, opts.log)
 
 
 def kd_loss_forward(
@@ -43,20 +44,12 @@ def kd_loss_forward(
     labels: Tensor | None,
     T: float | Tensor,
     alpha: float | Tensor,
-    teacher_kind: int,
-    t_squared: bool,
-    ignore_index: int,
     grad_scale: float | Tensor,
     need_grad: bool,
-    probs_tol: float = 1e-3,
+    opts: KDOptions,
 ) -> tuple[Tensor, Tensor | None]:
-    return kernels.kd_loss_forward(
-        student, teacher, labels, T, alpha, teacher_kind, t_squared, ignore_index,
-        grad_scale, need_grad, probs_tol,
-    )  # fmt: skip
+    return kernels.kd_loss_forward(student, teacher, labels, T, alpha, grad_scale, need_grad, opts)
 
 
-def entropy_forward(
-    x: Tensor, temps: Tensor, kind: int, normalize: bool, probs_tol: float = 1e-3
-) -> Tensor:
-    return kernels.soft_label_entropy_forward(x, temps, kind, normalize, probs_tol)
+def entropy_forward(x: Tensor, temps: Tensor, opts: EntropyOptions) -> Tensor:
+    return kernels.soft_label_entropy_forward(x, temps, opts)
