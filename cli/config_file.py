@@ -10,9 +10,11 @@ defaults) does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
+import re
 import shlex
 import tomllib
 from pathlib import Path
@@ -20,30 +22,72 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from typer import _click as click
+from typer._click.globals import get_current_context
 
+from rbkd.config import OPTION_RULES
 from rbkd.io import read_bounded
 
 MAX_CONFIG_BYTES = 1 << 20  # an options file is a few hundred bytes; a run's config.json a few KB
+# Levels of tables and lists: an options file has 2 (a table of lists); a run's config.json
+# about 7 (provenance, its resumes, their data files). Deeper is refused before it is walked.
+MAX_CONFIG_DEPTH = 16
 SUFFIXES = (".toml", ".json")
+_META_KEY = "rbkd.config_file"  # ctx.meta: the --config file this command read
 
 
 def _fail(path: Path, message: str) -> None:
     raise click.exceptions.UsageError(f"--config {path}: {message}")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique (json.loads keeps the last of a repeated key)."""
+    table: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in table:
+            raise ValueError(f"the key {key!r} is given twice")
+        table[key] = value
+    return table
+
+
+def nesting_depth(value: Any, limit: int = MAX_CONFIG_DEPTH) -> int:
+    """Levels of dicts and lists in `value`, counted without recursion; stops past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def read_options_file(path: Path) -> dict[str, Any]:
     """The table of a TOML or JSON options file."""
     if path.suffix not in SUFFIXES:
         _fail(path, f"unknown format {path.suffix or '(no suffix)'}: name it .toml or .json")
+    too_deep = (
+        f"nested more than {MAX_CONFIG_DEPTH} levels deep; an options file holds key = value "
+        "pairs (a value may be a list): fix the file"
+    )
     try:
         text = read_bounded(path, MAX_CONFIG_BYTES, "config file").decode("utf-8")
-        table = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        if path.suffix == ".toml":
+            table = tomllib.loads(text)
+        else:
+            table = json.loads(text, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         _fail(path, "no such file; give the path of a .toml or .json file of options")
+    except RecursionError:  # the parsers recurse per level: a file of 10,000 '['
+        _fail(path, too_deep)
     except (OSError, ValueError) as e:  # includes TOML/JSON syntax errors and bad UTF-8
         _fail(path, f"cannot read it ({' '.join(str(e).split())}); fix the file")
     if not isinstance(table, dict):
         _fail(path, "must hold a table of options (key = value), not a list or a value")
+    if nesting_depth(table) > MAX_CONFIG_DEPTH:
+        _fail(path, too_deep)
     return table
 
 
@@ -94,22 +138,82 @@ def _check_value(path: Path, key: str, annotation: Any, value: Any) -> Any:
     return value  # not reached
 
 
+def _check_rule(path: Path, key: str, name: str, value: Any) -> None:
+    """The value rule of rbkd.config (lr > 0, batch_size >= 1, ...) for an option that has one,
+    on each number the file gives it (an experiment's `T = "3,9"` list is checked later)."""
+    rule = OPTION_RULES.get(name)
+    if rule is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            try:
+                rule(item, key)
+            except ValueError as e:
+                _fail(path, f"{e}; fix it in the file")
+
+
 def options_from_file(ctx: click.Context, path: Path) -> dict[str, Any]:
     """The file's options checked against the command's parameters: {parameter name: value}."""
     params = {p.name: p for p in ctx.command.params if p.expose_value}
     by_key = {name.replace("_", "-"): name for name in params}
     options: dict[str, Any] = {}
+    keys: dict[str, str] = {}  # parameter name -> the key that gave it
     table = _recorded_options(path, read_options_file(path), _command(ctx))
     for key, value in table.items():
         name = by_key.get(str(key).replace("_", "-"))
         if name is None:
             known = ", ".join(sorted(by_key))
             _fail(path, f"unknown key {key!r}: `{_command(ctx)}` takes {known}")
+        if name in keys:
+            _fail(path, f"{keys[name]!r} and {key!r} are the same option; keep one of them")
+        keys[name] = str(key)
         if value is None:  # JSON null: the option's default
             continue
         annotation = params[name].type_descriptor.annotation
         options[name] = _check_value(path, str(key), annotation, value)
+        _check_rule(path, str(key), name, options[name])
     return options
+
+
+def check_command_options(ctx: click.Context | None = None) -> None:
+    """Every option of the running command that has a value rule (rbkd.config.OPTION_RULES),
+    checked before any work: a usage error (exit code 2) naming the flag. (A --config file's
+    values were checked as it was read, naming the file and the key.)"""
+    ctx = ctx or get_current_context()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name) if param.expose_value else None
+        if param.name not in OPTION_RULES or value is None:
+            continue
+        with usage_errors(ctx):
+            OPTION_RULES[param.name](value, param.opts[0])
+
+
+@contextlib.contextmanager
+def usage_errors(ctx: click.Context | None = None):
+    """A ValueError raised by a check of the command's options becomes a usage error (one line,
+    exit code 2); when the option it names came from the --config file, it names the file."""
+    try:
+        yield
+    except ValueError as e:
+        ctx = ctx or get_current_context()
+        message = " ".join(str(e).split())
+        path = ctx.meta.get(_META_KEY)
+        if path is not None and _names_option_from_file(ctx, message):
+            message = f"--config {path}: {message}; fix it in the file or on the command line"
+        raise click.exceptions.UsageError(message, ctx) from None
+
+
+def _names_option_from_file(ctx: click.Context, message: str) -> bool:
+    from typer._click.core import ParameterSource
+
+    for param in ctx.command.params:
+        if not param.expose_value or not param.opts:
+            continue
+        if ctx.get_parameter_source(param.name) != ParameterSource.DEFAULT_MAP:
+            continue
+        if re.search(rf"(?<![\w-]){re.escape(param.opts[0])}(?![\w-])", message):
+            return True
+    return False
 
 
 def _command(ctx: click.Context) -> str:
@@ -159,6 +263,7 @@ def _load(ctx: click.Context, param: click.Parameter, value: Path | None) -> Pat
 
     if value is not None:
         ctx.default_map = {**(ctx.default_map or {}), **options_from_file(ctx, Path(value))}
+        ctx.meta[_META_KEY] = Path(value)
     ctx.call_on_close(push_invocation(lambda: describe_invocation(ctx, value)))
     return value
 

@@ -36,7 +36,7 @@ from rbkd.cli.common import (
     start_compute,
     titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.config_file import ConfigOpt, check_command_options, usage_errors
 from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import DistillSpec, TrainConfig
@@ -158,6 +158,8 @@ def distill(
     """
     from rbkd.study import distill as run_distill
 
+    # Every value is checked before anything is read or written (a usage error, exit code 2).
+    check_command_options()
     spec = DistillSpec(
         teacher=teacher,
         soft_labels=soft_labels,
@@ -175,10 +177,16 @@ def distill(
         limit=limit,
         allow_partial=allow_partial,
     )
-    spec.check()
-    cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
-    )
+    with usage_errors():
+        spec.check()
+        cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            seed=seed,
+            device=device,
+        )
     start_compute(threads)
     report = run_distill(spec, cfg, out=out, progress=progress)
     if as_json:

@@ -32,6 +32,21 @@ app = new_app()
 
 # Options a rerun always sets itself: its own folder, and a fresh start (never --resume).
 _SET_BY_RERUN = ("out", "resume")
+# The exit code when the rerun ran but differs from the original (1: an error, 2: a usage error).
+EXIT_NOT_REPRODUCED = 3
+
+
+def check_finished(run_dir: Path) -> None:
+    """The original's weights are there to compare with, before anything is trained again."""
+    from rbkd.io import check_regular_file
+
+    path = run_dir / "model.safetensors"
+    if not path.exists() and not path.is_symlink():
+        raise FileNotFoundError(
+            f"{path} not found: {run_dir} holds no finished run to compare a rerun with; finish "
+            "it first (the same command again resumes it)"
+        )
+    check_regular_file(path, "model weights")
 
 
 def recorded_invocation(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +244,10 @@ def rerun(
 
     On the same machine, device and thread count, a rerun is expected to be identical.
 
+    Exit code: 0 when the rerun reproduced the run, 3 when it ran but differs ("not
+    reproduced"), 1 when it could not run (a run folder without its weights or its recorded
+    command), 2 for a usage error.
+
     Example:
 
         rbkd rerun runs/t1 --out runs/t1-again
@@ -240,6 +259,7 @@ def rerun(
 
     config = read_config(run_dir)
     invocation = recorded_invocation(run_dir, config)
+    check_finished(run_dir)
     recorded_threads = config["provenance"].get("torch_threads")
     words = str(invocation["command"]).split()
     # An experiment's run sits inside its results folder: the rerun is a sibling of that folder.
@@ -265,3 +285,5 @@ def rerun(
         print_json(comparison)
     else:
         print_comparison(comparison)
+    if not comparison["reproduced"]:
+        raise typer.Exit(EXIT_NOT_REPRODUCED)

@@ -26,7 +26,7 @@ from rbkd.cli.common import (
     start_compute,
     titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.config_file import ConfigOpt, check_command_options, usage_errors
 from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import TEACHERS, TeacherSpec, TrainConfig
@@ -82,13 +82,23 @@ def train_teacher(
     from rbkd.softlabels import read_soft_labels
     from rbkd.study import train_teacher as run_train_teacher
 
-    spec = TeacherSpec(dataset=dataset, capacity=check_choice(capacity, TEACHERS, "--capacity"))
+    # Every value is checked before anything is read or written (a usage error, exit code 2).
+    check_command_options()
+    with usage_errors():
+        capacity = check_choice(capacity, TEACHERS, "--capacity")
+        spec = TeacherSpec(dataset=dataset, capacity=capacity)
+        spec.check()
+        cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            seed=seed,
+            device=device,
+        )
     if resume and (out is None or not (out / "config.json").is_file()):
         where = "--out RUN, the folder of the run to continue" if out is None else f"{out}"
         raise ValueError(f"--resume needs a run to continue: {where} holds none")
-    cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
-    )
     start_compute(threads)
     result = run_train_teacher(
         spec, cfg, out=out, data_dir=data_dir, limit=limit, progress=progress

@@ -17,7 +17,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rbkd.api_inputs import as_dataset, as_model, as_splits, train_config, with_classes
+from rbkd.api_inputs import (
+    as_dataset,
+    as_model,
+    as_splits,
+    check_trainable,
+    eval_batch_size,
+    train_config,
+    with_classes,
+)
 from rbkd.api_results import RunResult, run_files
 from rbkd.config import DistillSpec, TrainConfig, check_alpha, check_kd_temperature
 
@@ -26,19 +34,28 @@ __all__ = ["RunResult", "distill", "soft_labels", "train_teacher"]
 PathLike = str | os.PathLike
 
 
-def _checked_model(model: Any, train, test, cfg: TrainConfig, fixed: bool, what: str):
+def _checked_model(
+    model: Any, train, test, cfg: TrainConfig, fixed: bool, what: str, classes: int | None = None
+):
     """(module, train, test): the model built or taken as is, on cfg's device, and the splits
-    widened to its number of outputs when their class count was only inferred from labels."""
+    widened to its number of outputs when their class count was only inferred from labels.
+    `classes`: the number of outputs it must have (the teacher's, for a student)."""
     from rbkd.api_softlabels import teacher_logits
     from rbkd.engine import resolve_device
 
     net = as_model(model, train, cfg.seed, what)
+    check_trainable(net, what)
     device = resolve_device(cfg.device)
     net.to(device)
     # Two rows through the model before training: a wrong output width is one clear line here,
     # not an index error deep inside the loss.
     probe = dataclasses.replace(train, images=train.images[:2], labels=train.labels[:2])
     width = teacher_logits(net, probe, device=device, batch_size=2).shape[1]
+    if classes is not None and width != classes:
+        raise ValueError(
+            f"{what} {type(net).__name__} has {width} outputs but the teacher's soft labels have "
+            f"{classes} classes; give the {what} one output (logit) per class"
+        )
     train = _fit_classes(train, width, fixed, f"{what} {type(net).__name__}")
     test = _fit_classes(test, width, fixed, f"{what} {type(net).__name__}")
     return net, train, test
@@ -187,7 +204,7 @@ def _soft_labels(teacher, data, split, num_classes, device, batch_size, out, fix
     if fixed is None:
         fixed = num_classes is not None or isinstance(data, _image_dataset())
     dataset = as_dataset(data, split=split, num_classes=num_classes)
-    batch = batch_size or TrainConfig().eval_batch_size
+    batch = eval_batch_size(batch_size)
     logits = teacher_logits(
         teacher, dataset, device=teacher_device(teacher, device), batch_size=batch
     )
@@ -253,7 +270,9 @@ def distill(
     train_ds, test_ds, fixed = as_splits(train, test, num_classes)
     soft, train_ds = _teacher_soft_labels(teacher, soft_labels, train_ds, fixed, cfg)
     test_ds = _fit_classes(test_ds, soft.num_classes, fixed, "the teacher")
-    net, train_ds, test_ds = _checked_model(student, train_ds, test_ds, cfg, fixed, "student")
+    net, train_ds, test_ds = _checked_model(
+        student, train_ds, test_ds, cfg, fixed, "student", classes=soft.num_classes
+    )
     objective = Distillation(soft.dense_logits(len(train_ds)), T, alpha, t_squared)
     extra = {
         "api": "rbkd.distill",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rbkd.config import DEFAULT_DATASET, TrainConfig
+from rbkd.config import DEFAULT_DATASET, TrainConfig, check_batch_size, check_epochs
 from rbkd.data.adapters import from_dataset, from_tensors
 from rbkd.data.dataset import ImageDataset
 
@@ -28,12 +28,31 @@ def as_dataset(
                 f"{what} has {data.num_classes} classes, num_classes says {num_classes}"
             )
         return data
-    if isinstance(data, tuple) and len(data) == 2:  # a list is a dataset of samples
-        x, y = data
-        return from_tensors(ImageDataset, x, y, num_classes=num_classes, split=split)
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, str):
-        return from_dataset(ImageDataset, data, num_classes=num_classes, split=split)
+    if _is_array(data):  # the inputs alone: the labels were forgotten
+        shape = list(getattr(data, "shape", ()))
+        raise ValueError(
+            f"{what} is a single {type(data).__name__} {shape} without labels; pass {what}=(x, y), "
+            "the inputs and their class labels"
+        )
+    try:
+        if isinstance(data, tuple) and len(data) == 2:  # a list is a dataset of samples
+            x, y = data
+            return from_tensors(ImageDataset, x, y, num_classes=num_classes, split=split)
+        if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, str):
+            return from_dataset(ImageDataset, data, num_classes=num_classes, split=split)
+    except ValueError as e:  # the adapters name the value; the user needs the argument too
+        raise ValueError(f"{what}: {e}") from None
     raise ValueError(f"{what} must be {DATA_FORMS}; got {type(data).__name__}")
+
+
+def _is_array(data: Any) -> bool:
+    """A tensor or NumPy array (of inputs), not a pair or a Dataset of (input, label) pairs."""
+    import numpy as np
+    import torch
+
+    if isinstance(data, np.ndarray):
+        return data.dtype != object  # an object array may hold (input, label) pairs
+    return isinstance(data, torch.Tensor)
 
 
 def with_classes(dataset: ImageDataset, num_classes: int, *, fixed: bool) -> ImageDataset:
@@ -60,19 +79,67 @@ def as_splits(
     if test is None:
         return train_ds, None, fixed
     test_ds = as_dataset(test, split="test", num_classes=num_classes, what="test")
+    check_same_inputs(train_ds, test_ds)
     c = max(train_ds.num_classes, test_ds.num_classes)
     train_ds = with_classes(train_ds, c, fixed=fixed)
     test_ds = with_classes(test_ds, c, fixed=fixed or isinstance(test, ImageDataset))
     return train_ds, test_ds, fixed or isinstance(test, ImageDataset)
 
 
+def check_same_inputs(train: ImageDataset, test: ImageDataset) -> None:
+    """Both splits feed one model: the same input shape and kind (uint8 images or features)."""
+    a, b = train.images, test.images
+    if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+        kind = [str(t.dtype).removeprefix("torch.") for t in (a, b)]
+        raise ValueError(
+            f"test holds {kind[1]} inputs of shape {list(b.shape[1:])} per example but train "
+            f"holds {kind[0]} {list(a.shape[1:])}; give both splits the same inputs"
+        )
+
+
 def train_config(config: TrainConfig | None, **overrides: Any) -> TrainConfig:
-    """`config` (default TrainConfig()) with the keyword arguments that are not None."""
+    """`config` (default TrainConfig()) with the keyword arguments that are not None, every
+    value checked (rbkd.config's rules, each error naming the argument) before any work."""
     cfg = config if config is not None else TrainConfig()
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"config must be an rbkd.TrainConfig, got {type(cfg).__name__}")
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    cfg = dataclasses.replace(cfg, **changes) if changes else cfg  # TrainConfig checks each
+    check_epochs(cfg.epochs, "epochs")  # a run trains: at least one epoch
+    return cfg
+
+
+def eval_batch_size(batch_size: Any) -> int:
+    """The batch size of an evaluation-only pass (soft labels): given, else TrainConfig's."""
+    if batch_size is None:
+        return TrainConfig().eval_batch_size
+    return check_batch_size(batch_size, "batch_size")
+
+
+def check_trainable(net: Any, what: str) -> None:
+    """`net` can be trained by rbkd: float32 weights with data (not on `meta`), at least one
+    parameter that requires a gradient. One line naming `what` and the fix otherwise."""
+    name = f"{what} {type(net).__name__}"
+    params = list(net.parameters())
+    tensors = params + list(net.buffers())
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            f"{name} has weights on the meta device (shapes only, no values); materialise them "
+            "first, e.g. model.to_empty(device='cpu') and then load_state_dict(...)"
+        )
+    if not params:
+        raise ValueError(f"{name} has no parameters: there is nothing to train")
+    if not any(p.requires_grad for p in params):
+        raise ValueError(
+            f"every parameter of {name} is frozen (requires_grad=False): there is nothing to "
+            "train; unfreeze some, e.g. model.requires_grad_(True)"
+        )
+    wrong = sorted({str(t.dtype) for t in tensors if t.is_floating_point()} - {"torch.float32"})
+    if wrong:
+        raise ValueError(
+            f"{name} has {', '.join(w.removeprefix('torch.') for w in wrong)} weights; rbkd "
+            "trains in float32: convert it with model.float()"
+        )
 
 
 def zoo_dataset(data: ImageDataset) -> str:

@@ -44,6 +44,22 @@ def _as_logits(out: Any, rows: int, name: str) -> Tensor:
     return out.detach().float().cpu()
 
 
+def _weights_dtype(teacher: Any, name: str) -> torch.dtype | None:
+    """The floating dtype a module's weights hold (its inputs are cast to it: a float64 or
+    float16 teacher answers in float32 logits all the same); None for a function. A module on
+    the meta device has no values to answer with: one line."""
+    if not isinstance(teacher, nn.Module):
+        return None
+    tensors = [*teacher.parameters(), *teacher.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            f"teacher {name} has weights on the meta device (shapes only, no values); load its "
+            "weights first, e.g. model.to_empty(device='cpu') and then load_state_dict(...)"
+        )
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 @torch.no_grad()
 def teacher_logits(
     teacher: Any, dataset: ImageDataset, *, device: torch.device, batch_size: int
@@ -54,6 +70,7 @@ def teacher_logits(
             f"teacher must be an nn.Module or a function of a batch, got {type(teacher).__name__}"
         )
     name = type(teacher).__name__ if isinstance(teacher, nn.Module) else repr(teacher)
+    dtype = _weights_dtype(teacher, name)
     was_training = isinstance(teacher, nn.Module) and teacher.training
     if isinstance(teacher, nn.Module):
         teacher.eval()  # dropout off, BatchNorm's running statistics: the teacher's answers
@@ -61,7 +78,8 @@ def teacher_logits(
         parts = []
         for start in range(0, len(dataset), batch_size):
             x = dataset.images[start : start + batch_size].to(device)
-            out = teacher(dataset.normalize(x))
+            x = dataset.normalize(x)
+            out = teacher(x.to(dtype) if dtype is not None and x.is_floating_point() else x)
             parts.append(_as_logits(out, x.shape[0], name))
     finally:
         if was_training:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,16 +36,19 @@ class TrainConfig:
     eval_batch_size: int = 1024  # evaluation only; does not change any result
 
     def __post_init__(self):
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        # The engine's own floor: epochs=0 evaluates an untrained model (tests, tools). What a
+        # user asks for (the CLI, the API, a study) is checked by check_options: epochs >= 1.
+        self.epochs = check_epochs(self.epochs, "epochs", minimum=0)
+        for name in ("batch_size", "seed", "eval_batch_size"):
+            setattr(self, name, OPTION_RULES[name](getattr(self, name), name))
+        for name in ("lr", "momentum", "weight_decay"):  # checked, kept as given (the run key)
+            OPTION_RULES[name](getattr(self, name), name)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not isinstance(self.device, str):
+            raise ValueError(
+                f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}"
+            )
 
     # The fields that change what a run computes (its content address); device and evaluation
     # batch size do not.
@@ -118,13 +123,9 @@ class DistillSpec:
         if self.label_smoothing is None:  # T is the distillation's; LS targets have none
             check_kd_temperature(self.T, "--T")
         check_alpha(self.alpha, "--alpha")
-        if self.per_class is not None and self.per_class < 1:
-            raise ValueError(f"--per-class must be >= 1, got {self.per_class}")
+        check_per_class(self.per_class, "--per-class")
         if self.label_smoothing is not None:
-            if not 0.0 < self.label_smoothing < 1.0:
-                raise ValueError(
-                    f"--label-smoothing A must be in (0, 1), got {self.label_smoothing}"
-                )
+            check_label_smoothing(self.label_smoothing, "--label-smoothing")
             if self.per_class is not None and self.select == "entropy":
                 raise ValueError(
                     "--select entropy ranks examples by a teacher's soft labels; with "
@@ -138,8 +139,7 @@ class DistillSpec:
             from rbkd.engine.noise import parse_noise
 
             parse_noise(self.noise)
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        check_limit(self.limit, "--limit")
 
     def replace(self, **changes: Any) -> DistillSpec:
         return dataclasses.replace(self, **changes)
@@ -155,9 +155,10 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     return value
 
 
-def check_temperature(T: float) -> float:
-    if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
-        raise ValueError(f"temperature T must be finite, and T must be > 0, got {T}")
+def check_temperature(T: float, name: str = "T") -> float:
+    ok = isinstance(T, numbers.Real) and not isinstance(T, bool)
+    if not (ok and math.isfinite(T) and T > 0):
+        raise ValueError(f"temperature {name} must be finite, and {name} must be > 0, got {T}")
     return float(T)
 
 
@@ -168,7 +169,7 @@ KD_MAX_TEMPERATURE = 100.0
 
 def check_kd_temperature(T: float, name: str = "T") -> float:
     """A temperature kd_loss can distill at: finite, > 0 and at most KD_MAX_TEMPERATURE."""
-    T = check_temperature(T)
+    T = check_temperature(T, name)
     if T > KD_MAX_TEMPERATURE:
         raise ValueError(
             f"{name} = {T:g} is above {KD_MAX_TEMPERATURE:g}, the largest temperature kd_loss "
@@ -179,6 +180,98 @@ def check_kd_temperature(T: float, name: str = "T") -> float:
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:
     """The KL weight: a number in [0, 1]."""
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+    if not (ok and 0.0 <= alpha <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {alpha}")
     return float(alpha)
+
+
+# ------------------------------------------------------------------ one rule per value
+# Each rule takes the value and the name to blame (`--seed` on the command line, `seed` in the
+# Python API, `FILE: seed` for a config file), returns the value as it is used, and raises one
+# ValueError line otherwise. OPTION_RULES maps an option's name to its rule, for every caller.
+MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence both take it
+
+
+def _given(value: Any) -> str:
+    return (
+        f"{type(value).__name__} {value!r}" if not isinstance(value, (int, float)) else repr(value)
+    )
+
+
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (not a bool, not 1.5) within [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {_given(value)}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_number(value: Any, name: str, *, positive: bool = False) -> float:
+    """A finite real number, > 0 when `positive`, else >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {_given(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+    return value
+
+
+def check_epochs(value: Any, name: str = "epochs", minimum: int = 1) -> int:
+    return check_int(value, name, minimum)
+
+
+def check_batch_size(value: Any, name: str = "batch_size") -> int:
+    return check_int(value, name, 1)
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    return check_int(value, name, 0, MAX_SEED)
+
+
+def check_lr(value: Any, name: str = "lr") -> float:
+    return check_number(value, name, positive=True)
+
+
+def check_limit(value: Any, name: str = "limit") -> int | None:
+    return None if value is None else check_int(value, name, 1)
+
+
+def check_per_class(value: Any, name: str = "per_class") -> int | None:
+    return None if value is None else check_int(value, name, 1)
+
+
+def check_label_smoothing(value: Any, name: str = "label_smoothing") -> float | None:
+    """The label-smoothing weight A of (1-A)*onehot + A/C: in (0, 1)."""
+    if value is None:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and 0.0 < value < 1.0):
+        raise ValueError(f"{name} A must be in (0, 1), got {value}")
+    return float(value)
+
+
+OPTION_RULES: dict[str, Callable[[Any, str], Any]] = {
+    "epochs": check_epochs,
+    "batch_size": check_batch_size,
+    "eval_batch_size": check_batch_size,
+    "lr": check_lr,
+    "momentum": check_number,
+    "weight_decay": check_number,
+    "seed": check_seed,
+    "limit": check_limit,
+    "per_class": check_per_class,
+    "label_smoothing": check_label_smoothing,
+    "alpha": check_alpha,
+    "T": check_temperature,
+}
+
+
+def check_options(values: dict[str, Any], spell: Callable[[str], str] = str) -> dict[str, Any]:
+    """`values` ({option name: value}) with every value that has a rule checked; `spell` turns
+    an option's name into what the message blames (`lambda n: "--" + n.replace("_", "-")`)."""
+    return {k: OPTION_RULES[k](v, spell(k)) if k in OPTION_RULES else v for k, v in values.items()}

@@ -334,7 +334,7 @@ def _one_line_error(call, match: str) -> None:
         ("teacher_shape", "must return float logits \\[10, num_classes\\]"),
         ("teacher_not_tensor", "it must return logits"),
         ("teacher_not_callable", "teacher must be an nn.Module or a function"),
-        ("student_width", "has 3 outputs but the data has 4 classes"),
+        ("student_width", "has 3 outputs but the teacher's soft labels have 4 classes"),
         ("both_sources", "exactly one of teacher="),
         ("model_name", "is not an rbkd model"),
         ("zoo_shape", "pass your own nn.Module"),

@@ -35,8 +35,8 @@ def error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("Error:")]
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, *fragments: str, exit_code: int = 1) -> None:
+    assert result.exit_code == exit_code, result.output
     lines = error_lines(result.output)
     assert len(lines) == 1, result.output
     assert "Traceback" not in result.output
@@ -99,7 +99,7 @@ def test_info():
 @pytest.mark.parametrize("T", ["0", "-1", "nan"])
 def test_distill_rejects_bad_temperature(tiny_data, T):
     result = runner.invoke(app, ["distill", "--label-smoothing", "0.1", "--T", T])
-    assert_one_line_error(result, "T must be > 0")
+    assert_one_line_error(result, "T must be > 0", exit_code=2)  # a usage error
 
 
 @pytest.mark.parametrize("T", ["0", "1,-3", "0:5"])
@@ -179,7 +179,8 @@ def test_mismatched_soft_label_file(tmp_path, tiny_data):
 )
 def test_distill_bad_options(tiny_data, tmp_path, args, message):
     result = runner.invoke(app, ["distill", *args, "--epochs", "1", "--out", str(tmp_path / "r")])
-    assert_one_line_error(result, message)
+    # a usage error (exit code 2), but for a class the dataset turns out not to have
+    assert_one_line_error(result, message, exit_code=1 if "does not exist" in message else 2)
     assert not (tmp_path / "r").exists()  # refused before any run folder is made
 
 

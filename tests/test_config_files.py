@@ -250,7 +250,10 @@ def test_rerun_uses_the_recorded_threads_and_prints_one_json_document(student, t
         assert comparison["rerun"] == str(tmp_path / "again")
 
         other = 2 if recorded == 1 else 1
-        result = invoke("rerun", student, "--out", tmp_path / "b", "--threads", other, "--json")
+        result = invoke(
+            "rerun", student, "--out", tmp_path / "b", "--threads", other, "--json", ok=False
+        )
+        assert result.exit_code in (0, 3), result.output  # 3: another thread count may differ
         assert json.loads(result.stdout)["threads"] == [recorded, other]
         assert config_of(tmp_path / "b")["provenance"]["torch_threads"] == other
     finally:

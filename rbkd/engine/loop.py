@@ -184,6 +184,7 @@ def _fit(
     objective.to(device)
     data = DeviceDataset(train, device)
     test_data = DeviceDataset(test, device) if test is not None else None
+    skip_single_row = _skip_single_row(model, data, len(rows), cfg.batch_size)
     optimizer = make_optimizer(model, cfg)
     config = run_config(model, train, test, cfg, objective, rows, world, extra_config)
     if run_dir is not None and ctx.is_main:  # how it was made; never compared, never in a key
@@ -199,10 +200,19 @@ def _fit(
     synced_bn = distributed.sync_batchnorm(model, ctx)
     net = distributed.wrap_model(model, ctx)
     n, batch = len(rows), cfg.batch_size
-    steps = math.ceil(n / batch)
+    # A last batch of one row cannot train a BatchNorm that would see one value per channel:
+    # each epoch skips it (`used` rows of its shuffled order), the same way on every resume.
+    used = n - 1 if skip_single_row else n
+    steps = math.ceil(used / batch)
     rows = rows.to(device)
     try:
         with EpochProgress(progress, cfg.epochs, main=ctx.is_main) as bar:
+            if skip_single_row and start_epoch < cfg.epochs:
+                bar.log(
+                    f"note: {n} training rows at batch size {batch} leave a last batch of 1 row, "
+                    "which the model's BatchNorm cannot train on: each epoch skips it (the last "
+                    f"row of the epoch's shuffled order) and trains on {used} rows"
+                )
             for epoch in range(start_epoch, cfg.epochs):
                 # Everything random in an epoch derives from (seed, epoch): resuming at any epoch,
                 # on any number of ranks, replays exactly what an uninterrupted run would do.
@@ -214,7 +224,7 @@ def _fit(
                 bar.start(epoch, steps)
                 t0, seen, loss_sum, correct_sum = time.perf_counter(), 0, 0.0, 0.0
                 for step in range(steps):
-                    global_rows = order[step * batch : (step + 1) * batch]
+                    global_rows = order[step * batch : min((step + 1) * batch, used)]
                     count = len(global_rows)  # the last global batch may be short
                     idx = ctx.shard(global_rows)
                     x, y = data.normalize(data.images[idx]), data.labels[idx]
@@ -250,12 +260,12 @@ def _fit(
                 scores = _evaluate_sharded(model, test_data, cfg, ctx)
                 row = {
                     "epoch": epoch + 1,
-                    "train_loss": loss_sum / n,
-                    "train_accuracy": correct_sum / n,
+                    "train_loss": loss_sum / used,
+                    "train_accuracy": correct_sum / used,
                     "test_loss": scores["loss"],
                     "test_accuracy": scores["accuracy"],
                     "per_class_accuracy": scores["per_class_accuracy"],
-                    "samples_per_s": n / train_time,
+                    "samples_per_s": used / train_time,
                     "epoch_time_s": train_time,
                 }
                 history.append(row)
@@ -292,6 +302,51 @@ def _fit(
         save_model(run_dir, model)
         write_json(run_dir / "config.json", {**config, "final_metrics": final})
     return final
+
+
+def _single_value_batchnorm(model: nn.Module, data, row: int) -> bool:
+    """Whether a batch of one row would give one of the model's BatchNorm layers (in training
+    mode) a single value per channel, which it cannot normalise (BatchNorm1d on [N, C]; a
+    BatchNorm2d on images sees H x W values per channel and trains on one row). Found by one
+    row through the model in eval mode (no statistics updated, no dropout drawn)."""
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if not norms:
+        return False
+    seen: list[int] = []
+
+    def record(module, inputs):
+        x = inputs[0]
+        seen.append(x.numel() // max(x.shape[1], 1) if x.dim() > 1 else x.numel())
+
+    hooks = [m.register_forward_pre_hook(record) for m in norms]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(data.normalize(data.images[row : row + 1]))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return 1 in seen
+
+
+def _skip_single_row(model: nn.Module, data, n: int, batch: int) -> bool:
+    """True when every epoch must skip its last batch of one row (see _single_value_batchnorm);
+    a ValueError when every batch would have one row."""
+    model.train()  # the mode the epochs train in
+    if n == 0 or (n % batch != 1 and batch != 1) or not _single_value_batchnorm(model, data, 0):
+        return False
+    if batch == 1 or n == 1:
+        what = "batch_size is 1" if batch == 1 else "the training set has 1 example"
+        raise ValueError(
+            f"{what}, but the model's BatchNorm needs at least 2 rows per batch in training "
+            "(it sees one value per channel); use batch_size >= 2 and at least 2 examples"
+        )
+    return True
 
 
 def _diverged(model, objective, cfg, epoch, step, steps, start_epoch, loss):
