@@ -1,19 +1,11 @@
-"""Shared test helpers: float64 oracles, tolerances and a comparison that says where it failed."""
+"""Shared test helpers: the backends that run CPU tensors here, and the inputs of the op tables.
+The float64 oracle, the tolerances and assert_close are in oracle.py."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-from torch import Tensor
-
-from rbkd.ops.backends import reference
-
-TOLERANCES = {  # (atol, rtol) against the float64 oracle, per input dtype
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 
 
 def cpu_backends() -> list[str]:
@@ -26,39 +18,28 @@ def cpu_backends() -> list[str]:
     return names
 
 
-def assert_close(actual: Tensor, expected: Tensor, atol: float, rtol: float, what: str) -> None:
-    """torch.testing-style check that reports the first mismatched index and NaN/inf mismatches."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    same_nonfinite = (a == e) | (a.isnan() & e.isnan())
-    bad = ~(((a - e).abs() <= atol + rtol * e.abs()) | same_nonfinite)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {a.numel()} elements differ; first at {idx}: "
-            f"got {float(a[idx])!r}, expected {float(e[idx])!r} (atol={atol}, rtol={rtol})"
-        )
+def per_row(lo: float, hi: float):
+    """A kd_loss T or alpha drawn per row in [lo, hi] (of the case's leading shape)."""
+    return lambda lead, g: lo + (hi - lo) * torch.rand(lead, generator=g)
 
 
-def kd_oracle(
-    student, teacher, labels, *, T, alpha, teacher_kind, t_squared, ignore_index, reduction
-):
-    """Loss and gradient in float64 from the autograd of the reference's per-row formula."""
-    kinds = {"logits": 0, "probs": 1, "log_probs": 2}
-    z = student.detach().double().requires_grad_(True)
-    t = teacher.detach().double()
-    T64 = T.double() if isinstance(T, Tensor) else T
-    a64 = alpha.double() if isinstance(alpha, Tensor) else alpha
-    rows = reference.kd_loss_rows(
-        z, t, labels, T64, a64, kinds[teacher_kind], t_squared, ignore_index
-    )
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        n_valid = rows.numel() if labels is None else int((labels != ignore_index).sum())
-        loss = rows.sum() / max(n_valid, 1)
-    loss.sum().backward() if loss.numel() else None
-    grad = z.grad if z.grad is not None else torch.zeros_like(z)
-    return loss.detach(), grad
+def kd_case(shape, dtype=torch.float32, options=None, *, seed=0):
+    """(student, teacher, labels, kwargs) of one kd_loss table row. options: kd_loss's keyword
+    arguments (T or alpha made by per_row are drawn here), and "labels": False for none, "scale"
+    of the logits (3), "prep": a function (z, t, y) -> (z, t, y) applied last, in the dtype."""
+    kw = dict(options or {})
+    prep, scale, with_labels = kw.pop("prep", None), kw.pop("scale", 3.0), kw.pop("labels", True)
+    g = torch.Generator().manual_seed(seed)
+    *lead, c = shape
+    z = torch.randn(shape, generator=g) * scale
+    t = torch.randn(shape, generator=g) * scale
+    kind = kw.get("teacher_kind", "logits")
+    t = {"logits": t, "probs": t.softmax(-1), "log_probs": t.log_softmax(-1)}[kind]
+    y = torch.randint(0, c, lead, generator=g) if with_labels else None
+    for key in ("T", "alpha"):
+        if callable(kw.get(key)):
+            kw[key] = kw[key](lead, g)
+    z, t = z.to(dtype), t.to(dtype)
+    if prep is not None:
+        z, t, y = prep(z, t, y)
+    return z, t, y, kw
