@@ -20,6 +20,8 @@ the gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +40,7 @@ from ._launch import (
     pick_num_warps,
     row_param,
 )
+from .kd_divergence import DKD, JSD, KL, REVERSE_KL, SKEW_KL, SKEW_REVERSE_KL, _kd_div_fwd_kernel
 
 TEACHER_LOGITS, TEACHER_PROBS, TEACHER_LOG_PROBS = 0, 1, 2
 # Above it the float32 KL loses its digits (rbkd.config, the one Python definition).
@@ -191,6 +194,32 @@ def _scale_rows_kernel(g_ptr, scale_ptr, C, PER_ROW: tl.constexpr, BLOCK: tl.con
             tl.store(g_row + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
+def divergence_args(opts: KDOptions) -> tuple[int, tuple[float, float, float, float]]:
+    """The kernel's divergence code and mixture scalars (w_q, w_p, log w_q, log w_p).
+
+    jsd with beta 0 / 1 is kl / reverse_kl (TRL's and Liger's ends, where its formula vanishes);
+    skew 0 makes skew_kl kl and skew_reverse_kl reverse_kl exactly (m = p or q), which also keeps
+    log(0) out of the kernel's arguments. w_q / w_p weigh q and p in the mixture m; _div_terms
+    reads w_p as the factor of its h (jsd 1 - beta, skew_kl 1 - skew, skew_reverse_kl skew).
+    """
+    div = int(opts.divergence)
+    if div not in range(7):
+        raise ValueError(f"unknown divergence code {div}")
+    beta, skew = float(opts.beta), float(opts.skew)
+    if div == JSD and beta in (0.0, 1.0):
+        div = KL if beta == 0.0 else REVERSE_KL
+    if div in (SKEW_KL, SKEW_REVERSE_KL) and skew == 0.0:
+        div = KL if div == SKEW_KL else REVERSE_KL
+    if div == JSD:
+        w_q, w_p = beta, 1.0 - beta
+        return div, (w_q, w_p, math.log(beta), math.log1p(-beta))
+    if div == SKEW_KL:
+        return div, (skew, 1.0 - skew, math.log(skew), math.log1p(-skew))
+    if div == SKEW_REVERSE_KL:
+        return div, (1.0 - skew, skew, math.log1p(-skew), math.log(skew))
+    return div, (0.0, 0.0, 0.0, 0.0)
+
+
 def kd_loss_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -212,8 +241,7 @@ def kd_loss_forward(
     (rbkd.ops.args.KDOptions). block_size and num_warps override the launch heuristics (tests and
     bench/gpu_tune.py).
     """
-    if opts.divergence != 0 or opts.standardize:
-        raise NotImplementedError("the Triton kd_loss computes divergence 'kl' without standardize")
+    divergence, mix = divergence_args(opts)
     teacher_kind, t_squared = opts.teacher_kind, opts.t_squared
     ignore_index, probs_tol = opts.ignore_index, opts.probs_tol
     N, C = student.shape
@@ -221,6 +249,10 @@ def kd_loss_forward(
         raise ValueError(
             f"teacher_kind must be 0 (logits), 1 (probs) or 2 (log_probs), got {teacher_kind}"
         )
+    if opts.standardize and teacher_kind != TEACHER_LOGITS:
+        raise ValueError("standardize z-scores logits: it needs teacher_kind 0 (logits)")
+    if divergence == DKD and labels is None:
+        raise ValueError("divergence dkd needs labels")
     loss = torch.empty(N, dtype=torch.float32, device=student.device)
     grad = torch.empty((N, C), dtype=student.dtype, device=student.device) if need_grad else None
     if N == 0:
@@ -236,6 +268,21 @@ def kd_loss_forward(
         gs_ptr, gs_scalar, gs_is_ptr = loss, float(grad_scale), False
     has_labels = labels is not None
     block = pick_block(C, MAX_BLOCK_KD, block_size)
+    num_warps = num_warps or pick_num_warps(block, KD_COLS)
+    if divergence != KL or opts.standardize:
+        with device_guard(student):
+            _kd_div_fwd_kernel[(N,)](
+                student, student.stride(0), teacher, teacher.stride(0),
+                labels if has_labels else loss, int(ignore_index),
+                T_ptr, T_scalar, alpha_ptr, alpha_scalar, gs_ptr, gs_scalar,
+                loss, grad if need_grad else loss, C, float(probs_tol), *mix,
+                float(opts.dkd_alpha), float(opts.dkd_beta),
+                DIVERGENCE=divergence, STANDARDIZE=bool(opts.standardize),
+                TEACHER_KIND=int(teacher_kind), HAS_LABELS=has_labels, T_ROWS=T_rows,
+                ALPHA_ROWS=alpha_rows, T_SQUARED=bool(t_squared), GS_PTR=gs_is_ptr,
+                NEED_GRAD=bool(need_grad), BLOCK=block, num_warps=num_warps,
+            )  # fmt: skip
+        return loss, grad
     with device_guard(student):
         _kd_loss_fwd_kernel[(N,)](
             student, student.stride(0), teacher, teacher.stride(0),
@@ -245,7 +292,7 @@ def kd_loss_forward(
             TEACHER_KIND=int(teacher_kind), HAS_LABELS=has_labels, T_ROWS=T_rows,
             ALPHA_ROWS=alpha_rows, T_SQUARED=bool(t_squared), GS_PTR=gs_is_ptr,
             NEED_GRAD=bool(need_grad), BLOCK=block,
-            num_warps=num_warps or pick_num_warps(block, KD_COLS),
+            num_warps=num_warps,
         )  # fmt: skip
     return loss, grad
 
