@@ -11,6 +11,7 @@ Nothing here asserts a speed: bench/report.py judges the targets from the JSON.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -102,6 +103,58 @@ OPS = {  # op -> (eager fn, rbkd fn, minimum bytes moved(N, C, itemsize))
 }
 
 
+# ---- kd_loss divergences on a GPU: rbkd Triton against the same math in torch --------------
+# Four divergences of the issue-14 set (the skewed KLs share jsd's code path), each at the two
+# vocabulary shapes; torch.compile at the 32k shape only, which keeps the compile time (a fresh
+# graph per case) inside the GPU bench's budget.
+DIV_BETA = 0.5
+DIVERGENCE_OPS = ["reverse_kl", "jsd", "tvd", "dkd"]
+
+
+def _kd_mean(z: torch.Tensor, y: torch.Tensor, div: torch.Tensor) -> torch.Tensor:
+    return ALPHA * T * T * div.mean() + (1 - ALPHA) * F.cross_entropy(z, y)
+
+
+def eager_divergence(name: str):
+    """The batch-mean KD loss with divergence `name`, written as a user would in torch."""
+
+    def loss(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        log_ps, log_pt = F.log_softmax(z / T, dim=-1), F.log_softmax(t / T, dim=-1)
+        ps, pt = log_ps.exp(), log_pt.exp()
+        if name == "reverse_kl":
+            div = (ps * (log_ps - log_pt)).sum(-1)
+        elif name == "jsd":  # GKD / TRL's generalised JSD
+            log_m = torch.logaddexp(log_pt + math.log(DIV_BETA), log_ps + math.log1p(-DIV_BETA))
+            div = DIV_BETA * (pt * (log_pt - log_m)).sum(-1)
+            div = div + (1 - DIV_BETA) * (ps * (log_ps - log_m)).sum(-1)
+        elif name == "tvd":
+            div = 0.5 * (pt - ps).abs().sum(-1)
+        else:  # dkd as mdistiller writes it: target / other masks and a 1000-logit shift
+            gt = F.one_hot(y, z.shape[-1]).bool()
+            p_y, q_y = ps[gt], pt[gt]
+            bs = torch.stack([p_y, 1 - p_y], 1).clamp_min(1e-30)
+            bt = torch.stack([q_y, 1 - q_y], 1)
+            tckd = (bt * (bt.clamp_min(1e-30).log() - bs.log())).sum(-1)
+            log_r = F.log_softmax(z / T - 1000.0 * gt, dim=-1)
+            log_rt = F.log_softmax(t / T - 1000.0 * gt, dim=-1)
+            nckd = (log_rt.exp() * (log_rt - log_r)).sum(-1)
+            div = 1.0 * tckd + 8.0 * nckd
+        return _kd_mean(z, y, div)
+
+    return loss
+
+
+def rbkd_divergence(name: str):
+    def loss(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return rbkd.ops.kd_loss(z, t, y, T=T, alpha=ALPHA, divergence=name, beta=DIV_BETA)
+
+    return loss
+
+
+for _name in DIVERGENCE_OPS:  # op "kd_<divergence>": same traffic as kd_loss
+    OPS[f"kd_{_name}"] = (eager_divergence(_name), rbkd_divergence(_name), OPS["kd_loss"][2])
+
+
 @dataclass(frozen=True)
 class Case:
     device: str
@@ -171,7 +224,7 @@ def run_case(benchmark, bench_timer, copy_bandwidth, eager_medians, op: str, cas
     gen = torch.Generator(device=device).manual_seed(0)
     x = (2 * torch.randn(n, c, device=device, generator=gen)).to(dtype)
     fn = make_fn(op, backend)
-    if op == "kd_loss":
+    if op.startswith("kd_"):  # kd_loss and its divergences: forward and backward
         x.requires_grad_(True)
         teacher = (2 * torch.randn(n, c, device=device, generator=gen)).to(dtype)
         labels = torch.randint(0, c, (n,), device=device, generator=gen)
@@ -232,6 +285,24 @@ def run(benchmark, bench_timer, copy_bandwidth, eager_medians):
 @pytest.mark.parametrize("case", cases("kd_loss"))
 def test_kd_loss_forward_backward(run, case):
     run("kd_loss", case)
+
+
+def divergence_cases() -> list:
+    params = []
+    for name in DIVERGENCE_OPS:
+        for tag, n, c, dtype in GPU_SHAPES:
+            if tag == "many-rows":
+                continue
+            for backend in ["eager", "compile", "triton"] if tag == "vocab-32k" else ["eager", "triton"]:
+                case_id = f"cuda-{name}-{n}x{c}-{str(dtype).removeprefix('torch.')}-{backend}"
+                case = Case("cuda", tag, n, c, dtype, backend)
+                params.append(pytest.param(name, case, id=case_id, marks=[pytest.mark.gpu]))
+    return params
+
+
+@pytest.mark.parametrize("name,case", divergence_cases())
+def test_kd_divergence_forward_backward(run, name, case):
+    run(f"kd_{name}", case)
 
 
 @pytest.mark.parametrize("case", cases("softmax"))

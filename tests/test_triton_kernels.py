@@ -240,6 +240,24 @@ def _compile_variants():
             for lab in (False, True)
         ],
     )
+    # The divergence kernel: every divergence with and without standardize (kl only with it),
+    # the teacher kinds, no labels, no gradient, C = 1.
+    dflags = dict(flags, TEACHER_KIND=0, HAS_LABELS=True, NEED_GRAD=True)
+    yield (
+        "kd_divergence",
+        "_kd_div_fwd_kernel",
+        {"s_ptr": b16, "t_ptr": b16, "labels_ptr": "*i64", "grad_ptr": b16},
+        [
+            dict(dflags, DIVERGENCE=d, STANDARDIZE=st)
+            for d in range(7)
+            for st in (False, True)
+            if d or st
+        ]
+        + [dict(dflags, DIVERGENCE=d, STANDARDIZE=False, TEACHER_KIND=k) for d, k in ((6, 1), (4, 2))]
+        + [dict(dflags, DIVERGENCE=d, STANDARDIZE=False, HAS_LABELS=False) for d in (2, 5)]
+        + [dict(dflags, DIVERGENCE=3, STANDARDIZE=True, NEED_GRAD=False)]
+        + [dict(dflags, DIVERGENCE=6, STANDARDIZE=True, BLOCK=1, C=1, ignore_index=1)],
+    )
     yield (
         "kd_loss",
         "_scale_rows_kernel",
@@ -543,6 +561,148 @@ def test_backend_interface_matches_reference_backend():
     )
 
 
+# ---- divergences and standardize (kernels/kd_divergence.py) against the executable spec ---------
+# rbkd/ops/backends/reference.py run in float64 on the same (rounded) inputs is the spec here: it
+# matches torch.autograd to 1e-15. Several situations share the rows of one launch, since every
+# interpreted launch costs about a second.
+DIV_NAMES = ["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd"]
+
+
+def _spec(z, t, labels, T, alpha, grad_scale, opts):
+    from rbkd.ops.backends import reference
+
+    dbl = lambda v: v.double() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return reference.kd_loss_forward(
+        z.double(), t.double(), labels, dbl(T), dbl(alpha), dbl(grad_scale), True, opts
+    )
+
+
+def _check_div(z, t, labels, T, alpha, opts, block, grad_scale=0.5, loss_tol=FP32_TOL):
+    loss, grad = K.kd_loss_forward(z, t, labels, T, alpha, grad_scale, True, opts, block)
+    ref_loss, ref_grad = _spec(z, t, labels, T, alpha, grad_scale, opts)
+    what = f"{DIV_NAMES[opts.divergence]} standardize={opts.standardize} {z.dtype}"
+    assert loss.dtype == torch.float32 and grad.dtype == z.dtype and grad.is_contiguous()
+    assert_close(loss, ref_loss, loss_tol, f"{what}: loss")
+    # Gradient rows are compared at the scale of their largest entry (rows differ by orders of
+    # magnitude: per-row T, alpha, standardize's 1 / sigma).
+    atol, rtol = TOL[z.dtype]
+    scale = ref_grad.nan_to_num(posinf=0.0, neginf=0.0).abs().amax(1, keepdim=True)
+    assert_close(grad, ref_grad, (atol * scale.clamp_min(1e-30), rtol), f"{what}: grad")
+    return loss, grad
+
+
+def _div_opts(div, standardize=False, kind=0, tol=1e-3, **kw):
+    return KDOptions(
+        kind, True, -100, tol, div, kw.pop("beta", 0.3), kw.pop("skew", 0.2),
+        kw.pop("dkd_alpha", 1.0), kw.pop("dkd_beta", 8.0), standardize,
+    )  # fmt: skip
+
+
+def _div_rows(dtype, C=150):
+    """Six rows: plain; ignored; a large mean (standardize's moments); alpha 0 (the KD term
+    dropped); alpha 1 (CE dropped); a near one-hot teacher whose argmax is the label (dkd's p_y,
+    q_y near 1)."""
+    z = rows(6, C, dtype, stride_pad=3)
+    t = rows(6, C, torch.float64, seed=2)
+    big = 1e4 if dtype == torch.float32 else 100.0
+    z[2] += big
+    t[2] -= 0.3 * big
+    t[5] *= 30
+    t = t.to(dtype)
+    labels = torch.tensor([0, -100, 7, C - 1, 40, int(t[5].float().argmax())])
+    T = torch.tensor([0.7, 2.0, 1.5, 3.0, 4.0, 1.0])
+    alpha = torch.tensor([0.5, 0.5, 0.8, 0.0, 1.0, 0.3])
+    return z, t, labels, T, alpha
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("div", range(7))
+def test_kd_divergence_rows(div, standardize):
+    """Every divergence with and without standardize, three blocks of 64 (the last ragged),
+    per-row T and alpha, an ignored row; the dtype rotates with the divergence."""
+    dtype = DTYPES[(div + standardize) % 3]
+    z, t, labels, T, alpha = _div_rows(dtype)
+    _check_div(z, t, labels, T, alpha, _div_opts(div, standardize), 64, torch.tensor(0.25))
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("div", range(1, 7))
+def test_kd_divergence_teacher_kinds(div):
+    """probs (float32, for a bf16 student) and log_probs (fp16) teachers; int32 labels and
+    scalar T / alpha; no labels (every divergence but dkd)."""
+    C = 100
+    z = rows(4, C, torch.bfloat16)
+    t = _teacher(1, 4, C, torch.float32)
+    labels = torch.tensor([3, 99, -100, 0], dtype=torch.int32)
+    _check_div(z, t, labels, 2.0, 0.6, _div_opts(div, kind=1), 64)
+    z = rows(4, C, torch.float16, seed=4)
+    t = _teacher(2, 4, C, torch.float16, seed=5)
+    opts = _div_opts(div, kind=2, tol=PROBS_TOL[torch.float16])
+    _check_div(z, t, None if div != 6 else labels.long(), 3.0, 1.0, opts, 64, grad_scale=1.0)
+
+
+@interp
+@quiet
+@pytest.mark.parametrize("div,standardize", [(2, True), (6, True), (4, False)])
+def test_kd_divergence_nonfinite_and_edges(div, standardize):
+    """The non-finite rule (NaN student, +inf teacher, a row of -inf, label out of range, T and
+    alpha out of range: NaN loss and gradient rows, nothing read for a bad label), an ignored
+    row, a constant row (sigma = 0) and the loss without the gradient."""
+    C = 37
+    z = rows(8, C, torch.float32)
+    t = rows(8, C, torch.float32, seed=2)
+    z[0, 5] = math.nan
+    t[1, 9] = INF
+    z[2] = -INF
+    z[7] = 1.25  # constant row: z' = 0
+    labels = torch.tensor([1, 2, 3, C, 4, 5, -100, 6])
+    T = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 1.0, 2.0])
+    alpha = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 1.5, 0.5, 0.5])
+    opts = _div_opts(div, standardize)
+    loss, grad = _check_div(z, t, labels, T, alpha, opts, 16)
+    assert loss[:6].isnan().all() and grad[:6].isnan().all()
+    assert loss[6] == 0 and grad[6].eq(0).all()
+    assert loss[7].isfinite() and grad[7].isfinite().all()
+    loss2, none = K.kd_loss_forward(z, t, labels, T, alpha, 0.5, False, opts, 16)
+    assert none is None
+    assert_close(loss2, loss, (0.0, 0.0), "loss without the gradient")
+
+
+@interp
+@quiet
+def test_kd_divergence_special_values():
+    """jsd's ends (beta 0 is kl, 1 reverse_kl), skew 0, zero dkd weights, C = 1 (a single class:
+    every divergence 0, standardize's z' = 0), a -inf teacher entry under reverse_kl (infinite
+    loss) and under standardize (a NaN row)."""
+    z = rows(3, 10, torch.float32)
+    t = rows(3, 10, torch.float32, seed=2)
+    labels = torch.tensor([1, 9, 0])
+    for beta, same in ((0.0, 0), (1.0, 1)):
+        got, _ = _check_div(z, t, labels, 2.0, 0.5, _div_opts(2, beta=beta), None)
+        want, _ = K.kd_loss_forward(z, t, labels, 2.0, 0.5, 1.0, False, _div_opts(same), None)
+        assert_close(got, want, (0.0, 0.0), f"jsd beta={beta}")
+    for div in (3, 4):
+        _check_div(z, t, labels, 2.0, 0.5, _div_opts(div, skew=0.0), None)
+    _check_div(z, t, labels, 2.0, 0.5, _div_opts(6, dkd_alpha=0.0, dkd_beta=2.0), None)
+    _check_div(z, t, labels, 2.0, 0.5, _div_opts(6, True, dkd_alpha=3.0, dkd_beta=0.0), None)
+    one = torch.tensor([0, 0, -100])
+    for div, std in ((1, False), (5, True), (6, True), (0, True)):
+        loss, grad = _check_div(z[:, :1], t[:, :1], one, 2.0, 0.5, _div_opts(div, std), None)
+        assert loss.eq(0).all() and grad.eq(0).all()
+    t[0, 3] = -INF
+    loss, _ = _check_div(z, t, labels, 2.0, 0.5, _div_opts(1), None)
+    assert loss[0] == INF
+    # standardize of a row holding -inf: its mean is -inf, z' undefined. The kernel makes the
+    # row NaN (loss and gradient); the reference's kl masks the NaN p_t terms to a loss of 0
+    # beside a NaN gradient row, so only the other rows are compared there.
+    loss, grad = K.kd_loss_forward(z, t, None, 2.0, 1.0, 1.0, True, _div_opts(0, True), None)
+    assert loss[0].isnan() and grad[0].isnan().all()
+    _check_div(z[1:], t[1:], None, 2.0, 1.0, _div_opts(0, True), None)
+
+
 def test_backend_supports_cpu_only_when_interpreting(monkeypatch):
     from rbkd.ops.backends import triton as backend
 
@@ -594,12 +754,35 @@ def _softmax_entropy_case(device, N, C, dtype):
     assert_close(h, ref_entropy(x.cpu(), temps.cpu(), 0, True), (1e-5, 1e-4), f"entropy C={C}")
 
 
+def _div_vocab_case(device, N, C, div, standardize):
+    """A divergence at a language-model vocabulary: bf16 student rows sliced from padded logits,
+    bf16 teacher logits, per-row T, a device grad_scale, every 7th row ignored; checked against
+    the float64 spec on the CPU."""
+    g = torch.Generator(device=device).manual_seed(div)
+    wide = torch.randn(N, C + 64, generator=g, device=device, dtype=torch.float32) * 4
+    z = wide.to(torch.bfloat16)[:, :C]
+    t = (torch.randn(N, C, generator=g, device=device) * 4).to(torch.bfloat16)
+    labels = torch.randint(0, C, (N,), generator=g, device=device)
+    labels[::7] = -100
+    T = (0.5 + 4 * torch.rand(N, generator=g, device=device)).float()
+    gs = torch.tensor(1.0 / N, device=device)
+    opts = _div_opts(div, standardize, beta=0.5)
+    loss, grad = K.kd_loss_forward(z, t, labels, T, 0.5, gs, True, opts)
+    ref_loss, ref_grad = _spec(z.cpu(), t.cpu(), labels.cpu(), T.cpu(), 0.5, gs.cpu(), opts)
+    what = f"{DIV_NAMES[div]} standardize={standardize} C={C}"
+    assert_close(loss, ref_loss, (1e-4, 1e-4), f"{what}: loss")
+    scale = ref_grad.abs().amax(1, keepdim=True).clamp_min(1e-30)
+    assert_close(grad, ref_grad, (1e-2 * scale, 1e-2), f"{what}: grad")
+
+
 @interp
 @quiet
 def test_realistic_cases_run_interpreted():
     _vocab_case("cpu", 8, 300, 0)
     _vocab_case("cpu", 8, 300, 1)
     _softmax_entropy_case("cpu", 3, 300, torch.bfloat16)
+    _div_vocab_case("cpu", 3, 300, 6, True)
+    _div_vocab_case("cpu", 3, 300, 2, False)
 
 
 @pytest.mark.gpu
@@ -608,6 +791,20 @@ def test_realistic_cases_run_interpreted():
 @pytest.mark.parametrize("C", [32000, 128256])
 def test_gpu_kd_loss_vocab(C, kind):
     _vocab_case("cuda", 64, C, kind)
+
+
+# Each divergence at both vocabularies; standardize for kl, jsd and dkd (its moments pass).
+GPU_DIV_CASES = [(d, False) for d in range(1, 7)] + [(0, True), (2, True), (6, True)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    "div,standardize", GPU_DIV_CASES, ids=[f"{DIV_NAMES[d]}{'-std' * s}" for d, s in GPU_DIV_CASES]
+)
+@pytest.mark.parametrize("C", [32000, 128256])
+def test_gpu_kd_divergence_vocab(C, div, standardize):
+    _div_vocab_case("cuda", 16, C, div, standardize)
 
 
 @pytest.mark.gpu
