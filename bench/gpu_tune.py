@@ -29,6 +29,8 @@ TEMPS = [float(k) for k in range(1, 21)]
 GRID = [
     ("kd_loss", 8192, 128256, torch.bfloat16, [1024, 2048, 4096, 8192], [4, 8, 16, 32]),
     ("kd_loss", 16384, 32000, torch.bfloat16, [1024, 2048, 4096, 8192], [4, 8, 16, 32]),
+    # The divergence kernel (three passes, four with standardize) shares kd_loss's heuristic.
+    ("kd_jsd", 8192, 128256, torch.bfloat16, [512, 1024, 2048], [4, 8, 16]),
     ("softmax", 8192, 128256, torch.bfloat16, [2048, 4096, 8192, 16384], [4, 8, 16, 32]),
     ("entropy", 8192, 128256, torch.bfloat16, [256, 512, 1024, 2048], [1, 2, 4, 8]),
     ("entropy", 16384, 32000, torch.bfloat16, [256, 512, 1024, 2048], [1, 2, 4, 8]),
@@ -36,7 +38,7 @@ GRID = [
 
 
 def min_bytes(op: str, n: int, c: int, itemsize: int) -> int:
-    if op == "kd_loss":  # read student + teacher, write the gradient
+    if op.startswith("kd_"):  # read student + teacher, write the gradient
         return 3 * n * c * itemsize
     if op == "softmax":
         return 2 * n * c * itemsize
@@ -45,11 +47,12 @@ def min_bytes(op: str, n: int, c: int, itemsize: int) -> int:
 
 def make_call(op: str, x, teacher, labels, temps, block: int | None, warps: int | None):
     from rbkd import kernels as K
-    from rbkd.ops.args import EntropyOptions, KDOptions
+    from rbkd.ops.args import EntropyOptions
 
-    if op == "kd_loss":
+    if op.startswith("kd_"):
+        opts = kd_options(op)
         return lambda: K.kd_loss_forward(
-            x, teacher, labels, T, ALPHA, 1.0 / x.shape[0], True, KDOptions(),
+            x, teacher, labels, T, ALPHA, 1.0 / x.shape[0], True, opts,
             block_size=block, num_warps=warps,
         )  # fmt: skip
     if op == "softmax":
@@ -57,6 +60,13 @@ def make_call(op: str, x, teacher, labels, temps, block: int | None, warps: int 
     return lambda: K.soft_label_entropy_forward(
         x, temps, EntropyOptions(), block_size=block, num_warps=warps
     )
+
+
+def kd_options(op: str):
+    """kd_loss's options for op "kd_loss" (kl) or "kd_<divergence>"."""
+    from rbkd.ops.args import DIVERGENCES, KDOptions
+
+    return KDOptions() if op == "kd_loss" else KDOptions(divergence=DIVERGENCES[op[3:]])
 
 
 def reference(op: str, x, teacher, labels, temps):
@@ -70,6 +80,11 @@ def reference(op: str, x, teacher, labels, temps):
                           reduction="none").sum(-1)  # fmt: skip
             ce = F.cross_entropy(z, y, reduction="none")
             outs.append(ALPHA * T * T * kl + (1 - ALPHA) * ce)
+        elif op.startswith("kd_"):  # another divergence: the reference backend's rows
+            from rbkd.ops.backends.reference import kd_loss_rows
+
+            t, y = teacher[lo : lo + 1024].float(), labels[lo : lo + 1024]
+            outs.append(kd_loss_rows(z, t, y, T, ALPHA, kd_options(op)).float())
         elif op == "softmax":
             outs.append(F.softmax(z / T, -1))
         else:
@@ -80,7 +95,7 @@ def reference(op: str, x, teacher, labels, temps):
 
 def check(op: str, out, ref) -> float:
     """Relative L2 error of the variant's output against the float32 torch reference."""
-    got = out[0] if op == "kd_loss" else out
+    got = out[0] if op.startswith("kd_") else out
     got = got.float()
     if not torch.isfinite(got).all():
         return float("inf")
@@ -120,7 +135,7 @@ def sweep(op, n, c, dtype, blocks, warps_list) -> dict:
         kc = temperature_chunk(len(TEMPS))
         default["block"] = _launch.pick_block(c, max(16, _launch.MAX_TILE_ENTROPY // kc))
         default["warps"] = _launch.pick_num_warps(kc * default["block"], _launch.ENTROPY_COLS)
-    elif op == "kd_loss":
+    elif op.startswith("kd_"):
         default["block"] = _launch.pick_block(c, _launch.MAX_BLOCK_KD)
         default["warps"] = _launch.pick_num_warps(default["block"], _launch.KD_COLS)
     else:

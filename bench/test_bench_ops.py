@@ -293,7 +293,9 @@ def divergence_cases() -> list:
         for tag, n, c, dtype in GPU_SHAPES:
             if tag == "many-rows":
                 continue
-            for backend in ["eager", "compile", "triton"] if tag == "vocab-32k" else ["eager", "triton"]:
+            for backend in (
+                ["eager", "compile", "triton"] if tag == "vocab-32k" else ["eager", "triton"]
+            ):
                 case_id = f"cuda-{name}-{n}x{c}-{str(dtype).removeprefix('torch.')}-{backend}"
                 case = Case("cuda", tag, n, c, dtype, backend)
                 params.append(pytest.param(name, case, id=case_id, marks=[pytest.mark.gpu]))

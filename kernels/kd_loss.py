@@ -12,6 +12,10 @@ is off 1 by more than probs_tol gets loss NaN and a NaN gradient row. The gradie
 grad_scale) is written during the forward, Liger-style, so the backward is a scale or a no-op and
 the [N, C] probabilities are never stored.
 
+The other divergences (reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, dkd) and `standardize`
+run in kernels/kd_divergence.py's kernel, launched by the same kd_loss_forward; the kernel below
+is the plain-KL path, unchanged (tuned on an H200: bench/results/gpu-h200-2026-12-04.md).
+
 One program per row, two passes in column blocks. Pass 1: online normalizers of z/T, z (for CE)
 and t/T (teacher logits), sharing the student's running max. Pass 2: the KL terms computed
 directly from the final normalizers (more accurate than an online KL when logits are ~1e4), and

@@ -253,7 +253,10 @@ def _compile_variants():
             for st in (False, True)
             if d or st
         ]
-        + [dict(dflags, DIVERGENCE=d, STANDARDIZE=False, TEACHER_KIND=k) for d, k in ((6, 1), (4, 2))]
+        + [
+            dict(dflags, DIVERGENCE=d, STANDARDIZE=False, TEACHER_KIND=k)
+            for d, k in ((6, 1), (4, 2))
+        ]
         + [dict(dflags, DIVERGENCE=d, STANDARDIZE=False, HAS_LABELS=False) for d in (2, 5)]
         + [dict(dflags, DIVERGENCE=3, STANDARDIZE=True, NEED_GRAD=False)]
         + [dict(dflags, DIVERGENCE=6, STANDARDIZE=True, BLOCK=1, C=1, ignore_index=1)],
