@@ -252,6 +252,33 @@ def test_a_run_out_that_rbkd_cannot_own_is_one_line(what, tiny_data, tmp_path):
         assert (out / "config.json").read_text() == '{"my": "settings"}\n'
 
 
+@pytest.mark.parametrize("command", ["train-teacher", "distill"])
+@pytest.mark.parametrize("what", ["dangling link", "folder of the user's"])
+def test_the_cli_never_writes_a_run_into_what_rbkd_cannot_own(
+    command, what, teacher_run, tiny_data, tmp_path
+):
+    out = tmp_path / "out"
+    if what == "dangling link":
+        out.symlink_to(tmp_path / "nowhere")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine\n")
+    args = (
+        ["--capacity", "small"] if command == "train-teacher" else ["--teacher", str(teacher_run)]
+    )
+    result = runner.invoke(
+        app,
+        [command, *args, "--epochs", "1", "--limit", "100", "--device", "cpu", "--no-progress",
+         "--out", str(out)],
+    )  # fmt: skip
+    line = one_line_error(result, str(out))
+    assert "Errno" not in line
+    if what == "dangling link":
+        assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+    else:
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_a_run_folder_of_rbkd_still_resumes(tiny_data, tmp_path):
     data = load_dataset("fashion-mnist", "train")
     out = tmp_path / "run"

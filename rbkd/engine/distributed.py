@@ -5,9 +5,9 @@ runs the same fit(); without it everything here degrades to a single process (no
 calls at all), so the one training loop serves both.
 """
 
+import builtins
 import contextlib
 import os
-import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,26 +96,43 @@ def on_main(ctx: DistContext, fn: Callable[[], T]) -> T:
 
 
 def _portable(error: Exception) -> Exception:
-    """The error as the other ranks can unpickle it (its own type when it pickles)."""
+    """The error as every rank can rebuild it: a built-in exception type keeps its type (the CLI
+    maps ValueError and friends to its exit codes), anything else becomes a RuntimeError with
+    the same message. Only plain types cross the process boundary, never the error object."""
+    kind = type(error)
+    builtin = getattr(builtins, kind.__name__, None)
+    for base in kind.__mro__:
+        if getattr(builtins, base.__name__, None) is base and issubclass(base, Exception):
+            builtin = base
+            break
     try:
-        pickle.loads(pickle.dumps(error))
-        return error
+        return builtin(str(error)) if builtin is not None else RuntimeError(str(error))
     except Exception:
         return RuntimeError(str(error))
 
 
 @contextlib.contextmanager
 def main_folder_lock(
-    folder: str | os.PathLike[str], what: str, device: str
+    folder: str | os.PathLike[str],
+    what: str,
+    device: str,
+    claim: Callable[[Path], object] | None = None,
 ) -> Iterator[DistContext]:
     """Hold `folder`'s lock for the block on rank 0 only (the folder is created), with the process
     group open for the whole block; yields the context. The other ranks wait until rank 0 holds
     the lock, or raise its error (another process holds it): under torchrun every rank runs the
-    same command, and only rank 0 writes."""
+    same command, and only rank 0 writes. `claim(folder)` runs first (rank 0): it refuses a
+    folder rbkd may not write into (rbkd.engine.rundir.check_run_folder)."""
     ctx = setup(device)
+
+    def lock(stack: contextlib.ExitStack) -> None:
+        if claim is not None:
+            claim(Path(folder))
+        stack.enter_context(folder_lock(Path(folder), what))
+
     try:
         with contextlib.ExitStack() as stack:
-            on_main(ctx, lambda: stack.enter_context(folder_lock(Path(folder), what)))
+            on_main(ctx, lambda: lock(stack))
             yield ctx
     finally:
         ctx.close()

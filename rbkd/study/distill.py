@@ -17,6 +17,7 @@ import torch
 
 from rbkd.config import DEFAULT_DATASET, DistillSpec, TrainConfig
 from rbkd.engine.distributed import main_folder_lock, on_main
+from rbkd.engine.rundir import check_run_folder
 from rbkd.io import write_json
 from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
 from rbkd.study.runstate import run_state
@@ -170,7 +171,7 @@ def distill(
     )
     # Under torchrun every rank runs this; rank 0 alone locks the folder and writes in it, and
     # hands the others what it found and wrote, so that all take the same path.
-    with main_folder_lock(run_dir, "distillation", cfg.device) as ctx:
+    with main_folder_lock(run_dir, "distillation", cfg.device, claim=check_run_folder) as ctx:
         state = on_main(ctx, lambda: run_state(run_dir, key, REPORT_FILE))
         if state.status == "done":
             return {**state.result, "run_dir": str(run_dir), "reused": True}

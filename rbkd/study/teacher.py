@@ -14,6 +14,7 @@ from typing import Any
 
 from rbkd.config import TeacherSpec, TrainConfig
 from rbkd.engine.distributed import main_folder_lock, on_main
+from rbkd.engine.rundir import check_run_folder
 from rbkd.io import write_json
 from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
 from rbkd.study.runstate import run_state
@@ -77,7 +78,7 @@ def train_teacher(
     run_dir = Path(out) if out is not None else Path(root) / teacher_dir_name(spec, cfg, key)
     # Under torchrun every rank runs this; rank 0 alone locks the folder and writes in it, and
     # hands the others what it found and wrote, so that all take the same path.
-    with main_folder_lock(run_dir, "teacher", cfg.device) as ctx:
+    with main_folder_lock(run_dir, "teacher", cfg.device, claim=check_run_folder) as ctx:
         state, current = on_main(ctx, lambda: _state(run_dir, key))
         if state.status == "done" and current:
             # The recorded paths are relative to the folder the run was made from: name the
