@@ -360,3 +360,22 @@ def test_no_temporaries_are_left_by_a_refusal(teacher_run, tiny_data, tmp_path):
     thesis.write_text("draft\n")
     soft_labels_cli(teacher_run, thesis)
     assert sorted(os.listdir(tmp_path)) == ["thesis.txt"]
+
+
+@pytest.mark.parametrize("kind", ["json", "csv"])
+def test_analysis_outputs_never_replace_a_file_of_the_users(kind, teacher_run, tiny_data, tmp_path):
+    """analyze --json / --csv: a new file, or rbkd's own result of the same shape; else refused."""
+    out = tmp_path / f"numbers.{kind}"
+    if kind == "json":
+        args = ["analyze", "entropy", "--teacher", str(teacher_run), "--T", "1,4", "--json"]
+    else:
+        args = ["analyze", "projection", "--teacher", str(teacher_run), "--classes", "0,1,2",
+                "--csv"]  # fmt: skip
+    first = runner.invoke(app, [*args, str(out)])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, [*args, str(out)])  # its own file: replaced
+    assert again.exit_code == 0, again.output
+    out.write_text("my notes, = not rbkd's\n")
+    refused = runner.invoke(app, [*args, str(out)])
+    assert refused.exit_code != 0 and str(out) in refused.stderr
+    assert out.read_text() == "my notes, = not rbkd's\n"
