@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 
 from rbkd.config import (  # no torch here: `rbkd --help` must stay fast
     DATASETS,
+    DIVERGENCES,
     OPTIMIZERS,
     SELECTIONS,
     STUDENTS,
@@ -214,6 +215,35 @@ AlphaOpt = Annotated[
 TSquaredOpt = Annotated[
     bool,
     typer.Option("--t-squared/--no-t-squared", help="Scale the soft term by T^2 (Hinton et al.)."),
+]
+Divergence = Literal[DIVERGENCES]
+DivergenceOpt = Annotated[
+    Divergence,
+    typer.Option(
+        "--divergence",
+        help="The soft-label term's divergence (rbkd.ops.kd_loss): kl (forward, Hinton), "
+        "reverse_kl, jsd (with --beta), skew_kl / skew_reverse_kl (with --skew), tvd, dkd (with "
+        "--dkd-alpha, --dkd-beta).",
+    ),
+]
+BetaOpt = Annotated[
+    float, typer.Option("--beta", help="jsd: the teacher's weight in the mixture, in [0, 1].")
+]
+SkewOpt = Annotated[
+    float, typer.Option("--skew", help="skew_kl / skew_reverse_kl: the skew lambda, in [0, 1).")
+]
+DkdAlphaOpt = Annotated[
+    float, typer.Option("--dkd-alpha", help="dkd: weight of the target-class term (>= 0).")
+]
+DkdBetaOpt = Annotated[
+    float, typer.Option("--dkd-beta", help="dkd: weight of the non-target-class term (>= 0).")
+]
+StandardizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--standardize/--no-standardize",
+        help="z-score student and teacher logits per row before dividing by T (Sun et al. 2024).",
+    ),
 ]
 StudentOpt = Annotated[Student, typer.Option("--student", help="Student model.")]
 ExcludeClassOpt = Annotated[

@@ -9,9 +9,13 @@ import typer
 from rbkd.cli.common import (
     AlphaOpt,
     BatchSizeOpt,
+    BetaOpt,
     DataDirOpt,
     Dataset,
     DeviceOpt,
+    DivergenceOpt,
+    DkdAlphaOpt,
+    DkdBetaOpt,
     EpochsOpt,
     ExcludeClassOpt,
     LabelSmoothingOpt,
@@ -24,7 +28,9 @@ from rbkd.cli.common import (
     ProgressOpt,
     SeedOpt,
     SelectOpt,
+    SkewOpt,
     SoftLabelsOpt,
+    StandardizeOpt,
     StudentOpt,
     TeacherOpt,
     ThreadsOpt,
@@ -39,7 +45,7 @@ from rbkd.cli.common import (
 from rbkd.cli.config_file import ConfigOpt, check_command_options, usage_errors
 from rbkd.cli.output import JsonOpt, print_json, print_table
 
-from rbkd.config import DistillSpec, TrainConfig
+from rbkd.config import DistillSpec, LossSpec, TrainConfig
 
 app = new_app()
 _DISTILL, _TRAIN = DistillSpec(), TrainConfig()
@@ -59,6 +65,9 @@ def print_report(report: dict) -> None:
         what = f"{run} (sha256 {digest[:12]}) at T={report['T']:g}"
     if report.get("noise"):
         what += f", noise {report['noise']}"
+    loss = report.get("loss")
+    if loss and source["kind"] != "label_smoothing":
+        what += f", divergence {LossSpec.from_dict(loss).label()}"
     t = report["transfer"]
     title = f"{report['student']} student on {report['dataset']}"
     if report.get("reused"):
@@ -109,6 +118,12 @@ def distill(
     T: TOpt = _DISTILL.T,
     alpha: AlphaOpt = _DISTILL.alpha,
     t_squared: TSquaredOpt = _DISTILL.t_squared,
+    divergence: DivergenceOpt = _DISTILL.loss.divergence,
+    beta: BetaOpt = _DISTILL.loss.beta,
+    skew: SkewOpt = _DISTILL.loss.skew,
+    dkd_alpha: DkdAlphaOpt = _DISTILL.loss.dkd_alpha,
+    dkd_beta: DkdBetaOpt = _DISTILL.loss.dkd_beta,
+    standardize: StandardizeOpt = _DISTILL.loss.standardize,
     student: StudentOpt = _DISTILL.student,
     exclude_class: ExcludeClassOpt = None,
     per_class: PerClassOpt = None,
@@ -176,6 +191,7 @@ def distill(
         data_dir=data_dir,
         limit=limit,
         allow_partial=allow_partial,
+        loss=LossSpec(divergence, beta, skew, dkd_alpha, dkd_beta, standardize),
     )
     with usage_errors():
         spec.check()

@@ -236,6 +236,12 @@ def distill(
     T: float | None = None,
     alpha: float | None = None,
     t_squared: bool | None = None,
+    divergence: str | None = None,
+    beta: float | None = None,
+    skew: float | None = None,
+    dkd_alpha: float | None = None,
+    dkd_beta: float | None = None,
+    standardize: bool | None = None,
     config: TrainConfig | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -255,6 +261,9 @@ def distill(
     every training example; checked against `train`'s labels). `student`: an nn.Module
     (trained in place) or an rbkd student name ("general", "baseline"). T, alpha and t_squared
     default to rbkd.DistillSpec's (T=9, alpha=0.99, t_squared=True), the rest to TrainConfig's.
+    `divergence` ("kl", the default, "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd",
+    "dkd") and its options `beta`, `skew`, `dkd_alpha`, `dkd_beta`, `standardize` are
+    rbkd.ops.kd_loss's (defaults: rbkd.config.LossSpec's).
     `result.soft_labels` holds the soft labels learnt from."""
     from rbkd.engine import Distillation
 
@@ -262,6 +271,10 @@ def distill(
     T = check_kd_temperature(spec.T if T is None else T)
     alpha = check_alpha(spec.alpha if alpha is None else alpha)
     t_squared = spec.t_squared if t_squared is None else bool(t_squared)
+    given = {"divergence": divergence, "beta": beta, "skew": skew, "dkd_alpha": dkd_alpha,
+             "dkd_beta": dkd_beta, "standardize": standardize}  # fmt: skip
+    loss = dataclasses.replace(spec.loss, **{k: v for k, v in given.items() if v is not None})
+    loss.check(str)  # one line naming the keyword
     if (teacher is None) == (soft_labels is None):
         raise ValueError("give exactly one of teacher= (a model or function) or soft_labels=")
     cfg = train_config(
@@ -273,7 +286,7 @@ def distill(
     net, train_ds, test_ds = _checked_model(
         student, train_ds, test_ds, cfg, fixed, "student", classes=soft.num_classes
     )
-    objective = Distillation(soft.dense_logits(len(train_ds)), T, alpha, t_squared)
+    objective = Distillation(soft.dense_logits(len(train_ds)), T, alpha, t_squared, loss=loss)
     extra = {
         "api": "rbkd.distill",
         "teacher": soft.teacher,

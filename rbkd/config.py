@@ -83,6 +83,108 @@ class TeacherSpec:
         check_choice(self.capacity, TEACHERS, "--capacity")
 
 
+# kd_loss's divergences (rbkd.ops.args.DIVERGENCES, which imports nothing heavy but lives with
+# the ops; tests/test_divergence_toolkit.py ties the two lists) and the options each one uses.
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd")
+DIVERGENCE_OPTIONS = {
+    "jsd": ("beta",),
+    "skew_kl": ("skew",),
+    "skew_reverse_kl": ("skew",),
+    "dkd": ("dkd_alpha", "dkd_beta"),
+}
+LOSS_OPTIONS = ("divergence", "beta", "skew", "dkd_alpha", "dkd_beta", "standardize")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which divergence the distillation term computes (rbkd.ops.kd_loss's `divergence`, `beta`,
+    `skew`, `dkd_alpha`, `dkd_beta`, `standardize`; the defaults are kd_loss's: forward KL)."""
+
+    divergence: str = "kl"
+    beta: float = 0.5  # jsd: the teacher's weight in the mixture, in [0, 1]
+    skew: float = 0.1  # skew_kl / skew_reverse_kl: lambda, in [0, 1)
+    dkd_alpha: float = 1.0  # dkd: weight of the target-class term, >= 0
+    dkd_beta: float = 8.0  # dkd: weight of the non-target term, >= 0
+    standardize: bool = False  # z-score student and teacher logits before dividing by T
+
+    def check(self, spell: Callable[[str], str] = lambda n: "--" + n.replace("_", "-")) -> None:
+        """One ValueError line naming the option (`spell` turns a field into its name)."""
+        check_choice(self.divergence, DIVERGENCES, spell("divergence"))
+        check_unit(self.beta, spell("beta"))
+        check_unit(self.skew, spell("skew"), closed=False)
+        check_number(self.dkd_alpha, spell("dkd_alpha"))
+        check_number(self.dkd_beta, spell("dkd_beta"))
+        if not isinstance(self.standardize, bool):
+            raise ValueError(
+                f"{spell('standardize')} must be true or false, got {self.standardize!r}"
+            )
+
+    def used(self) -> LossSpec:
+        """The same loss with the options its divergence ignores put back to their defaults
+        (a kl run given beta=0.3 computes what kl computes)."""
+        keep = set(DIVERGENCE_OPTIONS.get(self.divergence, ())) | {"divergence", "standardize"}
+        default = LossSpec()
+        return LossSpec(**{k: getattr(self if k in keep else default, k) for k in LOSS_OPTIONS})
+
+    def is_default(self) -> bool:
+        return self.used() == LossSpec()
+
+    def key_inputs(self) -> dict[str, Any]:
+        """What a run key adds for this loss: the used options that differ from the defaults
+        ({} for forward KL, so that every run made before divergences existed keeps its key)."""
+        used, default = self.used(), LossSpec()
+        out = {k: getattr(used, k) for k in LOSS_OPTIONS if getattr(used, k) != getattr(default, k)}
+        if out:
+            out["divergence"] = used.divergence
+        return out
+
+    def kd_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of rbkd.ops.kd_loss."""
+        return asdict(self)
+
+    def describe(self) -> dict[str, Any]:
+        """The divergence and the options it uses (what config.json and report.json record)."""
+        used = self.used()
+        names = ("divergence", *DIVERGENCE_OPTIONS.get(used.divergence, ()), "standardize")
+        return {k: getattr(used, k) for k in names}
+
+    def label(self) -> str:
+        """'kl', 'jsd (beta=0.5)', 'dkd (dkd_alpha=1, dkd_beta=8), standardized': for titles."""
+        used = self.used()
+        opts = ", ".join(
+            f"{k}={getattr(used, k):g}" for k in DIVERGENCE_OPTIONS.get(used.divergence, ())
+        )
+        text = f"{used.divergence} ({opts})" if opts else used.divergence
+        return text + (", standardized" if used.standardize else "")
+
+    def slug(self) -> str:
+        """A folder-name part: '' for the default, else 'tvd', 'jsd-b0.9', 'dkd-a1-b8-std'."""
+        if self.is_default():
+            return ""
+        used, short = self.used(), {"beta": "b", "skew": "l", "dkd_alpha": "a", "dkd_beta": "b"}
+        parts = [used.divergence.replace("_", "")]
+        default = LossSpec()
+        parts += [
+            f"{short[k]}{getattr(used, k):g}"
+            for k in DIVERGENCE_OPTIONS.get(used.divergence, ())
+            if getattr(used, k) != getattr(default, k)
+        ]
+        return "-".join(parts + (["std"] if used.standardize else []))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> LossSpec:
+        """From describe()'s record (None or {} is the default loss)."""
+        return cls(**{k: v for k, v in (d or {}).items() if k in LOSS_OPTIONS})
+
+
+def check_unit(value: Any, name: str, closed: bool = True) -> float:
+    """A number in [0, 1] ([0, 1) when not `closed`)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (ok and 0.0 <= value <= 1.0 and (closed or value < 1.0)):
+        raise ValueError(f"{name} must be in [0, {'1]' if closed else '1)'}, got {value}")
+    return float(value)
+
+
 @dataclass
 class DistillSpec:
     """Everything that defines one distillation run besides its TrainConfig."""
@@ -102,6 +204,7 @@ class DistillSpec:
     data_dir: Path | None = None
     limit: int | None = None
     allow_partial: bool = False  # soft labels covering only part of the split are an error
+    loss: LossSpec = field(default_factory=LossSpec)  # the divergence (default: forward KL)
 
     def check(self) -> None:
         """Reject bad combinations before any data is read (ValueError, one line)."""
@@ -123,6 +226,7 @@ class DistillSpec:
         if self.label_smoothing is None:  # T is the distillation's; LS targets have none
             check_kd_temperature(self.T, "--T")
         check_alpha(self.alpha, "--alpha")
+        self.check_loss()
         check_per_class(self.per_class, "--per-class")
         if self.label_smoothing is not None:
             check_label_smoothing(self.label_smoothing, "--label-smoothing")
@@ -140,6 +244,23 @@ class DistillSpec:
 
             parse_noise(self.noise)
         check_limit(self.limit, "--limit")
+
+    def check_loss(self, spell: Callable[[str], str] | None = None) -> None:
+        """The divergence and its options (kd_loss's rules, before any data is read)."""
+        spell = spell or (lambda n: "--" + n.replace("_", "-"))
+        if not isinstance(self.loss, LossSpec):
+            raise ValueError(f"loss must be an rbkd.config.LossSpec, got {self.loss!r}")
+        self.loss.check(spell)
+        if self.label_smoothing is not None and not self.loss.is_default():
+            raise ValueError(
+                f"{spell('divergence')} {self.loss.label()} applies to a teacher's soft labels; "
+                "--label-smoothing trains on smoothed targets with forward KL only"
+            )
+        if self.noise is not None and self.loss.standardize:
+            raise ValueError(
+                f"{spell('standardize')} z-scores the teacher's logits, but --noise turns them "
+                "into noisy probabilities; use one or the other"
+            )
 
     def replace(self, **changes: Any) -> DistillSpec:
         return dataclasses.replace(self, **changes)

@@ -237,12 +237,14 @@ def test_shipped_studies_are_valid_and_plan_their_thesis_grids(path):
     study = load_study(path)
     plan = make_plan(study, Path("/nonexistent"), "0" * 64, "cpu")
     names = {n for t in plan.teachers for n in t.names}
+    keys = [t.key for t in plan.teachers + plan.students]
+    assert len(keys) == len(set(keys))
+    if "divergences" in path.name:  # one experiment under five divergences (its own tests:
+        return  # tests/test_divergence_toolkit.py)
     assert {"small", "large-b4096"} <= names
     assert {"missing_class", "transfer_set", "temperature", "batch_sweep"} <= set(
         study["experiments"]
     )
-    keys = [t.key for t in plan.teachers + plan.students]
-    assert len(keys) == len(set(keys))
     if "full" in path.name:
         assert study["loss"]["T"] == [3, 6, 9, 12, 15, 18, 20]
         assert study["experiments"]["missing_class"]["classes"] == list(range(10))

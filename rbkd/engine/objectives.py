@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rbkd.config import check_alpha, check_kd_temperature
+from rbkd.config import LossSpec, check_alpha, check_kd_temperature
 from rbkd.engine.config import make_generator
 from rbkd.engine.noise import add_noise, parse_noise
 
@@ -58,7 +58,8 @@ class Distillation:
     With `noise`, the thesis's section 4.8 experiment: noise U is added to the teacher's
     probabilities at T, which are renormalised and redrawn every epoch (so one example gets a
     different target each epoch): "uniform:S" adds U[0, S); "normal:S" adds N(0, S^2) and clamps
-    at 0 (a probability cannot be negative) before renormalising.
+    at 0 (a probability cannot be negative) before renormalising. `loss` (rbkd.config.LossSpec)
+    chooses kd_loss's divergence; the default is forward KL.
     """
 
     name = "distillation"
@@ -70,6 +71,7 @@ class Distillation:
         alpha: float,
         t_squared: bool = True,
         noise: str | None = None,
+        loss: LossSpec | None = None,
     ):
         if teacher_logits.ndim != 2:
             raise ValueError(
@@ -80,6 +82,12 @@ class Distillation:
         self.teacher_logits = teacher_logits.detach().float()
         self.T, self.alpha, self.t_squared, self.noise = float(T), float(alpha), t_squared, noise
         self._noise = None if noise is None else parse_noise(noise)
+        self.loss = LossSpec() if loss is None else loss
+        self.loss.check(str)
+        if self._noise is not None and self.loss.standardize:
+            raise ValueError(
+                "standardize z-scores logits; with noise the targets are probabilities"
+            )
         self._targets = self.teacher_logits  # what kd_loss sees this epoch (probs with noise)
 
     def describe(self) -> dict:
@@ -89,6 +97,8 @@ class Distillation:
             "alpha": self.alpha,
             "t_squared": self.t_squared,
             "noise": self.noise,
+            # only when not forward KL: a run made before divergences existed still resumes
+            **({} if self.loss.is_default() else {"loss": self.loss.describe()}),
             "teacher_logits_sha256": tensor_sha256(self.teacher_logits),
         }
 
@@ -133,12 +143,14 @@ class Distillation:
         return _kd_loss()(
             logits,
             self._targets[index],
-            labels if self.alpha < 1 else None,
+            # dkd splits the target class from the others: it needs the labels even at alpha 1
+            labels if self.alpha < 1 or self.loss.divergence == "dkd" else None,
             T=self.T,
             alpha=self.alpha,
             teacher_kind="logits" if self._noise is None else "probs",
             t_squared=self.t_squared,
             reduction="sum",
+            **self.loss.used().kd_kwargs(),
         )
 
 

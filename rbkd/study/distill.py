@@ -1,7 +1,7 @@
 """Distill a student, once: a content-addressed run folder with report.json.
 
 The key hashes the data, the targets (the teacher's soft-label tensors, or label smoothing's A),
-the student, the loss convention, the transfer set's definition and the training inputs. The
+the student, the loss convention (the divergence only when it is not forward KL), the transfer set's definition and the training inputs. The
 same distillation asked for again reuses the finished run; a killed one resumes from its epoch
 checkpoint; a folder that holds another run is refused, never overwritten.
 """
@@ -38,6 +38,8 @@ def student_dir_name(spec: DistillSpec, dataset: str, cfg: TrainConfig, key: str
         else f"T{_fmt(spec.T)}"
     )
     parts = [f"student-{dataset}-{spec.student}-{what}"]
+    if spec.loss.slug():  # forward KL, the default, keeps the folder names it always had
+        parts.append(spec.loss.slug())
     if spec.exclude_classes:
         parts.append("x" + "_".join(map(str, sorted(spec.exclude_classes))))
     if spec.per_class is not None:
@@ -62,6 +64,11 @@ def student_key(spec: DistillSpec, cfg: TrainConfig, fingerprint: str, source: d
         "noise": spec.noise,
         **cfg.result_inputs(),
     }
+    # The divergence only when it is not forward KL: every run made before divergences existed
+    # (and every default run since) keeps its key.
+    loss = spec.loss.key_inputs() if spec.label_smoothing is None else {}
+    if loss:
+        inputs["loss"] = loss
     return run_key("student", inputs)
 
 
@@ -83,7 +90,12 @@ def _objective(spec: DistillSpec, soft, train):
         table = torch.zeros(len(train), c, dtype=torch.float32)
         table[soft.indices] = soft.logits
         return Distillation(
-            table, T=spec.T, alpha=spec.alpha, t_squared=spec.t_squared, noise=spec.noise
+            table,
+            T=spec.T,
+            alpha=spec.alpha,
+            t_squared=spec.t_squared,
+            noise=spec.noise,
+            loss=spec.loss,
         )
     if spec.noise is None:
         return LabelSmoothing(spec.label_smoothing)
@@ -217,6 +229,7 @@ def distill(
             "T": None if spec.label_smoothing is not None else spec.T,
             "alpha": spec.alpha,
             "t_squared": spec.t_squared,
+            "loss": spec.loss.describe() if spec.label_smoothing is None else None,
             "label_smoothing": spec.label_smoothing,
             "noise": spec.noise,
             "source": source,

@@ -8,10 +8,19 @@ teacher has trained.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rbkd.config import DistillSpec, TeacherSpec, TrainConfig
+from rbkd.config import (
+    DIVERGENCE_OPTIONS,
+    LOSS_OPTIONS,
+    DistillSpec,
+    LossSpec,
+    TeacherSpec,
+    TrainConfig,
+)
 from rbkd.study.keys import run_key
 
 # Experiments whose students learn from teachers, and their grids' extra dimensions.
@@ -157,6 +166,39 @@ def _external_teacher(t: dict, dataset: str, fingerprint: str, device: str) -> T
     return TeacherTask([t["name"]], ["teacher"], spec, cfg, key, run_dir, external=True)
 
 
+def _loss_lists(e: dict) -> dict[str, list]:
+    """The experiment's loss grid (an experiment from an older study.json has none: forward KL)."""
+    default = LossSpec()
+    return {k: list(e.get(k) or [getattr(default, k)]) for k in LOSS_OPTIONS}
+
+
+def count_losses(e: dict) -> int:
+    """How many distinct losses an experiment's grid asks for, without expanding it: each
+    divergence times the values of the options it uses (jsd's beta, ...), times standardize."""
+    grid = _loss_lists(e)
+    per = sum(
+        math.prod(len(grid[o]) for o in DIVERGENCE_OPTIONS.get(d, ())) for d in grid["divergence"]
+    )
+    return per * len(grid["standardize"])
+
+
+def loss_specs(e: dict) -> list[LossSpec]:
+    """The experiment's distinct losses, in the order of its lists (an option a divergence does
+    not use takes no part: [kl, jsd] x beta [0.1, 0.9] is kl, jsd 0.1 and jsd 0.9)."""
+    grid = _loss_lists(e)
+    out: list[LossSpec] = []
+    for standardize in grid["standardize"]:
+        for d in grid["divergence"]:
+            used = DIVERGENCE_OPTIONS.get(d, ())
+            for values in itertools.product(*(grid[o] for o in used)):
+                spec = LossSpec(
+                    divergence=d, standardize=standardize, **dict(zip(used, values, strict=True))
+                )
+                if spec not in out:
+                    out.append(spec)
+    return out
+
+
 def count_runs(study: dict) -> tuple[int, int]:
     """(teachers, students) a study asks for, counted from the grid's sizes without expanding it
     (a million-cell grid is counted at once). Runs that two experiments share are counted once
@@ -171,7 +213,7 @@ def count_runs(study: dict) -> tuple[int, int]:
         e = ex.get(name)
         if e is None:
             continue
-        taught = len(e["teachers"]) * len(e["T"]) * len(e["t_squared"])
+        taught = len(e["teachers"]) * len(e["T"]) * len(e["t_squared"]) * count_losses(e)
         smoothed = len(e.get("label_smoothing") or [])  # once, not per t_squared
         if name == "missing_class":
             cells = (taught + smoothed) * len(e["classes"])
@@ -187,19 +229,22 @@ def count_runs(study: dict) -> tuple[int, int]:
 
 def _student_specs(study: dict):
     """(experiment, teacher name or None, DistillSpec fields, epochs, missing class, seeds) per
-    cell, for every t_squared value an experiment asks for."""
+    cell, for every t_squared value and every loss an experiment asks for."""
     for experiment, teacher, fields, epochs, missing in _cells(study):
         e = study["experiments"][experiment]
-        # Label smoothing has no temperature to square: its cells run once, not per t_squared
-        for t_squared in e["t_squared"] if teacher is not None else e["t_squared"][:1]:
-            yield (
-                experiment,
-                teacher,
-                {**fields, "t_squared": t_squared},
-                epochs,
-                missing,
-                e["seeds"],
-            )
+        # Label smoothing has no temperature to square and no divergence to choose: its cells
+        # run once, not per t_squared or per loss
+        taught = teacher is not None
+        for t_squared in e["t_squared"] if taught else e["t_squared"][:1]:
+            for loss in loss_specs(e) if taught else [LossSpec()]:
+                yield (
+                    experiment,
+                    teacher,
+                    {**fields, "t_squared": t_squared, "loss": loss},
+                    epochs,
+                    missing,
+                    e["seeds"],
+                )
 
 
 def _cells(study: dict):

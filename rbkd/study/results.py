@@ -33,6 +33,14 @@ RESULT_COLUMNS = (
     "T",
     "alpha",
     "t_squared",
+    # kd_loss's divergence and the options it uses (empty: an option it does not use, or a
+    # label-smoothing student, which has no divergence)
+    "divergence",
+    "beta",
+    "skew",
+    "dkd_alpha",
+    "dkd_beta",
+    "standardize",
     "label_smoothing",
     "noise",
     "missing_class",
@@ -135,6 +143,15 @@ def teacher_row(study: dict, task, result: dict, soft, out: Path) -> list[dict[s
     ]
 
 
+def loss_columns(spec) -> dict[str, Any]:
+    """The divergence columns of a student (a DistillSpec): the options its divergence uses,
+    None for the others; all None for label smoothing."""
+    from rbkd.config import LOSS_OPTIONS
+
+    used = spec.loss.describe() if spec.label_smoothing is None else {}
+    return {k: used.get(k) for k in LOSS_OPTIONS}
+
+
 def student_row(study: dict, task, report: dict, teacher: dict | None, out: Path) -> dict:
     """One row of results.jsonl from a finished student run's report.json."""
     names = report.get("class_names") or []
@@ -162,6 +179,7 @@ def student_row(study: dict, task, report: dict, teacher: dict | None, out: Path
         "T": T,
         "alpha": task.spec.alpha,
         "t_squared": task.spec.t_squared,
+        **loss_columns(task.spec),
         "label_smoothing": report.get("label_smoothing"),
         "noise": report.get("noise"),
         "missing_class": k,

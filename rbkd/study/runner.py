@@ -120,6 +120,8 @@ def describe(task, state: RunState) -> str:
         bits = [f"{'+'.join(task.experiments)}: {s.student} from {src}"]
         if s.label_smoothing is None:
             bits.append(f"T={s.T:g}" + ("" if s.t_squared else " without the T^2 factor"))
+            if not s.loss.is_default():  # forward KL, the default, goes unsaid as it always did
+                bits.append(f"divergence {s.loss.label()}")
         if s.exclude_classes:
             bits.append(f"without class {','.join(map(str, s.exclude_classes))}")
         if s.per_class is not None:

@@ -16,12 +16,15 @@ from typing import Any
 from rbkd.config import (
     DATASETS,
     DEFAULT_DATASET,
+    DIVERGENCES,
     KD_MAX_TEMPERATURE,
+    LOSS_OPTIONS,
     OPTIMIZERS,
     SELECTIONS,
     STUDENTS,
     TEACHERS,
     DistillSpec,
+    LossSpec,
     TrainConfig,
     check_kd_temperature,
 )
@@ -296,7 +299,43 @@ def _bools(r: _Reader, key: str, default: bool) -> list[bool]:
     return values
 
 
-STUDENT_KEYS = ("seeds", "t_squared")
+STUDENT_KEYS = ("seeds", "t_squared", *LOSS_OPTIONS)
+_LOSS = LossSpec()
+
+
+def _divergences(r: _Reader, default: list[str]) -> list[str]:
+    raw = r.table.get("divergence", default)
+    values = raw if isinstance(raw, list) else [raw]
+    for v in values:
+        if not isinstance(v, str) or v not in DIVERGENCES:
+            raise r.fail(
+                "divergence",
+                f"must be one of {', '.join(DIVERGENCES)} (or a list of them), got {v!r}",
+            )
+    if not values:
+        raise r.fail("divergence", "must not be empty")
+    if len(set(values)) != len(values):
+        raise r.fail("divergence", f"repeats a value: {raw!r}")
+    return list(values)
+
+
+def _loss_options(r: _Reader, defaults: dict[str, list]) -> dict[str, list]:
+    """The divergences and their options (each a value or a list: a grid dimension), checked
+    as kd_loss checks them: beta in [0, 1], skew in [0, 1), the DKD weights >= 0."""
+    out = {"divergence": _divergences(r, defaults["divergence"])}
+    for key in ("beta", "skew", "dkd_alpha", "dkd_beta"):
+        values = r.number_list(key, float, defaults[key], low=0)
+        if key == "beta" and any(v > 1 for v in values):
+            raise r.fail(key, f"jsd's beta must be in [0, 1], got {max(values)!r}")
+        if key == "skew" and any(v >= 1 for v in values):
+            raise r.fail(key, f"the skew lambda must be in [0, 1), got {max(values)!r}")
+        out[key] = values
+    out["standardize"] = _bools(r, "standardize", defaults["standardize"])
+    return out
+
+
+def _default_loss_options() -> dict[str, list]:
+    return {k: [getattr(_LOSS, k)] for k in LOSS_OPTIONS}
 
 
 def _seeds(r: _Reader, key: str, default: list[int]) -> list[int]:
@@ -307,10 +346,11 @@ def _seeds(r: _Reader, key: str, default: list[int]) -> list[int]:
 
 
 def _student_common(r: _Reader, study: dict) -> dict[str, Any]:
-    """Keys every student experiment takes: its own seeds and t_squared values."""
+    """Keys every student experiment takes: its own seeds, t_squared values and divergences."""
     return {
         "seeds": _seeds(r, "seeds", study["seeds"]),
         "t_squared": _bools(r, "t_squared", study["loss"]["t_squared"]),
+        **_loss_options(r, {k: study["loss"][k] for k in LOSS_OPTIONS}),
     }
 
 
@@ -318,6 +358,15 @@ def _experiment(name: str, r: _Reader, study: dict) -> dict[str, Any]:
     out = _experiment_grid(name, r, study)
     if name in ("missing_class", "transfer_set", "temperature", "noise"):
         out.update(_student_common(r, study))
+    if name == "noise" and True in out["standardize"]:
+        own = "standardize" in r.table
+        where = r if own else _Reader(r.path, {}, "loss")
+        raise where.fail(
+            "standardize",
+            "standardize z-scores the teacher's logits, but the noise experiment's targets are "
+            "noisy probabilities"
+            + ("" if own else "; set standardize = false in [experiments.noise]"),
+        )
     return out
 
 
@@ -441,7 +490,7 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
     )
     study.path = path
     loss = top.sub("loss") or _Reader(path, {}, "loss")
-    loss.known("T", "alpha", "t_squared")
+    loss.known("T", "alpha", "t_squared", *LOSS_OPTIONS)
     alpha = loss.get("alpha", float, _DISTILL.alpha)
     if not 0.0 <= alpha <= 1.0:
         raise loss.fail("alpha", f"must be in [0, 1], got {alpha}")
@@ -449,6 +498,7 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
         "T": _temps(loss, "T", list(THESIS_T), kd=True),
         "alpha": alpha,
         "t_squared": loss.get("t_squared", bool, _DISTILL.t_squared),
+        **_loss_options(loss, _default_loss_options()),
     }
     base = {k: getattr(_TRAIN, k) for k in ("epochs", "batch_size", "lr", "optimizer", "seed")}
     student = top.sub("student") or _Reader(path, {}, "student")

@@ -1,5 +1,6 @@
 """Missing-class tables: classes x T per teacher and classes x A for label smoothing (thesis
-tables 5.1-5.7), as Markdown and as annotated heatmaps."""
+tables 5.1-5.7), as Markdown and as annotated heatmaps; one per divergence when a study compares
+divergences, with a summary of the missing class's accuracy per divergence and teacher."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 
 from rbkd.study.report.document import Report
 from rbkd.study.report.load import finite, group_key, mean_std
-from rbkd.study.report.markdown import class_label, format_cell
-from rbkd.study.report.rows import teacher_order, variant_name, variants
+from rbkd.study.report.markdown import class_label, format_cell, slug
+from rbkd.study.report.rows import loss_label, teacher_order, variant_name, variants
 
 
 def _missing_class_table(
@@ -68,6 +69,34 @@ def _missing_class_table(
 
 
 _KD_VARIANTS = ("student", "alpha", "t_squared", "epochs")
+_LOSS = "_divergence"  # the rows' divergence label, added here for grouping
+
+
+def _divergence_summary(rep: Report, rows: list[dict], teachers: list[str]) -> None:
+    """Divergences (rows) x teacher, class and T (columns): the missing class's accuracy."""
+    names = rep.study.class_names
+    losses = list(dict.fromkeys(r[_LOSS] for r in rows))
+    columns = list(
+        dict.fromkeys(
+            (t, int(r["missing_class"]), group_key(r.get("T")))
+            for t in teachers
+            for r in rows
+            if r.get("teacher") == t
+        )
+    )
+    cells: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        column = (r.get("teacher"), int(r["missing_class"]), group_key(r.get("T")))
+        cells[(r[_LOSS], column)].append(r.get("missing_class_accuracy"))
+    seeds = rep.seeds("missing_class")
+    rep.lines += [f"**{rep.data_title}: accuracy (%) on the missing class, per divergence**", ""]
+    rep.table(
+        [
+            "divergence",
+            *[f"{rep.name(t)}, {class_label(names, k)}, T={T:g}" for t, k, T in columns],
+        ],
+        [[loss, *[format_cell(cells[(loss, c)], seeds=seeds) for c in columns]] for loss in losses],
+    )
 
 
 def section_missing_class(rep: Report) -> None:
@@ -84,7 +113,9 @@ def section_missing_class(rep: Report) -> None:
     )
     # one table per teacher and per setting that varies (the loss convention does not apply to
     # label smoothing, which has no KD term)
-    kd_keys = variants([r for r in rows if r.get("teacher") is not None], _KD_VARIANTS)
+    rows = [{**r, _LOSS: loss_label(r)} if r.get("teacher") is not None else r for r in rows]
+    kd_rows = [r for r in rows if r.get("teacher") is not None]
+    kd_keys = variants(kd_rows, (*_KD_VARIANTS, _LOSS))
     ls_keys = variants([r for r in rows if r.get("teacher") is None], ("student", "epochs"))
 
     def variant_keys(teacher: str | None) -> list[str]:
@@ -95,12 +126,19 @@ def section_missing_class(rep: Report) -> None:
         keys = variant_keys(r.get("teacher"))
         groups[(r.get("teacher"), tuple(json.dumps(r.get(k)) for k in keys))].append(r)
     teachers = teacher_order(study, [t for t, _ in groups])
+    if _LOSS in kd_keys:  # a study comparing divergences: first the summary across them
+        _divergence_summary(rep, kd_rows, teachers)
     order = [(t, v) for t in teachers for (tt, v) in groups if tt == t]
     order += [(None, v) for (tt, v) in groups if tt is None]
     for teacher, variant in order:
         group = groups[(teacher, variant)]
-        extra = variant_name(group[0], variant_keys(teacher))
+        shown = [k for k in variant_keys(teacher) if k != _LOSS]
+        extra = variant_name(group[0], shown)
         suffix = f" ({extra})" if extra else ""
+        if teacher is not None and _LOSS in kd_keys:
+            divergence = group[0][_LOSS]
+            suffix = f", divergence {divergence}{suffix}"
+            extra = "_".join(x for x in (slug(divergence), extra) if x)
         if teacher is None:
             ls = [r for r in group if r.get("label_smoothing") is not None]
             if not ls:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from rbkd.study.report.document import Report
 from rbkd.study.report.load import group_key
 from rbkd.study.report.markdown import fmt_num, format_cell
-from rbkd.study.report.rows import is_clean, teacher_order
+from rbkd.study.report.rows import is_clean, loss_label, teacher_order
 
 
 def section_noise(rep: Report) -> None:
@@ -30,6 +30,7 @@ def section_noise(rep: Report) -> None:
             str(r.get("student")),
             group_key(r.get("alpha")) if teacher is not None else None,
             r.get("t_squared") if teacher is not None else None,
+            loss_label(r) if teacher is not None else None,
         )
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -59,10 +60,13 @@ def section_noise(rep: Report) -> None:
         "soft labels, T and student on the whole transfer set): artificial variance is no "
         "substitute for the teacher's similarity information."
     )
+    losses = {k[6] for k in groups if k[0] is not None}
     table_rows = []
     for k in order:
         teacher, ls, T, student = k[:4]
         name = rep.name(teacher) if teacher is not None else f"label smoothing A={fmt_num(ls)}"
+        if teacher is not None and len(losses) > 1:  # a study comparing divergences
+            name += f", {k[6]}"
         cells = [format_cell([r.get("test_accuracy") for r in clean.get(k, [])], seeds=seeds)]
         cells += [
             format_cell(

@@ -116,3 +116,15 @@ def accuracy_series(label: str, values: Mapping, xs: Iterable, **style):
         err=[(stats[x][1] or 0.0) * 100 for x in shown],
         **style,
     )
+
+
+def loss_label(row: Mapping) -> str:
+    """A student row's divergence as a title names it ('kl', 'jsd (beta=0.5)'); a row written
+    before divergences existed is forward KL."""
+    from rbkd.config import LOSS_OPTIONS, LossSpec
+
+    given = {k: row.get(k) for k in LOSS_OPTIONS if row.get(k) is not None}
+    try:
+        return LossSpec.from_dict(given).label()
+    except (TypeError, ValueError):  # a hand-edited row: show what it says
+        return str(row.get("divergence"))

@@ -8,7 +8,7 @@ from collections import defaultdict
 from rbkd.study.report.document import Report
 from rbkd.study.report.load import finite, group_key
 from rbkd.study.report.markdown import class_label, fmt_num, format_cell
-from rbkd.study.report.rows import teacher_order
+from rbkd.study.report.rows import loss_label, teacher_order
 
 EXPERIMENT_ORDER = (
     "missing_class",
@@ -26,6 +26,7 @@ _SUMMARY_KEYS = (
     "teacher",
     "student",
     "T",
+    "divergence",  # the loss_label of a taught student (label smoothing has none)
     "label_smoothing",
     "noise",
     "missing_class",
@@ -54,12 +55,25 @@ def section_summary(rep: Report) -> None:
     )
     class_names = study.class_names
     for exp in names:
-        rows = study.rows(exp)
+        rows = [
+            {**r, "divergence": loss_label(r) if r.get("teacher") is not None else None}
+            for r in study.rows(exp)
+        ]
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
             groups[tuple(json.dumps(group_key(r.get(k))) for k in _SUMMARY_KEYS)].append(r)
         shown = [
-            k for k in _SUMMARY_KEYS if len({json.dumps(group_key(r.get(k))) for r in rows}) > 1
+            k
+            for k in _SUMMARY_KEYS
+            if len(
+                {
+                    json.dumps(group_key(r.get(k)))
+                    for r in rows
+                    # a divergence is shown when taught students differ in it
+                    if k != "divergence" or r.get("teacher") is not None
+                }
+            )
+            > 1
         ]
         shown = shown or ["teacher"]
 

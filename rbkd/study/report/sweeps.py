@@ -14,6 +14,7 @@ from rbkd.study.report.rows import (
     entropy_table_dict,
     headline_T,
     is_clean,
+    loss_label,
     ls_band,
     study_teachers,
     teacher_order,
@@ -153,15 +154,21 @@ def section_temperature(rep: Report) -> None:
     students = sorted({str(r.get("student")) for r in rows})
     temps = sorted({group_key(r["T"]) for r in rows})
     teachers = teacher_order(study, [r.get("teacher") for r in rows])
+    losses = list(dict.fromkeys(loss_label(r) for r in rows))  # one curve per divergence
     series, columns, cells = [], [], {}
     for i, teacher in enumerate(teachers):
-        for student in students:
+        for student, loss in ((s, d) for s in students for d in losses):
             mine = [
-                r for r in rows if r.get("teacher") == teacher and str(r.get("student")) == student
+                r
+                for r in rows
+                if r.get("teacher") == teacher
+                and str(r.get("student")) == student
+                and loss_label(r) == loss
             ]
             if not mine:
                 continue
             name = rep.name(teacher) + (f" → {student}" if len(students) > 1 else "")
+            name += f", {loss}" if len(losses) > 1 else ""
             by_T = {
                 T: [r.get("test_accuracy") for r in mine if group_key(r["T"]) == T] for T in temps
             }

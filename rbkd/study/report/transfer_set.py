@@ -5,7 +5,7 @@ from __future__ import annotations
 from rbkd.study.report.document import Report
 from rbkd.study.report.load import finite, group_key, mean_std
 from rbkd.study.report.markdown import DASH, format_cell
-from rbkd.study.report.rows import accuracy_series, is_clean, teacher_order
+from rbkd.study.report.rows import accuracy_series, is_clean, loss_label, teacher_order
 
 
 def section_transfer_set(rep: Report) -> None:
@@ -29,9 +29,11 @@ def section_transfer_set(rep: Report) -> None:
         teachers = teacher_order(study, [r.get("teacher") for r in at_T])
         selects = [s for s in ("entropy", "random") if any(r.get("select") == s for r in at_T)]
         sizes = sorted({int(r["per_class"]) for r in at_T})
+        losses = list(dict.fromkeys(loss_label(r) for r in at_T))  # one curve per divergence
         series, refs, columns, cells = [], [], [], {}
-        for i, teacher in enumerate(teachers):
-            mine = [r for r in at_T if r.get("teacher") == teacher]
+        for i, (teacher, loss) in enumerate((t, d) for t in teachers for d in losses):
+            mine = [r for r in at_T if r.get("teacher") == teacher and loss_label(r) == loss]
+            who = rep.name(teacher) + (f", {loss}" if len(losses) > 1 else "")
             for sel in selects:
                 by_n = {
                     n: [
@@ -45,14 +47,14 @@ def section_transfer_set(rep: Report) -> None:
                     continue
                 series.append(
                     accuracy_series(
-                        f"{rep.name(teacher)}, {sel}",
+                        f"{who}, {sel}",
                         by_n,
                         sizes,
                         color=color(i),
                         linestyle="-" if sel == "entropy" else "--",
                     )
                 )
-                columns.append(f"{rep.name(teacher)}, {sel}")
+                columns.append(f"{who}, {sel}")
                 for n in sizes:
                     cells[(columns[-1], n)] = format_cell(by_n[n], seeds=seeds)
             students = {r.get("student") for r in mine}
@@ -64,13 +66,14 @@ def section_transfer_set(rep: Report) -> None:
                 and r.get("student") in students
                 and is_clean(r)
                 and r.get("label_smoothing") is None
+                and loss_label(r) == loss
             ]
             m, s, n = mean_std(r.get("test_accuracy") for r in full)
             if m is not None:
-                refs.append(Reference(m * 100, f"{rep.name(teacher)}, all data", color(i), ":"))
+                refs.append(Reference(m * 100, f"{who}, all data", color(i), ":"))
                 # the full-data student fills the last row ("all") of this teacher's columns
                 for sel in selects:
-                    cells[(f"{rep.name(teacher)}, {sel}", "all")] = format_cell(
+                    cells[(f"{who}, {sel}", "all")] = format_cell(
                         [r.get("test_accuracy") for r in full], seeds=seeds
                     )
         t_text = f"T={T:g}" if finite(T) else "T unset"
