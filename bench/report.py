@@ -28,6 +28,8 @@ KD_COPY_FRACTION = ("kd_loss", "vocab-32k", 0.60)
 KD_VS_EAGER = ("kd_loss", "many-rows", 10.0)
 ENTROPY_VS_LOOP = ("entropy", 20.0)
 TRAINING_TARGETS = {"baseline": 2.0, "small": 1.0, "large": 1.0}  # engine / plain loop
+# Issue 14: every divergence within this factor of kl's time, and at least DIV_VS_EAGER x eager.
+DIV_VS_KL, DIV_VS_EAGER, DIV_SHAPES = 1.5, 10.0, ("many-rows", "vocab-32k")
 
 
 def load(path: Path) -> dict:
@@ -231,6 +233,7 @@ def targets(rows: list[dict], pairs: list[dict]) -> list[str]:
             f"- [{device}] entropy over 20 temperatures >= {need:.0f}x a loop of 20 eager calls: "
             f"**{verdict(overall)}** ({met}/{len(results)} shapes) — {shapes or 'no measurement'}"
         )
+    lines += divergence_targets(rows)
     for p in pairs:
         need = TRAINING_TARGETS.get(p["arch"])
         if need is None:
@@ -242,6 +245,31 @@ def targets(rows: list[dict], pairs: list[dict]) -> list[str]:
             f"plain loop: **{verdict(ok)}** — {fmt(p['speedup'], '.2f', 'x')} "
             f"({fmt(p['engine'], ',.0f')} vs {fmt(p['plain'], ',.0f')} samples/s)"
         )
+    return lines
+
+
+def divergence_targets(rows: list[dict]) -> list[str]:
+    """kd_<divergence> cases against kd_loss (kl) and eager, per device and shape."""
+    lines = []
+    names = sorted({r["op"] for r in rows if r["op"].startswith("kd_") and r["op"] != "kd_loss"})
+    for device in sorted({r["device"] for r in rows if r["op"] in names}):
+        for tag in DIV_SHAPES:
+            kl, _ = best_fast(rows, "kd_loss", device, tag)
+            parts, ok_all = [], True
+            for name in names:
+                r, _ = best_fast(rows, name, device, tag)
+                if r is None or kl is None:
+                    continue
+                vs_kl = r["median_s"] / kl["median_s"]
+                eager = r.get("vs_eager")
+                ok = vs_kl <= DIV_VS_KL and eager is not None and eager >= DIV_VS_EAGER
+                ok_all &= ok
+                parts.append(f"{name[3:]} {vs_kl:.2f}x kl, {fmt(eager, '.1f', 'x')} eager")
+            if parts:
+                lines.append(
+                    f"- [{device}] every divergence <= {DIV_VS_KL}x kl and >= {DIV_VS_EAGER:.0f}x "
+                    f"eager at {kl['N']} x {kl['C']}: **{verdict(ok_all)}** — " + "; ".join(parts)
+                )
     return lines
 
 
