@@ -236,6 +236,9 @@ def kd_loss_rows(
     bad = bad_rows(
         student, teacher, labels, T, alpha, opts.teacher_kind, opts.ignore_index, opts.probs_tol
     )
+    if opts.standardize:  # a -inf logit has no z-score: the row's mean and std are undefined
+        counted = counted_rows(labels, n, opts.ignore_index, z.device)
+        bad |= counted & ~(torch.isfinite(z).all(-1) & torch.isfinite(t).all(-1))
     return torch.where(bad, torch.full_like(loss, math.nan), loss)
 
 
