@@ -293,7 +293,7 @@ def check_kd_temperature(T: float, name: str = "T") -> float:
     T = check_temperature(T, name)
     if T > KD_MAX_TEMPERATURE:
         raise ValueError(
-            f"{name} = {T:g} is above {KD_MAX_TEMPERATURE:g}, the largest temperature kd_loss "
+            f"{name} = {T:.15g} is above {KD_MAX_TEMPERATURE:g}, the largest temperature kd_loss "
             "computes accurately in float32; use a smaller T"
         )
     return T

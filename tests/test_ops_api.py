@@ -163,3 +163,14 @@ def test_options_record_round_trips_through_the_registered_op():
 
     opts = KDOptions(teacher_kind=2, divergence=3, skew=0.25, standardize=True)
     assert KDOptions.decode(opts.encode()) == opts
+
+
+def test_a_temperature_just_above_the_bound_is_named_as_given():
+    """Issue 13 item 18: T = 100.0001 was reported as "T = 100 is above 100"."""
+    from rbkd.config import check_kd_temperature
+
+    z = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"^T = 100\.0001 is above 100,"):
+        ops.kd_loss(z, z, T=100.0001)
+    with pytest.raises(ValueError, match=r"^T = 100\.0001 is above 100,"):
+        check_kd_temperature(100.0001)

@@ -111,7 +111,7 @@ def check_temperature(
         raise ValueError(f"{name} must be a finite number > 0, got {T}")
     if max_T is not None and T > max_T:
         raise ValueError(
-            f"{name} = {T!r} is above {max_T:g}, the largest temperature kd_loss computes "
+            f"{name} = {T:.15g} is above {max_T:g}, the largest temperature kd_loss computes "
             "accurately in float32; use a smaller T"
         )
     return T
