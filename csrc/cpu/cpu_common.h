@@ -9,7 +9,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "rbkd_args.h"
 #include "rbkd_numerics.h"
+#include "rbkd_rows.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -135,5 +137,149 @@ inline const char* dtype_name(int dtype) {
 }
 
 inline int64_t dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+
+// ---- kd_loss_fwd: shared by the KL kernels (kd_cpu.cpp) and the other divergences
+// (divergence_cpu.cpp) ------------------------------------------------------------------
+
+// In their own namespace: entropy_cpu.cpp has its own kSmallC, kLanes and load_tile.
+namespace kd {
+
+constexpr int64_t kSmallC = 32;
+constexpr int kLanes = 16;
+constexpr int64_t kBlock = 512;  // elements per block of pass 2: its temporaries stay in L1
+
+RBKD_INLINE float sum(const float* x, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  return s;
+}
+
+struct RowParams {
+  float inv_T, alpha, kl_scale;
+  int64_t label;  // -1 when there is no CE term (or the label is not usable)
+  bool ignored;   // label == ignore_index: loss 0, gradient 0, nothing read
+  bool bad;       // a parameter breaks the non-finite rule (rbkd_rows.h): loss and gradient NaN
+  int pow_T;      // T when it is an integer in [2, kMaxPowT], else 0
+};
+
+// exp(z - m) = exp((z - m) / T)^T: for an integer T the CE exps are powers of the tempered ones
+// (the max is shared), a few multiplies instead of a third exp per element. The relative error
+// grows to ~T ulps (plus |z - m| * ulp(1/T) * T for a T whose reciprocal is inexact).
+constexpr int kMaxPowT = 32;
+
+// dst[0, n) = src[0, n)^k for 2 <= k <= kMaxPowT, left-to-right binary powering; each step is its
+// own simd loop over an L1-resident block (dst may be written before src is read: no aliasing).
+RBKD_INLINE void pow_int_block(float* __restrict dst, const float* __restrict src, int64_t n,
+                               int k) {
+  int bit = 31 - __builtin_clz(static_cast<unsigned>(k));
+  --bit;
+  // First step fused with the copy: dst = src^2 or src^3.
+  if ((k >> bit) & 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * src[j] * src[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * src[j];
+  }
+  for (--bit; bit >= 0; --bit) {
+    if ((k >> bit) & 1) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dst[j] = dst[j] * dst[j] * src[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dst[j] = dst[j] * dst[j];
+    }
+  }
+}
+
+RBKD_INLINE RowParams row_params(const KdLossArgs& a, int64_t i) {
+  RowParams p;
+  const float T = row_param(a.T_rows, a.T, i);
+  p.inv_T = 1.0f / T;
+  p.kl_scale = a.opt.t_squared ? T * T : 1.0f;
+  p.alpha = a.labels != nullptr ? row_param(a.alpha_rows, a.alpha, i) : 1.0f;
+  p.label = -1;
+  p.ignored = false;
+  p.bad = !kd_params_ok(T, p.alpha);
+  p.pow_T = T >= 2.0f && T <= static_cast<float>(kMaxPowT) && T == static_cast<float>(static_cast<int>(T))
+                ? static_cast<int>(T)
+                : 0;
+  if (a.labels != nullptr) {
+    const int64_t y = a.labels[i];
+    if (y == a.opt.ignore_index) {
+      p.ignored = true;
+    } else if (y < 0 || y >= a.C) {
+      p.bad = true;  // never read z[y]
+    } else {
+      p.label = y;
+    }
+  }
+  return p;
+}
+
+// Writes `value` to every element of a gradient row of dtype `dtype`.
+RBKD_INLINE void fill_row(void* row, int dtype, int64_t n, float value) {
+  if (dtype == kFloat32) {
+    float* p = static_cast<float*>(row);
+    for (int64_t j = 0; j < n; ++j) p[j] = value;
+  } else {
+    const uint16_t v = dtype == kFloat16 ? float_to_half(value) : float_to_bf16(value);
+    uint16_t* p = static_cast<uint16_t*>(row);
+    for (int64_t j = 0; j < n; ++j) p[j] = v;
+  }
+}
+
+RBKD_INLINE void store_one(void* row, int dtype, int64_t j, float v) {
+  if (dtype == kFloat32) {
+    store<kFloat32>(static_cast<float*>(row), j, v);
+  } else if (dtype == kFloat16) {
+    store<kFloat16>(static_cast<uint16_t*>(row), j, v);
+  } else {
+    store<kBFloat16>(static_cast<uint16_t*>(row), j, v);
+  }
+}
+
+// Loads a [C][kLanes] tile: tile[j][r] = row (i0 + r), element j; missing rows read as 0.
+template <int D>
+RBKD_INLINE void load_tile(const void* base, int64_t row_stride, int64_t i0, int rows, int64_t C,
+                           float (*tile)[kLanes]) {
+  using S = typename Storage<D>::type;
+  for (int r = 0; r < kLanes; ++r) {
+    if (r < rows) {
+      const S* p = static_cast<const S*>(base) + (i0 + r) * row_stride;
+      for (int64_t j = 0; j < C; ++j) tile[j][r] = load<D>(p, j);
+    } else {
+      for (int64_t j = 0; j < C; ++j) tile[j][r] = 0.0f;
+    }
+  }
+}
+
+RBKD_INLINE void load_tile_any(int dtype, const void* base, int64_t row_stride, int64_t i0,
+                               int rows, int64_t C, float (*tile)[kLanes]) {
+  if (dtype == kFloat32) {
+    load_tile<kFloat32>(base, row_stride, i0, rows, C, tile);
+  } else if (dtype == kFloat16) {
+    load_tile<kFloat16>(base, row_stride, i0, rows, C, tile);
+  } else {
+    load_tile<kBFloat16>(base, row_stride, i0, rows, C, tile);
+  }
+}
+
+template <int D>
+RBKD_INLINE void store_tile(void* base, int64_t i0, int rows, int64_t C,
+                            const float (*tile)[kLanes]) {
+  using S = typename Storage<D>::type;
+  for (int r = 0; r < rows; ++r) {
+    S* p = static_cast<S*>(base) + (i0 + r) * C;
+    for (int64_t j = 0; j < C; ++j) store<D>(p, j, tile[j][r]);
+  }
+}
+
+}  // namespace kd
+
+// Every divergence but plain KL (and KL with standardize): divergence_cpu.cpp.
+void kd_divergence_fwd(const KdLossArgs& a, int num_threads);
 
 }  // namespace rbkd::cpu

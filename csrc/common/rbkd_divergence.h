@@ -1,0 +1,126 @@
+// Per-element formulas of kd_loss's divergences (csrc/README.md, "Divergences"), shared by the
+// CPU row path (a block of columns of one row) and lane path (one column of 16 rows): each is a
+// scalar always_inline function of (p, log p, q, log q) that a `#pragma omp simd` loop vectorises
+// over whichever index it runs. p = p_s_j, q = p_t_j; d is the element's term of D, h its
+// h_j = p dD/dp (the gradient is then dD/du_j = h_j - p_j H, H = sum_k h_k).
+#pragma once
+
+#include "rbkd_args.h"
+#include "rbkd_numerics.h"
+
+namespace rbkd {
+
+// Per-call constants of the divergence: the mixture m = w_q * q + w_p * p (jsd, skew_kl) or
+// w_p * p + w_q * q (skew_reverse_kl) in the log domain, lw = log w (-inf for a weight of 0).
+struct DivConst {
+  float w_q, w_p;    // weights of the teacher and student in m
+  float lw_q, lw_p;  // their logs
+  float skew;        // skew_reverse_kl's lambda (the student's weight)
+  float dkd_alpha, dkd_beta;
+};
+
+// jsd's ends are kl (beta = 0) and reverse_kl (beta = 1): the mixture formula vanishes there
+// (TRL and Liger special-case them too), so they are computed as those divergences.
+RBKD_INLINE int effective_divergence(const KdOptions& o) {
+  if (o.divergence == kJSD && o.beta == 0.0f) return kKL;
+  if (o.divergence == kJSD && o.beta == 1.0f) return kReverseKL;
+  return o.divergence;
+}
+
+inline DivConst div_const(const KdOptions& o) {
+  DivConst k{};
+  float wq = 0.0f, wp = 0.0f;
+  if (o.divergence == kJSD) {
+    wq = o.beta;
+    wp = 1.0f - o.beta;
+  } else if (o.divergence == kSkewKL) {
+    wq = o.skew;
+    wp = 1.0f - o.skew;
+  } else if (o.divergence == kSkewReverseKL) {
+    wp = o.skew;
+    wq = 1.0f - o.skew;
+  }
+  k.w_q = wq;
+  k.w_p = wp;
+  k.lw_q = wq > 0.0f ? logf(wq) : -INFINITY;
+  k.lw_p = wp > 0.0f ? logf(wp) : -INFINITY;
+  k.skew = o.skew;
+  k.dkd_alpha = o.dkd_alpha;
+  k.dkd_beta = o.dkd_beta;
+  return k;
+}
+
+// log(exp(a) + exp(b)) without overflow; -inf when both are -inf (never -inf - -inf = NaN).
+// log1p(e) as log(1 + e): its absolute error (~6e-8) is a 6e-8 relative error of m.
+RBKD_INLINE float log_add_exp(float a, float b) {
+  const float hi = a > b ? a : b;
+  const float lo = a > b ? b : a;
+  const float r = hi + fast_log(1.0f + fast_exp(lo - hi));
+  return hi == -INFINITY ? -INFINITY : r;
+}
+
+// p (lp - lx) with 0 log 0 = 0 (also where lx is -inf: a select, never 0 * inf).
+RBKD_INLINE float xlogy_term(float p, float lp, float lx) { return p > 0.0f ? p * (lp - lx) : 0.0f; }
+
+// d and h of one element for divergence DIV (not dkd: its terms are not per element).
+// kl's h is -q with H fixed at -1 by the caller (dD/du = p - q exactly, as the fast path).
+template <int DIV>
+RBKD_INLINE void div_elem(float p, float lp, float q, float lq, const DivConst& k, float& d,
+                          float& h) {
+  if constexpr (DIV == kKL) {
+    d = xlogy_term(q, lq, lp);
+    h = -q;
+  } else if constexpr (DIV == kReverseKL) {
+    d = xlogy_term(p, lp, lq);
+    h = d;
+  } else if constexpr (DIV == kJSD) {
+    const float lm = log_add_exp(lq + k.lw_q, lp + k.lw_p);
+    const float hp = xlogy_term(p, lp, lm) * k.w_p;
+    d = k.w_q * xlogy_term(q, lq, lm) + hp;
+    h = hp;
+  } else if constexpr (DIV == kSkewKL) {
+    const float lm = log_add_exp(lq + k.lw_q, lp + k.lw_p);
+    d = xlogy_term(q, lq, lm);
+    h = q > 0.0f ? -k.w_p * q * fast_exp(lp - lm) : 0.0f;
+  } else if constexpr (DIV == kSkewReverseKL) {
+    const float lm = log_add_exp(lp + k.lw_p, lq + k.lw_q);
+    const float l = lp - lm;
+    d = p > 0.0f ? p * l : 0.0f;
+    h = p > 0.0f ? p * (l + 1.0f - k.skew * fast_exp(l)) : 0.0f;
+  } else {  // kTVD; sign(0) = 0
+    d = 0.5f * fabsf(q - p);
+    h = p > q ? 0.5f * p : (p < q ? -0.5f * p : 0.0f);
+  }
+}
+
+// H as the gradient uses it: sum h, except kl's -1 (see div_elem).
+template <int DIV>
+RBKD_INLINE float div_H(float sum_h) {
+  return DIV == kKL ? -1.0f : sum_h;
+}
+
+// ---- dkd (Zhao et al. 2022) from a row's scalars -----------------------------------------------
+// With the label y: lp_y, lq_y the log-probabilities of y, lPr = log sum_{j != y} p_j, lQr the
+// teacher's, and B / Qr the teacher-weighted sum_{j != y} rt_j (log rt_j - log r_j) + ...: the
+// callers hand over NCKD whole. term(a, b) = exp(a) (a - b), 0 where exp(a) == 0.
+inline float dkd_term(float la, float lb) {
+  const float a = expf(la);
+  return a > 0.0f ? a * (la - lb) : 0.0f;
+}
+inline float dkd_tckd(float lp_y, float lq_y, float lPr, float lQr) {
+  return dkd_term(lq_y, lp_y) + dkd_term(lQr, lPr);
+}
+// log(exp(a) + exp(b)) for scalars (dkd's log S from the rest's and the label's).
+inline float log_add_exp_scalar(float a, float b) {
+  const float hi = a > b ? a : b;
+  const float lo = a > b ? b : a;
+  return hi == -INFINITY ? -INFINITY : hi + log1pf(expf(lo - hi));
+}
+
+// ---- standardize (Sun et al. 2024) --------------------------------------------------------------
+// x' = (x - mean) * rho, rho = 1 / (sigma + eps), sigma unbiased; rho = 0 for C == 1 (x' = 0).
+struct ZScore {
+  float mean, sigma, rho;
+};
+
+}  // namespace rbkd
