@@ -43,11 +43,23 @@ needs_backends = pytest.mark.skipif(not BACKENDS, reason="no backend runs here")
 # ---- inputs -----------------------------------------------------------------------------------
 
 
+DIVERGENCE_ARGS = st.one_of(
+    st.sampled_from([{"divergence": d} for d in ("reverse_kl", "tvd")]),
+    st.builds(lambda b: {"divergence": "jsd", "beta": b}, st.sampled_from([0.0, 0.3, 1.0])),
+    st.builds(lambda d, s: {"divergence": d, "skew": s},
+              st.sampled_from(["skew_kl", "skew_reverse_kl"]), st.floats(0.0, 0.95)),
+    st.builds(lambda a, b: {"divergence": "dkd", "dkd_alpha": a, "dkd_beta": b},
+              st.floats(0.0, 2.0), st.floats(0.0, 10.0)),
+)  # fmt: skip
+
+
 @st.composite
-def kd_cases(draw):
+def kd_cases(draw, divergences=False):
     """A kd_loss call: shapes with N = 0 and C = 1, strided rows, three dtypes, logits up to
     1e4, -inf entries, per-row or scalar T and alpha, labels with ignored rows (or all ignored),
-    the three teacher kinds, every reduction and a few rows poisoned with NaN / inf."""
+    the three teacher kinds, every reduction and a few rows poisoned with NaN / inf. With
+    divergences: one of them (standardized or not), and no masked classes (reverse KL is inf)."""
+    div = dict(draw(DIVERGENCE_ARGS)) if divergences else {}
     n = draw(st.sampled_from([0, 1, 2, 5, 17, 20]))
     c = draw(st.sampled_from([1, 2, 3, 10, 33, 100, 300]))
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
@@ -58,15 +70,14 @@ def kd_cases(draw):
     pad = draw(st.sampled_from([0, 3]))  # > 0: rows are a column slice of a wider tensor
     z = (torch.randn(n, c + pad, generator=g, dtype=torch.float64) * scale)[:, :c]
     t = torch.randn(n, c, generator=g, dtype=torch.float64) * min(scale, 20.0)
-    if c > 1 and n > 0 and draw(st.booleans()):  # masked classes: -inf entries
+    if c > 1 and n > 0 and not divergences and draw(st.booleans()):  # masked classes: -inf
         t[torch.rand(n, c, generator=g) < 0.2] = -INF
         t[:, 0] = 0.0  # keep a finite entry per row
-    if kind == "probs":
-        t = torch.softmax(t, -1)
-    elif kind == "log_probs":
-        t = torch.log_softmax(t, -1)
+    if kind != "logits":  # with divergences no probability 0, where reverse KL is inf
+        t = torch.softmax(t, -1) * (0.99 if divergences else 1) + (0.01 / c if divergences else 0)
+        t = t.log() if kind == "log_probs" else t
     labels = None
-    if draw(st.booleans()):
+    if draw(st.booleans()) or div.get("divergence") == "dkd":
         labels = torch.randint(0, c, (n,), generator=g)
         ignored = draw(st.sampled_from(["none", "some", "all"]))
         if ignored == "some":
@@ -91,7 +102,10 @@ def kd_cases(draw):
             z[row, 0] = NAN
     if kind == "logits" and n > 0 and draw(st.booleans()):
         t[draw(st.integers(0, n - 1))] = -INF  # no finite teacher logit
+    if divergences and kind == "logits" and draw(st.booleans()):
+        div["standardize"] = True
     return {
+        "div": div,
         "z": z.to(dtype),
         "t": t.to(dtype),
         "labels": labels,
@@ -103,8 +117,19 @@ def kd_cases(draw):
     }
 
 
+def _grad_unit(case):
+    """The size of a gradient row's terms: max(1, s / T) over the rows, over the mean's count."""
+    T, n = case["T"], case["z"].shape[0]
+    T = T if isinstance(T, torch.Tensor) else torch.full((max(n, 1),), T)
+    s_over_T = T if case["t_squared"] else 1 / T
+    count = n if case["labels"] is None else int((case["labels"] != -100).sum())
+    mean = case["reduction"] == "mean"
+    return float(s_over_T.max().clamp(min=1.0)) / (max(count, 1) if mean else 1) if n else 0.0
+
+
 def _kw(case):
-    return {k: case[k] for k in ("T", "alpha", "teacher_kind", "t_squared", "reduction")}
+    kw = {k: case[k] for k in ("T", "alpha", "teacher_kind", "t_squared", "reduction")}
+    return {**kw, **case["div"]}
 
 
 # ---- properties ---------------------------------------------------------------------------------
@@ -116,6 +141,15 @@ def _kw(case):
 @given(case=kd_cases())
 def test_kd_loss_property(backend, case):
     check_kd(backend, case["z"], case["t"], case["labels"], loose=2.0, **_kw(case))
+
+
+@needs_backends
+@pytest.mark.parametrize("backend", BACKENDS)
+@PROPERTY
+@given(case=kd_cases(divergences=True))
+def test_kd_loss_divergence_property(backend, case):
+    z, t, y = case["z"], case["t"], case["labels"]
+    check_kd(backend, z, t, y, loose=2.0, grad_floor=_grad_unit(case), **_kw(case))
 
 
 @st.composite
