@@ -50,12 +50,36 @@ inline DivConst div_const(const KdOptions& o) {
   return k;
 }
 
+// log(1 + e) for e in [0, 1], the Cephes logf polynomial without fast_log's special cases and
+// bit tricks: f = e itself below sqrt(2) - 1 (so log1p stays exact for a tiny e), else
+// (1 + e) / 2 - 1 with exponent 1. Besides: GCC 12 does not vectorise fast_log(1 + fast_exp(x))
+// (it merges the two functions' special-case selects into a mask it cannot vectorise), and a
+// scalar log_add_exp made jsd 11x slower than kl at 1024 x 32000.
+RBKD_INLINE float log1p_unit(float e) {
+  const bool big = e > 0.41421356f;
+  const float f = big ? 0.5f * e - 0.5f : e;
+  const float fe = big ? 1.0f : 0.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return f + y + fe * 0.693359375f;
+}
+
 // log(exp(a) + exp(b)) without overflow; -inf when both are -inf (never -inf - -inf = NaN).
-// log1p(e) as log(1 + e): its absolute error (~6e-8) is a 6e-8 relative error of m.
 RBKD_INLINE float log_add_exp(float a, float b) {
   const float hi = a > b ? a : b;
   const float lo = a > b ? b : a;
-  const float r = hi + fast_log(1.0f + fast_exp(lo - hi));
+  const float r = hi + log1p_unit(fast_exp(lo - hi));
   return hi == -INFINITY ? -INFINITY : r;
 }
 
