@@ -26,6 +26,7 @@ from rbkd.cli.common import (
     start_compute,
     titled_table,
 )
+from rbkd.cli.config_file import usage_errors
 from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table
 
 app = new_app(help="Analyse soft labels and representations (thesis sections 4.5-4.7).")
@@ -44,8 +45,9 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+    with usage_errors():
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
 
 
 def _first_examples(dataset, limit: int | None):
@@ -126,7 +128,8 @@ def entropy(
     from rbkd.softlabels import read_soft_labels
     from rbkd.study.softlabels import teacher_soft_labels
 
-    temps = parse_temperatures(T)
+    with usage_errors():
+        temps = parse_temperatures(T)
     _check_limit(limit)
     check_plot(plot)
     start_compute(threads)

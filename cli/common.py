@@ -305,13 +305,16 @@ ThreadsOpt = Annotated[
 
 # ------------------------------------------------------------------ parsing
 def parse_int_list(text: str, what: str) -> list[int]:
-    """ "5,10,50" -> [5, 10, 50]; ValueError naming the option otherwise."""
-    try:
-        values = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(f"cannot read {what} {text!r}; write integers like 5,10,50") from None
-    if not values:
-        raise ValueError(f"{what} is empty; write integers like 5,10,50")
+    """ "5,10,50" -> [5, 10, 50]; a usage error (exit code 2) naming the option otherwise."""
+    from rbkd.cli.config_file import usage_errors
+
+    with usage_errors():
+        try:
+            values = [int(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"cannot read {what} {text!r}; write integers like 5,10,50") from None
+        if not values:
+            raise ValueError(f"{what} is empty; write integers like 5,10,50")
     return values
 
 
@@ -425,12 +428,16 @@ def report_interrupt(exc: KeyboardInterrupt, resume_flag: bool = True) -> int:
 
 
 def handle_errors(fn: F) -> F:
-    """Decorator for commands: domain errors become one line on stderr and exit code 1;
-    programming errors one line naming them as internal; Ctrl-C and SIGTERM one line saying
-    what is kept and how to resume."""
+    """Decorator for commands: the values of the options that have a rule (rbkd.config's
+    OPTION_RULES) are checked first, a usage error (exit code 2) naming the flag or the --config
+    file; domain errors become one line on stderr and exit code 1; programming errors one line
+    naming them as internal; Ctrl-C and SIGTERM one line saying what is kept and how to resume."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rbkd.cli.config_file import check_command_options
+
+        check_command_options()  # before anything is read or written
         previous = None
         with contextlib.suppress(ValueError):  # signal.signal works in the main thread only
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -519,10 +526,15 @@ def default_threads() -> int:
 
 
 def start_compute(threads: int | None) -> int:
-    """What every computing command does before its work: set the threads (`apply_threads`)
-    and print each epoch's line even with --no-progress, which only drops the live bars."""
+    """What every computing command does before its work: check the values of its options that
+    have a rule (rbkd.config.OPTION_RULES; a usage error, exit code 2, naming the flag or the
+    --config file), set the threads (`apply_threads`) and print each epoch's line even with
+    --no-progress, which only drops the live bars."""
+    from rbkd.cli.config_file import check_command_options
+
     from rbkd.engine.progress import print_epoch_lines
 
+    check_command_options()
     print_epoch_lines()
     return apply_threads(threads)
 

@@ -179,10 +179,18 @@ def check_command_options(ctx: click.Context | None = None) -> None:
     """Every option of the running command that has a value rule (rbkd.config.OPTION_RULES),
     checked before any work: a usage error (exit code 2) naming the flag. (A --config file's
     values were checked as it was read, naming the file and the key.)"""
-    ctx = ctx or get_current_context()
+    ctx = ctx or get_current_context(silent=True)
+    if ctx is None:  # called outside a command (the Python API): nothing to check here
+        return
     for param in ctx.command.params:
         value = ctx.params.get(param.name) if param.expose_value else None
-        if param.name not in OPTION_RULES or value is None:
+        # A text value is a list spec ("1,3,9", "1:20") that its command parses itself; a flag
+        # (analyze entropy --per-class) is not the number another command names the same.
+        if (
+            param.name not in OPTION_RULES
+            or value is None
+            or isinstance(value, (str, bool, list, tuple))
+        ):
             continue
         with usage_errors(ctx):
             OPTION_RULES[param.name](value, param.opts[0])

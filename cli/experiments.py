@@ -41,7 +41,7 @@ from rbkd.cli.common import (
     start_compute,
     titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.config_file import ConfigOpt, usage_errors
 from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import DEFAULT_DATASET, SELECTIONS, STUDENTS, TEACHERS, DistillSpec, TrainConfig
@@ -135,6 +135,8 @@ def missing_class(
     from rbkd.engine import read_config
     from rbkd.study.experiments import missing_class_study
 
+    with usage_errors():
+        temperatures = parse_temperatures(T)
     teachers = list(teacher or [])
     if not teachers and not label_smoothing:
         raise ValueError("give --teacher RUN (repeatable) or --label-smoothing A, or both")
@@ -145,7 +147,7 @@ def missing_class(
         label_smoothing=list(label_smoothing or []),
         dataset=dataset,
         classes="all" if classes.strip() == "all" else parse_int_list(classes, "--classes"),
-        temperatures=parse_temperatures(T),
+        temperatures=temperatures,
         student=check_choice(student, STUDENTS, "--student"),
         alpha=alpha,
         t_squared=t_squared,

@@ -107,7 +107,7 @@ def test_analyze_entropy_rejects_bad_temperature(tmp_path, T):
     result = runner.invoke(
         app, ["analyze", "entropy", "--soft-labels", str(tmp_path / "x"), "--T", T]
     )
-    assert_one_line_error(result, "T must be > 0")
+    assert_one_line_error(result, "T must be > 0", exit_code=2)  # a usage error
 
 
 def test_missing_soft_label_file(tmp_path, tiny_data):
@@ -293,7 +293,7 @@ def test_analyze_entropy_accepts_limit(tmp_path):
     assert full.exit_code == 0 and cut.exit_code == 0, cut.output
     assert full.output != cut.output
     result = runner.invoke(app, ["analyze", "entropy", "--soft-labels", str(path), "--limit", "0"])
-    assert_one_line_error(result, "--limit must be >= 1")
+    assert_one_line_error(result, "--limit must be >= 1", exit_code=2)
 
 
 def test_analyze_projection_accepts_limit():
@@ -306,7 +306,7 @@ def test_temperature_ranges_are_bounded(tmp_path, spec):
     path = tmp_path / "s.safetensors"
     _soft_file(path)
     result = runner.invoke(app, ["analyze", "entropy", "--soft-labels", str(path), "--T", spec])
-    assert_one_line_error(result, "temperatures, at most 1000 are allowed")
+    assert_one_line_error(result, "temperatures, at most 1000 are allowed", exit_code=2)
 
 
 def _soft_file(path, teacher="runs/t1"):

@@ -178,3 +178,22 @@ def test_rerun_without_the_weights_trains_nothing(teacher_run, tmp_path, how):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "model.safetensors" in lines[0], result.output
     assert not out.exists()  # nothing was trained
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["soft-labels", "--teacher", "t", "--limit", "0", "--out", "x.safetensors"], ["--limit"]),
+        (["analyze", "entropy", "--soft-labels", "x.safetensors", "--T", "0"], ["T must be > 0"]),
+        (["analyze", "projection", "--teacher", "t", "--classes", "a,b"], ["--classes"]),
+        (["experiment", "missing-class", "--teacher", "t", "--T", "-1"], ["T must be > 0"]),
+        (["experiment", "batch-sweep", "--capacity", "small", "--batch-sizes", "x"],
+         ["--batch-sizes"]),
+        (["experiment", "transfer-set", "--teacher", "t", "--lr", "0"], ["--lr"]),
+    ],
+)  # fmt: skip
+def test_every_command_reports_a_bad_value_as_a_usage_error(tmp_path, args, fragments):
+    """One rule (README, the command line): a value wrong in what was typed is exit code 2,
+    whatever the command, before anything is read or written."""
+    usage_error(invoke(*args), *fragments)
+    assert not any(tmp_path.iterdir())
