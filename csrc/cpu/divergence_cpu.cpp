@@ -60,7 +60,8 @@ RBKD_INLINE void store_block(void* row, int64_t j0, int64_t n, const float* z, c
   const bool on = g.kd_on;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float kd = A1 * (cx * x[j] + cs * e[j]) + A0 + A2 * (z[j] - mean);
+    // A2 is 0 without standardize, where a masked z_j = -inf must not make 0 * inf = NaN.
+    const float kd = A1 * (cx * x[j] + cs * e[j]) + A0 + (A2 != 0.0f ? A2 * (z[j] - mean) : 0.0f);
     store<D>(p, j, (on ? kd : 0.0f) + c_ce * ce[j] * inv_Sce);
   }
 }
@@ -316,7 +317,7 @@ RBKD_CLONES void div_row(int div, const KdLossArgs& a, int64_t i, float* scratch
     float ce_y = sep_ce && pow_T == 0 ? ece[y] : e_y;
     if (pow_T != 0) pow_int_block(&ce_y, &e_y, 1, pow_T);
     const float du = kDkd ? du_y : g.cx * et[y] + g.cs * es[y];
-    const float kd = g.A1 * du + g.A0 + g.A2 * (z[y] - g.mean);
+    const float kd = g.A1 * du + g.A0 + (g.A2 != 0.0f ? g.A2 * (z[y] - g.mean) : 0.0f);
     store_one(g_row, a.s_dtype, y, (g.kd_on ? kd : 0.0f) + g.c_ce * (ce_y * g.inv_Sce - 1.0f));
   }
 }
@@ -581,7 +582,7 @@ RBKD_CLONES void divergence_tile(const KdLossArgs& a, int64_t i0, int div, const
       const bool isl = j == T.label[r];
       const float z = T.z[j][r];
       const float du = dkd && isl ? du_y[r] : cx[r] * T.X[j][r] + cs[r] * T.P[j][r];
-      const float kd = A1[r] * du + A0[r] + A2[r] * (z - T.mean[r]);
+      const float kd = A1[r] * du + A0[r] + (A2[r] != 0.0f ? A2[r] * (z - T.mean[r]) : 0.0f);
       const float pce = fast_exp(z - T.mce[r]) * T.Sce[r];
       const float gj = (kd_on[r] != 0.0f ? kd : 0.0f) + c_ce[r] * (pce - (isl ? 1.0f : 0.0f));
       T.X[j][r] = valid[r] > 0.0f ? gj : (valid[r] < 0.0f ? NAN : 0.0f);
