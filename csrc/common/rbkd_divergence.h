@@ -122,6 +122,16 @@ RBKD_INLINE float log_mix(float p, float lp, float q, float lq, float w_p, float
   return m > 0.0f ? log_positive(m) : (a > b ? a : b);
 }
 
+// The student's share of the mixture, w_p p / m = w_p exp(lp - lm), in [0, 1]. Where m underflows
+// to 0 the share is 1 when the student's term is the larger (m = p exactly for skew_kl at
+// lambda = 0, whose teacher has weight 0: there q may be 1 while p underflows), else 0 (then
+// q < 1e-38 / w_q and whatever multiplies the share is as small).
+RBKD_INLINE float mix_share(float p, float lp, float q, float lq, const DivConst& k) {
+  const float m = k.w_p * p + k.w_q * q;
+  const float a = lp + k.lw_p, b = lq + k.lw_q;
+  return m > 0.0f ? k.w_p * p / m : (a >= b ? 1.0f : 0.0f);
+}
+
 // p (lp - lx) with 0 log 0 = 0 (also where lx is -inf: a select, never 0 * inf).
 RBKD_INLINE float xlogy_term(float p, float lp, float lx) { return p > 0.0f ? p * (lp - lx) : 0.0f; }
 
@@ -142,15 +152,13 @@ RBKD_INLINE void div_elem(float p, float lp, float q, float lq, const DivConst& 
     d = k.w_q * xlogy_term(q, lq, lm) + hp;
     h = hp;
   } else if constexpr (DIV == kSkewKL) {
-    const float m = k.w_q * q + k.w_p * p;
     const float lm = log_mix(p, lp, q, lq, k.w_p, k.lw_p, k.w_q, k.lw_q);
     d = xlogy_term(q, lq, lm);
-    h = q > 0.0f && m > 0.0f ? -k.w_p * q * (p / m) : 0.0f;  // p / m = exp(lp - lm)
+    h = q > 0.0f ? -q * mix_share(p, lp, q, lq, k) : 0.0f;
   } else if constexpr (DIV == kSkewReverseKL) {
-    const float m = k.w_p * p + k.w_q * q;
     const float l = lp - log_mix(p, lp, q, lq, k.w_p, k.lw_p, k.w_q, k.lw_q);
     d = p > 0.0f ? p * l : 0.0f;
-    h = p > 0.0f ? p * (l + 1.0f - (m > 0.0f ? k.skew * (p / m) : 0.0f)) : 0.0f;
+    h = p > 0.0f ? p * (l + 1.0f - mix_share(p, lp, q, lq, k)) : 0.0f;
   } else {  // kTVD; sign(0) = 0
     d = 0.5f * fabsf(q - p);
     h = p > q ? 0.5f * p : (p < q ? -0.5f * p : 0.0f);
