@@ -53,15 +53,17 @@ def examples(
         rbkd analyze examples --teacher runs/t1 --T 9 --count 10 --plot examples.png
     """
     from rbkd.cli.common import console, err_console
+    from rbkd.cli.config_file import usage_errors
 
     from rbkd.analysis.entropy import check_temperature
     from rbkd.analysis.examples import check_count, plot_top_entropy_examples, teacher_examples
 
-    # every argument is checked before the data is read
-    check_temperature(T)
-    if count < 1:
-        raise ValueError(f"--count must be >= 1, got {count}")
-    check_count(count)
+    # every argument is checked before the data is read (a bad value: a usage error, exit 2)
+    with usage_errors():
+        check_temperature(T)
+        if count < 1:
+            raise ValueError(f"--count must be >= 1, got {count}")
+        check_count(count)
     check_plot(plot)
     start_compute(threads)
     found = teacher_examples(teacher, T, count, data_dir=data_dir, limit=limit, split=split)

@@ -110,7 +110,10 @@ def check_plot(path: os.PathLike | str | None) -> None:
     if path is None:
         return
     # ImportError: "figures need matplotlib..."
+    from rbkd.cli.config_file import usage_errors
+
     from rbkd.analysis.plots import check_figure_target, figure_format
 
-    figure_format(path)
+    with usage_errors():  # a name matplotlib cannot write is a usage error (exit 2)
+        figure_format(path)
     check_figure_target(path)

@@ -388,7 +388,7 @@ def test_plot_format_follows_the_suffix(tiny_data, tmp_path, suffix, signature):
 )
 def test_unknown_plot_suffix_is_refused_before_any_work(tmp_path, command):
     result = runner.invoke(app, [*command, "--plot", str(tmp_path / "figure.gif")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error: a value wrong in what was typed
     (line,) = error_lines(result.output)
     assert "must end in .png, .pdf or .svg" in line  # not "missing...": checked first
 

@@ -158,7 +158,7 @@ def test_cli_examples_bad_input_is_one_line(teacher_run, tiny_data, tmp_path, ar
     result = runner.invoke(
         app, ["analyze", "examples", "--teacher", str(teacher_run), *args], terminal_width=200
     )
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # a usage error (README, the command line)
     lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert "Traceback" not in result.output
