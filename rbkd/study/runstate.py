@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbkd.engine.rundir import RunDirError
-from rbkd.io import MAX_JSON_BYTES, read_bounded, read_json_file
+from rbkd.io import MAX_JSON_BYTES, read_bounded, read_json_file, read_safetensors_metadata
 
 
 @dataclass
@@ -35,6 +35,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _epochs_done(run_dir: Path) -> int:
+    """The epochs a partial run has completed: its checkpoint's count (what fit resumes from),
+    else the lines of metrics.jsonl. A kill between the checkpoint write and the metrics line
+    leaves metrics.jsonl one line short; the checkpoint header is the truth."""
+    checkpoint = run_dir / "checkpoint.safetensors"  # rbkd.engine.checkpoint.CHECKPOINT
+    if checkpoint.exists():
+        try:
+            header = read_safetensors_metadata(checkpoint, "checkpoint", max_metadata=8 << 20)
+            return int(header["epoch"])
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: fit says so in one line when it resumes; count the metrics here
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
