@@ -42,7 +42,7 @@ from rbkd.cli.common import (
     start_compute,
     titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt, check_command_options, usage_errors
+from rbkd.cli.config_file import ConfigOpt, usage_errors
 from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import DistillSpec, LossSpec, TrainConfig
@@ -173,8 +173,7 @@ def distill(
     """
     from rbkd.study import distill as run_distill
 
-    # Every value is checked before anything is read or written (a usage error, exit code 2).
-    check_command_options()
+    # Option values were checked by handle_errors; these checks span options (exit code 2).
     spec = DistillSpec(
         teacher=teacher,
         soft_labels=soft_labels,

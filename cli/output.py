@@ -47,10 +47,18 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def other_rank() -> bool:
+    """Under torchrun every rank runs the command; rank 0 alone reports (as it alone writes).
+    torchrun's RANK, read here without importing torch (rbkd.engine.distributed does the same)."""
+    return int(os.environ.get("RANK", "0") or 0) != 0
+
+
 def print_json(data: Any) -> None:
     """One JSON document on stdout: plain `sys.stdout`, never rich (no markup, no wrapping)."""
     import json
 
+    if other_rank():
+        return
     sys.stdout.write(json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
@@ -90,6 +98,8 @@ def print_table(table: Table, console: Console | None = None) -> None:
     even its longest words do not fit), at its natural width into a file or pipe."""
     from rich.measure import Measurement
 
+    if other_rank():
+        return
     if console is None:
         from rbkd.cli.common import console
     never_cut(table)

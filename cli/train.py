@@ -26,7 +26,7 @@ from rbkd.cli.common import (
     start_compute,
     titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt, check_command_options, usage_errors
+from rbkd.cli.config_file import ConfigOpt, usage_errors
 from rbkd.cli.output import JsonOpt, print_json, print_table
 
 from rbkd.config import TEACHERS, TeacherSpec, TrainConfig
@@ -82,8 +82,7 @@ def train_teacher(
     from rbkd.softlabels import read_soft_labels
     from rbkd.study import train_teacher as run_train_teacher
 
-    # Every value is checked before anything is read or written (a usage error, exit code 2).
-    check_command_options()
+    # Option values were checked by handle_errors; these checks span options (exit code 2).
     with usage_errors():
         capacity = check_choice(capacity, TEACHERS, "--capacity")
         spec = TeacherSpec(dataset=dataset, capacity=capacity)

@@ -160,11 +160,13 @@ def test_distill_on_two_ranks_matches_one_process(teachers, tiny_data_root, tmp_
     one, _ = teachers
     args = [*DISTILL, "--teacher", str(one)]
     _one_process(tiny_data_root, monkeypatch, *args, "--out", str(tmp_path / "one"))
-    _two_ranks(tiny_data_root, *args, "--out", str(tmp_path / "two"))
+    proc = _two_ranks(tiny_data_root, *args, "--out", str(tmp_path / "two"), "--json")
     _close(tmp_path / "one", tmp_path / "two")
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["resumed_from_epoch"] == 0 and report["transfer"]["size"] == 100
+    # Rank 0 alone reports: one JSON document on stdout, not one per rank.
+    assert json.loads(proc.stdout)["test_accuracy"] == report["test_accuracy"]
 
 
 def test_a_study_cell_on_two_ranks_matches_one_process(tiny_data_root, tmp_path, monkeypatch):
