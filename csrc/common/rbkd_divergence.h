@@ -59,20 +59,7 @@ RBKD_INLINE float log1p_unit(float e) {
   const bool big = e > 0.41421356f;
   const float f = big ? 0.5f * e - 0.5f : e;
   const float fe = big ? 1.0f : 0.0f;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return f + y + fe * 0.693359375f;
+  return log_poly(f, fe);
 }
 
 // log(exp(a) + exp(b)) without overflow; -inf when both are -inf (never -inf - -inf = NaN).
@@ -94,20 +81,7 @@ RBKD_INLINE float log_positive(float x) {
   const bool below = m < 0.707106781186547524f;
   const float f = below ? (m + m) - 1.0f : m - 1.0f;
   const float fe = static_cast<float>(below ? e0 - 1 : e0) - (subnormal ? 23.0f : 0.0f);
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return f + y + fe * 0.693359375f;
+  return log_poly(f, fe);
 }
 
 // log m of the mixture m = w_p p + w_q q, from the probabilities: one log where the log-domain

@@ -156,18 +156,9 @@ RBKD_HD RBKD_INLINE float fast_exp_lite(float x) {
          bits_float(static_cast<uint32_t>(n2 + 127) << 23);
 }
 
-// log(x) in float, within ~1 ulp (Cephes logf). log(0) = -inf, log(+inf) = +inf, x < 0 or NaN -> NaN.
-RBKD_HD RBKD_INLINE float fast_log(float x) {
-  const bool subnormal = x < 1.17549435e-38f;
-  const float xs = subnormal ? x * 8388608.0f : x;  // * 2^23 makes subnormals normal
-  const uint32_t u = float_bits(xs);
-  // xs = m * 2^e with m in [0.5, 1)
-  int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 126;
-  const float m = bits_float((u & 0x007fffffu) | 0x3f000000u);
-  const bool below = m < 0.707106781186547524f;  // move m into [sqrt(1/2), sqrt(2))
-  e = below ? e - 1 : e;
-  const float f = below ? (m + m) - 1.0f : m - 1.0f;
-  const float fe = static_cast<float>(e) - (subnormal ? 23.0f : 0.0f);
+// log(2^fe (1 + f)) for f in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes' logf polynomial, the one
+// copy every log here shares (fast_log, log1p_unit, log_positive).
+RBKD_HD RBKD_INLINE float log_poly(float f, float fe) {
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -181,8 +172,22 @@ RBKD_HD RBKD_INLINE float fast_log(float x) {
   y = y * f * z;
   y = y + fe * -2.12194440e-4f;
   y = y - 0.5f * z;
-  float r = f + y;
-  r = r + fe * 0.693359375f;
+  return f + y + fe * 0.693359375f;
+}
+
+// log(x) in float, within ~1 ulp (Cephes logf). log(0) = -inf, log(+inf) = +inf, x < 0 or NaN -> NaN.
+RBKD_HD RBKD_INLINE float fast_log(float x) {
+  const bool subnormal = x < 1.17549435e-38f;
+  const float xs = subnormal ? x * 8388608.0f : x;  // * 2^23 makes subnormals normal
+  const uint32_t u = float_bits(xs);
+  // xs = m * 2^e with m in [0.5, 1)
+  int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 126;
+  const float m = bits_float((u & 0x007fffffu) | 0x3f000000u);
+  const bool below = m < 0.707106781186547524f;  // move m into [sqrt(1/2), sqrt(2))
+  e = below ? e - 1 : e;
+  const float f = below ? (m + m) - 1.0f : m - 1.0f;
+  const float fe = static_cast<float>(e) - (subnormal ? 23.0f : 0.0f);
+  float r = log_poly(f, fe);
   r = x == 0.0f ? -INFINITY : r;
   r = x == INFINITY ? INFINITY : r;
   return ((x < 0.0f) | (x != x)) ? NAN : r;  // | not ||: no branch in simd loops
