@@ -73,6 +73,27 @@ inline float* thread_scratch(int64_t n_floats) {
   return buf.data;
 }
 
+// Rows [0, n) on `nt` OpenMP threads, each thread with its own row scratch of `floats` floats:
+// row(i, scratch). A thread that cannot get its scratch computes nothing, and the call throws
+// ScratchAllocError naming `op` after the parallel region (never a write through null).
+template <typename Row>
+inline void parallel_rows_with_scratch(int nt, int64_t n, int64_t floats, const char* op, Row row) {
+  bool failed = false;
+#pragma omp parallel num_threads(nt)
+  {
+    float* scratch = thread_scratch(floats);
+    if (scratch == nullptr) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if (scratch != nullptr) row(i, scratch);
+    }
+  }
+  if (failed) throw ScratchAllocError(op, floats * 4);
+}
+
 // Converts row[0, n) of dtype D to float32 into dst and returns its max (-inf for an empty row;
 // NaNs are skipped here and surface later through the exps).
 template <int D>

@@ -619,20 +619,8 @@ void kd_divergence_fwd(const KdLossArgs& a, int num_threads) {
     return;
   }
   const int nt = pick_threads(num_threads, a.N * a.C * 4, a.N);
-  bool failed = false;
-#pragma omp parallel num_threads(nt)
-  {
-    float* scratch = thread_scratch(5 * a.C);
-    if (scratch == nullptr) {
-#pragma omp atomic write
-      failed = true;
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.N; ++i) {
-      if (scratch != nullptr) divergence_row(a, i, scratch, div, k);
-    }
-  }
-  if (failed) throw ScratchAllocError("kd_loss_fwd", 5 * a.C * 4);
+  parallel_rows_with_scratch(nt, a.N, 5 * a.C, "kd_loss_fwd",
+                             [&](int64_t i, float* scratch) { divergence_row(a, i, scratch, div, k); });
 }
 
 }  // namespace rbkd::cpu

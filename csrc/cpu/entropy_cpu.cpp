@@ -162,20 +162,8 @@ void soft_label_entropy_fwd(const EntropyArgs& a, int num_threads) {
     return;
   }
   const int nt = pick_threads(num_threads, a.N * a.C * K * 2, a.N);
-  bool failed = false;
-#pragma omp parallel num_threads(nt)
-  {
-    float* scratch = thread_scratch(a.C);
-    if (scratch == nullptr) {
-#pragma omp atomic write
-      failed = true;
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.N; ++i) {
-      if (scratch != nullptr) entropy_row(a, i, norm, scratch);
-    }
-  }
-  if (failed) throw ScratchAllocError("soft_label_entropy_fwd", a.C * 4);
+  parallel_rows_with_scratch(nt, a.N, a.C, "soft_label_entropy_fwd",
+                             [&](int64_t i, float* scratch) { entropy_row(a, i, norm, scratch); });
 }
 
 }  // namespace rbkd::cpu

@@ -100,20 +100,8 @@ void temperature_softmax_fwd(const SoftmaxFwdArgs& a, int num_threads) {
   if (a.N == 0 || a.C == 0) return;
   advise_huge_pages(a.out, a.N * a.C * dtype_size(a.dtype));
   const int nt = pick_threads(num_threads, a.N * a.C, a.N);
-  bool failed = false;
-#pragma omp parallel num_threads(nt)
-  {
-    float* scratch = thread_scratch(2 * a.C);
-    if (scratch == nullptr) {
-#pragma omp atomic write
-      failed = true;
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.N; ++i) {
-      if (scratch != nullptr) softmax_fwd_row(a, i, scratch);
-    }
-  }
-  if (failed) throw ScratchAllocError("temperature_softmax_fwd", 2 * a.C * 4);
+  parallel_rows_with_scratch(nt, a.N, 2 * a.C, "temperature_softmax_fwd",
+                             [&](int64_t i, float* scratch) { softmax_fwd_row(a, i, scratch); });
 }
 
 void temperature_softmax_bwd(const SoftmaxBwdArgs& a, int num_threads) {
