@@ -6,8 +6,6 @@
 #include <stdint.h>
 #include <string.h>
 
-// RBKD_HD is empty: it marked host + device functions while CUDA kernels shared these.
-#define RBKD_HD
 // always_inline: the CPU kernels are compiled once per ISA (target_clones); a helper that is not
 // inlined would run with the baseline ISA and break the loop's vectorisation.
 #define RBKD_INLINE inline __attribute__((always_inline))
@@ -19,13 +17,13 @@ enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Teacher representations of kd_loss_fwd.
 enum TeacherKind : int { kLogits = 0, kProbs = 1, kLogProbs = 2 };
 
-RBKD_HD RBKD_INLINE uint32_t float_bits(float f) {
+RBKD_INLINE uint32_t float_bits(float f) {
   uint32_t u;
   memcpy(&u, &f, sizeof u);
   return u;
 }
 
-RBKD_HD RBKD_INLINE float bits_float(uint32_t u) {
+RBKD_INLINE float bits_float(uint32_t u) {
   float f;
   memcpy(&f, &u, sizeof f);
   return f;
@@ -33,7 +31,7 @@ RBKD_HD RBKD_INLINE float bits_float(uint32_t u) {
 
 // ---- dtype conversions, bitwise (no F16C / bf16 hardware needed), round-to-nearest-even ----
 
-RBKD_HD RBKD_INLINE float half_to_float(uint16_t h) {
+RBKD_INLINE float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;
   const uint32_t normal = (em << 13) + (112u << 23);  // rebias the exponent 15 -> 127
@@ -44,7 +42,7 @@ RBKD_HD RBKD_INLINE float half_to_float(uint16_t h) {
   return bits_float(r | sign);
 }
 
-RBKD_HD RBKD_INLINE uint16_t float_to_half(float f) {
+RBKD_INLINE uint16_t float_to_half(float f) {
   const uint32_t x = float_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t a = x & 0x7fffffffu;
@@ -59,11 +57,11 @@ RBKD_HD RBKD_INLINE uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(r | sign);
 }
 
-RBKD_HD RBKD_INLINE float bf16_to_float(uint16_t b) {
+RBKD_INLINE float bf16_to_float(uint16_t b) {
   return bits_float(static_cast<uint32_t>(b) << 16);
 }
 
-RBKD_HD RBKD_INLINE uint16_t float_to_bf16(float f) {
+RBKD_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t x = float_bits(f);
   const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
   const uint32_t nan = (x >> 16) | 0x0040u;
@@ -81,7 +79,7 @@ struct Storage<kFloat32> {
 };
 
 template <int D>
-RBKD_HD RBKD_INLINE float load(const typename Storage<D>::type* p, int64_t j) {
+RBKD_INLINE float load(const typename Storage<D>::type* p, int64_t j) {
   if constexpr (D == kFloat32) {
     return p[j];
   } else if constexpr (D == kFloat16) {
@@ -92,7 +90,7 @@ RBKD_HD RBKD_INLINE float load(const typename Storage<D>::type* p, int64_t j) {
 }
 
 template <int D>
-RBKD_HD RBKD_INLINE void store(typename Storage<D>::type* p, int64_t j, float v) {
+RBKD_INLINE void store(typename Storage<D>::type* p, int64_t j, float v) {
   if constexpr (D == kFloat32) {
     p[j] = v;
   } else if constexpr (D == kFloat16) {
@@ -110,7 +108,7 @@ RBKD_HD RBKD_INLINE void store(typename Storage<D>::type* p, int64_t j, float v)
 // 2^(n/2) * 2^(n - n/2), so underflow to subnormals and 0 and overflow to inf happen in the
 // multiply itself; that halves the instructions of the compare-and-blend version (0.7 -> 0.4 ns
 // per exp pair on the Zen 4 this was tuned on).
-RBKD_HD RBKD_INLINE float fast_exp(float x) {
+RBKD_INLINE float fast_exp(float x) {
   float xc = x < -110.0f ? -110.0f : x;  // exp(-110) rounds to 0; NaN passes both compares
   xc = xc > 89.0f ? 89.0f : xc;          // exp(89) overflows to inf
   const float shifter = 12582912.0f;     // 1.5 * 2^23: adding it rounds to an integer
@@ -136,7 +134,7 @@ RBKD_HD RBKD_INLINE float fast_exp(float x) {
 // normal results, same special values. Coefficients: relative-error minimax of
 // (exp(r) - 1 - r) / r^2 on [-ln2/2, ln2/2]. For kernels whose exps are the bottleneck and whose
 // results are sums of many terms anyway (the CPU kd_loss rows).
-RBKD_HD RBKD_INLINE float fast_exp_lite(float x) {
+RBKD_INLINE float fast_exp_lite(float x) {
   float xc = x < -110.0f ? -110.0f : x;
   xc = xc > 89.0f ? 89.0f : xc;
   const float shifter = 12582912.0f;
@@ -158,7 +156,7 @@ RBKD_HD RBKD_INLINE float fast_exp_lite(float x) {
 
 // log(2^fe (1 + f)) for f in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes' logf polynomial, the one
 // copy every log here shares (fast_log, log1p_unit, log_positive).
-RBKD_HD RBKD_INLINE float log_poly(float f, float fe) {
+RBKD_INLINE float log_poly(float f, float fe) {
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -176,7 +174,7 @@ RBKD_HD RBKD_INLINE float log_poly(float f, float fe) {
 }
 
 // log(x) in float, within ~1 ulp (Cephes logf). log(0) = -inf, log(+inf) = +inf, x < 0 or NaN -> NaN.
-RBKD_HD RBKD_INLINE float fast_log(float x) {
+RBKD_INLINE float fast_log(float x) {
   const bool subnormal = x < 1.17549435e-38f;
   const float xs = subnormal ? x * 8388608.0f : x;  // * 2^23 makes subnormals normal
   const uint32_t u = float_bits(xs);

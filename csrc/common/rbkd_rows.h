@@ -11,11 +11,11 @@
 
 namespace rbkd {
 
-RBKD_HD RBKD_INLINE float max_f(float a, float b) { return b > a ? b : a; }
+RBKD_INLINE float max_f(float a, float b) { return b > a ? b : a; }
 
 // Online softmax: fold x into (m, s), s = sum exp((x_i - m) * scale). -inf adds nothing, also
 // when m is still -inf (so -inf - -inf never makes a NaN); a NaN x makes s NaN.
-RBKD_HD RBKD_INLINE void online_push(float& m, float& s, float x, float scale) {
+RBKD_INLINE void online_push(float& m, float& s, float x, float scale) {
   const float e = x == -INFINITY ? 0.0f : fast_exp(-fabsf(x - m) * scale);
   s = x > m ? s * e + 1.0f : s + e;
   m = x > m ? x : m;
@@ -23,7 +23,7 @@ RBKD_HD RBKD_INLINE void online_push(float& m, float& s, float x, float scale) {
 
 // Combine two partial (max, sum) pairs of the same scale. An empty partial (s == 0, m == -inf)
 // contributes nothing, so combining with it never computes -inf - -inf.
-RBKD_HD RBKD_INLINE void combine_max_sum(float& m, float& s, float m2, float s2, float scale) {
+RBKD_INLINE void combine_max_sum(float& m, float& s, float m2, float s2, float scale) {
   const float mn = max_f(m, m2);
   const float a = s == 0.0f ? 0.0f : s * fast_exp((m - mn) * scale);
   const float b = s2 == 0.0f ? 0.0f : s2 * fast_exp((m2 - mn) * scale);
@@ -33,12 +33,12 @@ RBKD_HD RBKD_INLINE void combine_max_sum(float& m, float& s, float m2, float s2,
 
 // One term of sum_j p_j (log p_j - log p_s_j) (up to the log S terms of kl_finish): 0 where p == 0,
 // so 0 * log 0 = 0, also where teacher and student are both -inf (log p - zs would be NaN).
-RBKD_HD RBKD_INLINE float kl_term(float p, float log_p, float zs) {
+RBKD_INLINE float kl_term(float p, float log_p, float zs) {
   return p > 0.0f ? p * (log_p - zs) : 0.0f;
 }
 
 // KL(p_t || p_s) of a row from A = sum_j kl_term(., ., zs_j), S_s and S_t (see the conventions).
-RBKD_HD RBKD_INLINE float kl_finish(float A, float S_t, float S_s, int teacher_kind) {
+RBKD_INLINE float kl_finish(float A, float S_t, float S_s, int teacher_kind) {
   if (teacher_kind == kLogits) {
     return A / S_t + (fast_log(S_s) - fast_log(S_t));
   }
@@ -46,13 +46,13 @@ RBKD_HD RBKD_INLINE float kl_finish(float A, float S_t, float S_s, int teacher_k
 }
 
 // Cross entropy of the untempered student: log sum_j exp(z_j - m_z) + m_z - z_y.
-RBKD_HD RBKD_INLINE float ce_finish(float S_ce, float m_z, float z_label) {
+RBKD_INLINE float ce_finish(float S_ce, float m_z, float z_label) {
   return fast_log(S_ce) + (m_z - z_label);
 }
 
 // Per-row loss: (1 - a) * CE + a * s * KL. A term whose weight is 0 is dropped rather than
 // multiplied (0 * inf would be NaN): alpha = 1 ignores an infinite CE, alpha = 0 an infinite KL.
-RBKD_HD RBKD_INLINE float kd_row_loss(float ce, float kl, float alpha, float kl_scale, bool has_ce) {
+RBKD_INLINE float kd_row_loss(float ce, float kl, float alpha, float kl_scale, bool has_ce) {
   const float ce_part = has_ce && 1.0f - alpha > 0.0f ? (1.0f - alpha) * ce : 0.0f;
   const float kl_part = alpha > 0.0f ? alpha * kl_scale * kl : 0.0f;
   return ce_part + kl_part;
@@ -64,7 +64,7 @@ struct KdGradCoef {
   float c_ce;
   float c_kl;
 };
-RBKD_HD RBKD_INLINE KdGradCoef kd_grad_coef(float alpha, float kl_scale, float inv_T, bool has_ce,
+RBKD_INLINE KdGradCoef kd_grad_coef(float alpha, float kl_scale, float inv_T, bool has_ce,
                                             float grad_scale) {
   KdGradCoef c;
   c.c_ce = has_ce ? (1.0f - alpha) * grad_scale : 0.0f;
@@ -73,24 +73,24 @@ RBKD_HD RBKD_INLINE KdGradCoef kd_grad_coef(float alpha, float kl_scale, float i
 }
 
 // One gradient element; p_s - p_t is formed in float32 before any cast to the output dtype.
-RBKD_HD RBKD_INLINE float kd_grad(float p_s, float p_t, float p_ce, bool is_label, KdGradCoef c) {
+RBKD_INLINE float kd_grad(float p_s, float p_t, float p_ce, bool is_label, KdGradCoef c) {
   return c.c_ce * (p_ce - (is_label ? 1.0f : 0.0f)) + c.c_kl * (p_s - p_t);
 }
 
 // Entropy of softmax(x / T) from S = sum e_j and B = sum entropy_term(e_j, xs_j), xs_j = (x_j - m) / T:
 // H = -sum p_j log p_j = log S - B / S.
-RBKD_HD RBKD_INLINE float entropy_term(float e, float xs) { return e > 0.0f ? e * xs : 0.0f; }
-RBKD_HD RBKD_INLINE float entropy_finish_logits(float S, float B) { return fast_log(S) - B / S; }
+RBKD_INLINE float entropy_term(float e, float xs) { return e > 0.0f ? e * xs : 0.0f; }
+RBKD_INLINE float entropy_finish_logits(float S, float B) { return fast_log(S) - B / S; }
 // Rows that are probabilities already: H = -sum_j p_j log p_j = -B, B = sum entropy_term(p_j, log p_j).
-RBKD_HD RBKD_INLINE float entropy_finish_probs(float B) { return -B; }
+RBKD_INLINE float entropy_finish_probs(float B) { return -B; }
 // Divided by log C when normalising; 0 for C == 1 (the only distribution there has entropy 0).
-RBKD_HD RBKD_INLINE float entropy_normalizer(int64_t C, bool normalize) {
+RBKD_INLINE float entropy_normalizer(int64_t C, bool normalize) {
   if (!normalize) return 1.0f;
   return C > 1 ? 1.0f / logf(static_cast<float>(C)) : 0.0f;
 }
 
 // Per-row parameter: the [N] float32 array when given, else the scalar.
-RBKD_HD RBKD_INLINE float row_param(const float* rows, float scalar, int64_t i) {
+RBKD_INLINE float row_param(const float* rows, float scalar, int64_t i) {
   return rows != nullptr ? rows[i] : scalar;
 }
 
@@ -108,16 +108,16 @@ constexpr float kKdMaxTemperature = 100.0f;
 // rbkd/ops/args.py's STANDARDIZE_EPS is the same number (tests tie the copies).
 constexpr float kStandardizeEps = 1e-7f;
 
-RBKD_HD RBKD_INLINE bool kd_params_ok(float T, float alpha) {
+RBKD_INLINE bool kd_params_ok(float T, float alpha) {
   return T > 0.0f && T <= kKdMaxTemperature && alpha >= 0.0f && alpha <= 1.0f;  // NaN fails
 }
 
 // A row of logits folded into (max m, sum S of exp((x - m) * scale)) is usable when its max is
 // finite (S >= 1 then: the max contributes exp(0)); NaN entries make S NaN, no finite entry
 // leaves S at 0 or NaN, +inf makes m infinite.
-RBKD_HD RBKD_INLINE bool logits_row_ok(float m, float S) { return S >= 1.0f && m < INFINITY; }
+RBKD_INLINE bool logits_row_ok(float m, float S) { return S >= 1.0f && m < INFINITY; }
 
 // Probabilities (or exp of log-probabilities) summing to S: usable when |S - 1| <= tol.
-RBKD_HD RBKD_INLINE bool mass_ok(float S, float tol) { return fabsf(S - 1.0f) <= tol; }
+RBKD_INLINE bool mass_ok(float S, float tol) { return fabsf(S - 1.0f) <= tol; }
 
 }  // namespace rbkd
