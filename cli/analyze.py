@@ -140,13 +140,17 @@ def entropy(
         raise ValueError("give --soft-labels FILE or --teacher RUN (either may be repeated)")
 
     tables: dict[str, dict] = {}
+    legend: dict[str, str] = {}  # the figure names a teacher by its name, not its folder's path
     num_classes = None
     class_names: list[str] = []
     for kind, path in sources:
         if kind == "file":
             soft = _first_rows(read_soft_labels(path), limit)
+            shown_as = Path(path).name
         else:
-            ds = load_dataset(read_config(path)["dataset"], split, data_dir)
+            config = read_config(path)
+            shown_as = _teacher_name(path, config)
+            ds = load_dataset(config["dataset"], split, data_dir)
             soft = teacher_soft_labels(path, split, _first_examples(ds, limit), allow_partial=True)
             class_names = list(ds.class_names)
         if num_classes is not None and soft.num_classes != num_classes:
@@ -155,6 +159,7 @@ def entropy(
         name = str(path)
         while name in tables:
             name += "'"
+        legend[name] = shown_as
         table = entropy_table(soft.logits, soft.labels, temps, num_classes=soft.num_classes)
         tables[name] = {
             **table.to_dict(),
@@ -198,10 +203,31 @@ def entropy(
         write_json(json_out, numbers)
         shown.print(f"wrote {escape(json_out)}", soft_wrap=True)
     if plot is not None:
+        if len(set(legend.values())) < len(legend):  # two teachers of one name: their paths
+            legend = {}
         plot_entropy_curves(
-            plot, tables, per_class=per_class, label_smoothing=ls, max_entropy=math.log(num_classes)
+            plot,
+            tables,
+            per_class=per_class,
+            label_smoothing=ls,
+            max_entropy=math.log(num_classes),
+            labels=legend,
         )
         shown.print(f"wrote {escape(plot)}", soft_wrap=True)
+
+
+def _teacher_name(path: Path, config: dict) -> str:
+    """A teacher run as a legend names it: its folder's name and how it was trained,
+    "teacher (small, batch 256, 1 epoch)"."""
+    cfg = config.get("train_config") or {}
+    epochs, batch = cfg.get("epochs"), cfg.get("batch_size")
+    how = [
+        str(config.get("arch") or ""),
+        f"batch {batch}" if batch else "",
+        (f"{epochs} epoch" if epochs == 1 else f"{epochs} epochs") if epochs else "",
+    ]
+    how = [h for h in how if h]
+    return f"{Path(path).name} ({', '.join(how)})" if how else Path(path).name
 
 
 def _per_class_table(name: str, tab: dict, temps: list[float], class_names: list[str]):

@@ -555,10 +555,35 @@ def test_missing_class_both_loss_conventions_get_a_table_each(tmp_path):
     assert "(missing_class_large_t_squared-false.png)" in md
 
 
-def test_examples_and_projection_without_runs_say_why(tmp_path, tiny_data):
+def test_examples_and_projection_without_runs_say_why(tmp_path, tiny_data, capsys):
+    # a copy of the study folder without its teachers/: report.md says what it left out where,
+    # and so does stderr, one line each, after report.md is written (exit status stays 0)
     _only(tmp_path, {"examples", "projection"})
-    md = write_report(tmp_path).read_text()
+    capsys.readouterr()
+    path = write_report(tmp_path)
+    md = path.read_text()
     assert "_Skipped: teacher small:" in md and "not a run directory" in md
+    err = capsys.readouterr().err.splitlines()
+    left_out = [line for line in err if line.startswith(f"report: left out of {path}: ")]
+    assert len(left_out) == 3, err  # examples: small; projection: small and large
+    sections = ("Highest-entropy training images", "Penultimate-layer projections")
+    for line, (section, teacher) in zip(
+        left_out,
+        [(sections[0], "small"), (sections[1], "small"), (sections[1], "large")],
+        strict=True,
+    ):
+        assert f": {section} (figures " in line and f": teacher {teacher}: " in line, line
+        assert "not a run directory" in line, line
+    seen = []
+    write_report(tmp_path, warn=seen.append)  # a caller of its own takes the lines instead
+    assert len(seen) == 3 and not capsys.readouterr().err.count("left out")
+
+
+def test_a_complete_report_says_nothing_on_stderr(tmp_path, capsys):
+    _only(tmp_path, {"temperature"})
+    capsys.readouterr()
+    write_report(tmp_path)
+    assert "left out" not in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -586,7 +611,7 @@ def test_mean_std_and_cells():
 
 
 def test_without_matplotlib_the_report_keeps_its_tables_and_names_the_missing_figures(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capsys
 ):
     from rbkd.study.report import document
 
@@ -596,5 +621,106 @@ def test_without_matplotlib_the_report_keeps_its_tables_and_names_the_missing_fi
     md = path.read_text()
     assert "±" in table_row(md, "3", "## Student accuracy vs temperature")[1]
     assert "not drawn, matplotlib is not installed (pip install 'rbkd[plots]')" in md
+    assert capsys.readouterr().err.count("every figure: not drawn, matplotlib") == 1
     assert linked_files(md) == []
     assert not [p for p in path.parent.iterdir() if p.suffix == ".png"]
+
+
+# ------------------------------------------------------------------ what the figures show
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib Figure behind every figure file the report draws, by file name."""
+    from rbkd.analysis import plots
+
+    figures = {}
+    save = plots._save
+
+    def capture(fig, path):
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    return figures
+
+
+def _titles(fig) -> list[str]:
+    return [fig.get_suptitle(), *[ax.get_title() for ax in fig.axes]]
+
+
+def test_transfer_set_figure_tells_the_selections_apart_and_says_its_axis_is_log(tmp_path, drawn):
+    _only(tmp_path, {"transfer_set", "temperature"})
+    md = write_report(tmp_path).read_text()
+    ax = drawn["transfer_set_T9.png"].axes[0]
+    assert ax.get_xlabel() == "training examples per class (log scale)"  # 5, 10, 50
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for teacher in ("small", "large"):
+        entropy, random_ = lines[f"{teacher}, entropy"], lines[f"{teacher}, random"]
+        assert (entropy.get_linestyle(), random_.get_linestyle()) == ("-", "--")
+        assert entropy.get_marker() != random_.get_marker()  # apart even where lines overlap
+    assert "(solid, circles)" in md and "(dashed, squares)" in md
+
+
+def test_entropy_figures_of_a_collapsed_teacher_keep_the_zero_to_ln_c_axis(tmp_path, drawn):
+    _only(tmp_path, {"temperature"})
+    ln_c = math.log(10)
+    flat = teacher_row("large", "teacher", "large", 4096, 1, 1.0)
+    flat["mean_entropy"] = [ln_c - 0.0015 / t for t in ENTROPY_T]  # 2.3011 ... 2.3025
+    flat["per_class_entropy"] = [[h] * 10 for h in flat["mean_entropy"]]
+    (tmp_path / "teachers.jsonl").write_text(json.dumps(flat) + "\n")
+    write_report(tmp_path)
+    for name in ("entropy_per_class_large.png", "entropy_vs_T.png"):
+        low, high = drawn[name].axes[0].get_ylim()
+        assert low == 0.0 and ln_c < high <= 1.06 * ln_c, (name, low, high)
+
+
+def test_a_sweep_with_one_epoch_value_draws_no_one_point_line_and_says_1_epoch(tmp_path, drawn):
+    data = make_study(tmp_path)
+    spec = data["spec"]
+    spec["experiments"] = {"batch_sweep": {**spec["experiments"]["batch_sweep"], "epochs": [1]}}
+    teachers = [t for t in data["teachers"] if t["role"] == "teacher" or t["epochs"] == 1]
+    (tmp_path / "study.json").write_text(json.dumps(spec))
+    (tmp_path / "teachers.jsonl").write_text("".join(json.dumps(t) + "\n" for t in teachers))
+    (tmp_path / "results.jsonl").write_text("")
+    path = write_report(tmp_path)
+    md = path.read_text()
+    assert "sweep_entropy_vs_epochs.png" not in drawn
+    assert not (path.parent / "sweep_entropy_vs_epochs.png").exists()
+    assert "_No entropy-vs-epochs figure: the sweep has one number of epochs (1 epoch)._" in md
+    assert {"sweep_entropy_vs_batch_size.png", "sweep_entropy_vs_T.png"} <= set(drawn)
+    assert "1 epochs" not in md
+    for name, fig in drawn.items():
+        for title in _titles(fig):
+            assert "1 epochs" not in title, (name, title)
+    assert (
+        "large teacher, 1 epoch: entropy vs T"
+        in drawn["sweep_entropy_vs_T.png"].axes[0].get_title()
+    )
+    low, high = drawn["sweep_entropy_vs_batch_size.png"].axes[0].get_ylim()
+    assert low == 0.0 and high == pytest.approx(1.05 * math.log(10))
+
+
+def test_projection_panel_titles_count_epochs_in_words(tmp_path, tiny_data, drawn):
+    run = _load_examples_module().make_teacher_run(tmp_path / "teachers" / "t", epochs=0)
+    _only(tmp_path, {"projection"})
+    rows = [json.loads(line) for line in (tmp_path / "teachers.jsonl").read_text().splitlines()]
+    rows = [{**t, "epochs": 1, "run_dir": str(run.relative_to(tmp_path))} for t in rows]
+    (tmp_path / "teachers.jsonl").write_text("".join(json.dumps(t) + "\n" for t in rows))
+    write_report(tmp_path)
+    titles = [ax.get_title() for ax in drawn["projections.png"].axes]
+    assert titles[0].startswith("small (small, batch 64, 1 epoch)\n"), titles
+    assert not any("1 epochs" in t for t in titles)
+
+
+def test_study_report_command_says_on_stderr_what_it_left_out(tmp_path, tiny_data):
+    from rbkd.cli.app import app
+    from typer.testing import CliRunner
+
+    _only(tmp_path, {"examples", "projection", "temperature"})
+    result = CliRunner().invoke(app, ["study", "report", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "report" / "report.md"
+    assert f"report: {report}" in result.stdout.replace("\n", "")
+    left_out = [line for line in result.stderr.splitlines() if "left out of" in line]
+    assert len(left_out) == 3, result.stderr
+    assert all("teacher " in line and "not a run directory" in line for line in left_out)
+    assert "left out" not in result.stdout

@@ -155,6 +155,13 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def entropy_axis(max_entropy: float) -> tuple[float, float]:
+    """The fixed y range of an entropy figure: 0 to ln C and a little room above it, so a flat
+    result looks flat (an auto-zoomed axis showed 2.3011-2.3026 as a steep rise) and figures
+    of one dataset compare at a glance."""
+    return (0.0, float(max_entropy) * 1.05)
+
+
 @dataclass
 class Reference:
     """A horizontal reference line (ln C, a label-smoothing level, the full-data student)."""
@@ -244,6 +251,8 @@ def plot_entropy_curves(
     plain_numbers(ax.xaxis)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     plain_numbers(ax.yaxis)
+    if max_entropy is not None and _finite(max_entropy) and max_entropy > 0:
+        ax.set_ylim(entropy_axis(max_entropy))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -342,11 +351,15 @@ def plot_series(
     logx: bool = False,
     references: Sequence[Reference] = (),
     legend_title: str | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> Path:
     """Lines with error bands (mean ± std over seeds) and labelled reference lines: transfer-set
     curves (figures 5.5, 5.8, 6.6), entropy against batch size or epochs (6.2, 6.3), student
     accuracy against T (6.5). With `logx` the x axis is logarithmic with ticks at the data's own
-    values, written as plain numbers."""
+    values, written as plain numbers, and its label says "(log scale)": 10, 50, 200 sit almost
+    evenly spaced there, which a reader would otherwise take for a categorical axis. `ylim`
+    fixes the y range (entropy: `entropy_axis`). A series of one point is drawn as a point (a
+    marker even where its style has none), never as an invisible one-point line."""
     fig = _new_figure(path, (7, 4.5))
     ax = fig.add_subplot()
     xs_all: list[float] = []
@@ -363,13 +376,14 @@ def plot_series(
             continue
         xs, ys, es = (list(v) for v in zip(*pts, strict=True))
         xs_all += xs
+        marker = s.marker if s.marker not in ("", "none", None) or len(pts) > 1 else "o"
         ax.plot(
             xs,
             ys,
             color=c,
             linestyle=s.linestyle,
-            marker=s.marker,
-            ms=4,
+            marker=marker,
+            ms=4 if marker == s.marker else 6,
             linewidth=s.linewidth,
             label=s.name,
         )
@@ -393,21 +407,20 @@ def plot_series(
             else:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     plain_numbers(ax.yaxis)
-    ax.set_xlabel(xlabel)
+    if ylim is not None:
+        ax.set_ylim(ylim)
+    log_note = " (log scale)"
+    ax.set_xlabel(xlabel + log_note if ax.get_xscale() == "log" and "log" not in xlabel else xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if len(series) + len(references) > 1:
+        # handles 3.5 em long: at the default 2 a dashed line shows one dash and reads as solid
+        style = dict(fontsize=8, title=legend_title, title_fontsize=8, handlelength=3.5)
         if len(series) + len(references) > 6:  # a long legend goes beside the axes
-            ax.legend(
-                loc="center left",
-                bbox_to_anchor=(1.01, 0.5),
-                fontsize=8,
-                title=legend_title,
-                title_fontsize=8,
-            )
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), **style)
         else:
-            ax.legend(loc="best", fontsize=8, title=legend_title, title_fontsize=8)
+            ax.legend(loc="best", **style)
     return _save(fig, path)
 
 
@@ -572,31 +585,82 @@ def plot_image_grid(
 
 
 # ------------------------------------------------------------------ projections
-def _draw_projection(ax, coords, labels, classes, template_coords, class_names, title) -> None:
+def centre_distance(
+    coords: Sequence[Sequence[float]], labels: Sequence[int], classes: Sequence[int]
+) -> float:
+    """Mean distance between the class centres of projected points: the unit in which
+    `plot_projections` draws every panel (and the denominator of `Projection.spread`), so
+    panels of models whose activations differ in scale compare directly. 1.0 when there are
+    fewer than two classes with points."""
+    centres = []
+    for k in classes:
+        pts = [xy for xy, y in zip(coords, labels, strict=True) if y == k]
+        if pts:
+            centres.append((sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)))
+    dists = [
+        math.hypot(a[0] - b[0], a[1] - b[1])
+        for i, a in enumerate(centres)
+        for b in centres[i + 1 :]
+    ]
+    mean = sum(dists) / len(dists) if dists else 0.0
+    return mean if mean > 0 and math.isfinite(mean) else 1.0
+
+
+@dataclass
+class _Projected:
+    """One panel's points and stars in the units it is drawn in."""
+
+    coords: list[tuple[float, float]]
+    labels: list[int]
+    stars: list[tuple[float, float]]
+    template_scale: float  # stars = templates x this, in the activations' own units
+
+    @property
+    def radius(self) -> float:
+        return max((math.hypot(x, y) for x, y in self.coords + self.stars), default=1.0)
+
+
+def _projected(coords, labels, classes, template_coords, unit: float) -> _Projected:
+    """Points divided by `unit`; templates scaled by one common factor so the farthest sits at
+    the edge of the data (final-layer weights are usually far smaller than the activations)."""
     radius = max((math.hypot(x, y) for x, y in coords), default=1.0)
     t_radius = max((math.hypot(x, y) for x, y in template_coords), default=0.0)
     scale = radius / t_radius if t_radius > 0 else 1.0
-    for i, (k, t) in enumerate(zip(classes, template_coords, strict=True)):
-        c = CLASS_COLORS[i % len(CLASS_COLORS)]
-        pts = [xy for xy, y in zip(coords, labels, strict=True) if y == k]
-        name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, s=8, alpha=0.6, color=c, label=name)
-        ax.scatter([t[0] * scale], [t[1] * scale], marker="*", s=250, color=c, edgecolors="black")
-    ax.text(
-        0.01,
-        0.01,
-        f"stars: class templates x {scale:.3g}",
-        transform=ax.transAxes,
-        fontsize=7,
-        color="gray",
+    return _Projected(
+        [(float(x) / unit, float(y) / unit) for x, y in coords],
+        [int(y) for y in labels],
+        [(t[0] * scale / unit, t[1] * scale / unit) for t in template_coords],
+        scale,
     )
-    ax.set_title(title, fontsize=10)
-    ax.set_aspect("equal", adjustable="datalim")
-    plain_numbers(ax.xaxis)
-    plain_numbers(ax.yaxis)
-    ax.legend(loc="best", fontsize=8)
+
+
+def _template_handle():
+    from matplotlib.lines import Line2D
+
+    return Line2D(
+        [], [], linestyle="none", marker="*", ms=13, color="white", markeredgecolor="black"
+    )
+
+
+def _draw_projection(ax, p: _Projected, classes, class_names, title, limit, unit_label) -> None:
+    for i, (k, star) in enumerate(zip(classes, p.stars, strict=True)):
+        c = CLASS_COLORS[i % len(CLASS_COLORS)]
+        pts = [xy for xy, y in zip(p.coords, p.labels, strict=True) if y == k]
+        name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
+        xs, ys = zip(*pts, strict=True) if pts else ((), ())
+        ax.scatter(xs, ys, s=8, alpha=0.6, color=c, label=name)
+        ax.scatter([star[0]], [star[1]], marker="*", s=250, color=c, edgecolors="black")
+    # the stars' scale is part of what the panel says: in its title, at the title's size
+    scale = f"{float(f'{p.template_scale:.3g}'):g}"  # 3 digits, 1490 rather than 1.49e+03
+    ax.set_title(f"{title}\nstars: class templates × {scale}", fontsize=10)
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+    ax.set_aspect("equal", adjustable="box")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        plain_numbers(axis)
+    ax.set_xlabel(f"template-plane axis 1{unit_label}")
+    ax.set_ylabel(f"template-plane axis 2{unit_label}")
     ax.grid(alpha=0.3)
 
 
@@ -610,12 +674,15 @@ def plot_projection(
     class_names: Sequence[str] | None = None,
     title: str = "Penultimate-layer projection",
 ) -> Path:
-    """Scatter plot of projected activations, one colour per class. The class templates are
-    drawn as stars, scaled by one common factor so the farthest sits at the edge of the data
-    (final-layer weights are usually far smaller than the activations)."""
-    fig = _new_figure(path, (5.5, 5))
+    """Scatter plot of projected activations (in their own units, as `--csv` writes them), one
+    colour per class, the class templates as stars scaled by one common factor (in the title)
+    so the farthest sits at the edge of the data."""
+    fig = _new_figure(path, (5.5, 5.4))
     ax = fig.add_subplot()
-    _draw_projection(ax, coords, labels, classes, template_coords, class_names, title)
+    p = _projected(coords, labels, classes, template_coords, 1.0)
+    _draw_projection(ax, p, classes, class_names, title, 1.08 * p.radius, "")
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend([*handles, _template_handle()], [*names, "class template"], loc="best", fontsize=8)
     return _save(fig, path)
 
 
@@ -638,11 +705,38 @@ def plot_projections(
     title: str = "Penultimate-layer projections",
 ) -> Path:
     """Projections of several models side by side, same classes and colours (thesis figures
-    5.14 and 6.7: broad clusters keep similarity information, tight ones lose it)."""
+    5.14 and 6.7: broad clusters keep similarity information, tight ones lose it).
+
+    Activations of different models differ in scale by an arbitrary factor, so each panel is
+    drawn in units of its own mean distance between class centres (`centre_distance`, the
+    denominator of the spread in the report's table) and every panel has the same axes: a
+    cluster's breadth compares across panels. One legend below names the classes."""
     n = max(len(panels), 1)
-    fig = _new_figure(path, (4.3 * n, 4.6))
+    drawn = [
+        _projected(
+            p.coords,
+            p.labels,
+            classes,
+            p.template_coords,
+            centre_distance(p.coords, p.labels, classes),
+        )
+        for p in panels
+    ]
+    limit = 1.08 * max((d.radius for d in drawn), default=1.0)
+    fig = _new_figure(path, (max(6.0, 4.0 * n + 0.4), 5.2))
+    fig.get_layout_engine().set(h_pad=0.1)  # the legend below clears the x labels
     axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, p in zip(axes, panels, strict=False):
-        _draw_projection(ax, p.coords, p.labels, classes, p.template_coords, class_names, p.title)
-    fig.suptitle(title)
+    for i, (ax, p, d) in enumerate(zip(axes, panels, drawn, strict=False)):
+        _draw_projection(ax, d, classes, class_names, p.title, limit, "")
+        if i:  # the same axes in every panel: one y label says it
+            ax.set_ylabel("")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(
+        [*handles, _template_handle()],
+        [*names, "class template (scaled: × in each title)"],
+        loc="outside lower center",
+        ncols=len(handles) + 1,
+        fontsize=8,
+    )
+    fig.suptitle(f"{title}\nunit: each model's mean distance between class centres")
     return _save(fig, path)

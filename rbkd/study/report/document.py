@@ -26,6 +26,9 @@ class Report:
     lines: list[str] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
+    # what could not be drawn for want of an input (a teacher run, the dataset, matplotlib):
+    # "section: what: why" lines that write_report also says on stderr
+    omitted: list[str] = field(default_factory=list)
     _datasets: dict = field(default_factory=dict)
 
     # names and titles
@@ -53,6 +56,14 @@ class Report:
     def skip(self, why: str) -> None:
         self.text(f"_Skipped: {why}._")
 
+    def omit(self, what: str, why: str) -> None:
+        """Leave `what` out because an input it needs is not here (not because the study has
+        no such experiment): a line in report.md where it would have been, and one on stderr."""
+        why = " ".join(str(why).split()).rstrip(".")
+        self.skip(f"{what}: {why}")
+        section = self.sections[-1] if self.sections else "report"
+        self.omitted.append(f"{section}: {what}: {why}")
+
     def skipped(self, experiment: str, rows: Sequence, none_yet: str) -> bool:
         """Skip the section, saying why, when the study has no `experiment` and no rows of it, or
         no rows yet (`none_yet`); True when it did."""
@@ -72,9 +83,10 @@ class Report:
         matplotlib (the `plots` extra) the report keeps its tables and says which figure it left
         out, rather than failing at the end of a long study."""
         if not _have_matplotlib():
-            self.text(
-                f"*{caption}: not drawn, matplotlib is not installed (pip install 'rbkd[plots]').*"
-            )
+            why = "not drawn, matplotlib is not installed (pip install 'rbkd[plots]')"
+            self.text(f"*{caption}: {why}.*")
+            if f"every figure: {why}" not in self.omitted:  # one line for all of them
+                self.omitted.append(f"every figure: {why}")
             return
         path = self.out / f"{slug(stem)}.{self.fmt}"
         draw(path)

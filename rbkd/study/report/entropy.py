@@ -31,6 +31,7 @@ def section_entropy(rep: Report) -> None:
         CLASS_COLORS,
         Reference,
         Series,
+        entropy_axis,
         plot_entropy_curves,
         plot_series,
     )
@@ -45,7 +46,8 @@ def section_entropy(rep: Report) -> None:
         f"the entropy of label-smoothed targets for A = {', '.join(f'{a:g}' for a in factors)} "
         "(they do not depend on T; thesis figure 5.1); the dotted line is ln C, the entropy of "
         "the uniform distribution. A teacher near the band carries about as little similarity "
-        "information as label smoothing."
+        "information as label smoothing. Every entropy figure has the same y axis, from 0 to "
+        "just above ln C, so a flat curve looks flat."
     )
     curves = {t["name"]: entropy_table_dict(t) for t in teachers}
     rep.figure(
@@ -128,6 +130,7 @@ def section_entropy(rep: Report) -> None:
                 ylabel="mean soft-label entropy (nats)",
                 title=f"{rep.data_title}, teacher {rep.name(t['name'])}: entropy per class",
                 references=[Reference(ln_c, f"ln C = {ln_c:.3f}")],
+                ylim=entropy_axis(ln_c),
             ),
             f"{rep.data_title}, teacher {rep.name(t['name'])}: entropy per class against T",
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from rbkd.study.report.document import Report
-from rbkd.study.report.markdown import DASH, class_label, fmt_entropy
+from rbkd.study.report.markdown import DASH, class_label, fmt_entropy, fmt_epochs
 
 
 def section_examples(rep: Report) -> None:
@@ -34,7 +34,7 @@ def section_examples(rep: Report) -> None:
                 limit=rep.study.spec.get("limit"),
             )
         except Exception as e:  # the data or the run is not here: say so, write the rest
-            rep.skip(f"teacher {rep.name(teacher)}: {' '.join(str(e).split())}")
+            rep.omit(f"teacher {rep.name(teacher)}", str(e))
             continue
         title = (
             f"{rep.data_title}, teacher {rep.name(teacher)}: top {count} highest-entropy "
@@ -82,7 +82,7 @@ def section_projection(rep: Report) -> None:
             model, _ = load_run(rep.run_dir(teacher))
             proj = project_model(model, rep.dataset("test"), classes, per_class=per_class, seed=0)
         except Exception as e:  # the data or the run is not here: say so, write the rest
-            rep.skip(f"teacher {rep.name(teacher)}: {' '.join(str(e).split())}")
+            rep.omit(f"teacher {rep.name(teacher)}", str(e))
             continue
         t = rep.study.teacher(teacher) or {}
         detail = ", ".join(
@@ -90,7 +90,7 @@ def section_projection(rep: Report) -> None:
             for x in (
                 t.get("capacity"),
                 t.get("batch_size") and f"batch {t['batch_size']}",
-                t.get("epochs") and f"{t['epochs']} epochs",
+                t.get("epochs") and fmt_epochs(t["epochs"]),
             )
             if x
         )
@@ -110,8 +110,10 @@ def section_projection(rep: Report) -> None:
         f"{', '.join(class_label(names, k) for k in classes)}, projected onto "
         "the plane through the three class templates (rows of the final layer; Müller et al. "
         "2019). Broad clusters keep similarity information between classes, tight ones lose it. "
-        "Spread: mean distance of a class's points to their centre over the mean distance "
-        "between the centres."
+        "Each panel is drawn in units of its model's mean distance between the class centres "
+        "(activations of different models differ in scale), on the same axes; the stars are the "
+        "templates, scaled by the factor in the panel's title. Spread: mean distance of a "
+        "class's points to their centre in that unit."
     )
     rep.figure(
         "projections",

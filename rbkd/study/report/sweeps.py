@@ -28,7 +28,14 @@ def section_batch_sweep(rep: Report) -> None:
     sweep = [t for t in study.teachers if t.get("role") == "sweep"]
     if rep.skipped("batch_sweep", sweep, "teachers.jsonl has no batch-sweep teacher yet"):
         return
-    from rbkd.analysis.plots import Reference, Series, color, plot_entropy_curves, plot_series
+    from rbkd.analysis.plots import (
+        Reference,
+        Series,
+        color,
+        entropy_axis,
+        plot_entropy_curves,
+        plot_series,
+    )
 
     T = float((exp or {}).get("T") or headline_T(study))
     batches = sorted({int(t["batch_size"]) for t in sweep})
@@ -44,7 +51,7 @@ def section_batch_sweep(rep: Report) -> None:
     rep.text(
         f"The {capacity} teacher trained at every batch size and number of epochs of the sweep; "
         f"mean entropy of its soft labels on the training split at T = {T:g}. Dashed: the "
-        "study's small teacher, where it has one."
+        "study's small teacher, where it has one; dotted: ln C, the top of the entropy axis."
     )
 
     def line(points: dict[int, float | None]) -> tuple[list[int], list[float]]:
@@ -61,31 +68,47 @@ def section_batch_sweep(rep: Report) -> None:
         by_epochs.append(Series(f"batch {b}", xs, ys, color=color(i + 1)))
     ylabel = f"mean soft-label entropy at T={T:g} (nats)"
     what = f"{rep.data_title}, {capacity} teacher"
-    rep.figure(
-        "sweep_entropy_vs_batch_size",
-        lambda p: plot_series(
-            p,
-            by_batch,
-            xlabel="teacher batch size",
-            ylabel=ylabel,
-            title=f"{what}: entropy vs batch size",
-            logx=len(batches) > 1,
-            references=refs,
-        ),
-        f"{what}: soft-label entropy against pre-training batch size",
-    )
-    rep.figure(
-        "sweep_entropy_vs_epochs",
-        lambda p: plot_series(
-            p,
-            by_epochs,
-            xlabel="teacher epochs",
-            ylabel=ylabel,
-            title=f"{what}: entropy vs epochs",
-            references=refs,
-        ),
-        f"{what}: soft-label entropy against pre-training epochs",
-    )
+    c = len(study.class_names)
+    ylim = entropy_axis(math.log(c)) if c > 1 else None
+    if c > 1:  # the ceiling of the fixed entropy axis, named
+        refs = [*refs, Reference(math.log(c), f"ln C = {math.log(c):.3f}")]
+    # A sweep with one value on an axis has no line to draw along it: say so, draw nothing.
+    if len(batches) > 1:
+        rep.figure(
+            "sweep_entropy_vs_batch_size",
+            lambda p: plot_series(
+                p,
+                by_batch,
+                xlabel="teacher batch size",
+                ylabel=ylabel,
+                title=f"{what}: entropy vs batch size",
+                logx=True,
+                references=refs,
+                ylim=ylim,
+            ),
+            f"{what}: soft-label entropy against pre-training batch size",
+        )
+    else:
+        rep.text(f"_No entropy-vs-batch-size figure: the sweep has one batch size ({batches[0]})._")
+    if len(epochs) > 1:
+        rep.figure(
+            "sweep_entropy_vs_epochs",
+            lambda p: plot_series(
+                p,
+                by_epochs,
+                xlabel="teacher epochs",
+                ylabel=ylabel,
+                title=f"{what}: entropy vs epochs",
+                references=refs,
+                ylim=ylim,
+            ),
+            f"{what}: soft-label entropy against pre-training epochs",
+        )
+    else:
+        rep.text(
+            f"_No entropy-vs-epochs figure: the sweep has one number of epochs "
+            f"({fmt_epochs(epochs[0])})._"
+        )
     # figure 6.4: entropy vs T of the sweep at its longest training, the small teacher in bold
     e_max = epochs[-1]
     curves = {t["name"]: entropy_table_dict(t) for t in smalls if t.get("entropy_T")}
@@ -94,8 +117,7 @@ def section_batch_sweep(rep: Report) -> None:
         t = grid.get((b, e_max))
         if t is not None and t.get("entropy_T"):
             curves[t["name"]] = entropy_table_dict(t)
-            names[t["name"]] = f"{capacity}, batch {b}, {e_max} epochs"
-    c = len(study.class_names)
+            names[t["name"]] = f"{capacity}, batch {b}, {fmt_epochs(e_max)}"
     if curves:
         rep.figure(
             "sweep_entropy_vs_T",
@@ -107,9 +129,9 @@ def section_batch_sweep(rep: Report) -> None:
                 max_entropy=math.log(c),
                 labels={**names, **rep.labels},
                 bold=[t["name"] for t in smalls],
-                title=f"{what}, {e_max} epochs: entropy vs T by batch size",
+                title=f"{what}, {fmt_epochs(e_max)}: entropy vs T by batch size",
             ),
-            f"{what}: entropy against T for each batch size ({e_max} epochs)",
+            f"{what}: entropy against T for each batch size ({fmt_epochs(e_max)})",
         )
     rep.lines += [f"**Mean entropy at T={T:g} (nats); rows: batch size, columns: epochs**", ""]
     rep.table(

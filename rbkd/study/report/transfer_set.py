@@ -19,9 +19,11 @@ def section_transfer_set(rep: Report) -> None:
 
     rep.text(
         "Student test accuracy against the number of training examples per class kept in the "
-        "transfer set: the N whose soft labels have the highest entropy at T (solid) or N at "
-        "random (dashed). Shaded: ± one standard deviation over seeds. Dotted: the same student "
-        "distilled by the same teacher at the same T on the whole transfer set."
+        "transfer set: the N whose soft labels have the highest entropy at T (solid, circles) or "
+        "N at random (dashed, squares). Shaded: ± one standard deviation over seeds. Dotted: the "
+        "same student distilled by the same teacher at the same T on the whole transfer set. "
+        "Where the sizes span a factor of 8 or more the x axis is logarithmic (its label says "
+        "so)."
     )
     seeds = rep.seeds("transfer_set")
     for T in sorted({group_key(r.get("T")) for r in rows}, key=lambda v: (v is None, v)):
@@ -52,6 +54,7 @@ def section_transfer_set(rep: Report) -> None:
                         sizes,
                         color=color(i),
                         linestyle="-" if sel == "entropy" else "--",
+                        marker="o" if sel == "entropy" else "s",
                     )
                 )
                 columns.append(f"{who}, {sel}")

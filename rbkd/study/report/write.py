@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from rbkd.io import claim_folder, read_json_file, write_bytes
@@ -47,6 +48,7 @@ def write_report(
     fmt: str = "png",
     labels: Mapping[str, str] | None = None,
     data_dir: str | os.PathLike | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the study's report (report.md and its figures) into `out` (default
     study_dir/report) and return the path of report.md.
@@ -54,6 +56,11 @@ def write_report(
     fmt: figure format, png, pdf or svg (PNG and SVG show inline on GitHub, PDF is linked);
     labels: teacher name -> legend name; data_dir: where the dataset is, for the image and
     projection figures (default: $RBKD_DATA and the usual places).
+
+    What could not be drawn because an input is not here (a teacher run or the dataset, as in a
+    copy of the study folder without its teachers/; matplotlib) is a "Skipped" line in
+    report.md and, after it is written, one line each through `warn` (default: stderr), so
+    a report that lost its example grids or projections never looks complete.
     """
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
@@ -74,6 +81,9 @@ def write_report(
     text = "\n".join(rep.lines).rstrip() + "\n"
     path = write_bytes(out / REPORT_FILE, text.encode())
     _forget_old_figures(out, [p.name for p in rep.figures])
+    say = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    for note in rep.omitted:
+        say(f"report: left out of {path}: {note}")
     return path
 
 
