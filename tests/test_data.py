@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import re
 import stat
 import sys
 from pathlib import Path
@@ -434,8 +435,12 @@ def test_registry_contract() -> None:
         assert len(info.mean) == len(info.std) == channels
         assert all(0 < s < 1 for s in info.std) and all(0 < m < 1 for m in info.mean)
         for remote in info.downloads:
-            assert len(remote.sha256) == 64 and int(remote.sha256, 16) >= 0
-            assert len(remote.md5) == 32 and remote.size > 0
+            # lowercase hex of the right length: what hashlib's hexdigest() is compared with
+            assert re.fullmatch(r"[0-9a-f]{64}", remote.sha256), (remote.filename, remote.sha256)
+            assert re.fullmatch(r"[0-9a-f]{32}", remote.md5), (remote.filename, remote.md5)
+            assert remote.size > 0
+        digests = [r.sha256 for r in info.downloads]
+        assert len(set(digests)) == len(digests), f"{name}: two files share a SHA-256"
         assert info.mirrors and all(m.startswith(("https://", "http://")) for m in info.mirrors)
     assert DATASETS["mnist"].mirrors[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
     assert "fashion-mnist" in DATASETS["fashion-mnist"].mirrors[0]
