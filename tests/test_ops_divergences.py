@@ -93,11 +93,12 @@ TABLE = [  # divergence x shape x dtype, with and without standardize (32785 cla
     for d in DTYPES
     for std in (False, True)
     if not (std and s[-1] > 1000 and d != torch.float32)
-] + [  # divergence x options, at one shape, float32 and bfloat16
-    pytest.param(v, (13, 37), d, o, id=_id(v, name, d))
+] + [  # divergence x options: the CPU row path (C = 37) in float32 and bfloat16, and its lane
+    # path (C <= 32: 16 rows per SIMD tile; 21 rows leave the second tile part empty) in float32
+    pytest.param(v, s, d, o, id=_id(v, name, s, d))
     for v in VARIANTS
     for name, o in OPTIONS.items()
-    for d in (torch.float32, torch.bfloat16)
+    for s, d in (((13, 37), torch.float32), ((13, 37), torch.bfloat16), ((21, 10), torch.float32))
     if not (v.startswith("dkd") and o.get("labels") is False)  # an error: test_bad_arguments
 ]
 

@@ -53,7 +53,7 @@ RBKD_INLINE float ce_finish(float S_ce, float m_z, float z_label) {
 // Per-row loss: (1 - a) * CE + a * s * KL. A term whose weight is 0 is dropped rather than
 // multiplied (0 * inf would be NaN): alpha = 1 ignores an infinite CE, alpha = 0 an infinite KL.
 RBKD_INLINE float kd_row_loss(float ce, float kl, float alpha, float kl_scale, bool has_ce) {
-  const float ce_part = has_ce && 1.0f - alpha > 0.0f ? (1.0f - alpha) * ce : 0.0f;
+  const float ce_part = has_ce & (1.0f - alpha > 0.0f) ? (1.0f - alpha) * ce : 0.0f;  // & not &&: simd
   const float kl_part = alpha > 0.0f ? alpha * kl_scale * kl : 0.0f;
   return ce_part + kl_part;
 }
@@ -115,7 +115,7 @@ RBKD_INLINE bool kd_params_ok(float T, float alpha) {
 // A row of logits folded into (max m, sum S of exp((x - m) * scale)) is usable when its max is
 // finite (S >= 1 then: the max contributes exp(0)); NaN entries make S NaN, no finite entry
 // leaves S at 0 or NaN, +inf makes m infinite.
-RBKD_INLINE bool logits_row_ok(float m, float S) { return S >= 1.0f && m < INFINITY; }
+RBKD_INLINE bool logits_row_ok(float m, float S) { return (S >= 1.0f) & (m < INFINITY); }  // & not &&: simd
 
 // Probabilities (or exp of log-probabilities) summing to S: usable when |S - 1| <= tol.
 RBKD_INLINE bool mass_ok(float S, float tol) { return fabsf(S - 1.0f) <= tol; }

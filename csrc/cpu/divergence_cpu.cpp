@@ -1,15 +1,14 @@
-// kd_loss_fwd for every divergence but plain KL, and for any divergence with standardize: loss and
-// gradient of each row in one call (csrc/README.md, "Divergences"). Plain KL keeps its own tuned
-// paths in kd_cpu.cpp; this file has the same two layouts:
-//   C > kSmallC: one row per task. Pass 1 reads the rows (max; z-score), pass 2 forms and keeps the
-//     exps, pass 3 the divergence terms d_j and h_j = p_j dD/dp_j (divergence_row_terms), pass 4
-//     writes dD/du_j = h_j - p_j H through the z-score and with the CE term.
-//   C <= kSmallC: rows are the SIMD lanes of a [C][kLanes] tile (kd_rows_small's scheme): the same
-//     per-element functions of rbkd_divergence.h run over 16 rows at once.
+// kd_loss_fwd for C > kSmallC and every divergence but plain KL (and any divergence with
+// standardize): loss and gradient of each row in one call (csrc/README.md, "Divergences"). Plain
+// KL keeps its own tuned row path in kd_cpu.cpp; C <= kSmallC is kd_tiles.cpp's for all of them.
+// One row per task: pass 1 reads the rows (max; z-score), pass 2 forms and keeps the exps, pass 3
+// the divergence terms d_j and h_j = p_j dD/dp_j, pass 4 writes dD/du_j = h_j - p_j H through the
+// z-score and with the CE term.
 // dkd has no per-element h: its loss comes from the label's and the rest's sums (the rest shifted
 // by its own max, so the renormalised non-target distribution never underflows) and its gradient
 // is k1 exp_s_j + k2 exp_t_j off the label.
 #include "cpu_common.h"
+#include "kd_grad_plan.h"
 #include "rbkd_divergence.h"
 #include "rbkd_rows.h"
 
@@ -30,25 +29,6 @@ RBKD_INLINE ZScore zscore_row(const float* x, int64_t C) {
   s.sigma = sqrtf(v / static_cast<float>(C - 1));
   s.rho = 1.0f / (s.sigma + kStandardizeEps);
   return s;
-}
-
-// The gradient of a row: g_j = [kd_on] (A1 du_j + A0 + A2 (z_j - mean)) + c_ce (pce_j - [j == y]),
-// du_j = cx x_j + cs e_j (x = h and e = p_s for the divergences with an h, x = exp_t and e =
-// exp_s for dkd). Without standardize A1 = c_kl, A0 = A2 = 0.
-struct GradPlan {
-  float cx, cs, A1, A0, A2, mean, c_ce, inv_Sce;
-  bool kd_on;  // alpha > 0: a zero weight drops the term (its du may be inf)
-};
-
-// Fills A1, A0, A2 from the sums: sdu = sum du, sdud = sum du_j (z_j - mean) (README's formula).
-RBKD_INLINE void plan_standardize(GradPlan& g, const ZScore& zs, float c_kl, float sdu, float sdud,
-                                  int64_t C) {
-  g.mean = zs.mean;
-  g.A1 = zs.rho * c_kl;
-  g.A0 = -g.A1 * sdu / static_cast<float>(C);
-  g.A2 = zs.sigma > 0.0f
-             ? -zs.rho * zs.rho * c_kl * sdud / (static_cast<float>(C - 1) * zs.sigma)
-             : 0.0f;
 }
 
 // STD: the z-score term; without it z is not read (a 128 KB L2 read per 32000-class row).
@@ -346,278 +326,11 @@ void divergence_row(const KdLossArgs& a, int64_t i, float* scratch, int div,
 }
 
 
-// ---- C <= kSmallC: rows as lanes --------------------------------------------------------------
-// Per-lane values of a tile (kLanes rows): one vector each.
-struct Tile {
-  alignas(64) float z[kSmallC][kLanes], t[kSmallC][kLanes];
-  alignas(64) float P[kSmallC][kLanes], X[kSmallC][kLanes];  // p (exp_s for dkd), h (exp_t)
-  alignas(64) float sc_s[kLanes], sc_t[kLanes], mean[kLanes], sigma[kLanes], rho[kLanes];
-  alignas(64) float mz[kLanes], Ss[kLanes], mce[kLanes], Sce[kLanes], mt[kLanes], St[kLanes];
-  alignas(64) float mr[kLanes], Sr[kLanes], mtr[kLanes], Str[kLanes], zy[kLanes], ty[kLanes];
-  alignas(64) float D[kLanes], Hs[kLanes], Ps[kLanes], sxd[kLanes], sed[kLanes];
-  alignas(64) float sh_s[kLanes], sh_t[kLanes], lSs[kLanes], lSt[kLanes], inv_Ss[kLanes],
-      inv_St[kLanes];
-  alignas(64) int32_t label[kLanes];
-};
-
-RBKD_INLINE void tile_zscore(int64_t C, const float (*x)[kLanes], float* mean, float* sigma,
-                             float* rho) {
-  for (int r = 0; r < kLanes; ++r) mean[r] = sigma[r] = rho[r] = 0.0f;
-  if (C <= 1) return;
-  for (int64_t j = 0; j < C; ++j) {
-#pragma omp simd
-    for (int r = 0; r < kLanes; ++r) mean[r] += x[j][r];
-  }
-  for (int r = 0; r < kLanes; ++r) mean[r] /= static_cast<float>(C);
-  for (int64_t j = 0; j < C; ++j) {
-#pragma omp simd
-    for (int r = 0; r < kLanes; ++r) sigma[r] += (x[j][r] - mean[r]) * (x[j][r] - mean[r]);
-  }
-#pragma omp simd
-  for (int r = 0; r < kLanes; ++r) {
-    sigma[r] = sqrtf(sigma[r] / static_cast<float>(C - 1));
-    rho[r] = 1.0f / (sigma[r] + kStandardizeEps);
-  }
-}
-
-// Pass 1: online (max, sum) pairs per lane: tempered student (dkd: off the label, plus the max),
-// untempered student for CE, teacher; the label's logits.
-template <int KIND, bool DKD>
-RBKD_INLINE void tile_pass1(int64_t C, Tile& T) {
-  for (int r = 0; r < kLanes; ++r) {
-    T.mz[r] = T.mce[r] = T.mt[r] = T.mr[r] = T.mtr[r] = -INFINITY;
-    T.Ss[r] = T.Sce[r] = T.St[r] = T.Sr[r] = T.Str[r] = T.zy[r] = T.ty[r] = 0.0f;
-  }
-  for (int32_t j = 0; j < static_cast<int32_t>(C); ++j) {
-#pragma omp simd
-    for (int r = 0; r < kLanes; ++r) {
-      const float z = T.z[j][r], t = T.t[j][r];
-      const bool isl = j == T.label[r];
-      T.zy[r] = isl ? z : T.zy[r];
-      T.ty[r] = isl ? t : T.ty[r];
-      online_push(T.mce[r], T.Sce[r], z, 1.0f);
-      if constexpr (DKD) {
-        T.mz[r] = max_f(T.mz[r], z);
-        online_push(T.mr[r], T.Sr[r], isl ? -INFINITY : z, T.sc_s[r]);
-        if constexpr (KIND == kLogits) {
-          T.mt[r] = max_f(T.mt[r], t);
-          online_push(T.mtr[r], T.Str[r], isl ? -INFINITY : t, T.sc_t[r]);
-        } else {
-          T.Str[r] += isl ? 0.0f : (KIND == kLogProbs ? fast_exp(t) : t);
-        }
-      } else {
-        online_push(T.mz[r], T.Ss[r], z, T.sc_s[r]);
-        if constexpr (KIND == kLogits) {
-          online_push(T.mt[r], T.St[r], t, T.sc_t[r]);
-        } else {
-          T.St[r] += KIND == kLogProbs ? fast_exp(t) : t;
-        }
-      }
-    }
-  }
-}
-
-// Pass 2: p, log p, q, log q -> D, h (X), p (P) and the sums the gradient needs; dkd: the
-// NCKD sum (in D) and exp_s / exp_t off the label (P / X).
-template <int DIV, int KIND>
-RBKD_INLINE void tile_pass2(int64_t C, Tile& T, const DivConst& k) {
-  const DivConst kk = k;
-  for (int r = 0; r < kLanes; ++r) T.D[r] = T.Hs[r] = T.Ps[r] = T.sxd[r] = T.sed[r] = 0.0f;
-  for (int32_t j = 0; j < static_cast<int32_t>(C); ++j) {
-#pragma omp simd
-    for (int r = 0; r < kLanes; ++r) {
-      const float z = T.z[j][r], t = T.t[j][r];
-      const float ls = (z - T.sh_s[r]) * T.sc_s[r];
-      float lt;
-      if constexpr (KIND == kLogits) {
-        lt = (t - T.sh_t[r]) * T.sc_t[r];
-      } else if constexpr (KIND == kLogProbs) {
-        lt = t;
-      } else {
-        lt = fast_log(t);
-      }
-      float x, e;
-      if constexpr (DIV == kDKD) {
-        const bool isl = j == T.label[r];
-        e = isl ? 0.0f : fast_exp(ls);
-        x = isl ? 0.0f : (KIND == kProbs ? t : fast_exp(lt));
-        T.D[r] += kl_term(x, lt, ls);
-      } else {
-        e = fast_exp(ls) * T.inv_Ss[r];
-        const float q = (KIND == kProbs ? t : fast_exp(lt)) * T.inv_St[r];
-        float d;
-        div_elem<DIV>(e, ls - T.lSs[r], q, lt - T.lSt[r], kk, d, x);
-        T.D[r] += d;
-      }
-      T.P[j][r] = e;
-      T.X[j][r] = x;
-      T.Hs[r] += x;
-      T.Ps[r] += e;
-      T.sxd[r] += x * (z - T.mean[r]);
-      T.sed[r] += e * (z - T.mean[r]);
-    }
-  }
-}
-
-template <int DIV>
-RBKD_INLINE void tile_pass2_kind(int kind, int64_t C, Tile& T, const DivConst& k) {
-  if (kind == kLogits) tile_pass2<DIV, kLogits>(C, T, k);
-  else if (kind == kProbs) tile_pass2<DIV, kProbs>(C, T, k);
-  else tile_pass2<DIV, kLogProbs>(C, T, k);
-}
-
-// kLanes rows at once (C <= kSmallC), the scheme of kd_cpu.cpp's kd_rows_small: pass 1 online
-// sums, pass 2 the divergence terms with the final sums, pass 3 the gradient.
-RBKD_CLONES void divergence_tile(const KdLossArgs& a, int64_t i0, int div, const DivConst& k) {
-  const int64_t C = a.C;
-  const int rows = static_cast<int>(std::min<int64_t>(kLanes, a.N - i0));
-  const bool has_ce = a.labels != nullptr, dkd = div == kDKD, stdz = a.opt.standardize;
-  const int kind = a.opt.teacher_kind;
-  const float gs = a.grad_scale_ptr != nullptr ? *a.grad_scale_ptr : a.grad_scale;
-  Tile T;
-  alignas(64) float inv_T[kLanes], alpha[kLanes], kl_scale[kLanes], valid[kLanes];
-  alignas(64) float c_ce[kLanes], c_kl[kLanes], kd_on[kLanes];
-  bool ignored[kLanes], bad[kLanes];
-  for (int r = 0; r < kLanes; ++r) {
-    RowParams p{1.0f, 1.0f, 1.0f, -1, true, false, 0};
-    if (r < rows) p = row_params(a, i0 + r);
-    const bool counted = !p.ignored && !p.bad;
-    ignored[r] = p.ignored;
-    bad[r] = p.bad;
-    // An uncounted lane computes with T = 1, alpha = 1 and is overwritten below.
-    inv_T[r] = counted ? p.inv_T : 1.0f;
-    alpha[r] = counted ? p.alpha : 1.0f;
-    kl_scale[r] = counted ? p.kl_scale : 1.0f;
-    T.label[r] = static_cast<int32_t>(p.label);
-    valid[r] = counted ? 1.0f : 0.0f;
-    const KdGradCoef c = kd_grad_coef(alpha[r], kl_scale[r], inv_T[r], has_ce, counted ? gs : 0.0f);
-    c_ce[r] = c.c_ce;
-    c_kl[r] = c.c_kl;
-    kd_on[r] = alpha[r] > 0.0f ? 1.0f : 0.0f;
-  }
-  load_tile_any(a.s_dtype, a.student, a.s_row_stride, i0, rows, C, T.z);
-  load_tile_any(a.t_dtype, a.teacher, a.t_row_stride, i0, rows, C, T.t);
-  alignas(64) float rho_t[kLanes], tmp0[kLanes], tmp1[kLanes];
-  if (stdz) {
-    tile_zscore(C, T.z, T.mean, T.sigma, T.rho);
-    tile_zscore(C, T.t, tmp0, tmp1, rho_t);
-  }
-  for (int r = 0; r < kLanes; ++r) {
-    T.sc_s[r] = inv_T[r] * (stdz && C > 1 ? T.rho[r] : 1.0f);  // C = 1: p = 1 at any scale
-    T.sc_t[r] = inv_T[r] * (stdz && C > 1 ? rho_t[r] : 1.0f);
-    if (!stdz) T.mean[r] = T.sigma[r] = T.rho[r] = 0.0f;
-  }
-  if (dkd) {
-    if (kind == kLogits) tile_pass1<kLogits, true>(C, T);
-    else if (kind == kProbs) tile_pass1<kProbs, true>(C, T);
-    else tile_pass1<kLogProbs, true>(C, T);
-  } else {
-    if (kind == kLogits) tile_pass1<kLogits, false>(C, T);
-    else if (kind == kProbs) tile_pass1<kProbs, false>(C, T);
-    else tile_pass1<kLogProbs, false>(C, T);
-  }
-  const bool logits = kind == kLogits;
-#pragma omp simd
-  for (int r = 0; r < kLanes; ++r) {
-    T.sh_s[r] = dkd && T.mr[r] > -INFINITY ? T.mr[r] : T.mz[r];
-    T.sh_t[r] = dkd && T.mtr[r] > -INFINITY ? T.mtr[r] : T.mt[r];
-    T.inv_Ss[r] = 1.0f / T.Ss[r];
-    T.lSs[r] = fast_log(T.Ss[r]);
-    T.inv_St[r] = logits ? 1.0f / T.St[r] : 1.0f;
-    T.lSt[r] = logits ? fast_log(T.St[r]) : 0.0f;
-  }
-  switch (div) {
-    case kKL: tile_pass2_kind<kKL>(kind, C, T, k); break;
-    case kReverseKL: tile_pass2_kind<kReverseKL>(kind, C, T, k); break;
-    case kJSD: tile_pass2_kind<kJSD>(kind, C, T, k); break;
-    case kSkewKL: tile_pass2_kind<kSkewKL>(kind, C, T, k); break;
-    case kSkewReverseKL: tile_pass2_kind<kSkewReverseKL>(kind, C, T, k); break;
-    case kTVD: tile_pass2_kind<kTVD>(kind, C, T, k); break;
-    default: tile_pass2_kind<kDKD>(kind, C, T, k); break;
-  }
-  // Per lane: the loss, the row checks and the gradient's coefficients (GradPlan, as vectors).
-  alignas(64) float cx[kLanes], cs[kLanes], A1[kLanes], A0[kLanes], A2[kLanes], du_y[kLanes];
-  for (int r = 0; r < kLanes; ++r) {
-    float D = T.D[r], sum_x = T.Hs[r], sum_e = T.Ps[r];
-    bool ok;
-    du_y[r] = 0.0f;
-    if (dkd) {
-      const float Sr = T.Sr[r], Str = T.Str[r];
-      const float ls_y = (T.zy[r] - T.sh_s[r]) * T.sc_s[r];
-      const float lt_y = logits ? (T.ty[r] - T.sh_t[r]) * T.sc_t[r]
-                         : kind == kLogProbs ? T.ty[r] : logf(T.ty[r]);
-      ok = T.mz[r] > -INFINITY && T.mz[r] < INFINITY && Sr == Sr && ls_y == ls_y &&
-           (logits ? T.mt[r] > -INFINITY && T.mt[r] < INFINITY && Str == Str && lt_y == lt_y
-                   : mass_ok(Str + (kind == kLogProbs ? expf(T.ty[r]) : T.ty[r]), a.opt.probs_tol));
-      const float lSr = logf(Sr), lTr = logf(Str);
-      const float lSs = log_add_exp_scalar(lSr, ls_y);
-      const float lSt = logits ? log_add_exp_scalar(lTr, lt_y) : 0.0f;
-      const float lp_y = ls_y - lSs, lq_y = lt_y - lSt;
-      const float nckd = Str > 0.0f ? (Sr > 0.0f ? D / Str + (lSr - lTr) : INFINITY) : 0.0f;
-      D = k.dkd_alpha * dkd_tckd(lp_y, lq_y, lSr - lSs, lTr - lSt) + k.dkd_beta * nckd;
-      const float dy = expf(lp_y) - expf(lq_y);
-      du_y[r] = k.dkd_alpha * dy;
-      cs[r] = Sr > 0.0f ? (k.dkd_beta - k.dkd_alpha * dy) / Sr : 0.0f;
-      cx[r] = Str > 0.0f ? -k.dkd_beta / Str : 0.0f;
-    } else {
-      ok = logits_row_ok(T.mz[r], T.Ss[r]) &&
-           (logits ? logits_row_ok(T.mt[r], T.St[r]) : mass_ok(T.St[r], a.opt.probs_tol));
-      cx[r] = 1.0f;
-      cs[r] = -(div == kKL ? -1.0f : T.Hs[r]);  // P holds p itself here
-    }
-    if (!ignored[r] && !ok) bad[r] = true;
-    const float ce = has_ce ? ce_finish(T.Sce[r], T.mce[r], T.zy[r]) : 0.0f;
-    if (r < rows) {
-      a.loss[i0 + r] = bad[r] ? NAN : ignored[r] ? 0.0f : kd_row_loss(ce, D, alpha[r], kl_scale[r], has_ce);
-    }
-    GradPlan g{cx[r], cs[r], c_kl[r], 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, true};
-    if (stdz) {
-      const ZScore zs{T.mean[r], T.sigma[r], T.rho[r]};
-      const float dy = dkd ? T.zy[r] - zs.mean : 0.0f;
-      plan_standardize(g, zs, c_kl[r], cx[r] * sum_x + cs[r] * sum_e + du_y[r],
-                       cx[r] * T.sxd[r] + cs[r] * T.sed[r] + du_y[r] * dy, C);
-    }
-    A1[r] = g.A1;
-    A0[r] = g.A0;
-    A2[r] = g.A2;
-    T.Sce[r] = 1.0f / T.Sce[r];
-    if (bad[r]) valid[r] = -1.0f;  // NaN row
-  }
-  if (a.grad == nullptr) return;
-  // Pass 3: the gradient into X (the tile is free after its own element is read).
-  for (int32_t j = 0; j < static_cast<int32_t>(C); ++j) {
-#pragma omp simd
-    for (int r = 0; r < kLanes; ++r) {
-      const bool isl = j == T.label[r];
-      const float z = T.z[j][r];
-      const float du = dkd && isl ? du_y[r] : cx[r] * T.X[j][r] + cs[r] * T.P[j][r];
-      const float kd = A1[r] * du + A0[r] + (A2[r] != 0.0f ? A2[r] * (z - T.mean[r]) : 0.0f);
-      const float pce = fast_exp(z - T.mce[r]) * T.Sce[r];
-      const float gj = (kd_on[r] != 0.0f ? kd : 0.0f) + c_ce[r] * (pce - (isl ? 1.0f : 0.0f));
-      T.X[j][r] = valid[r] > 0.0f ? gj : (valid[r] < 0.0f ? NAN : 0.0f);
-    }
-  }
-  if (a.s_dtype == kFloat32) {
-    store_tile<kFloat32>(a.grad, i0, rows, C, T.X);
-  } else if (a.s_dtype == kFloat16) {
-    store_tile<kFloat16>(a.grad, i0, rows, C, T.X);
-  } else {
-    store_tile<kBFloat16>(a.grad, i0, rows, C, T.X);
-  }
-}
 }  // namespace
 
 void kd_divergence_fwd(const KdLossArgs& a, int num_threads) {
   const int div = effective_divergence(a.opt);
   const DivConst k = div_const(a.opt);
-  advise_huge_pages(a.grad, a.N * a.C * dtype_size(a.s_dtype));
-  if (a.C <= kSmallC) {
-    const int64_t blocks = (a.N + kLanes - 1) / kLanes;
-    const int nt = pick_threads(num_threads, a.N * a.C * 4, blocks);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) divergence_tile(a, b * kLanes, div, k);
-    return;
-  }
   const int nt = pick_threads(num_threads, a.N * a.C * 4, a.N);
   parallel_rows_with_scratch(nt, a.N, 5 * a.C, "kd_loss_fwd",
                              [&](int64_t i, float* scratch) { divergence_row(a, i, scratch, div, k); });
