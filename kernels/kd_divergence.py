@@ -32,8 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rbkd.config import KD_MAX_TEMPERATURE
-from rbkd.ops.args import STANDARDIZE_EPS
+from rbkd.ops.args import KD_MAX_TEMPERATURE, STANDARDIZE_EPS
 
 from ._launch import NEG_FLT_MAX, lane_lse_combine, online_lse_update
 

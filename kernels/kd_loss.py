@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rbkd.config import KD_MAX_TEMPERATURE
-from rbkd.ops.args import KDOptions
+from rbkd.ops.args import KD_MAX_TEMPERATURE, KDOptions
 
 from ._launch import (
     KD_COLS,

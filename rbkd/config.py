@@ -1,4 +1,5 @@
-"""Every run's configuration, and so every default, in one place (no torch import here).
+"""Every run's configuration, and so every default, in one place (no torch import here:
+tests/test_config_checks.py checks it, since the command line and study files read this module).
 
 `TrainConfig` is how a model is trained, `TeacherSpec` which teacher, `DistillSpec` what a
 student learns from. The CLI, the study files and the Python API all take their defaults from
@@ -14,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from rbkd.ops.args import DIVERGENCES as _DIVERGENCE_CODES
+from rbkd.ops.args import KD_MAX_TEMPERATURE
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 DEFAULT_DATASET = "fashion-mnist"  # the embedded default: Debian ships it
@@ -83,9 +87,8 @@ class TeacherSpec:
         check_choice(self.capacity, TEACHERS, "--capacity")
 
 
-# kd_loss's divergences (rbkd.ops.args.DIVERGENCES, which imports nothing heavy but lives with
-# the ops; tests/test_divergence_toolkit.py ties the two lists) and the options each one uses.
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd")
+# kd_loss's divergences (the names of rbkd.ops.args.DIVERGENCES) and the options each one uses.
+DIVERGENCES = tuple(_DIVERGENCE_CODES)
 DIVERGENCE_OPTIONS = {
     "jsd": ("beta",),
     "skew_kl": ("skew",),
@@ -240,8 +243,6 @@ class DistillSpec:
         if self.dataset is not None:
             check_choice(self.dataset, DATASETS, "--dataset")
         if self.noise is not None:
-            from rbkd.engine.noise import parse_noise
-
             parse_noise(self.noise)
         check_limit(self.limit, "--limit")
 
@@ -283,13 +284,10 @@ def check_temperature(T: float, name: str = "T") -> float:
     return float(T)
 
 
-# The largest T kd_loss accepts (rbkd.ops.validation says why: float32's KL loses digits as
-# T^2 * 1e-7). Here, torch-free, so a distillation is refused before it opens a run folder.
-KD_MAX_TEMPERATURE = 100.0
-
-
 def check_kd_temperature(T: float, name: str = "T") -> float:
-    """A temperature kd_loss can distill at: finite, > 0 and at most KD_MAX_TEMPERATURE."""
+    """A temperature kd_loss can distill at: finite, > 0 and at most KD_MAX_TEMPERATURE (kd_loss's
+    own limit, rbkd.ops.args: checked here so that a distillation is refused before it opens a
+    run folder)."""
     T = check_temperature(T, name)
     if T > KD_MAX_TEMPERATURE:
         raise ValueError(
@@ -297,6 +295,27 @@ def check_kd_temperature(T: float, name: str = "T") -> float:
             "computes accurately in float32; use a smaller T"
         )
     return T
+
+
+# Noise in soft labels (thesis section 4.8): the spec a distillation is given; the engine draws
+# it (rbkd.engine.noise.add_noise).
+NOISE_KINDS = ("uniform", "normal")
+
+
+def parse_noise(spec: str) -> tuple[str, float]:
+    """Read a noise spec: "uniform:0.1" -> ("uniform", 0.1). ValueError with the accepted form otherwise."""
+    kind, sep, value = spec.partition(":")
+    kind = kind.strip().lower()
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = float("nan")
+    if kind not in NOISE_KINDS or not sep or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"cannot read noise {spec!r}; write uniform:S or normal:S with a scale S > 0, "
+            "e.g. uniform:0.1 or normal:0.01"
+        )
+    return kind, scale
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:

@@ -8,8 +8,10 @@ cannot leave the final name pointing at an empty or partial file.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -448,9 +450,6 @@ def csv_cell(value: Any) -> Any:
 def write_csv(path: str | os.PathLike, header: list[str], rows: Any) -> Path:
     """A CSV table with `header`, atomically (parent folders are created); floats in full
     precision, None and NaN as empty cells, every text cell neutralised by `csv_cell`."""
-    import csv
-    import io
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([csv_cell(str(h)) for h in header])

@@ -20,18 +20,25 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import rbkd
+from rbkd.data.locate import resolve_file
+from rbkd.data.registry import get_info
+from rbkd.io import sha256_file
+
 GIT_TIMEOUT_S = 2.0  # a hung network filesystem must not hold up a training run
 
-# The command line that is running now (set by the CLI for the span of one command): a function,
-# so the options are read when the run starts, after click has resolved every one of them.
-_invocation: list[Callable[[], dict[str, Any]]] = []
+# The command lines running now (the CLI pushes one for the span of each command, innermost
+# last): functions, so the options are read when a run starts, after click has resolved them all.
+invocation_describers: list[Callable[[], dict[str, Any]]] = []
 
 
 def push_invocation(describe: Callable[[], dict[str, Any]]) -> Callable[[], None]:
     """Until the returned function is called, every run written records `describe()` as its
     invocation (innermost first: a command run by `rbkd rerun` records its own)."""
-    _invocation.append(describe)
-    return lambda: _invocation.remove(describe) if describe in _invocation else None
+    invocation_describers.append(describe)
+    return lambda: (
+        invocation_describers.remove(describe) if describe in invocation_describers else None
+    )
 
 
 def recorded_invocation(config: Any) -> dict[str, Any] | None:
@@ -46,7 +53,7 @@ def recorded_invocation(config: Any) -> dict[str, Any] | None:
 
 def current_invocation() -> dict[str, Any] | None:
     """The invocation being recorded (the innermost), or None outside the command line."""
-    return _invocation[-1]() if _invocation else None
+    return invocation_describers[-1]() if invocation_describers else None
 
 
 # ------------------------------------------------------------------ code
@@ -84,8 +91,6 @@ _digests: dict[tuple[str, int, int], str] = {}
 def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     """{"path", "size", "sha256"} of a file. Digests are cached by (path, size, mtime), so the
     ten runs of an experiment hash Fashion-MNIST's 30 MB once."""
-    from rbkd.io import sha256_file
-
     path = Path(os.path.abspath(path))
     st = path.stat()
     cache_key = (str(path), st.st_size, st.st_mtime_ns)
@@ -97,9 +102,6 @@ def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
 def dataset_files(dataset: Any) -> list[dict[str, Any]]:
     """The files one split was read from (an ImageDataset knows its folder); [] for data that
     did not come from rbkd's dataset files."""
-    from rbkd.data.locate import resolve_file
-    from rbkd.data.registry import get_info
-
     root, name, split = (getattr(dataset, a, None) for a in ("root", "name", "split"))
     if root is None or name is None or split is None:
         return []
@@ -138,8 +140,6 @@ def machine() -> dict[str, Any]:
 def run_provenance(device: Any, model: Any, datasets: tuple = ()) -> dict[str, Any]:
     """config.json's "provenance": rbkd's version and commit, the device and dtype used, the
     machine, the data files with their SHA-256, and the command line when there is one."""
-    import rbkd
-
     params = list(model.parameters()) if hasattr(model, "parameters") else []
     dtype = str(params[0].dtype).removeprefix("torch.") if params else None
     files: list[dict[str, Any]] = []

@@ -6,6 +6,9 @@ differs and checks the original's weights before training anything."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rbkd.cli.app import app
@@ -197,3 +200,47 @@ def test_every_command_reports_a_bad_value_as_a_usage_error(tmp_path, args, frag
     whatever the command, before anything is read or written."""
     usage_error(invoke(*args), *fragments)
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ issue 15: no torch below
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import rbkd.config",
+        "import rbkd.study.schema",
+        "import rbkd.ops.args",
+        # reading and checking a study file, a distillation's options and a noise spec
+        "from pathlib import Path\n"
+        "from rbkd.config import DistillSpec, parse_noise\n"
+        "from rbkd.study.schema import load_study\n"
+        f"load_study({str(ROOT / 'studies' / 'fashion-mnist-quick.toml')!r})\n"
+        "DistillSpec(teacher=Path('runs/t1'), noise='normal:0.05').check()\n"
+        "assert parse_noise('uniform:0.1') == ('uniform', 0.1)",
+    ],
+    ids=["config", "schema", "ops-args", "check-a-study"],
+)
+def test_the_config_layer_imports_no_torch(code):
+    """rbkd.config and the study files are read by the command line before any work: they
+    import no torch (nor numpy), in a fresh interpreter."""
+    code += "\nimport sys\nprint([m for m in ('torch', 'numpy') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_ops_own_the_temperature_limit_and_the_engine_reads_noise_from_the_config():
+    import rbkd.config as config
+    import rbkd.engine.noise as noise
+    import rbkd.ops as ops
+    import rbkd.ops.args as args
+    import rbkd.ops.validation as validation
+
+    assert config.KD_MAX_TEMPERATURE is args.KD_MAX_TEMPERATURE
+    assert ops.KD_MAX_TEMPERATURE is validation.KD_MAX_TEMPERATURE is args.KD_MAX_TEMPERATURE
+    assert config.DIVERGENCES == tuple(args.DIVERGENCES)
+    assert noise.parse_noise is config.parse_noise
+    with pytest.raises(ValueError, match="above 100"):
+        config.check_kd_temperature(100.5, "--T")

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from rbkd.config import DIVERGENCES, DistillSpec, LossSpec, TrainConfig
 from rbkd.study import load_study, run_study
-from rbkd.study.distill import student_dir_name, student_key
+from rbkd.study.keys import student_dir_name, student_key
 from rbkd.study.plan import count_runs, make_plan
 from rbkd.study.results import RESULT_COLUMNS, read_jsonl
 from rbkd.study.schema import StudyFileError, parse_study

@@ -351,7 +351,7 @@ def test_results_csv_cells_never_start_a_formula_but_numbers_stay_numbers(tmp_pa
     assert values["noise"] == "'@SUM(1)" and values["select"] == "'\tx"
     assert values["run_dir"] == "'-students/x"
     assert values["T"] == "-0.5" and values["alpha"] == "-0.5" and values["test_accuracy"] == "0.25"
-    assert values["acc_-neg"] == "-0.5"
+    assert values["acc_neg"] == "-0.5"
     assert not any(c.startswith(("=", "+", "@", "\t", "\r")) for c in [*header, *cells])
 
 

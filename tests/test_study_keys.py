@@ -9,8 +9,7 @@ import torch
 
 from rbkd.config import DistillSpec, TeacherSpec, TrainConfig
 from rbkd.study import keys
-from rbkd.study.distill import student_key
-from rbkd.study.teacher import teacher_key
+from rbkd.study.keys import student_key, teacher_key
 
 FP = "f" * 64
 SOURCE = {"teacher": "a" * 64}

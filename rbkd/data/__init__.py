@@ -7,8 +7,8 @@ from the public mirrors.
 >>> x = train.normalize(train.images[:256].to("cuda"))  # float32, normalised on the GPU
 """
 
-from rbkd.data.dataset import ImageDataset, load_dataset
-from rbkd.data.download import fetch
+import importlib
+
 from rbkd.data.errors import (
     DATA_ERRORS,
     DataError,
@@ -18,6 +18,15 @@ from rbkd.data.errors import (
 )
 from rbkd.data.locate import cache_dir, find_dataset, locate_dataset, search_roots
 from rbkd.data.registry import DATASETS, DEFAULT_DATASET, SPLITS, DatasetInfo, RemoteFile, get_info
+
+# Loaded on first use (PEP 562): the images need numpy and torch, a download urllib; where the
+# files are (locate, registry) needs neither, so the command line and rbkd.provenance read it
+# without them.
+_LAZY = {
+    "ImageDataset": "rbkd.data.dataset",
+    "load_dataset": "rbkd.data.dataset",
+    "fetch": "rbkd.data.download",
+}
 
 __all__ = [
     "DATASETS",
@@ -39,3 +48,16 @@ __all__ = [
     "locate_dataset",
     "search_roots",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rbkd.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # next time a plain attribute: no more __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rbkd.data.errors import DataError
-from rbkd.io import NotRegularFileError, check_regular_file
+from rbkd.io import NotRegularFileError, check_regular_file, write_bytes
 
 __all__ = [
     "CIFAR_IMAGE_BYTES",
@@ -81,8 +81,6 @@ def read_cifar_binary(
 
 def write_cifar_binary(path: str | os.PathLike[str], images: np.ndarray, labels) -> None:
     """Write records in the official layout (for tests and converted copies), atomically."""
-    from rbkd.io import write_bytes
-
     images = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1, CIFAR_IMAGE_BYTES)
     labels = np.asarray(labels, dtype=np.uint8).reshape(-1, 1)
     if labels.shape[0] != images.shape[0]:

@@ -21,6 +21,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
 from rbkd.data.errors import DatasetFetchError
 from rbkd.data.locate import ENV_VAR, cache_dir, resolve_file
 from rbkd.data.registry import DatasetInfo, RemoteFile, get_info
@@ -40,23 +50,12 @@ def _manual_hint(info: DatasetInfo, dest: Path) -> str:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, description: str, total: int | None) -> Iterator:
-    from rich.console import Console
-
     # stderr, so that stdout stays clean for whatever a script reads from it; and only on a
     # terminal: a bar redrawn into a log file is noise.
     console = Console(stderr=True)
     if not (enabled and console.is_terminal):
         yield lambda advance: None
         return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

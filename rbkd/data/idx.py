@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rbkd.data.errors import DataError
+from rbkd.io import atomic_write_bytes, read_bounded
 
 __all__ = ["IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "read_idx", "read_maybe_gzip", "write_idx"]
 
@@ -35,8 +36,6 @@ MAX_IDX_BYTES = 256 << 20
 def read_maybe_gzip(path: Path) -> bytes:
     """The file's bytes, gunzipped if it is a gzip stream; a truncated or corrupt gzip is a
     DataError naming the file. Only regular files of at most MAX_IDX_BYTES (also unpacked)."""
-    from rbkd.io import read_bounded
-
     try:
         raw = read_bounded(path, MAX_IDX_BYTES, "dataset file")
     except ValueError as exc:
@@ -106,8 +105,6 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
 
 def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file (gzipped when the name ends in .gz), atomically."""
-    from rbkd.io import atomic_write_bytes
-
     array = np.ascontiguousarray(array)
     if array.dtype != np.uint8:
         raise TypeError(f"IDX arrays must be uint8, got {array.dtype}")

@@ -1,6 +1,7 @@
 """The training engine: one loop for teacher training and distillation (see docs/engine-api.md)."""
 
-from rbkd.engine.config import TrainConfig, resolve_device
+from rbkd.config import TrainConfig
+from rbkd.engine.device import resolve_device
 from rbkd.engine.evaluate import evaluate, penultimate_features, predict_logits
 from rbkd.engine.loop import TrainingDiverged, fit
 from rbkd.engine.objectives import CrossEntropy, Distillation, LabelSmoothing

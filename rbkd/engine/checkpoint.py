@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rbkd.engine.rundir import RunDirError
-from rbkd.io import atomic_path, read_json_file, read_safetensors_metadata
+from rbkd.io import atomic_path, jsonable, read_json_file, read_safetensors_metadata
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"  # the old layout's second file; removed once replaced
@@ -65,8 +65,6 @@ def save_checkpoint(
     """Write the checkpoint atomically; `epoch` is the number of completed epochs. `info` (seed,
     world size, ...), `config` (the run configuration a resume must match) and `metrics` (one
     row per completed epoch) travel in the same file's header."""
-    from rbkd.io import jsonable
-
     run_dir = Path(run_dir)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = flatten_optimizer(optimizer)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rbkd.engine.config import resolve_device
+from rbkd.engine.device import resolve_device
 from rbkd.locking import folder_lock
 
 T = TypeVar("T")

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rbkd.config import TrainConfig
 from rbkd.engine import checkpoint as ckpt
 from rbkd.engine import distributed
-from rbkd.engine.config import TrainConfig, derive_seed, make_generator
 from rbkd.engine.evaluate import evaluation_sums, logits_of, metrics_from_sums
 from rbkd.engine.progress import EpochProgress
 from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_metrics
 from rbkd.engine.runinfo import check_resumable, run_config
+from rbkd.engine.seeds import derive_seed, make_generator
 from rbkd.io import remove_stale_temporaries, write_json
 from rbkd.locking import folder_lock
 from rbkd.provenance import run_provenance

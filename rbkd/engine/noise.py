@@ -1,7 +1,8 @@
 """Noise in soft labels (thesis section 4.8, eq. 4.4): y' = normalise(y + U).
 
 The spec is "uniform:S" or "normal:S". `rbkd.engine.Distillation(noise=...)` draws it anew every
-epoch with `add_noise`; the CLI checks specs with `parse_noise` before a run starts.
+epoch with `add_noise`; the CLI and study files check specs with `rbkd.config.parse_noise` (a
+string parser, torch-free) before a run starts.
 
     uniform:S   U ~ Uniform[0, S)          (non-negative: y + U stays a valid weight)
     normal:S    U ~ Normal(0, S^2)          then clamped at 0
@@ -10,28 +11,10 @@ epoch with `add_noise`; the CLI checks specs with `parse_noise` before a run sta
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-NOISE_KINDS = ("uniform", "normal")
-
-
-def parse_noise(spec: str) -> tuple[str, float]:
-    """Read a noise spec: "uniform:0.1" -> ("uniform", 0.1). ValueError with the accepted form otherwise."""
-    kind, sep, value = spec.partition(":")
-    kind = kind.strip().lower()
-    try:
-        scale = float(value)
-    except ValueError:
-        scale = float("nan")
-    if kind not in NOISE_KINDS or not sep or not (math.isfinite(scale) and scale > 0):
-        raise ValueError(
-            f"cannot read noise {spec!r}; write uniform:S or normal:S with a scale S > 0, "
-            "e.g. uniform:0.1 or normal:0.01"
-        )
-    return kind, scale
+from rbkd.config import parse_noise
 
 
 def add_noise(probs: Tensor, spec: str, *, generator: torch.Generator | None = None) -> Tensor:

@@ -13,21 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rbkd.config import LossSpec, check_alpha, check_kd_temperature
-from rbkd.engine.config import make_generator
 from rbkd.engine.noise import add_noise, parse_noise
+from rbkd.engine.seeds import make_generator
+from rbkd.ops import kd_loss
 
 _NOISE_STREAM = 2  # seed stream id of soft-label noise (batch order is 0, dropout 1)
 
 
 def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _kd_loss():
-    # Imported on first use so that the engine imports even where rbkd.ops is broken or absent.
-    from rbkd.ops import kd_loss
-
-    return kd_loss
 
 
 class CrossEntropy:
@@ -140,7 +134,7 @@ class Distillation:
         self._targets = add_noise(probs, self.noise, generator=gen).to(probs.device)
 
     def __call__(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
-        return _kd_loss()(
+        return kd_loss(
             logits,
             self._targets[index],
             # dkd splits the target class from the others: it needs the labels even at alpha 1
@@ -181,7 +175,7 @@ class LabelSmoothing:
     def __call__(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
         c = logits.shape[1]
         targets = F.one_hot(labels, c).float() * (1 - self.A) + self.A / c
-        return _kd_loss()(
+        return kd_loss(
             logits,
             targets,
             None,

@@ -27,6 +27,7 @@ from rbkd.io import (
     read_json_file,
     read_safetensors_metadata,
 )
+from rbkd.models import build_model
 
 CONFIG, METRICS, MODEL = "config.json", "metrics.jsonl", "model.safetensors"
 
@@ -155,8 +156,6 @@ def load_run(
     rbkd's own models are rebuilt from config.json; a run of a model of your own (the Python
     API's train_teacher/distill with an nn.Module) needs that module passed as `model`, whose
     weights are then replaced by the run's."""
-    from rbkd.models import build_model
-
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     own_model = not config.get("arch")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from rbkd.engine.config import TrainConfig
+from rbkd.config import TrainConfig
 from rbkd.engine.objectives import tensor_sha256
 from rbkd.engine.rundir import RunDirError, package_versions
 from rbkd.io import read_json_file

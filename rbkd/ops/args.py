@@ -8,6 +8,8 @@ that macro, one line in each kernel that uses it, and its tests.
 
 Through torch.library the record travels as a short string (`encode`): custom ops take plain
 types only, and torch.compile treats a string argument as a constant of the graph.
+
+No torch here: rbkd.config (torch-free) takes DIVERGENCES and KD_MAX_TEMPERATURE from this module.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ ENTROPY_KINDS = {"logits": 0, "probs": 1}
 # standardize: z' = (z - mean) / (std + STANDARDIZE_EPS), std unbiased, as Sun et al. (CVPR 2024)
 # write it. csrc/common/rbkd_rows.h holds the same number (kStandardizeEps; tests tie them).
 STANDARDIZE_EPS = 1e-7
+# The largest T kd_loss accepts: its float32 KL loses digits as T^2 * 1e-7 (relative error against
+# float64, measured on C = 10..32000: 5e-5 at T = 100, 3e-3 at T = 1000, 1e3 at 1e6), and T^2
+# overflows float32 from T = 1.8e19. csrc/common/rbkd_rows.h holds the same number
+# (kKdMaxTemperature; tests/test_ops_api.py ties them); rbkd.config imports it from here to refuse
+# a larger T before a run starts.
+KD_MAX_TEMPERATURE = 100.0
 
 
 @dataclass(frozen=True)

@@ -20,18 +20,15 @@ import os
 import torch
 from torch import Tensor
 
-from rbkd.config import KD_MAX_TEMPERATURE as KD_MAX_TEMPERATURE  # re-exported
 from rbkd.ops.args import DIVERGENCES
+from rbkd.ops.args import KD_MAX_TEMPERATURE as KD_MAX_TEMPERATURE  # re-exported
 from rbkd.ops.args import TEACHER_KINDS as TEACHER_KINDS  # re-exported
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 # Rows of probabilities must sum to 1 within this, loose enough for float16/bfloat16 inputs.
 PROBS_SUM_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-# kd_loss refuses larger temperatures: its float32 KL loses digits as T^2 * 1e-7 (relative error
-# against float64, measured on C = 10..32000: 5e-5 at T = 100, 3e-3 at T = 1000, 1e3 at 1e6), and
-# T^2 overflows float32 from T = 1.8e19. csrc/common/rbkd_rows.h holds the same bound; the
-# constant, KD_MAX_TEMPERATURE, lives in the torch-free rbkd.config (imported above).
+# kd_loss refuses temperatures above KD_MAX_TEMPERATURE (rbkd.ops.args says why).
 CHECK_MODES = ("default", "full")
 LABEL_DTYPES = (torch.int64, torch.int32)
 

@@ -1,26 +1,42 @@
 """The workflow layer: everything that runs training, from one teacher to a whole study.
 
-- `train_teacher` / `distill`: one content-addressed run each (reused when done, resumed when
-  killed, refused when the folder holds another run);
+- `train_teacher` (rbkd.study.teacher) / `distill` (rbkd.study.student): one content-addressed
+  run each (reused when done, resumed when killed, refused when the folder holds another run);
 - `load_study` / `run_study`: a declared study (TOML, docs/studies.md) expanded into its runs,
   run once each, with tidy tables (results.csv/.jsonl) and a report (`write_report`).
 
 `rbkd.analysis` holds the analyses these use and imports nothing from here.
+
+The names load on first use (PEP 562): reading and checking a study file (rbkd.study.schema,
+rbkd.study.plan) imports no torch, so `rbkd study run --dry-run` and a bad file's one-line error
+are quick.
 """
 
-from rbkd.study.distill import distill
-from rbkd.study.runner import run_study
-from rbkd.study.schema import StudyFileError, load_study, parse_study
-from rbkd.study.splits import limit_dataset, load_splits
-from rbkd.study.teacher import train_teacher
+import importlib
 
-__all__ = [
-    "StudyFileError",
-    "distill",
-    "limit_dataset",
-    "load_splits",
-    "load_study",
-    "parse_study",
-    "run_study",
-    "train_teacher",
-]
+# name -> the module that defines it, imported when the name is first used.
+_LAZY = {
+    "StudyFileError": "rbkd.study.schema",
+    "distill": "rbkd.study.student",
+    "limit_dataset": "rbkd.study.splits",
+    "load_splits": "rbkd.study.splits",
+    "load_study": "rbkd.study.schema",
+    "parse_study": "rbkd.study.schema",
+    "run_study": "rbkd.study.runner",
+    "train_teacher": "rbkd.study.teacher",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rbkd.study' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # next time a plain attribute: no more __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rbkd.config import TrainConfig
-from rbkd.study.schema import MAX_NAME_CHARS, parse_study
+from rbkd.study.schema import MAX_NAME_CHARS, parse_study, sweep_names
 
 COMMAND_LINE = Path("<command line>")
 
@@ -136,8 +136,6 @@ def batch_sweep_study(
     }
     data["experiments"] = {"batch_sweep": sweep}
     if student is not None:
-        from rbkd.study.schema import sweep_names
-
         data["experiments"]["temperature"] = {
             "teachers": sweep_names(sweep),
             "student": student,

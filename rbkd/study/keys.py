@@ -6,6 +6,9 @@ the seed, the teacher's key for a student, and NUMERICS_VERSION. Two runs with t
 compute the same thing, so the second is never run; changing any input gives a new key, so a
 stale result is never reused. What does not change the numbers (the device, the evaluation batch
 size, the output folder, the progress bar) is deliberately left out.
+
+A teacher's key and a student's, and the folder names made from them, are here too, torch-free:
+a study's plan (rbkd.study.plan) names every run, and what of it is done, before anything loads.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import hashlib
 import json
 import math
 from typing import Any
+
+from rbkd.config import DistillSpec, TeacherSpec, TrainConfig
 
 # Bump when a change to rbkd alters what a run with the same inputs computes (the loss, the
 # initialisation, the batch order, the data pipeline): every cached run then reruns once.
@@ -51,3 +56,61 @@ def data_fingerprint(train, test) -> str:
         digest.update(split.images.contiguous().numpy().tobytes())
         digest.update(split.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ teachers and students
+def teacher_key(spec: TeacherSpec, cfg: TrainConfig, fingerprint: str) -> str:
+    inputs = {"data": fingerprint, "capacity": spec.capacity, **cfg.result_inputs()}
+    return run_key("teacher", inputs)
+
+
+def teacher_dir_name(spec: TeacherSpec, cfg: TrainConfig, key: str) -> str:
+    return (
+        f"teacher-{spec.dataset}-{spec.capacity}-b{cfg.batch_size}-e{cfg.epochs}-s{cfg.seed}"
+        f"-{key[:KEY_CHARS]}"
+    )
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def student_dir_name(spec: DistillSpec, dataset: str, cfg: TrainConfig, key: str) -> str:
+    what = (
+        f"ls{_fmt(spec.label_smoothing)}"
+        if spec.label_smoothing is not None
+        else f"T{_fmt(spec.T)}"
+    )
+    parts = [f"student-{dataset}-{spec.student}-{what}"]
+    if spec.loss.slug():  # forward KL, the default, keeps the folder names it always had
+        parts.append(spec.loss.slug())
+    if spec.exclude_classes:
+        parts.append("x" + "_".join(map(str, sorted(spec.exclude_classes))))
+    if spec.per_class is not None:
+        parts.append(f"{spec.select}{spec.per_class}")
+    if spec.noise:
+        parts.append(spec.noise.replace(":", ""))
+    parts.append(f"e{cfg.epochs}-s{cfg.seed}-{key[:KEY_CHARS]}")
+    return "-".join(parts)
+
+
+def student_key(spec: DistillSpec, cfg: TrainConfig, fingerprint: str, source: dict) -> str:
+    inputs = {
+        "data": fingerprint,
+        "source": source,  # soft-label tensors' digests, or {"label_smoothing": A}
+        "student": spec.student,
+        "T": None if spec.label_smoothing is not None else spec.T,
+        "alpha": spec.alpha,
+        "t_squared": spec.t_squared,
+        "exclude_classes": sorted(set(spec.exclude_classes)),
+        "per_class": spec.per_class,
+        "select": spec.select if spec.per_class is not None else "all",
+        "noise": spec.noise,
+        **cfg.result_inputs(),
+    }
+    # The divergence only when it is not forward KL: every run made before divergences existed
+    # (and every default run since) keeps its key.
+    loss = spec.loss.key_inputs() if spec.label_smoothing is None else {}
+    if loss:
+        inputs["loss"] = loss
+    return run_key("student", inputs)

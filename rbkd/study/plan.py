@@ -4,6 +4,10 @@ Tasks with the same content (a teacher used by several experiments, the same stu
 by two grids) collapse into one, so each trains once. A student's key uses its teacher's key,
 not the teacher's soft labels, so the whole plan, and what of it is done, is known before any
 teacher has trained.
+
+No torch here: rbkd.study.schema counts a study's runs (count_runs) while it reads the file. The
+two functions that read a teacher run made elsewhere import rbkd.engine (torch) where they need
+it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from rbkd.config import (
     TeacherSpec,
     TrainConfig,
 )
-from rbkd.study.keys import run_key
+from rbkd.data.registry import get_info
+from rbkd.io import sha256_file
+from rbkd.study.keys import run_key, student_dir_name, student_key, teacher_dir_name, teacher_key
+from rbkd.study.schema import StudyFileError
 
 # Experiments whose students learn from teachers, and their grids' extra dimensions.
 STUDENT_EXPERIMENTS = ("missing_class", "transfer_set", "temperature", "noise")
@@ -68,8 +75,6 @@ def _cfg(train: dict, device: str, **changes) -> TrainConfig:
 
 
 def _teacher_tasks(study: dict, out: Path, fingerprint: str, device: str) -> list[TeacherTask]:
-    from rbkd.study.teacher import teacher_dir_name, teacher_key
-
     wanted: list[tuple[str, str, TeacherSpec, TrainConfig]] = []
     external: list[TeacherTask] = []
     for i, t in enumerate(study["teachers"]):
@@ -104,7 +109,6 @@ def _check_external_limit(study: dict, i: int) -> None:
     labels for only part of the study's transfer set: refuse it before anything trains (its
     config.json records the examples it saw), in the study's own terms."""
     from rbkd.engine import read_config
-    from rbkd.study.schema import StudyFileError
 
     t = study["teachers"][i]
     run_dir = Path(t["run"])
@@ -120,8 +124,6 @@ def _check_external_limit(study: dict, i: int) -> None:
         return  # trained on its whole training split
     limit = study.get("limit")
     if limit is None:
-        from rbkd.data.registry import get_info
-
         try:
             wanted = get_info(study["dataset"]).split_sizes["train"]
         except Exception:
@@ -144,7 +146,6 @@ def _check_external_limit(study: dict, i: int) -> None:
 def _external_teacher(t: dict, dataset: str, fingerprint: str, device: str) -> TeacherTask:
     """A teacher run made elsewhere, keyed by its weights and the data its soft labels cover."""
     from rbkd.engine import read_config
-    from rbkd.io import sha256_file
 
     run_dir = Path(t["run"])
     config = read_config(run_dir)
@@ -291,8 +292,6 @@ def _cells(study: dict):
 
 def make_plan(study: dict, out: Path, fingerprint: str, device: str = "auto") -> Plan:
     """Every run of `study`, deduplicated, with its key and run folder under `out`."""
-    from rbkd.study.distill import student_dir_name, student_key
-
     out = Path(out)
     teachers = _teacher_tasks(study, out, fingerprint, device)
     by_name = {name: t for t in teachers for name in t.names}

@@ -8,9 +8,12 @@ result file (written last) says it is done. docs/studies.md lists every column.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rbkd.config import LOSS_OPTIONS
 from rbkd.io import jsonable, read_bounded, write_bytes, write_csv
 
 ENTROPY_T = tuple(float(t) for t in range(1, 21))  # figs 5.2-5.4 and 6.4 span T = 1..20
@@ -114,6 +117,8 @@ def study_temperatures(study: dict) -> set[float]:
 
 def teacher_row(study: dict, task, result: dict, soft, out: Path) -> list[dict[str, Any]]:
     """The rows of one teacher run (one per study name), with its soft-label entropy curves."""
+    # Here, not at the top: rbkd.analysis imports torch, and the commands' modules read tables
+    # with read_jsonl (their --help stays torch-free).
     from rbkd.analysis.entropy import entropy_table
 
     temps = sorted(set(ENTROPY_T) | study_temperatures(study))
@@ -146,8 +151,6 @@ def teacher_row(study: dict, task, result: dict, soft, out: Path) -> list[dict[s
 def loss_columns(spec) -> dict[str, Any]:
     """The divergence columns of a student (a DistillSpec): the options its divergence uses,
     None for the others; all None for label smoothing."""
-    from rbkd.config import LOSS_OPTIONS
-
     used = spec.loss.describe() if spec.label_smoothing is None else {}
     return {k: used.get(k) for k in LOSS_OPTIONS}
 
@@ -202,6 +205,19 @@ def student_row(study: dict, task, report: dict, teacher: dict | None, out: Path
     }
 
 
+def accuracy_columns(class_names: Sequence[str]) -> list[str]:
+    """results.csv's per-class accuracy headers, identifiers that pandas, R and SQL take as they
+    are: `acc_` and the class name, each run of characters other than ASCII letters and digits
+    made one '_' ("T-shirt/top" -> acc_T_shirt_top, "Ankle boot" -> acc_Ankle_boot, "3" ->
+    acc_3). Where a name leaves nothing, or two names would give one header, every header is
+    the class index instead (acc_0, acc_1, ...)."""
+    slugs = [re.sub(r"[^0-9A-Za-z]+", "_", str(name)).strip("_") for name in class_names]
+    columns = [f"acc_{slug}" for slug in slugs]
+    if all(slugs) and len(set(columns)) == len(columns):
+        return columns
+    return [f"acc_{k}" for k in range(len(slugs))]
+
+
 def write_results(out: Path, teachers: list[dict], students: list[dict]) -> None:
     """teachers.jsonl, results.jsonl and results.csv, each replaced atomically. A text cell of
     results.csv that a spreadsheet would run as a formula (a teacher named "=HYPERLINK(...)")
@@ -209,7 +225,7 @@ def write_results(out: Path, teachers: list[dict], students: list[dict]) -> None
     write_jsonl(out / "teachers.jsonl", teachers)
     write_jsonl(out / "results.jsonl", students)
     names = next((r["class_names"] for r in students if r.get("class_names")), [])
-    columns = list(RESULT_COLUMNS) + [f"acc_{n}" for n in names]
+    columns = list(RESULT_COLUMNS) + accuracy_columns(names)
     rows = []
     for r in students:
         cells = ["+".join(r[c]) if c == "experiments" else r.get(c) for c in RESULT_COLUMNS] + list(

@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rbkd.engine import read_config, resolve_device
 from rbkd.engine.distributed import is_main_process, main_folder_lock
 from rbkd.io import NotOursError, claim_folder, read_json_file, write_bytes, write_json
 from rbkd.study.keys import data_fingerprint
 from rbkd.study.plan import Plan, make_plan
 from rbkd.study.results import student_row, teacher_row, write_results
 from rbkd.study.runstate import RunState, run_state
+from rbkd.study.softlabels import fit_to_dataset, teacher_soft_labels
 from rbkd.study.splits import load_splits
+from rbkd.study.student import distill
+from rbkd.study.teacher import train_teacher
 
 Log = Callable[[str], None]
 
@@ -84,11 +88,28 @@ class StudyRun:
     def todo(self) -> int:
         return sum(1 for s in self.states.values() if s.status != "done")
 
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run of the plan, teachers first: kind, key, label, run_dir and status ("ran":
+        trained by this call; else as found: "done", "partial" with epochs_done, or "new")."""
+        rows = []
+        for task in self.plan.teachers + self.plan.students:
+            state = self.states[task.key]
+            status = "ran" if task.key in self.trained else state.status
+            row = {
+                "kind": task_kind(task),
+                "key": task.key,
+                "label": task_label(task),
+                "run_dir": str(task.run_dir),
+                "status": status,
+            }
+            if status == "partial":
+                row["epochs_done"] = state.epochs_done
+            rows.append(row)
+        return rows
+
 
 def _external_result(task) -> dict[str, Any]:
     """A teacher trained elsewhere, in the shape of train_teacher's result."""
-    from rbkd.engine import read_config
-
     config = read_config(task.run_dir)
     metrics = config.get("final_metrics") or {}
     if "test_accuracy" not in metrics:
@@ -107,33 +128,41 @@ def _states(plan: Plan) -> dict[str, RunState]:
     return states
 
 
-def describe(task, state: RunState) -> str:
-    """One line for --dry-run and the progress display."""
-    if hasattr(task, "names"):
-        what = (
+def task_kind(task) -> str:
+    """ "teacher" or "student"."""
+    return "teacher" if hasattr(task, "names") else "student"
+
+
+def task_label(task) -> str:
+    """What a run is, in one line: "teacher small: small, batch 64, 10 epochs, seed 0"."""
+    if task_kind(task) == "teacher":
+        return (
             f"teacher {'/'.join(task.names)}: {task.spec.capacity}, batch {task.cfg.batch_size}, "
             f"{task.cfg.epochs} epochs, seed {task.cfg.seed}"
         )
-    else:
-        s = task.spec
-        src = f"LS A={s.label_smoothing:g}" if s.label_smoothing is not None else task.teacher
-        bits = [f"{'+'.join(task.experiments)}: {s.student} from {src}"]
-        if s.label_smoothing is None:
-            bits.append(f"T={s.T:g}" + ("" if s.t_squared else " without the T^2 factor"))
-            if not s.loss.is_default():  # forward KL, the default, goes unsaid as it always did
-                bits.append(f"divergence {s.loss.label()}")
-        if s.exclude_classes:
-            bits.append(f"without class {','.join(map(str, s.exclude_classes))}")
-        if s.per_class is not None:
-            bits.append(f"{s.per_class}/class by {s.select}")
-        if s.noise:
-            bits.append(f"noise {s.noise}")
-        bits.append(f"seed {task.cfg.seed}")
-        what = ", ".join(bits)
+    s = task.spec
+    src = f"LS A={s.label_smoothing:g}" if s.label_smoothing is not None else task.teacher
+    bits = [f"{'+'.join(task.experiments)}: {s.student} from {src}"]
+    if s.label_smoothing is None:
+        bits.append(f"T={s.T:g}" + ("" if s.t_squared else " without the T^2 factor"))
+        if not s.loss.is_default():  # forward KL, the default, goes unsaid as it always did
+            bits.append(f"divergence {s.loss.label()}")
+    if s.exclude_classes:
+        bits.append(f"without class {','.join(map(str, s.exclude_classes))}")
+    if s.per_class is not None:
+        bits.append(f"{s.per_class}/class by {s.select}")
+    if s.noise:
+        bits.append(f"noise {s.noise}")
+    bits.append(f"seed {task.cfg.seed}")
+    return ", ".join(bits)
+
+
+def describe(task, state: RunState) -> str:
+    """One line for --dry-run and the progress display: "[to run] " and the task's label."""
     status = {"done": "done", "new": "to run"}.get(
         state.status, f"to resume after epoch {state.epochs_done}"
     )
-    return f"[{status}] {what}"
+    return f"[{status}] {task_label(task)}"
 
 
 def prepare(
@@ -176,11 +205,6 @@ def run_study(
     source: Path | None = None,
 ) -> StudyRun:
     """Run what is not done of `study` in `out`; returns what was planned, found and run."""
-    from rbkd.engine import resolve_device
-    from rbkd.study.distill import distill
-    from rbkd.study.softlabels import teacher_soft_labels
-    from rbkd.study.teacher import train_teacher
-
     out = Path(out)
     check_study_folder(out, study["name"])  # before the lock: it writes into the folder
     if dry_run:
@@ -235,8 +259,6 @@ def run_study(
                 teacher_rows[r["name"]] = r
             _record(run, study, teacher_rows)
 
-        from rbkd.study.softlabels import fit_to_dataset
-
         for task in run.plan.students:
             state = run.states[task.key]
             if state.status == "done":
@@ -261,7 +283,7 @@ def run_study(
             run.trained.append(task.key)
             run.states[task.key] = RunState(task.run_dir, task.key, "done", result=result)
             log(
-                f"{describe(task, state).split('] ', 1)[1]}: test accuracy "
+                f"{task_label(task)}: test accuracy "
                 f"{result['test_accuracy']:.2%}"
                 + (
                     f", missing class {result['excluded_accuracy']:.2%}"
@@ -274,6 +296,7 @@ def run_study(
         _record(run, study, teacher_rows)
     run.wall_time_s = time.perf_counter() - t_start
     if report and ctx.is_main:
+        # Here, not at the top: rbkd.study.report.load imports this module (a cycle).
         from rbkd.study.report import write_report
 
         run.report = write_report(out, data_dir=data_dir)

@@ -27,6 +27,7 @@ from rbkd.config import (
     LossSpec,
     TrainConfig,
     check_kd_temperature,
+    parse_noise,
 )
 from rbkd.io import read_bounded
 
@@ -245,8 +246,6 @@ def _temps(r: _Reader, key: str, default, *, kd: bool = False) -> list[float]:
 def _noise_specs(r: _Reader) -> list[str]:
     """The noise specs, each in one spelling ("normal:5e-2" is "normal:0.05"), each once: equal
     noises are one run, as equal temperatures are."""
-    from rbkd.engine.noise import parse_noise
-
     specs = r.get("noise", list, required=True)
     out: list[str] = []
     for spec in specs:
@@ -538,6 +537,7 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
 
 def _check_size(study: dict, head: _Reader, max_runs: int) -> None:
     """Refuse a grid of more than `max_runs` runs, counted without expanding it."""
+    # Here, not at the top: rbkd.study.plan imports this module (StudyFileError), a cycle.
     from rbkd.study.plan import count_runs
 
     teachers, students = count_runs(study)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rbkd.config import DistillSpec
+from rbkd.engine import load_run, predict_logits, read_config, resolve_device
 from rbkd.softlabels import (
     TEST_FILE,
     TRAIN_FILE,
@@ -39,8 +40,6 @@ def soft_labels_digest(soft: SoftLabels) -> str:
 def source_dataset(teacher: Path | None, soft_labels: Path | None) -> str:
     """The dataset a teacher run or a soft-label file was made on."""
     if teacher is not None:
-        from rbkd.engine import read_config
-
         return str(read_config(Path(teacher))["dataset"])
     if soft_labels is not None:
         return read_soft_labels(soft_labels).dataset
@@ -76,8 +75,6 @@ def teacher_soft_labels(
 ) -> SoftLabels:
     """A teacher run's soft labels for `split`: its saved file (checked against the run's
     weights), or, for a run made without one, the logits computed now from model.safetensors."""
-    from rbkd.engine import load_run, predict_logits, read_config, resolve_device
-
     teacher = Path(teacher)
     read_config(teacher)  # a clear error if this is not a run folder
     path = teacher / (TRAIN_FILE if split == "train" else TEST_FILE)

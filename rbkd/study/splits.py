@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from rbkd.data import load_dataset
+
 
 def limit_dataset(dataset, limit: int | None):
     """The first `limit` examples of a split. A prefix keeps every index equal to its index in
@@ -20,8 +22,6 @@ def limit_dataset(dataset, limit: int | None):
 
 def load_splits(dataset: str, data_dir: Path | None = None, limit: int | None = None):
     """(train, test) ImageDatasets, each cut to its first `limit` examples when given."""
-    from rbkd.data import load_dataset
-
     train = load_dataset(dataset, "train", data_dir)
     test = load_dataset(dataset, "test", data_dir)
     return limit_dataset(train, limit), limit_dataset(test, limit)

@@ -15,61 +15,20 @@ from typing import Any
 
 import torch
 
+from rbkd.analysis.entropy import entropy_at, label_smoothing_targets
+from rbkd.analysis.transfer import check_classes, select_transfer_set
 from rbkd.config import DEFAULT_DATASET, DistillSpec, TrainConfig
+from rbkd.engine import Distillation, LabelSmoothing, fit
 from rbkd.engine.distributed import main_folder_lock, on_main
 from rbkd.engine.rundir import check_run_folder
 from rbkd.io import write_json
-from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
+from rbkd.models import build_model
+from rbkd.study.keys import data_fingerprint, student_dir_name, student_key
 from rbkd.study.runstate import run_state
 from rbkd.study.softlabels import soft_labels_digest, source_dataset, train_soft_labels
 from rbkd.study.splits import load_splits
 
 REPORT_FILE = "report.json"
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
-def student_dir_name(spec: DistillSpec, dataset: str, cfg: TrainConfig, key: str) -> str:
-    what = (
-        f"ls{_fmt(spec.label_smoothing)}"
-        if spec.label_smoothing is not None
-        else f"T{_fmt(spec.T)}"
-    )
-    parts = [f"student-{dataset}-{spec.student}-{what}"]
-    if spec.loss.slug():  # forward KL, the default, keeps the folder names it always had
-        parts.append(spec.loss.slug())
-    if spec.exclude_classes:
-        parts.append("x" + "_".join(map(str, sorted(spec.exclude_classes))))
-    if spec.per_class is not None:
-        parts.append(f"{spec.select}{spec.per_class}")
-    if spec.noise:
-        parts.append(spec.noise.replace(":", ""))
-    parts.append(f"e{cfg.epochs}-s{cfg.seed}-{key[:KEY_CHARS]}")
-    return "-".join(parts)
-
-
-def student_key(spec: DistillSpec, cfg: TrainConfig, fingerprint: str, source: dict) -> str:
-    inputs = {
-        "data": fingerprint,
-        "source": source,  # soft-label tensors' digests, or {"label_smoothing": A}
-        "student": spec.student,
-        "T": None if spec.label_smoothing is not None else spec.T,
-        "alpha": spec.alpha,
-        "t_squared": spec.t_squared,
-        "exclude_classes": sorted(set(spec.exclude_classes)),
-        "per_class": spec.per_class,
-        "select": spec.select if spec.per_class is not None else "all",
-        "noise": spec.noise,
-        **cfg.result_inputs(),
-    }
-    # The divergence only when it is not forward KL: every run made before divergences existed
-    # (and every default run since) keeps its key.
-    loss = spec.loss.key_inputs() if spec.label_smoothing is None else {}
-    if loss:
-        inputs["loss"] = loss
-    return run_key("student", inputs)
 
 
 def _excluded_accuracy(per_class: list[float], test_labels: torch.Tensor, classes: list[int]):
@@ -82,9 +41,6 @@ def _excluded_accuracy(per_class: list[float], test_labels: torch.Tensor, classe
 
 
 def _objective(spec: DistillSpec, soft, train):
-    from rbkd.analysis.entropy import label_smoothing_targets
-    from rbkd.engine import Distillation, LabelSmoothing
-
     c = train.num_classes
     if spec.label_smoothing is None:
         table = torch.zeros(len(train), c, dtype=torch.float32)
@@ -106,9 +62,6 @@ def _objective(spec: DistillSpec, soft, train):
 
 
 def _transfer_set(spec: DistillSpec, soft, train, seed: int):
-    from rbkd.analysis.entropy import entropy_at
-    from rbkd.analysis.transfer import check_classes, select_transfer_set
-
     excluded = check_classes(spec.exclude_classes, train.num_classes)
     if soft is not None:
         candidates, labels = soft.indices, soft.labels
@@ -147,9 +100,6 @@ def distill(
     of the soft labels in the key: a study names a teacher by its own key, so that a student's
     key is known before its teacher has trained (and a dry run can say what is done).
     """
-    from rbkd.engine import fit
-    from rbkd.models import build_model
-
     spec.check()
     if spec.label_smoothing is not None:
         dataset = spec.dataset or DEFAULT_DATASET

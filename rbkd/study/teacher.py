@@ -13,32 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from rbkd.config import TeacherSpec, TrainConfig
+from rbkd.engine import CrossEntropy, fit
 from rbkd.engine.distributed import main_folder_lock, on_main
 from rbkd.engine.rundir import check_run_folder
 from rbkd.io import write_json
-from rbkd.study.keys import KEY_CHARS, data_fingerprint, run_key
+from rbkd.models import build_model
+from rbkd.softlabels import (
+    SPLITS,
+    SoftLabelsError,
+    read_teacher_soft_labels,
+    soft_labels_from_model,
+)
+from rbkd.study.keys import data_fingerprint, teacher_dir_name, teacher_key
 from rbkd.study.runstate import run_state
 from rbkd.study.splits import load_splits
 
 RESULT_FILE = "result.json"
 
 
-def teacher_key(spec: TeacherSpec, cfg: TrainConfig, fingerprint: str) -> str:
-    inputs = {"data": fingerprint, "capacity": spec.capacity, **cfg.result_inputs()}
-    return run_key("teacher", inputs)
-
-
-def teacher_dir_name(spec: TeacherSpec, cfg: TrainConfig, key: str) -> str:
-    return (
-        f"teacher-{spec.dataset}-{spec.capacity}-b{cfg.batch_size}-e{cfg.epochs}-s{cfg.seed}"
-        f"-{key[:KEY_CHARS]}"
-    )
-
-
 def _soft_labels_current(run_dir: Path) -> bool:
     """Both soft-label files exist and were made from the final model.safetensors."""
-    from rbkd.softlabels import SPLITS, SoftLabelsError, read_teacher_soft_labels
-
     try:
         for split in SPLITS:
             read_teacher_soft_labels(run_dir, split)
@@ -66,10 +60,6 @@ def train_teacher(
 ) -> dict[str, Any]:
     """Train (or reuse, or resume) the teacher; returns its result: run_dir, key, metrics,
     soft-label paths, wall time, and `reused` (True when nothing was trained)."""
-    from rbkd.engine import CrossEntropy, fit
-    from rbkd.models import build_model
-    from rbkd.softlabels import SPLITS, soft_labels_from_model
-
     spec.check()
     train, test = splits if splits is not None else load_splits(spec.dataset, data_dir, limit)
     if train.name != spec.dataset:
