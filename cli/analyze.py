@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import (
+from rbkd.cli.consoles import console, err_console
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import (
     DataDirOpt,
     DeviceOpt,
     LimitOpt,
@@ -17,17 +20,13 @@ from rbkd.cli.common import (
     TeachersOpt,
     ThreadsOpt,
     TListOpt,
-    console,
-    err_console,
-    escape,
-    handle_errors,
-    new_app,
     parse_int_list,
-    start_compute,
-    titled_table,
 )
-from rbkd.cli.config_file import usage_errors
-from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table
+from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table, titled_table
+from rbkd.cli.text import escape
+from rbkd.cli.threads import start_compute
+from rbkd.cli.typer_app import new_app
+from rbkd.cli.usage import usage_errors
 
 app = new_app(help="Analyse soft labels and representations (thesis sections 4.5-4.7).")
 
@@ -52,8 +51,6 @@ def _check_limit(limit: int | None) -> None:
 
 def _first_examples(dataset, limit: int | None):
     """The first `limit` examples of a split (indices stay those of the full split)."""
-    import dataclasses
-
     if limit is None or limit >= len(dataset):
         return dataset
     return dataclasses.replace(
@@ -63,8 +60,6 @@ def _first_examples(dataset, limit: int | None):
 
 def _first_rows(soft, limit: int | None):
     """The rows of a soft-label file that belong to the first `limit` examples of its split."""
-    import dataclasses
-
     if limit is None:
         return soft
     keep = soft.indices < limit

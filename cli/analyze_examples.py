@@ -8,17 +8,13 @@ from typing import Annotated
 
 import typer
 from rbkd.cli.analyze import app
-from rbkd.cli.common import (
-    DataDirOpt,
-    LimitOpt,
-    Split,
-    ThreadsOpt,
-    escape,
-    handle_errors,
-    start_compute,
-    titled_table,
-)
-from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table
+from rbkd.cli.consoles import console, err_console
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import DataDirOpt, LimitOpt, Split, ThreadsOpt
+from rbkd.cli.output import JsonOpt, check_plot, print_json, print_table, titled_table
+from rbkd.cli.text import escape
+from rbkd.cli.threads import start_compute
+from rbkd.cli.usage import usage_errors
 
 
 @app.command("examples")
@@ -52,9 +48,6 @@ def examples(
 
         rbkd analyze examples --teacher runs/t1 --T 9 --count 10 --plot examples.png
     """
-    from rbkd.cli.common import console, err_console
-    from rbkd.cli.config_file import usage_errors
-
     from rbkd.analysis.entropy import check_temperature
     from rbkd.analysis.examples import check_count, plot_top_entropy_examples, teacher_examples
 

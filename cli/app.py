@@ -10,8 +10,12 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rbkd.cli.common import OneLineGroup, debug_enabled, keep_examples_whole, new_app, report_error
+from rbkd.cli.errors import debug_enabled, report_error
+from rbkd.cli.typer_app import OneLineGroup, keep_examples_whole, new_app
 from typer import _click as click
+from typer.main import get_command
+
+import rbkd
 
 # Every command: its module (imported only when the command runs, or its own help is asked
 # for) and the one-line summary `rbkd --help` lists. The summaries are the commands' own first
@@ -66,8 +70,6 @@ class LazyCommands(OneLineGroup):
             return None
         loaded = self.__dict__.setdefault("_loaded", {})
         if name not in loaded:
-            from typer.main import get_command
-
             module = importlib.import_module(f"rbkd.cli.{COMMANDS[name][0]}")
             command = get_command(module.app)
             command.name = name
@@ -100,8 +102,6 @@ app = new_app(
 
 def _version_callback(value: bool) -> None:
     if value:
-        import rbkd
-
         print(f"rbkd {rbkd.__version__}")
         raise typer.Exit()
 

@@ -10,29 +10,28 @@ defaults) does the rest.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import os
-import re
 import shlex
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
+from rbkd.cli.typer_app import command_args
+from rbkd.cli.usage import CONFIG_FILE_META
 from typer import _click as click
-from typer._click.globals import get_current_context
 
 from rbkd.config import OPTION_RULES
 from rbkd.io import read_bounded
+from rbkd.provenance import file_record, push_invocation, recorded_invocation
 
 MAX_CONFIG_BYTES = 1 << 20  # an options file is a few hundred bytes; a run's config.json a few KB
 # Levels of tables and lists: an options file has 2 (a table of lists); a run's config.json
 # about 7 (provenance, its resumes, their data files). Deeper is refused before it is walked.
 MAX_CONFIG_DEPTH = 16
 SUFFIXES = (".toml", ".json")
-_META_KEY = "rbkd.config_file"  # ctx.meta: the --config file this command read
 
 
 def _fail(path: Path, message: str) -> None:
@@ -93,8 +92,6 @@ def read_options_file(path: Path) -> dict[str, Any]:
 
 def _recorded_options(path: Path, table: dict, command: str) -> dict[str, Any]:
     """A run's config.json gives the options it ran with (when it was the same command)."""
-    from rbkd.provenance import recorded_invocation
-
     invocation = recorded_invocation(table)
     if invocation is None:
         return table
@@ -152,18 +149,39 @@ def _check_rule(path: Path, key: str, name: str, value: Any) -> None:
                 _fail(path, f"{e}; fix it in the file")
 
 
+def _spelling(param: click.Parameter) -> str:
+    """A parameter as the user types it: its option (`--json`, whose parameter is as_json; `--T`;
+    `--t-squared` of --t-squared/--no-t-squared), or an argument's name."""
+    if param.param_type_name == "option" and param.opts:
+        return param.opts[0]
+    return param.name or ""
+
+
+def _keys(params: dict[str, click.Parameter]) -> dict[str, str]:
+    """{key, '_' written '-': parameter name}: each option's name without its dashes (`json`,
+    `batch-size`: what a user writes) and the parameter's own name (`as-json`: what a run's
+    config.json records)."""
+    by_key = {name.replace("_", "-"): name for name in params}
+    by_key.update({_spelling(p).lstrip("-").replace("_", "-"): n for n, p in params.items()})
+    return by_key
+
+
 def options_from_file(ctx: click.Context, path: Path) -> dict[str, Any]:
     """The file's options checked against the command's parameters: {parameter name: value}."""
     params = {p.name: p for p in ctx.command.params if p.expose_value}
-    by_key = {name.replace("_", "-"): name for name in params}
+    by_key = _keys(params)
     options: dict[str, Any] = {}
     keys: dict[str, str] = {}  # parameter name -> the key that gave it
     table = _recorded_options(path, read_options_file(path), _command(ctx))
     for key, value in table.items():
         name = by_key.get(str(key).replace("_", "-"))
         if name is None:
-            known = ", ".join(sorted(by_key))
-            _fail(path, f"unknown key {key!r}: `{_command(ctx)}` takes {known}")
+            known = ", ".join(sorted((_spelling(p) for p in params.values()), key=str.lower))
+            _fail(
+                path,
+                f"unknown key {key!r}: `rbkd {_command(ctx)}` takes {known} (a key is an "
+                "option's name without its --)",
+            )
         if name in keys:
             _fail(path, f"{keys[name]!r} and {key!r} are the same option; keep one of them")
         keys[name] = str(key)
@@ -173,55 +191,6 @@ def options_from_file(ctx: click.Context, path: Path) -> dict[str, Any]:
         options[name] = _check_value(path, str(key), annotation, value)
         _check_rule(path, str(key), name, options[name])
     return options
-
-
-def check_command_options(ctx: click.Context | None = None) -> None:
-    """Every option of the running command that has a value rule (rbkd.config.OPTION_RULES),
-    checked before any work: a usage error (exit code 2) naming the flag. (A --config file's
-    values were checked as it was read, naming the file and the key.)"""
-    ctx = ctx or get_current_context(silent=True)
-    if ctx is None:  # called outside a command (the Python API): nothing to check here
-        return
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name) if param.expose_value else None
-        # A text value is a list spec ("1,3,9", "1:20") that its command parses itself; a flag
-        # (analyze entropy --per-class) is not the number another command names the same.
-        if (
-            param.name not in OPTION_RULES
-            or value is None
-            or isinstance(value, (str, bool, list, tuple))
-        ):
-            continue
-        with usage_errors(ctx):
-            OPTION_RULES[param.name](value, param.opts[0])
-
-
-@contextlib.contextmanager
-def usage_errors(ctx: click.Context | None = None):
-    """A ValueError raised by a check of the command's options becomes a usage error (one line,
-    exit code 2); when the option it names came from the --config file, it names the file."""
-    try:
-        yield
-    except ValueError as e:
-        ctx = ctx or get_current_context()
-        message = " ".join(str(e).split())
-        path = ctx.meta.get(_META_KEY)
-        if path is not None and _names_option_from_file(ctx, message):
-            message = f"--config {path}: {message}; fix it in the file or on the command line"
-        raise click.exceptions.UsageError(message, ctx) from None
-
-
-def _names_option_from_file(ctx: click.Context, message: str) -> bool:
-    from typer._click.core import ParameterSource
-
-    for param in ctx.command.params:
-        if not param.expose_value or not param.opts:
-            continue
-        if ctx.get_parameter_source(param.name) != ParameterSource.DEFAULT_MAP:
-            continue
-        if re.search(rf"(?<![\w-]){re.escape(param.opts[0])}(?![\w-])", message):
-            return True
-    return False
 
 
 def _command(ctx: click.Context) -> str:
@@ -247,11 +216,7 @@ def _plain(value: Any) -> Any:
 def describe_invocation(ctx: click.Context, config: Path | None) -> dict[str, Any]:
     """What config.json records of the command line (read when a run starts, so every option is
     resolved): the command, argv, the folder it ran in and every option's final value."""
-    from rbkd.cli.common import _invocation
-
-    from rbkd.provenance import file_record
-
-    argv = ["rbkd", *_invocation]
+    argv = ["rbkd", *command_args]
     record: dict[str, Any] = {
         "command": _command(ctx),
         "argv": argv,
@@ -267,11 +232,9 @@ def describe_invocation(ctx: click.Context, config: Path | None) -> dict[str, An
 
 
 def _load(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    from rbkd.provenance import push_invocation
-
     if value is not None:
         ctx.default_map = {**(ctx.default_map or {}), **options_from_file(ctx, Path(value))}
-        ctx.meta[_META_KEY] = Path(value)
+        ctx.meta[CONFIG_FILE_META] = Path(value)
     ctx.call_on_close(push_invocation(lambda: describe_invocation(ctx, value)))
     return value
 

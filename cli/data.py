@@ -6,8 +6,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import Dataset, console, escape, handle_errors, new_app
+from rbkd.cli.consoles import console
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import Dataset
 from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.text import escape
+from rbkd.cli.typer_app import new_app
+from rich.table import Table
+
+from rbkd.data.download import fetch
+from rbkd.data.locate import locate_dataset, resolve_file, search_roots
+from rbkd.data.registry import DATASETS, get_info
 
 app = new_app(help="Find, list and fetch the datasets (fashion-mnist, mnist, cifar10).")
 
@@ -35,12 +44,6 @@ def list_datasets(data_dir: DataDirOption = None, as_json: JsonOpt = False) -> N
 
     Example: rbkd data list --data-dir ./data
     """
-    from rich.table import Table
-
-    # rbkd.data imports torch: only here, so that `rbkd --help` stays fast
-    from rbkd.data import DATASETS, locate_dataset, search_roots
-    from rbkd.data.locate import resolve_file
-
     rows = []
     table = Table(title="Datasets")
     table.add_column("dataset")
@@ -113,8 +116,6 @@ def fetch_dataset(
 
     Example: rbkd data fetch mnist --dest ./data/mnist
     """
-    from rbkd.data import fetch, get_info
-
     info = get_info(name)
     folder = fetch(info.name, dest, base_url=base_url, progress=progress)
     console.print(f"{info.title} is in {escape(folder)}", soft_wrap=True)

@@ -6,7 +6,9 @@ import math
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import (
+from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import (
     AlphaOpt,
     BatchSizeOpt,
     BetaOpt,
@@ -36,14 +38,12 @@ from rbkd.cli.common import (
     ThreadsOpt,
     TOpt,
     TSquaredOpt,
-    escape,
-    handle_errors,
-    new_app,
-    start_compute,
-    titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt, usage_errors
-from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.text import escape
+from rbkd.cli.threads import start_compute
+from rbkd.cli.typer_app import new_app
+from rbkd.cli.usage import usage_errors
 
 from rbkd.config import DistillSpec, LossSpec, TrainConfig
 
@@ -171,7 +171,7 @@ def distill(
 
         rbkd distill --teacher runs/t1 --T 9 --exclude-class 3 --epochs 1 --limit 2000 --out runs/s1
     """
-    from rbkd.study import distill as run_distill
+    from rbkd.study.student import distill as run_distill
 
     # Option values were checked by handle_errors; these checks span options (exit code 2).
     spec = DistillSpec(

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import (
+from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.consoles import err_console
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import (
     AlphaOpt,
     BatchSizeOpt,
     Capacity,
@@ -33,18 +36,26 @@ from rbkd.cli.common import (
     TListOpt,
     TOpt,
     TSquaredOpt,
-    check_choice,
-    escape,
-    handle_errors,
-    new_app,
     parse_int_list,
-    start_compute,
-    titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt, usage_errors
-from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.study_progress import run_with_progress
+from rbkd.cli.text import escape
+from rbkd.cli.threads import start_compute
+from rbkd.cli.typer_app import new_app
+from rbkd.cli.usage import usage_errors
 
-from rbkd.config import DEFAULT_DATASET, SELECTIONS, STUDENTS, TEACHERS, DistillSpec, TrainConfig
+from rbkd.config import (
+    DEFAULT_DATASET,
+    SELECTIONS,
+    STUDENTS,
+    TEACHERS,
+    DistillSpec,
+    TrainConfig,
+    check_choice,
+)
+from rbkd.study.experiments import batch_sweep_study, missing_class_study, transfer_set_study
+from rbkd.study.results import read_jsonl
 
 app = new_app(help="Run the thesis's experiments: grids of distillations with result tables.")
 
@@ -60,11 +71,6 @@ def _run(
     study: dict, out: Path, data_dir, device: str, progress: bool, threads, as_json: bool
 ) -> list[dict]:
     """Run the study with a progress bar and its report; return its results rows."""
-    from rbkd.cli.common import err_console
-    from rbkd.cli.study_progress import run_with_progress
-
-    from rbkd.study.results import read_jsonl
-
     start_compute(threads)
     run_with_progress(
         study,
@@ -133,7 +139,6 @@ def missing_class(
     """
     from rbkd.analysis.entropy import parse_temperatures
     from rbkd.engine import read_config
-    from rbkd.study.experiments import missing_class_study
 
     with usage_errors():
         temperatures = parse_temperatures(T)
@@ -226,7 +231,6 @@ def transfer_set(
         rbkd experiment transfer-set --teacher runs/t1 --per-class 5,10 --select entropy --epochs 1 --limit 2000 --out results/transfer
     """
     from rbkd.engine import read_config
-    from rbkd.study.experiments import transfer_set_study
 
     if not teacher:
         raise ValueError("give --teacher RUN (repeatable: one curve each)")
@@ -312,9 +316,6 @@ def batch_sweep(
 
         rbkd experiment batch-sweep --capacity small --batch-sizes 32,256 --epochs 1 --limit 2000 --out results/sweep
     """
-    from rbkd.study.experiments import batch_sweep_study
-    from rbkd.study.results import read_jsonl
-
     check_choice(capacity, TEACHERS, "--capacity")
     if student is not None:
         check_choice(student, STUDENTS, "--student")

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import os
+import platform
+from importlib import metadata
 
-from rbkd.cli.common import escape, handle_errors, new_app, physical_cores, titled_table
-from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.text import escape
+from rbkd.cli.threads import physical_cores
+from rbkd.cli.typer_app import new_app
+
+import rbkd
 
 app = new_app()
 
+# The table's name of a key where it is not the key with spaces for '_'. The keys themselves
+# (`rbkd info --json`) are identifiers: `info["torch_threads"]`, `jq .backends_built`.
+LABELS = {
+    "backend_cpu": "backend for cpu",
+    "backend_cuda": "backend for cuda",
+    "rbkd_backend": "RBKD_BACKEND",
+}
+
 
 def _version(package: str) -> str:
-    from importlib import metadata  # 20 ms: not for `rbkd --help`
-
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -20,12 +33,9 @@ def _version(package: str) -> str:
 
 
 def collect_info() -> dict[str, str]:
-    """Everything `rbkd info` shows, as strings (also handy in tests and bug reports)."""
-    import platform
-
-    import torch
-
-    import rbkd
+    """Everything `rbkd info` shows, as strings (also handy in tests and bug reports), under
+    keys that are identifiers (rbkd, torch, backends_built, torch_threads, ...)."""
+    import torch  # here: `rbkd info -h` loads this module without torch
 
     info = {
         "rbkd": getattr(rbkd, "__version__", _version("rbkd")),
@@ -34,13 +44,13 @@ def collect_info() -> dict[str, str]:
         "triton": _version("triton"),
         "platform": platform.platform(),
     }
-    try:
+    try:  # imported here so that a broken rbkd.ops is reported, not a crash
         from rbkd.ops import available_backends
         from rbkd.ops.dispatch import BACKEND_NAMES, select_backend
 
         available = available_backends()
-        info["backends built"] = ", ".join(n for n in BACKEND_NAMES if n in available) or "none"
-        info["backends not built"] = (
+        info["backends_built"] = ", ".join(n for n in BACKEND_NAMES if n in available) or "none"
+        info["backends_not_built"] = (
             ", ".join(n for n in BACKEND_NAMES if n not in available) or "none"
         )
         devices = [torch.device("cpu")]
@@ -49,20 +59,20 @@ def collect_info() -> dict[str, str]:
         for dev in devices:
             try:
                 module = select_backend(dev)
-                info[f"backend for {dev.type}"] = getattr(module, "NAME", module.__name__)
+                info[f"backend_{dev.type}"] = getattr(module, "NAME", module.__name__)
             except Exception as e:  # report, don't fail: info must work on a broken install
-                info[f"backend for {dev.type}"] = f"none ({e})"
+                info[f"backend_{dev.type}"] = f"none ({e})"
     except ImportError as e:
-        info["backends built"] = f"rbkd.ops not importable ({e})"
+        info["backends_built"] = f"rbkd.ops not importable ({e})"
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["devices"] = "cpu, " + ", ".join(f"cuda:{i} {n}" for i, n in enumerate(names))
         info["cuda"] = str(torch.version.cuda)
     else:
         info["devices"] = "cpu (no CUDA device)"
-    info["cpu cores"] = f"{physical_cores()} physical, {os.cpu_count()} logical"
-    info["torch threads"] = str(torch.get_num_threads())
-    info["RBKD_BACKEND"] = os.environ.get("RBKD_BACKEND", "auto (unset)")
+    info["cpu_cores"] = f"{physical_cores()} physical, {os.cpu_count()} logical"
+    info["torch_threads"] = str(torch.get_num_threads())
+    info["rbkd_backend"] = os.environ.get("RBKD_BACKEND", "auto (unset)")
     return info
 
 
@@ -84,5 +94,5 @@ def info(as_json: JsonOpt = False) -> None:
         return
     table = titled_table("rbkd info", show_header=False)
     for key, value in found.items():
-        table.add_row(key, escape(value))
+        table.add_row(LABELS.get(key, key.replace("_", " ")), escape(value))
     print_table(table)

@@ -5,8 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import escape, handle_errors, new_app
+from rbkd.cli.errors import handle_errors
 from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.text import escape
+from rbkd.cli.typer_app import new_app
+from rich import box
+from rich.table import Table
+
+# From the specs alone: torch is not imported (tests/test_models.py checks the numbers against
+# the built models).
+from rbkd.models.specs import SPECS, spec_summary
 
 app = new_app()
 
@@ -28,13 +36,6 @@ def models(
 
         rbkd models
     """
-    from rich import box
-    from rich.table import Table
-
-    # From the specs alone: torch is not imported (tests/test_models.py checks the numbers
-    # against the built models).
-    from rbkd.models.specs import SPECS, spec_summary
-
     found = [
         _Row(dataset, arch, spec, spec_summary(dataset, arch))
         for (dataset, arch), spec in SPECS.items()

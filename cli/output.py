@@ -10,6 +10,7 @@ Two rules every command follows through these helpers:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -18,8 +19,12 @@ from pathlib import PurePath
 from typing import Annotated, Any
 
 import typer
+from rbkd.cli.consoles import console
+from rbkd.cli.usage import usage_errors
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 JsonOpt = Annotated[
     bool,
@@ -55,12 +60,16 @@ def other_rank() -> bool:
 
 def print_json(data: Any) -> None:
     """One JSON document on stdout: plain `sys.stdout`, never rich (no markup, no wrapping)."""
-    import json
-
     if other_rank():
         return
     sys.stdout.write(json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def titled_table(title: str, **kwargs: Any) -> Table:
+    """A rich Table at least as wide as its title, so the title never wraps mid-phrase."""
+    kwargs.setdefault("min_width", min(len(Text.from_markup(title).plain) + 4, 100))
+    return Table(title=title, **kwargs)
 
 
 def never_cut(table: Table) -> Table:
@@ -75,7 +84,6 @@ def print_records(table: Table, console: Console) -> None:
     """A table one row at a time, one `header: value` line per cell (psql's expanded display):
     for a terminal too narrow for the table's longest words. Lines are soft-wrapped by the
     terminal, never cut."""
-    from rich.text import Text
 
     def plain(cell: Any) -> Text:
         return Text.from_markup(cell) if isinstance(cell, str) else Text(str(cell))
@@ -93,24 +101,22 @@ def print_records(table: Table, console: Console) -> None:
             console.print(Text(": ").join(cells), soft_wrap=True)
 
 
-def print_table(table: Table, console: Console | None = None) -> None:
-    """Print `table` whole: wrapped at spaces to fit a terminal (row by row, as records, when
-    even its longest words do not fit), at its natural width into a file or pipe."""
-    from rich.measure import Measurement
-
+def print_table(table: Table, target: Console | None = None) -> None:
+    """Print `table` whole on `target` (default: stdout's console): wrapped at spaces to fit a
+    terminal (row by row, as records, when even its longest words do not fit), at its natural
+    width into a file or pipe."""
     if other_rank():
         return
-    if console is None:
-        from rbkd.cli.common import console
+    out = target or console
     never_cut(table)
-    need = Measurement.get(console, console.options.update_width(_WIDEST), table)
-    if not console.is_terminal:
-        if need.maximum > console.width:  # console.print(width=) only narrows: draw wider
-            console = Console(file=console.file, width=need.maximum, highlight=False)
-    elif need.minimum > console.width:
-        print_records(table, console)
+    need = Measurement.get(out, out.options.update_width(_WIDEST), table)
+    if not out.is_terminal:
+        if need.maximum > out.width:  # console.print(width=) only narrows: draw wider
+            out = Console(file=out.file, width=need.maximum, highlight=False)
+    elif need.minimum > out.width:
+        print_records(table, out)
         return
-    console.print(table)
+    out.print(table)
 
 
 def check_plot(path: os.PathLike | str | None) -> None:
@@ -119,9 +125,8 @@ def check_plot(path: os.PathLike | str | None) -> None:
     is never replaced: one line naming it)."""
     if path is None:
         return
-    # ImportError: "figures need matplotlib..."
-    from rbkd.cli.config_file import usage_errors
-
+    # Here, not at the top: rbkd.analysis.plots imports matplotlib (slow, and the optional
+    # `plots` extra: without it this is the one-line ImportError "figures need matplotlib...").
     from rbkd.analysis.plots import check_figure_target, figure_format
 
     with usage_errors():  # a name matplotlib cannot write is a usage error (exit 2)

@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rbkd.cli.common import (
-    ProgressOpt,
-    console,
-    err_console,
-    escape,
-    handle_errors,
-    new_app,
-    titled_table,
-)
-from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.app import app as root_app
+from rbkd.cli.consoles import console, err_console
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import ProgressOpt
+from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.text import escape
+from rbkd.cli.typer_app import new_app
 from typer import _click as click
+from typer.main import get_command
+
+from rbkd import provenance
+from rbkd.io import check_regular_file
 
 app = new_app()
 
@@ -38,8 +39,6 @@ EXIT_NOT_REPRODUCED = 3
 
 def check_finished(run_dir: Path) -> None:
     """The original's weights are there to compare with, before anything is trained again."""
-    from rbkd.io import check_regular_file
-
     path = run_dir / "model.safetensors"
     if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(
@@ -51,9 +50,7 @@ def check_finished(run_dir: Path) -> None:
 
 def recorded_invocation(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The invocation `config` (run_dir's config.json) records; a one-line error when none."""
-    from rbkd.provenance import recorded_invocation as recorded
-
-    invocation = recorded(config)
+    invocation = provenance.recorded_invocation(config)
     if invocation is None:
         raise ValueError(
             f"{run_dir}/config.json records no command (the run was written by `rbkd study "
@@ -74,9 +71,6 @@ def fresh_folder(folder: Path) -> Path:
 
 def _command_object(words: list[str]):
     """The click command of `rbkd WORDS` ("experiment missing-class" -> its command)."""
-    from rbkd.cli.app import app as root_app
-    from typer.main import get_command
-
     command = get_command(root_app)
     for word in words:
         group = command if hasattr(command, "get_command") else None
@@ -252,9 +246,6 @@ def rerun(
 
         rbkd rerun runs/t1 --out runs/t1-again
     """
-    from rbkd.cli.app import app as root_app
-    from typer.main import get_command
-
     from rbkd.engine import read_config
 
     config = read_config(run_dir)

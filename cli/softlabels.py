@@ -6,21 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import (
-    DataDirOpt,
-    DeviceOpt,
-    LimitOpt,
-    Split,
-    ThreadsOpt,
-    check_choice,
-    escape,
-    handle_errors,
-    new_app,
-    start_compute,
-    titled_table,
-)
 from rbkd.cli.config_file import ConfigOpt
-from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import DataDirOpt, DeviceOpt, LimitOpt, Split, ThreadsOpt
+from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.text import escape
+from rbkd.cli.threads import start_compute
+from rbkd.cli.typer_app import new_app
+
+from rbkd.config import check_choice
 
 app = new_app()
 

@@ -7,21 +7,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import (
-    DataDirOpt,
-    DeviceOpt,
-    FigureFormat,
-    LimitOpt,
-    ProgressOpt,
-    ThreadsOpt,
-    console,
-    escape,
-    handle_errors,
-    new_app,
-    start_compute,
-)
+from rbkd.cli.consoles import console, err_console
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import DataDirOpt, DeviceOpt, FigureFormat, LimitOpt, ProgressOpt, ThreadsOpt
+from rbkd.cli.output import JsonOpt, print_json
+from rbkd.cli.study_progress import run_with_progress
+from rbkd.cli.text import escape
+from rbkd.cli.threads import start_compute
+from rbkd.cli.typer_app import new_app
+from typer import _click as click
+from typer._click.globals import get_current_context
 
 from rbkd.config import TrainConfig
+from rbkd.study.schema import StudyFileError, load_study
 
 app = new_app(help="Run a declared study (docs/studies.md) and write its report.")
 
@@ -35,11 +33,6 @@ def study_file_errors_are_usage_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from typer import _click as click
-        from typer._click.globals import get_current_context
-
-        from rbkd.study.schema import StudyFileError
-
         try:
             return fn(*args, **kwargs)
         except StudyFileError as e:
@@ -85,6 +78,7 @@ def run(
     ] = True,
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run every run of a study that is not done yet, then write results.csv and the report.
 
@@ -92,15 +86,14 @@ def run(
     same file again trains nothing, adding a temperature, class, seed or teacher runs only the
     new cells, and a killed study continues where it stopped (the run that was cut off resumes
     from its last epoch). --limit N uses the first N examples of each split (it overrides the
-    file's limit).
+    file's limit). --json prints what ran (or, with --dry-run, what would) as one JSON
+    document: the counts, the files written and every run with its status.
 
     Example:
 
         rbkd study run studies/fashion-mnist-quick.toml --limit 300 --out results/quick-300
     """
-    from rbkd.cli.study_progress import run_with_progress
-
-    from rbkd.study import load_study
+    # Here, not at the top: the runner imports torch (`rbkd study run -h` does not).
     from rbkd.study.runner import describe, run_study
 
     study = load_study(file)
@@ -111,6 +104,9 @@ def run(
     out = out or Path("results") / study["name"]
     if dry_run:
         plan = run_study(study, out, data_dir=data_dir, device=device, dry_run=True)
+        if as_json:
+            print_json(run_summary(study, out, plan, dry_run=True))
+            return
         tasks = plan.plan.teachers + plan.plan.students
         todo = sum(plan.states[t.key].status != "done" for t in tasks)
         console.print(  # the count first: the list may be long
@@ -126,9 +122,43 @@ def run(
         return
 
     start_compute(threads)
-    run_with_progress(
-        study, out, data_dir=data_dir, device=device, progress=progress, report=report, source=file
+    result = run_with_progress(
+        study,
+        out,
+        data_dir=data_dir,
+        device=device,
+        progress=progress,
+        report=report,
+        source=file,
+        summary=err_console if as_json else None,  # --json: stdout holds the JSON only
     )
+    if as_json:
+        print_json(run_summary(study, out, result, dry_run=False))
+
+
+def run_summary(study: dict, out: Path, result, *, dry_run: bool) -> dict:
+    """`rbkd study run --json`: the counts, the files written (none in a dry run) and every
+    run with its status: "ran" (trained now), "done", "partial" (resumes after epochs_done) or
+    "new"; in a dry run, what a real run would do."""
+    runs = result.runs()
+    summary = {
+        "study": study["name"],
+        "out": str(out),
+        "dry_run": dry_run,
+        "total": len(runs),
+        "ran": sum(r["status"] == "ran" for r in runs),
+        "to_do": sum(r["status"] not in ("ran", "done") for r in runs),
+    }
+    if not dry_run:
+        summary["wall_time_s"] = result.wall_time_s
+        summary["files"] = {
+            "results_csv": str(out / "results.csv"),
+            "results_jsonl": str(out / "results.jsonl"),
+            "teachers_jsonl": str(out / "teachers.jsonl"),
+            "report": None if result.report is None else str(result.report),
+        }
+    summary["runs"] = runs
+    return summary
 
 
 @app.command("report")
@@ -153,14 +183,14 @@ def report_cmd(
 
         rbkd study report results/quick-300 --format svg --label small="small teacher"
     """
+    # Here, not at the top: the report imports torch (`rbkd study report -h` does not).
     from rbkd.study.report import write_report
+    from rbkd.study.report.load import read_study_output
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (folder / "study.json").is_file():
         raise ValueError(f"{folder} holds no study.json: pass a folder written by `rbkd study run`")
-    from rbkd.study.report.load import read_study_output
-
     read_study_output(folder, data_dir=data_dir)  # tables checked against the run folders
     path = write_report(folder, out=out, fmt=fmt, labels=_labels(label), data_dir=data_dir)
     console.print(f"report: {escape(path)}", soft_wrap=True)

@@ -1,15 +1,18 @@
 """Running a study from the command line: one progress bar over its runs (on a terminal, with
---progress), a line per finished run (always; both on stderr), and on Ctrl-C or SIGTERM one line saying what is kept and how to continue. Shared by
-`rbkd study run` and the `rbkd experiment` commands."""
+--progress), a line per finished run (always; both on stderr), and on Ctrl-C or SIGTERM one line
+saying what is kept and how to continue. Shared by `rbkd study run` and the `rbkd experiment`
+commands."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
-from rbkd.cli.common import console as _console
-from rbkd.cli.common import err_console, escape
+from rbkd.cli.consoles import console as _console
+from rbkd.cli.consoles import err_console
+from rbkd.cli.text import escape
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 def duration(seconds: float) -> str:
@@ -31,8 +34,7 @@ def run_with_progress(
 ):
     """`rbkd.study.runner.run_study` with a progress bar; prints what ran (on `summary`, stdout
     by default; stderr when stdout is kept for --json); returns its StudyRun."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    # Here, not at the top: the runner imports torch, and the commands' modules import this one.
     from rbkd.study.runner import run_study
 
     bar = Progress(

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rbkd.cli.common import (
+from rbkd.cli.config_file import ConfigOpt
+from rbkd.cli.errors import handle_errors
+from rbkd.cli.options import (
     BatchSizeOpt,
     Capacity,
     DataDirOpt,
@@ -19,17 +21,14 @@ from rbkd.cli.common import (
     ProgressOpt,
     SeedOpt,
     ThreadsOpt,
-    check_choice,
-    escape,
-    handle_errors,
-    new_app,
-    start_compute,
-    titled_table,
 )
-from rbkd.cli.config_file import ConfigOpt, usage_errors
-from rbkd.cli.output import JsonOpt, print_json, print_table
+from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.text import escape
+from rbkd.cli.threads import start_compute
+from rbkd.cli.typer_app import new_app
+from rbkd.cli.usage import usage_errors
 
-from rbkd.config import TEACHERS, TeacherSpec, TrainConfig
+from rbkd.config import TEACHERS, TeacherSpec, TrainConfig, check_choice
 
 app = new_app()
 _SPEC, _TRAIN = TeacherSpec(), TrainConfig()
@@ -80,7 +79,7 @@ def train_teacher(
     """
     from rbkd.analysis.entropy import entropy_at
     from rbkd.softlabels import read_soft_labels
-    from rbkd.study import train_teacher as run_train_teacher
+    from rbkd.study.teacher import train_teacher as run_train_teacher
 
     # Option values were checked by handle_errors; these checks span options (exit code 2).
     with usage_errors():

@@ -1,5 +1,11 @@
 """Triton kernels of the fused KD ops (rbkd.kernels).
 
+This folder sits at the top of the repository (kernels/) but is installed as `rbkd.kernels`:
+pyproject.toml's scikit-build-core `wheel.packages` maps "rbkd/kernels" = "kernels" (and the
+editable install redirects the same name here), so `import rbkd.kernels.kd_loss` reads
+kernels/kd_loss.py. There is no top-level `kernels` module; import it as `rbkd.kernels`.
+rbkd.ops.backends.triton is the one caller.
+
 One op per module; each exposes host launchers taking torch tensors:
 
     temperature_softmax_forward(x, T, log) / temperature_softmax_backward(y, grad, T, log)

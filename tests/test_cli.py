@@ -95,6 +95,21 @@ def test_info():
     assert _torch.__version__ in result.output
 
 
+def test_info_json_keys_are_identifiers():
+    """`rbkd info --json | jq .torch_threads`: no key with a space in it."""
+    import json
+
+    import torch as _torch
+
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert [k for k in found if not k.isidentifier()] == []
+    assert found["torch"] == _torch.__version__
+    assert found["torch_threads"] == str(_torch.get_num_threads())
+    assert {"backends_built", "backend_cpu", "cpu_cores", "rbkd_backend"} <= set(found)
+
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize("T", ["0", "-1", "nan"])
 def test_distill_rejects_bad_temperature(tiny_data, T):
@@ -235,7 +250,8 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, fragment):
 
 
 def test_programming_errors_are_reported_as_internal_with_the_debug_hint():
-    from rbkd.cli.common import handle_errors, new_app
+    from rbkd.cli.errors import handle_errors
+    from rbkd.cli.typer_app import new_app
 
     demo = new_app()
 
@@ -264,7 +280,7 @@ def test_programming_errors_are_reported_as_internal_with_the_debug_hint():
 def test_untrusted_text_is_escaped_before_printing(tmp_path, monkeypatch):
     """Terminal escapes in a file name or in file metadata must reach the terminal as visible
     text, never as control sequences; rich markup in them must not be interpreted."""
-    from rbkd.cli.common import escape
+    from rbkd.cli.text import escape
 
     hostile = "\x1b]0;pwned\x07\x1b[2J[bold red]x[/]\u202e\r\n"
     shown = escape(hostile)

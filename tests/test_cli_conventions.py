@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from rbkd.cli.app import app
-from rbkd.cli.common import apply_threads, default_threads, physical_cores
+from rbkd.cli.threads import apply_threads, default_threads, physical_cores
 from typer.testing import CliRunner
 
 import rbkd
@@ -87,25 +87,46 @@ def test_importing_the_cli_loads_no_heavy_library(module):
 
 
 def test_root_help_and_version_import_no_command_module():
-    """`rbkd --help` lists the commands from cli/app.py's COMMANDS without importing them."""
+    """`rbkd --help` lists the commands from cli/app.py's COMMANDS without importing them, nor
+    the --config reader or the option checks and rbkd.config they read (only the app, its error
+    boundary and its help)."""
     code = (
         "import sys, contextlib, io\n"
-        "from rbkd.cli.app import main\n"
+        "from rbkd.cli.app import COMMANDS, main\n"
         "for args in (['--help'], ['--version']):\n"
         "    sys.argv = ['rbkd', *args]\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        main()\n"
-        "print(sorted(m for m in sys.modules if m.startswith('rbkd.cli.') and m not in\n"
-        "    ('rbkd.cli.app', 'rbkd.cli.common')))"
+        "late = {f'rbkd.cli.{module}' for module, _ in COMMANDS.values()}\n"
+        "late |= {'rbkd.cli.config_file', 'rbkd.cli.options', 'rbkd.cli.output'}\n"
+        "late |= {'rbkd.cli.usage', 'rbkd.config'}\n"
+        "print(sorted(late & set(sys.modules)))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
 
 
+def test_every_commands_help_imports_no_torch():
+    """Each command's module is imported for its own --help (`rbkd distill -h`): every one of
+    them, loaded together, imports no torch, numpy or matplotlib (the work imports them)."""
+    code = (
+        "import sys\n"
+        "from typer.main import get_command\n"
+        "from rbkd.cli.app import app\n"
+        "from rbkd.cli.typer_app import walk_commands\n"
+        "paths = [' '.join(p) for p, _ in walk_commands(get_command(app)) if p]\n"
+        "print(len(paths), [m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    count, heavy = proc.stdout.split(maxsplit=1)
+    assert int(count) >= 20 and heavy.strip() == "[]", proc.stdout
+
+
 def test_the_root_help_summaries_are_the_commands_own():
     from rbkd.cli.app import COMMANDS
-    from rbkd.cli.common import walk_commands
+    from rbkd.cli.typer_app import walk_commands
     from typer.main import get_command
 
     root = get_command(app)
@@ -151,6 +172,9 @@ def test_show_completion_prints_a_bash_script():
         ("rbkd train-teacher --capacity ", 3, ["small", "large"]),
         ("rbkd study report x --format ", 5, ["png", "pdf", "svg"]),
         ("rbkd experim", 1, ["experiment"]),
+        ("rbkd train-teacher --device ", 3, ["auto", "cpu", "cuda"]),
+        ("rbkd study run s.toml --device c", 5, ["cpu", "cuda"]),
+        ("rbkd distill --device a", 3, ["auto"]),
     ],
 )
 def test_bash_completion_completes_commands_and_choices(words, cword, expected):
@@ -494,7 +518,7 @@ def test_the_rbkd_console_script_runs():
 def test_every_help_example_prints_on_one_line_however_narrow_the_terminal():
     """click rewraps help paragraphs to the terminal; an example broken over two lines would not
     paste into a shell, so indented paragraphs are printed as written."""
-    from rbkd.cli.common import walk_commands
+    from rbkd.cli.typer_app import walk_commands
     from typer.main import get_command
 
     examples = 0

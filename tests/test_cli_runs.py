@@ -386,7 +386,7 @@ def test_experiment_batch_sweep(tiny_data, tmp_path):
 def _examples() -> list[tuple[str, str]]:
     """(command path, example line) of every command, in the order a user would run them."""
     import typer.main
-    from rbkd.cli.common import walk_commands
+    from rbkd.cli.typer_app import walk_commands
 
     found = []
     for path, cmd in walk_commands(typer.main.get_command(app)):

@@ -143,7 +143,11 @@ def test_a_runs_config_json_is_a_config_file(teacher, tiny_data):
 @pytest.mark.parametrize(
     "text,suffix,fragments",
     [
-        ("epochs = 1\ncolour = 3\n", ".toml", ["unknown key 'colour'", "batch-size"]),
+        (
+            "epochs = 1\ncolour = 3\n",
+            ".toml",
+            ["unknown key 'colour'", "`rbkd train-teacher` takes", "--batch-size", "--json"],
+        ),
         ("epochs = 1.5\n", ".toml", ["epochs must be an integer, got 1.5"]),
         ('{"epochs": "many"}', ".json", ["epochs must be an integer, got 'many'"]),
         ('{"progress": "yes"}', ".json", ["progress must be true or false"]),
@@ -167,6 +171,45 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, suffix, fragments)
     assert lines[0].startswith("Error: --config ") and str(path) in lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+    assert "as-json" not in lines[0] and "as_json" not in lines[0]  # the parameter's own name
+
+
+def _context(*words: str):
+    """The click context of `rbkd WORDS`, as a command's --config callback sees it."""
+    from typer import _click as click
+    from typer.main import get_command
+
+    ctx = click.Context(get_command(app), info_name="rbkd")
+    for word in words:
+        ctx = click.Context(ctx.command.get_command(ctx, word), info_name=word, parent=ctx)
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("json = true\n", {"as_json": True}),  # as typed: --json
+        ("t-squared = false\nT = 3\n", {"t_squared": False, "T": 3.0}),  # --t-squared, --T
+        ("as_json = true\n", {"as_json": True}),  # as a run's config.json records it
+    ],
+    ids=["option-name", "flag-and-case", "recorded-name"],
+)
+def test_config_keys_are_the_options_as_typed(tmp_path, text, expected):
+    from rbkd.cli.config_file import options_from_file
+
+    path = tmp_path / "options.toml"
+    path.write_text(text)
+    assert options_from_file(_context("distill"), path) == expected
+
+
+def test_one_option_under_two_keys_is_refused(tmp_path):
+    from rbkd.cli.config_file import options_from_file
+    from typer import _click as click
+
+    path = tmp_path / "options.toml"
+    path.write_text("json = true\nas-json = false\n")
+    with pytest.raises(click.exceptions.UsageError, match="'json' and 'as-json' are the same"):
+        options_from_file(_context("distill"), path)
 
 
 def test_a_choice_outside_its_list_is_an_error_naming_the_choices(tmp_path):

@@ -96,6 +96,9 @@ def test_study_runs_every_cell_once_and_a_rerun_trains_nothing(clean, tiny_data,
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["study", "dataset", "key", "experiments"]
     assert "acc_Trouser" in header and "missing_class_accuracy" in header
+    # headers are identifiers (pandas' df.acc_T_shirt_top, R, SQL): no '/', '-' or space
+    assert [h for h in header if not h.isidentifier()] == []
+    assert {"acc_T_shirt_top", "acc_Ankle_boot"} <= set(header)
     again = quiet_run(out.parent / "mini.toml", out)
     assert again.trained == [] and accuracies(out) == {r["key"]: r["test_accuracy"] for r in rows}
 
@@ -125,6 +128,50 @@ def test_adding_a_temperature_runs_only_the_new_cells(clean, tiny_data, tmp_path
     after = accuracies(out)
     assert len(after) == len(before) + 1
     assert all(after[k] == v for k, v in before.items())
+
+
+def test_accuracy_columns_are_identifiers_even_for_odd_class_names():
+    from rbkd.study.results import accuracy_columns
+
+    assert accuracy_columns(["T-shirt/top", "Ankle boot", "-neg", "3"]) == [
+        "acc_T_shirt_top",
+        "acc_Ankle_boot",
+        "acc_neg",
+        "acc_3",
+    ]
+    # a name with nothing left, or two names that would share a header: the class indices
+    assert accuracy_columns(["cat", "?!"]) == ["acc_0", "acc_1"]
+    assert accuracy_columns(["a b", "a-b", "c"]) == ["acc_0", "acc_1", "acc_2"]
+
+
+def test_study_run_json_says_what_ran(clean, tiny_data, tmp_path):
+    """`rbkd study run --json`: one document on stdout (what would run with --dry-run, what
+    ran without), the summary lines on stderr."""
+    import shutil
+
+    src, _ = clean
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    path = write_study(tmp_path, MINI.replace("T = [3, 9]", "T = [3, 6, 9]", 1))
+    args = ["study", "run", str(path), "--out", str(out), "--device", "cpu", "--no-progress"]
+    args += ["--no-report", "--json"]
+    dry = runner.invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    assert plan["study"] == "mini" and plan["dry_run"] is True
+    assert (plan["total"], plan["ran"], plan["to_do"]) == (7, 0, 1)
+    new = [r for r in plan["runs"] if r["status"] != "done"]
+    assert len(new) == 1 and new[0]["status"] == "new" and new[0]["kind"] == "student"
+    assert "T=6" in new[0]["label"] and "files" not in plan
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ran = json.loads(result.stdout)  # the whole of stdout
+    assert ran["dry_run"] is False and (ran["total"], ran["ran"], ran["to_do"]) == (7, 1, 0)
+    assert [r["key"] for r in ran["runs"] if r["status"] == "ran"] == [new[0]["key"]]
+    assert {r["status"] for r in ran["runs"]} == {"ran", "done"}
+    assert ran["files"]["results_csv"] == str(out / "results.csv")
+    assert ran["files"]["report"] is None and ran["wall_time_s"] > 0
+    assert "ran 1 of 7 runs" in result.stderr
 
 
 def test_killed_study_continues_to_the_same_numbers(clean, tiny_data, tmp_path):
