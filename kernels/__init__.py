@@ -4,7 +4,9 @@ This folder sits at the top of the repository (kernels/) but is installed as `rb
 pyproject.toml's scikit-build-core `wheel.packages` maps "rbkd/kernels" = "kernels" (and the
 editable install redirects the same name here), so `import rbkd.kernels.kd_loss` reads
 kernels/kd_loss.py. There is no top-level `kernels` module; import it as `rbkd.kernels`.
-rbkd.ops.backends.triton is the one caller.
+rbkd.ops.backends.triton is the one caller. (Where the repository root is on sys.path, as under
+`python -m pytest` run from it, this folder shadows an installed top-level `kernels`, Hugging
+Face's, which transformers imports: run `pytest`, as scripts/test.sh does.)
 
 One op per module; each exposes host launchers taking torch tensors:
 
