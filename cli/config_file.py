@@ -2,8 +2,9 @@
 line win. Also where a command's invocation (argv, every resolved option) is recorded for the
 config.json of the runs it writes (rbkd.provenance).
 
-The file's keys are the option names, with '-' or '_' (`batch-size = 256` or `batch_size = 256`).
-A run's own config.json works too: its recorded options are read back. The option is eager and
+The file's keys are the option names without their dashes, with '-' or '_' (`batch-size = 256` or
+`batch_size = 256`; `json = true` for --json). A run's own config.json works too: its recorded
+options (under their parameter names, `as_json`) are read back. The option is eager and
 fills click's `default_map`, so click's own precedence (command line, then the file, then the
 defaults) does the rest.
 """

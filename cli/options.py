@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import typer
 from rbkd.cli.usage import usage_errors
 
-from rbkd.config import (  # no torch here: `rbkd --help` must stay fast
+from rbkd.config import (  # no torch: every command's --help loads this module
     DATASETS,
     DIVERGENCES,
     OPTIMIZERS,
