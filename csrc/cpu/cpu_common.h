@@ -267,10 +267,22 @@ template <int D>
 RBKD_INLINE void load_tile(const void* base, int64_t row_stride, int64_t i0, int rows, int64_t C,
                            float (*tile)[kLanes]) {
   using S = typename Storage<D>::type;
+  const S* p = static_cast<const S*>(base) + i0 * row_stride;
+  if (rows == kLanes && row_stride <= INT32_MAX / kLanes) {
+    // A full tile: column j of the 16 rows is one gather (int32 offsets), not 16 scalar moves.
+    alignas(64) int32_t off[kLanes];
+    for (int r = 0; r < kLanes; ++r) off[r] = static_cast<int32_t>(r * row_stride);
+    for (int64_t j = 0; j < C; ++j) {
+      const S* pj = p + j;
+#pragma omp simd
+      for (int r = 0; r < kLanes; ++r) tile[j][r] = load<D>(pj, off[r]);
+    }
+    return;
+  }
   for (int r = 0; r < kLanes; ++r) {
     if (r < rows) {
-      const S* p = static_cast<const S*>(base) + (i0 + r) * row_stride;
-      for (int64_t j = 0; j < C; ++j) tile[j][r] = load<D>(p, j);
+      const S* pr = p + r * row_stride;
+      for (int64_t j = 0; j < C; ++j) tile[j][r] = load<D>(pr, j);
     } else {
       for (int64_t j = 0; j < C; ++j) tile[j][r] = 0.0f;
     }
@@ -292,9 +304,12 @@ template <int D>
 RBKD_INLINE void store_tile(void* base, int64_t i0, int rows, int64_t C,
                             const float (*tile)[kLanes]) {
   using S = typename Storage<D>::type;
+  const float* col = &tile[0][0];
   for (int r = 0; r < rows; ++r) {
     S* p = static_cast<S*>(base) + (i0 + r) * C;
-    for (int64_t j = 0; j < C; ++j) store<D>(p, j, tile[j][r]);
+    // Row r of the output is column r of the tile: a gather with stride kLanes.
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) store<D>(p, j, col[j * kLanes + r]);
   }
 }
 

