@@ -13,24 +13,6 @@ namespace rbkd {
 
 RBKD_INLINE float max_f(float a, float b) { return b > a ? b : a; }
 
-// Online softmax: fold x into (m, s), s = sum exp((x_i - m) * scale). -inf adds nothing, also
-// when m is still -inf (so -inf - -inf never makes a NaN); a NaN x makes s NaN.
-RBKD_INLINE void online_push(float& m, float& s, float x, float scale) {
-  const float e = x == -INFINITY ? 0.0f : fast_exp(-fabsf(x - m) * scale);
-  s = x > m ? s * e + 1.0f : s + e;
-  m = x > m ? x : m;
-}
-
-// Combine two partial (max, sum) pairs of the same scale. An empty partial (s == 0, m == -inf)
-// contributes nothing, so combining with it never computes -inf - -inf.
-RBKD_INLINE void combine_max_sum(float& m, float& s, float m2, float s2, float scale) {
-  const float mn = max_f(m, m2);
-  const float a = s == 0.0f ? 0.0f : s * fast_exp((m - mn) * scale);
-  const float b = s2 == 0.0f ? 0.0f : s2 * fast_exp((m2 - mn) * scale);
-  s = a + b;
-  m = mn;
-}
-
 // One term of sum_j p_j (log p_j - log p_s_j) (up to the log S terms of kl_finish): 0 where p == 0,
 // so 0 * log 0 = 0, also where teacher and student are both -inf (log p - zs would be NaN).
 RBKD_INLINE float kl_term(float p, float log_p, float zs) {

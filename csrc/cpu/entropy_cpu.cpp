@@ -2,7 +2,7 @@
 //
 // C > kSmallC: one row per task; each row is read from memory once and kept in cache while the K
 // temperatures loop over it (max(x / T) = max(x) / T, so one max serves every T).
-// C <= kSmallC: rows are the SIMD lanes (as in kd_cpu.cpp's small-C path). A block of kLanes rows
+// C <= kSmallC: rows are the SIMD lanes (as in kd_tiles.cpp). A block of kLanes rows
 // is transposed into a [C][kLanes] tile, so a 10-class row does not waste 6 of 16 lanes, and the
 // per-row max, sums and entropies are vectors; the K temperatures then loop over the tile in L1.
 #include "cpu_common.h"
