@@ -51,10 +51,13 @@ def check_finished(run_dir: Path) -> None:
 def recorded_invocation(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The invocation `config` (run_dir's config.json) records; a one-line error when none."""
     invocation = provenance.recorded_invocation(config)
+    record = (config.get("provenance") or {}).get("invocation") or {}
+    if invocation is None and isinstance(record, dict) and record.get("unrepeatable"):
+        raise ValueError(f"{run_dir} cannot be rerun by `rbkd rerun`: {record['unrepeatable']}")
     if invocation is None:
         raise ValueError(
-            f"{run_dir}/config.json records no command (the run was written by `rbkd study "
-            "run`, an older rbkd or the Python API): run it again with its own options instead"
+            f"{run_dir}/config.json records no command (the run was written by an older rbkd): "
+            "run it again with its own options instead"
         )
     return invocation
 

@@ -22,7 +22,7 @@ _LAZY = {
     "train_teacher": "rbkd.api",
     "soft_labels": "rbkd.api",
     "distill": "rbkd.api",
-    "RunResult": "rbkd.api_results",
+    "RunResult": "rbkd.api",
     "SoftLabels": "rbkd.softlabels",
     "ImageDataset": "rbkd.data.dataset",
     "TrainConfig": "rbkd.config",

@@ -209,8 +209,10 @@ class DistillSpec:
     allow_partial: bool = False  # soft labels covering only part of the split are an error
     loss: LossSpec = field(default_factory=LossSpec)  # the divergence (default: forward KL)
 
-    def check(self) -> None:
-        """Reject bad combinations before any data is read (ValueError, one line)."""
+    def check(self, *, source_given: bool = False, own_model: bool = False) -> None:
+        """Reject bad combinations before any data is read (ValueError, one line).
+        `source_given`: the soft labels are handed over (a study, the Python API), so naming
+        their teacher run or file is optional; `own_model`: the student is the user's module."""
         given = [
             n
             for n, v in (
@@ -220,7 +222,7 @@ class DistillSpec:
             )
             if v is not None
         ]
-        if len(given) != 1:
+        if len(given) != 1 and not (source_given and not given):
             raise ValueError(
                 "give exactly one of --teacher RUN, --soft-labels FILE or --label-smoothing A"
                 + (f" (got {' and '.join(given)})" if given else "")
@@ -238,7 +240,8 @@ class DistillSpec:
                     "--select entropy ranks examples by a teacher's soft labels; with "
                     "--label-smoothing use --select random"
                 )
-        check_choice(self.student, STUDENTS, "--student")
+        if not own_model:
+            check_choice(self.student, STUDENTS, "--student")
         check_choice(self.select, SELECTIONS, "--select")
         if self.dataset is not None:
             check_choice(self.dataset, DATASETS, "--dataset")

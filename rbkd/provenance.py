@@ -11,11 +11,12 @@ for free.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,93 @@ def run_provenance(device: Any, model: Any, datasets: tuple = ()) -> dict[str, A
     if invocation is not None:
         record["invocation"] = invocation
     return record
+
+
+# ------------------------------------------------------------------ how to repeat a run
+@contextlib.contextmanager
+def recording(invocation: dict[str, Any] | None) -> Iterator[None]:
+    """Record `invocation` for the runs written in the block, unless a command line is already
+    recorded (a command's own record wins: `rbkd experiment` runs repeat the experiment)."""
+    if invocation is None or current_invocation() is not None:
+        yield
+        return
+    pop = push_invocation(lambda: invocation)
+    try:
+        yield
+    finally:
+        pop()
+
+
+def _path(value: Any) -> str | None:
+    return None if value is None else os.path.abspath(value)
+
+
+def _train_options(cfg: Any) -> dict[str, Any] | None:
+    """The TrainConfig as the training commands' options; None when it holds a value no option
+    sets (momentum, weight decay or the evaluation batch size changed through the Python API)."""
+    from rbkd.config import TrainConfig
+
+    default = TrainConfig()
+    if any(getattr(cfg, k) != getattr(default, k) for k in _NO_OPTION):
+        return None
+    return {
+        k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "optimizer", "seed", "device")
+    }
+
+
+_NO_OPTION = ("momentum", "weight_decay", "eval_batch_size")
+
+
+def teacher_command(spec: Any, cfg: Any, *, data_dir: Any, limit: int | None, out: Any):
+    """The `rbkd train-teacher` invocation that makes the same teacher (a study cell's, or an
+    rbkd model trained through the Python API on rbkd's files); None when there is none."""
+    options = _train_options(cfg)
+    if options is None:
+        return None
+    options.update(
+        dataset=spec.dataset,
+        capacity=spec.capacity,
+        data_dir=_path(data_dir),
+        limit=limit,
+        out=_path(out),
+        progress=False,
+    )
+    return {"command": "train-teacher", "options": options, "cwd": os.getcwd()}
+
+
+def distill_command(spec: Any, cfg: Any, *, data_dir: Any, out: Any, soft_labels: Any = None):
+    """The `rbkd distill` invocation that makes the same student (a study cell's, or an rbkd
+    student distilled through the Python API on rbkd's files); None when there is none.
+    `soft_labels`: the file the student learnt from, when the spec names no teacher run."""
+    options = _train_options(cfg)
+    if options is None:
+        return None
+    loss = spec.loss
+    options.update(
+        teacher=_path(spec.teacher),
+        soft_labels=_path(spec.soft_labels if soft_labels is None else soft_labels),
+        label_smoothing=spec.label_smoothing,
+        dataset=spec.dataset,
+        T=spec.T,
+        alpha=spec.alpha,
+        t_squared=spec.t_squared,
+        divergence=loss.divergence,
+        beta=loss.beta,
+        skew=loss.skew,
+        dkd_alpha=loss.dkd_alpha,
+        dkd_beta=loss.dkd_beta,
+        standardize=loss.standardize,
+        student=spec.student,
+        exclude_class=list(spec.exclude_classes),
+        per_class=spec.per_class,
+        select=spec.select,
+        noise=spec.noise,
+        data_dir=_path(data_dir),
+        limit=spec.limit,
+        allow_partial=spec.allow_partial,
+        out=_path(out),
+        progress=False,
+    )
+    if options["teacher"] is not None:
+        options["soft_labels"] = None
+    return {"command": "distill", "options": options, "cwd": os.getcwd()}

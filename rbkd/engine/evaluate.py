@@ -84,16 +84,67 @@ def evaluate(model: nn.Module, dataset, *, device, batch_size: int = 1024, indic
     )
 
 
-def predict_logits(model: nn.Module, dataset, *, device, batch_size: int = 1024) -> Tensor:
-    """Logits [N, C] float32 on the CPU, rows in dataset order (what soft labels are made of)."""
-    parts = _map_batches(
-        model,
-        dataset,
-        lambda m, x, rows: logits_of(m(x)).float().cpu(),
-        device=device,
-        batch_size=batch_size,
-    )
-    return torch.cat(parts) if parts else torch.zeros(0, dataset.num_classes)
+def _weights_dtype(model, name: str) -> torch.dtype | None:
+    """The floating dtype a module's weights hold (its inputs are cast to it: a float64 or
+    float16 teacher answers in float32 logits all the same); None for a function. A module on
+    the meta device has no values to answer with: one line."""
+    if not isinstance(model, nn.Module):
+        return None
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            f"teacher {name} has weights on the meta device (shapes only, no values); load its "
+            "weights first, e.g. model.to_empty(device='cpu') and then load_state_dict(...)"
+        )
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _checked_logits(output, rows: int, name: str) -> Tensor:
+    out = logits_of(output)
+    if not isinstance(out, Tensor):
+        raise ValueError(f"teacher {name} returned {type(out).__name__}; it must return logits")
+    if out.dim() != 2 or out.shape[0] != rows or not out.dtype.is_floating_point:
+        raise ValueError(
+            f"teacher {name} returned {out.dtype} {list(out.shape)} for a batch of {rows}; it "
+            f"must return float logits [{rows}, num_classes]"
+        )
+    return out.detach().float().cpu()
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, *, device, batch_size: int = 1024) -> Tensor:
+    """Logits [N, C] float32 on the CPU, rows in dataset order (what soft labels are made of).
+
+    `model`: an nn.Module (run in eval mode, its train mode restored afterwards) or any function
+    of a normalised batch; its output is logits [batch, C] or an object with `.logits` (Hugging
+    Face). Inputs are cast to the module's weight dtype. A wrong output shape or a NaN/inf logit
+    is one ValueError line naming the model."""
+    if not callable(model):
+        raise ValueError(
+            f"teacher must be an nn.Module or a function of a batch, got {type(model).__name__}"
+        )
+    name = type(model).__name__ if isinstance(model, nn.Module) else repr(model)
+    dtype = _weights_dtype(model, name)
+
+    def batch_logits(m, x, rows):
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        return _checked_logits(m(x), x.shape[0], name)
+
+    if isinstance(model, nn.Module):
+        parts = _map_batches(model, dataset, batch_logits, device=device, batch_size=batch_size)
+    else:  # a function: no train mode to switch
+        device = torch.device(device)
+        parts = [
+            batch_logits(model, dataset.normalize(dataset.images[rows.cpu()].to(device)), rows)
+            for rows in _index_batches(len(dataset), None, batch_size, device)
+        ]
+    logits = torch.cat(parts) if parts else torch.zeros(0, dataset.num_classes)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(1).nonzero()[0])
+        raise ValueError(f"teacher {name} returned NaN or inf logits (first at row {bad})")
+    return logits
 
 
 def penultimate_features(

@@ -52,6 +52,9 @@ def data_fingerprint(train, test) -> str:
     cut, a different copy of the files or another dataset all give another fingerprint."""
     digest = hashlib.sha256()
     for split in (train, test):
+        if split is None:  # no test split (the Python API's test=None)
+            digest.update(b"no test split")
+            continue
         digest.update(f"{split.name}/{split.split}/{len(split)}".encode())
         digest.update(split.images.contiguous().numpy().tobytes())
         digest.update(split.labels.contiguous().numpy().tobytes())
@@ -59,8 +62,14 @@ def data_fingerprint(train, test) -> str:
 
 
 # ------------------------------------------------------------------ teachers and students
-def teacher_key(spec: TeacherSpec, cfg: TrainConfig, fingerprint: str) -> str:
+def teacher_key(
+    spec: TeacherSpec, cfg: TrainConfig, fingerprint: str, model: dict | None = None
+) -> str:
+    """`model`: a model of the user's own (the Python API): its class, size and initial weights'
+    digest, which determine it as the capacity determines one of rbkd's."""
     inputs = {"data": fingerprint, "capacity": spec.capacity, **cfg.result_inputs()}
+    if model is not None:
+        inputs["model"] = model
     return run_key("teacher", inputs)
 
 
@@ -94,7 +103,9 @@ def student_dir_name(spec: DistillSpec, dataset: str, cfg: TrainConfig, key: str
     return "-".join(parts)
 
 
-def student_key(spec: DistillSpec, cfg: TrainConfig, fingerprint: str, source: dict) -> str:
+def student_key(
+    spec: DistillSpec, cfg: TrainConfig, fingerprint: str, source: dict, model: dict | None = None
+) -> str:
     inputs = {
         "data": fingerprint,
         "source": source,  # soft-label tensors' digests, or {"label_smoothing": A}
@@ -113,4 +124,6 @@ def student_key(spec: DistillSpec, cfg: TrainConfig, fingerprint: str, source: d
     loss = spec.loss.key_inputs() if spec.label_smoothing is None else {}
     if loss:
         inputs["loss"] = loss
+    if model is not None:  # a model of the user's own (see teacher_key)
+        inputs["model"] = model
     return run_key("student", inputs)

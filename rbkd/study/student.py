@@ -1,4 +1,6 @@
-"""Distill a student, once: a content-addressed run folder with report.json.
+"""Distill a student, once: a content-addressed run folder with report.json. The one
+implementation of the verb: `rbkd distill`, `rbkd experiment`, a study's students and
+`rbkd.distill`.
 
 The key hashes the data, the targets (the teacher's soft-label tensors, or label smoothing's A),
 the student, the loss convention (the divergence only when it is not forward KL), the transfer set's definition and the training inputs. The
@@ -8,6 +10,7 @@ checkpoint; a folder that holds another run is refused, never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -19,14 +22,15 @@ from rbkd.analysis.entropy import entropy_at, label_smoothing_targets
 from rbkd.analysis.transfer import check_classes, select_transfer_set
 from rbkd.config import DEFAULT_DATASET, DistillSpec, TrainConfig
 from rbkd.engine import Distillation, LabelSmoothing, fit
-from rbkd.engine.distributed import main_folder_lock, on_main
+from rbkd.engine.distributed import main_folder_lock, on_main, setup
 from rbkd.engine.rundir import check_run_folder
 from rbkd.io import write_json
-from rbkd.models import build_model
+from rbkd.provenance import distill_command, recording
 from rbkd.study.keys import data_fingerprint, student_dir_name, student_key
-from rbkd.study.runstate import run_state
+from rbkd.study.runstate import RunState, run_state
 from rbkd.study.softlabels import soft_labels_digest, source_dataset, train_soft_labels
 from rbkd.study.splits import load_splits
+from rbkd.study.teacher import model_identity, repeat_record, split_limit
 
 REPORT_FILE = "report.json"
 
@@ -86,29 +90,40 @@ def distill(
     cfg: TrainConfig,
     *,
     out: Path | None = None,
-    root: Path = Path("runs"),
+    root: Path | None = Path("runs"),
     progress: bool = True,
     splits=None,
     soft=None,
     source_id: dict | None = None,
+    model=None,
+    resume: bool | None = None,
+    on_epoch=None,
+    extra: dict | None = None,
+    invocation: dict | None = None,
 ) -> dict[str, Any]:
-    """Distill (or reuse, or resume) a student; returns its report (also in report.json), with
-    `reused` True when nothing was trained.
+    """Distill (or reuse, or resume) a student: the one implementation behind `rbkd distill`,
+    the `rbkd experiment` commands, a study's students and `rbkd.distill`. Returns its report
+    (also in report.json), with `reused` True when nothing was trained.
 
     `splits` = (train, test) and `soft` (the train split's SoftLabels) may be passed by loops
-    that distill many students from the same data and teacher. `source_id` replaces the digest
-    of the soft labels in the key: a study names a teacher by its own key, so that a student's
-    key is known before its teacher has trained (and a dry run can say what is done).
+    that distill many students from the same data and teacher, and by the Python API. `source_id`
+    replaces the digest of the soft labels in the key: a study names a teacher by its own key, so
+    that a student's key is known before its teacher has trained (and a dry run can say what is
+    done). `model`: a module of the user's own (default: rbkd's `spec.student`). `out`, `root`,
+    `resume` and `invocation` as rbkd.study.teacher.train_teacher's.
     """
-    spec.check()
+    own_model = model is not None and (getattr(model, "arch", None) != spec.student)
+    spec.check(source_given=soft is not None, own_model=own_model)
     if spec.label_smoothing is not None:
         dataset = spec.dataset or DEFAULT_DATASET
-    else:
+    elif spec.teacher is not None or spec.soft_labels is not None:
         dataset = source_dataset(spec.teacher, spec.soft_labels)
         if spec.dataset is not None and spec.dataset != dataset:
             raise ValueError(
                 f"--dataset {spec.dataset} does not match the teacher's dataset {dataset}"
             )
+    else:  # soft labels handed over (the Python API): the data's own name
+        dataset = splits[0].name
     train, test = splits if splits is not None else load_splits(dataset, spec.data_dir, spec.limit)
     if train.name != dataset:
         raise ValueError(f"the training data is {train.name}, the soft labels are for {dataset}")
@@ -127,14 +142,37 @@ def distill(
         source_digest = {"label_smoothing": spec.label_smoothing}
 
     fingerprint = data_fingerprint(train, test)
-    key = student_key(spec, cfg, fingerprint, source_id or source_digest)
-    run_dir = (
-        Path(out) if out is not None else Path(root) / student_dir_name(spec, dataset, cfg, key)
-    )
+    model, model_id = model_identity(model, dataset, spec.student, cfg.seed)
+    key = student_key(spec, cfg, fingerprint, source_id or source_digest, model_id)
+    if out is not None:
+        run_dir = Path(out)
+    elif root is not None and model_id is None:
+        run_dir = Path(root) / student_dir_name(spec, dataset, cfg, key)
+    else:
+        run_dir = None
+    rbkd_files, cut = split_limit(train, test)
+    named_source = spec.teacher is not None or soft is None or soft.path is not None
+    if model_id is None and rbkd_files and named_source:  # the same run as `rbkd distill`
+        command = distill_command(
+            spec.replace(limit=cut),
+            cfg,
+            data_dir=train.root,
+            out=run_dir,
+            soft_labels=None if soft is None else soft.path,
+        )
+        invocation = repeat_record(invocation, command)
     # Under torchrun every rank runs this; rank 0 alone locks the folder and writes in it, and
     # hands the others what it found and wrote, so that all take the same path.
-    with main_folder_lock(run_dir, "distillation", cfg.device, claim=check_run_folder) as ctx:
-        state = on_main(ctx, lambda: run_state(run_dir, key, REPORT_FILE))
+    lock = (
+        main_folder_lock(run_dir, "distillation", cfg.device, claim=check_run_folder)
+        if run_dir is not None
+        else _no_folder(cfg.device)
+    )
+    with lock as ctx:
+        if run_dir is not None and resume is None:
+            state = on_main(ctx, lambda: run_state(run_dir, key, REPORT_FILE))
+        else:
+            state = RunState(run_dir, key, "new")
         if state.status == "done":
             return {**state.result, "run_dir": str(run_dir), "reused": True}
         t0 = time.perf_counter()
@@ -156,26 +194,29 @@ def distill(
             "spec": spec.describe(),
             "source": source,
             "transfer": transfer_info,
+            **(extra or {}),
         }
-        model = build_model(dataset, spec.student, seed=cfg.seed)
-        metrics = fit(
-            model,
-            train,
-            test,
-            cfg,
-            _objective(spec, soft, train),
-            run_dir=run_dir,
-            indices=transfer.indices,
-            resume=True,  # the key matched: a checkpoint here is this very run's
-            progress=progress,
-            extra_config=extra,
-        )
+        with recording(invocation):
+            metrics = fit(
+                model,
+                train,
+                test,
+                cfg,
+                _objective(spec, soft, train),
+                run_dir=run_dir,
+                indices=transfer.indices,
+                # content-addressed: the key matched, so a checkpoint here is this very run's
+                resume=True if resume is None else resume,
+                progress=progress,
+                extra_config=extra,
+                on_epoch=on_epoch,
+            )
         per_class = [float(a) for a in metrics["per_class_accuracy"]]
         report = {
             "key": key,
-            "run_dir": str(run_dir),
+            "run_dir": None if run_dir is None else str(run_dir),
             "dataset": dataset,
-            "student": spec.student,
+            "student": spec.student if model_id is None else model_id["class"],
             "T": None if spec.label_smoothing is not None else spec.T,
             "alpha": spec.alpha,
             "t_squared": spec.t_squared,
@@ -189,18 +230,30 @@ def distill(
             "per_class_accuracy": per_class,
             "class_names": list(getattr(train, "class_names", ())),
             "excluded_accuracy": _excluded_accuracy(per_class, test.labels, excluded)
-            if excluded
+            if excluded and test is not None
             else None,
-            "excluded_per_class": {str(k): per_class[k] for k in excluded},
+            "excluded_per_class": {str(k): per_class[k] for k in excluded if per_class},
             "epochs": metrics.get("epochs"),
             "samples_per_s": metrics.get("samples_per_s"),
             "wall_time_s": time.perf_counter() - t0,
             "resumed_from_epoch": state.epochs_done,
+            "metrics": metrics,
         }
 
         def finish() -> dict[str, Any]:
             write_json(run_dir / REPORT_FILE, report)  # last: the mark of a finished run
             return report
 
-        report = on_main(ctx, finish)  # rank 0's report, on every rank
+        if run_dir is not None:
+            report = on_main(ctx, finish)  # rank 0's report, on every rank
     return {**report, "reused": False}
+
+
+@contextlib.contextmanager
+def _no_folder(device: str):
+    """main_folder_lock's context for a run that writes no folder (the Python API, no out=)."""
+    ctx = setup(device)
+    try:
+        yield ctx
+    finally:
+        ctx.close()

@@ -1,4 +1,4 @@
-"""What the public API (rbkd/api.py) accepts, turned into what the engine trains on.
+"""What the public API (rbkd.api) accepts, turned into what the engine trains on.
 
 Data: an `ImageDataset`, a pair (x, y) of tensors or NumPy arrays, or a map-style Dataset
 returning (x, y). Models: any nn.Module, or an rbkd model name ("small", "general", ...) built
@@ -179,3 +179,23 @@ def as_model(model: Any, data: ImageDataset, seed: int, what: str = "model"):
         f"{what} must be an nn.Module or an rbkd model name ({', '.join(ARCHS)}), got "
         f"{type(model).__name__}"
     )
+
+
+def teacher_device(teacher: Any, device: Any):
+    """`device` when given (a module is moved there), else where the module's weights are (the
+    CPU for a function)."""
+    import torch
+    from torch import nn
+
+    from rbkd.engine import resolve_device
+
+    if device is not None:
+        dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        if isinstance(teacher, nn.Module):
+            teacher.to(dev)
+        return dev
+    if isinstance(teacher, nn.Module):
+        tensors = list(teacher.parameters()) or list(teacher.buffers())
+        if tensors:
+            return tensors[0].device
+    return torch.device("cpu")

@@ -17,17 +17,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rbkd.api_inputs import (
+from rbkd.api.inputs import (
     as_dataset,
     as_model,
     as_splits,
     check_trainable,
     eval_batch_size,
+    teacher_device,
     train_config,
     with_classes,
 )
-from rbkd.api_results import RunResult, run_files
-from rbkd.config import DistillSpec, TrainConfig, check_alpha, check_kd_temperature
+from rbkd.api.record import call_record
+from rbkd.api.results import RunResult, run_files
+from rbkd.config import DistillSpec, TeacherSpec, TrainConfig, check_alpha, check_kd_temperature
 
 __all__ = ["RunResult", "distill", "soft_labels", "train_teacher"]
 
@@ -40,8 +42,7 @@ def _checked_model(
     """(module, train, test): the model built or taken as is, on cfg's device, and the splits
     widened to its number of outputs when their class count was only inferred from labels.
     `classes`: the number of outputs it must have (the teacher's, for a student)."""
-    from rbkd.api_softlabels import teacher_logits
-    from rbkd.engine import resolve_device
+    from rbkd.engine import predict_logits, resolve_device
 
     net = as_model(model, train, cfg.seed, what)
     check_trainable(net, what)
@@ -50,7 +51,7 @@ def _checked_model(
     # Two rows through the model before training: a wrong output width is one clear line here,
     # not an index error deep inside the loss.
     probe = dataclasses.replace(train, images=train.images[:2], labels=train.labels[:2])
-    width = teacher_logits(net, probe, device=device, batch_size=2).shape[1]
+    width = predict_logits(net, probe, device=device, batch_size=2).shape[1]
     if classes is not None and width != classes:
         raise ValueError(
             f"{what} {type(net).__name__} has {width} outputs but the teacher's soft labels have "
@@ -72,27 +73,11 @@ def _fit_classes(data, width: int, fixed: bool, who: str):
     return with_classes(data, width, fixed=False)
 
 
-def _fit(net, train, test, cfg, objective, out, resume, progress, extra) -> tuple[dict, list]:
-    from rbkd.engine import fit, read_metrics
-    from rbkd.engine.rundir import check_run_folder
+def _history(run_dir: Path | None, trained: list[dict]) -> list[dict]:
+    """The metrics rows of every epoch: a resumed run's earlier ones are in its folder only."""
+    from rbkd.engine import read_metrics
 
-    history: list[dict] = []
-    run_dir = check_run_folder(out) if out is not None else None  # a file, a link: one line
-    metrics = fit(
-        net,
-        train,
-        test,
-        cfg,
-        objective,
-        run_dir=run_dir,
-        resume=resume,
-        progress=progress,
-        extra_config=extra,
-        on_epoch=history.append,
-    )
-    if run_dir is not None:  # a resumed run's earlier epochs are in its folder only
-        history = read_metrics(run_dir)
-    return metrics, history
+    return read_metrics(run_dir) if run_dir is not None else trained
 
 
 def train_teacher(
@@ -123,40 +108,30 @@ def train_teacher(
     )
     train_ds, test_ds, fixed = as_splits(train, test, num_classes)
     net, train_ds, test_ds = _checked_model(model, train_ds, test_ds, cfg, fixed, "model")
-    from rbkd.engine import CrossEntropy
+    from rbkd.study.teacher import train_teacher as run_teacher
 
-    extra = {"api": "rbkd.train_teacher"}
-    metrics, history = _fit(
-        net, train_ds, test_ds, cfg, CrossEntropy(), out, resume, progress, extra
+    record = call_record("rbkd.train_teacher", model=model, train=train_ds, test=test_ds,
+                         config=cfg, num_classes=num_classes, out=out, resume=resume)  # fmt: skip
+    spec = TeacherSpec(dataset=train_ds.name, capacity=getattr(net, "arch", None) or "own")
+    trained: list[dict] = []
+    result = run_teacher(
+        spec,
+        cfg,
+        out=out,
+        root=None,
+        splits=(train_ds, test_ds),
+        progress=progress,
+        model=net,
+        resume=resume,
+        on_epoch=trained.append,
+        extra={"api": "rbkd.train_teacher"},
+        invocation=record,
     )
-    if out is not None:
-        _write_run_soft_labels(net, Path(out), train_ds, test_ds, cfg)
     run_dir = Path(out) if out is not None else None
-    return RunResult.from_fit(net, metrics, history, cfg, run_dir=run_dir, files=run_files(run_dir))
-
-
-def _write_run_soft_labels(net, run_dir: Path, train, test, cfg: TrainConfig) -> None:
-    """Both splits' soft labels in the run folder, tied to its model.safetensors (as the CLI's)."""
-    from rbkd.api_softlabels import teacher_device, teacher_logits
-    from rbkd.io import sha256_file
-    from rbkd.softlabels import soft_labels_file, write_soft_labels
-
-    digest = sha256_file(run_dir / "model.safetensors")
-    device = teacher_device(net, None)
-    for split, data in (("train", train), ("test", test)):
-        if data is None:
-            continue
-        logits = teacher_logits(net, data, device=device, batch_size=cfg.eval_batch_size)
-        write_soft_labels(
-            soft_labels_file(run_dir, split),
-            logits,
-            data.labels,
-            _rows(len(data)),
-            dataset=data.name,
-            split=split,
-            teacher_run=run_dir,
-            teacher_sha256=digest,
-        )
+    history = _history(run_dir, trained)
+    return RunResult.from_fit(
+        net, result["metrics"], history, cfg, run_dir=run_dir, files=run_files(run_dir)
+    )
 
 
 def _rows(n: int):
@@ -192,7 +167,7 @@ def soft_labels(
 
 def _soft_labels(teacher, data, split, num_classes, device, batch_size, out, fixed=None):
     """(SoftLabels, the data as an ImageDataset with the teacher's number of classes)."""
-    from rbkd.api_softlabels import teacher_device, teacher_logits
+    from rbkd.engine import predict_logits
     from rbkd.softlabels import (
         SoftLabels,
         read_soft_labels,
@@ -205,7 +180,7 @@ def _soft_labels(teacher, data, split, num_classes, device, batch_size, out, fix
         fixed = num_classes is not None or isinstance(data, _image_dataset())
     dataset = as_dataset(data, split=split, num_classes=num_classes)
     batch = eval_batch_size(batch_size)
-    logits = teacher_logits(
+    logits = predict_logits(
         teacher, dataset, device=teacher_device(teacher, device), batch_size=batch
     )
     dataset = _fit_classes(dataset, logits.shape[1], fixed, "the teacher")
@@ -265,7 +240,6 @@ def distill(
     "dkd") and its options `beta`, `skew`, `dkd_alpha`, `dkd_beta`, `standardize` are
     rbkd.ops.kd_loss's (defaults: rbkd.config.LossSpec's).
     `result.soft_labels` holds the soft labels learnt from."""
-    from rbkd.engine import Distillation
 
     spec = DistillSpec()
     T = check_kd_temperature(spec.T if T is None else T)
@@ -286,18 +260,38 @@ def distill(
     net, train_ds, test_ds = _checked_model(
         student, train_ds, test_ds, cfg, fixed, "student", classes=soft.num_classes
     )
-    objective = Distillation(soft.dense_logits(len(train_ds)), T, alpha, t_squared, loss=loss)
-    extra = {
-        "api": "rbkd.distill",
-        "teacher": soft.teacher,
-        "soft_labels": str(soft.path) if soft.path else None,
-    }
-    metrics, history = _fit(net, train_ds, test_ds, cfg, objective, out, resume, progress, extra)
+    from rbkd.study.student import distill as run_distill
+
+    record = call_record("rbkd.distill", student=student, train=train_ds, test=test_ds,
+                         teacher=teacher, soft_labels=soft_labels, T=T, alpha=alpha,
+                         t_squared=t_squared, loss=loss.describe(), config=cfg,
+                         num_classes=num_classes, out=out, resume=resume)  # fmt: skip
+    spec = DistillSpec(T=T, alpha=alpha, t_squared=t_squared, loss=loss,
+                       student=getattr(net, "arch", None) or "own")  # fmt: skip
+    trained: list[dict] = []
+    report = run_distill(
+        spec,
+        cfg,
+        out=out,
+        root=None,
+        progress=progress,
+        splits=(train_ds, test_ds),
+        soft=soft,
+        model=net,
+        resume=resume,
+        on_epoch=trained.append,
+        extra={
+            "api": "rbkd.distill",
+            "teacher": soft.teacher,
+            "soft_labels": str(soft.path) if soft.path else None,
+        },  # fmt: skip
+        invocation=record,
+    )
     run_dir = Path(out) if out is not None else None
     return RunResult.from_fit(
         net,
-        metrics,
-        history,
+        report["metrics"],
+        _history(run_dir, trained),
         cfg,
         soft_labels=soft,
         run_dir=run_dir,
