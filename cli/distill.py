@@ -165,7 +165,8 @@ def distill(
     with --per-class N, chosen by highest soft-label entropy at T or at random. --noise adds
     uniform:S or normal:S noise to the soft labels, redrawn every epoch. The report goes to the
     terminal and to report.json in the run folder. The same command again reuses the finished
-    run; a killed one continues from its last epoch.
+    run; a killed one continues from its last epoch. A --teacher trained with --limit N lends
+    the student its N (the first N examples of each split) unless --limit is given.
 
     Example:
 

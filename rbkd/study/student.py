@@ -21,7 +21,7 @@ import torch
 from rbkd.analysis.entropy import entropy_at, label_smoothing_targets
 from rbkd.analysis.transfer import check_classes, select_transfer_set
 from rbkd.config import DEFAULT_DATASET, DistillSpec, TrainConfig
-from rbkd.engine import Distillation, LabelSmoothing, fit
+from rbkd.engine import Distillation, LabelSmoothing, fit, read_config
 from rbkd.engine.distributed import main_folder_lock, on_main, setup
 from rbkd.engine.rundir import check_run_folder
 from rbkd.io import write_json
@@ -124,6 +124,8 @@ def distill(
             )
     else:  # soft labels handed over (the Python API): the data's own name
         dataset = splits[0].name
+    if splits is None and spec.teacher is not None and spec.limit is None:
+        spec = spec.replace(limit=teacher_limit(spec.teacher))  # the teacher's --limit N
     train, test = splits if splits is not None else load_splits(dataset, spec.data_dir, spec.limit)
     if train.name != dataset:
         raise ValueError(f"the training data is {train.name}, the soft labels are for {dataset}")
@@ -247,6 +249,13 @@ def distill(
         if run_dir is not None:
             report = on_main(ctx, finish)  # rank 0's report, on every rank
     return {**report, "reused": False}
+
+
+def teacher_limit(teacher: Path) -> int | None:
+    """The --limit a teacher run was trained with (its config.json records it): a student of it
+    is distilled on the same first N examples unless given a --limit of its own."""
+    limit = (read_config(Path(teacher)).get("extra_config") or {}).get("limit")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
 @contextlib.contextmanager
