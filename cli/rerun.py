@@ -149,11 +149,14 @@ def compare_runs(original: Path, repeat: Path) -> dict[str, Any]:
     """The two runs side by side: final metrics, per-class accuracy, weights (bit for bit), data
     files (SHA-256), device and threads; `reproduced` is True when all of it is identical."""
     from rbkd.engine import read_config
+    from rbkd.engine.rundir import renamed_losses
 
     old, new = read_config(original), read_config(repeat)
-    a, b = old.get("final_metrics") or {}, new.get("final_metrics") or {}
+    a, b = (renamed_losses(c.get("final_metrics") or {}) for c in (old, new))
     metrics = {}
-    for key in ("test_accuracy", "test_loss", "train_accuracy", "train_loss", "epochs"):
+    names = ("test_accuracy", "test_ce_loss", "train_accuracy", "train_objective_loss",
+             "train_ce_loss", "epochs")  # fmt: skip
+    for key in names:
         x, y = a.get(key), b.get(key)
         equal = x == y or (x is None and y is None)
         diff = None

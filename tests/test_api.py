@@ -140,7 +140,7 @@ def test_numpy_input_trains_exactly_like_tensors():
     a, b = mlp(seed=5), mlp(seed=5)
     ra = rbkd.train_teacher(a, (x, y), (x, y), **FAST)
     rb = rbkd.train_teacher(b, (x.double().numpy(), y.numpy().astype(np.int32)), (x, y), **FAST)
-    assert ra.history[-1]["train_loss"] == rb.history[-1]["train_loss"]
+    assert ra.history[-1]["train_objective_loss"] == rb.history[-1]["train_objective_loss"]
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -173,7 +173,7 @@ def test_map_style_dataset_with_an_rbkd_model_name(tmp_path):
     result = rbkd.train_teacher("baseline", ds, epochs=1, device="cpu", out=tmp_path / "t")
     assert type(result.model).__name__ == "RBKDModel"
     assert result.test_accuracy is None and result.per_class_accuracy is None  # no test split
-    assert result.train_loss is not None and result.train_accuracy is not None
+    assert result.train_objective_loss is not None and result.train_accuracy is not None
     model, config = rbkd.engine.load_run(tmp_path / "t")  # rbkd's own model: loadable
     assert (config["dataset"], config["arch"]) == ("fashion-mnist", "baseline")
     assert config["test_data"] is None

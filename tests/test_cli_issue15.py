@@ -46,3 +46,62 @@ def test_distill_takes_the_teacher_runs_limit_unless_given_one(limited_teacher, 
     assert report_of(smaller)["transfer"]["size"] == 30  # told otherwise: its own
     larger = invoke(*base, "--limit", 100, "--out", limited_teacher.parent / "s100", ok=False)
     assert larger.exit_code == 1 and "covers 60 of the 100 examples" in larger.output
+
+
+# ------------------------------------------------------------------ the losses' names
+def test_history_names_the_objective_loss_and_the_cross_entropies():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import rbkd
+
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 5), torch.arange(48) % 3
+    teacher_logits = torch.randn(48, 3) * 3
+    student = nn.Linear(5, 3)
+    with torch.no_grad():
+        before = student(x)
+    soft = rbkd.SoftLabels(teacher_logits, y.clone(), torch.arange(48), {"dataset": "user-data",
+                           "split": "train", "num_classes": "3", "teacher": "t"})  # fmt: skip
+    # One batch of every row, one epoch: the running means are the untrained model's values.
+    result = rbkd.distill(student, (x, y), (x, y), soft_labels=soft, T=4.0, alpha=0.9,
+                          epochs=1, batch_size=48, device="cpu")  # fmt: skip
+    (row,) = result.history
+    kd = rbkd.kd_loss(before, teacher_logits, y, T=4.0, alpha=0.9)
+    assert row["train_objective_loss"] == pytest.approx(float(kd), rel=1e-5)
+    assert row["train_ce_loss"] == pytest.approx(float(F.cross_entropy(before, y)), rel=1e-5)
+    with torch.no_grad():
+        after = F.cross_entropy(student(x), y)
+    assert row["test_ce_loss"] == pytest.approx(float(after), rel=1e-5)
+    assert "train_loss" not in row and "test_loss" not in row
+    assert result.train_objective_loss == row["train_objective_loss"]
+    assert result.train_ce_loss == row["train_ce_loss"]
+    assert result.test_ce_loss == row["test_ce_loss"]
+
+
+def test_metrics_written_under_the_old_names_read_back_under_the_new(tmp_path):
+    from rbkd.engine import read_metrics
+
+    old = {"epoch": 1, "train_loss": 2.59, "train_accuracy": 0.5, "test_loss": 0.218}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(old) + "\n")
+    (row,) = read_metrics(tmp_path)
+    assert row == {"epoch": 1, "train_objective_loss": 2.59, "train_accuracy": 0.5,
+                   "test_ce_loss": 0.218}  # fmt: skip
+
+
+def test_rerun_compares_an_old_runs_losses_under_the_new_names(limited_teacher, tmp_path):
+    from rbkd.cli.rerun import compare_runs
+
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((limited_teacher / "config.json").read_text())
+    final = config["final_metrics"]
+    config["final_metrics"] = {"train_loss" if k == "train_objective_loss" else
+                               "test_loss" if k == "test_ce_loss" else k: v
+                               for k, v in final.items() if k != "train_ce_loss"}  # fmt: skip
+    (old / "config.json").write_text(json.dumps(config))
+    (old / "model.safetensors").write_bytes((limited_teacher / "model.safetensors").read_bytes())
+    metrics = compare_runs(old, limited_teacher)["metrics"]
+    assert metrics["test_ce_loss"]["equal"] and metrics["train_objective_loss"]["equal"]
+    assert metrics["train_ce_loss"]["original"] is None  # an old run did not record it

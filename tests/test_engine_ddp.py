@@ -48,7 +48,7 @@ WORKER = textwrap.dedent(
     model = build_model("mnist", "general", seed=0)
     out = fit(model, train, test, cfg, Distillation(teacher, 4.0, 0.5), run_dir=sys.argv[1],
               progress=False)
-    print("RESULT", out["test_accuracy"], out["test_loss"], flush=True)
+    print("RESULT", out["test_accuracy"], out["test_ce_loss"], flush=True)
     """
 )
 

@@ -176,7 +176,7 @@ def test_metrics_rows_are_rebuilt_from_the_checkpoint_on_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # epoch 2's row lost
     _run(tmp_path, 3, resume=True)
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2, 3]
-    assert read_metrics(tmp_path)[1]["train_loss"] == rows[1]["train_loss"]
+    assert read_metrics(tmp_path)[1]["train_objective_loss"] == rows[1]["train_objective_loss"]
 
 
 def test_resume_after_a_kill_between_checkpoint_and_metrics_gives_identical_weights(tmp_path):

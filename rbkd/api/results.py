@@ -17,17 +17,20 @@ def _number(value: Any) -> float | None:
 class RunResult:
     """One training run's outcome. Without a test split, the test fields are None and
     `train_loss` / `train_accuracy` (running means over the last epoch's batches, in train mode)
-    are the only scores."""
+    are the only scores. `train_objective_loss` is what the run minimised (a student's: the
+    KD loss, T**2-scaled by default; a teacher's: the cross-entropy), `train_ce_loss` and
+    `test_ce_loss` the cross-entropy on the hard labels."""
 
     # The trained nn.Module (trained in place: the very object passed in, or the one built).
     model: Any = field(repr=False)
     test_accuracy: float | None  # final, on the test split; None without one
     per_class_accuracy: tuple[float, ...] | None  # C values (NaN: no test example of the class)
-    test_loss: float | None  # mean cross-entropy on the test split
-    train_loss: float | None  # last epoch's mean training loss (the objective's)
+    test_ce_loss: float | None  # mean cross-entropy on the test split
+    train_objective_loss: float | None  # last epoch's mean training loss (the objective's)
+    train_ce_loss: float | None  # last epoch's mean cross-entropy on the training labels
     train_accuracy: float | None
     epochs: int  # completed epochs (resumed ones included)
-    history: tuple[dict, ...]  # one metrics row per epoch: epoch, train_loss, test_accuracy, ...
+    history: tuple[dict, ...]  # one metrics row per epoch: epoch, train_objective_loss, ...
     config: Any  # the TrainConfig the run used (defaults filled in)
     # distill: the train split's SoftLabels the student learnt from.
     soft_labels: Any = field(default=None, repr=False)
@@ -41,8 +44,9 @@ class RunResult:
             model=model,
             test_accuracy=_number(metrics["test_accuracy"]),
             per_class_accuracy=tuple(map(float, per_class)) if per_class else None,
-            test_loss=_number(metrics["test_loss"]),
-            train_loss=_number(metrics["train_loss"]),
+            test_ce_loss=_number(metrics["test_ce_loss"]),
+            train_objective_loss=_number(metrics["train_objective_loss"]),
+            train_ce_loss=_number(metrics.get("train_ce_loss")),
             train_accuracy=_number(metrics["train_accuracy"]),
             epochs=int(metrics["epochs"]),
             history=tuple(history),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rbkd.config import TrainConfig
@@ -19,7 +20,13 @@ from rbkd.engine import checkpoint as ckpt
 from rbkd.engine import distributed
 from rbkd.engine.evaluate import evaluation_sums, logits_of, metrics_from_sums
 from rbkd.engine.progress import EpochProgress
-from rbkd.engine.rundir import RunDirError, read_metrics, save_model, write_metrics
+from rbkd.engine.rundir import (
+    RunDirError,
+    read_metrics,
+    renamed_losses,
+    save_model,
+    write_metrics,
+)
 from rbkd.engine.runinfo import check_resumable, run_config
 from rbkd.engine.seeds import derive_seed, make_generator
 from rbkd.io import remove_stale_temporaries, write_json
@@ -49,6 +56,14 @@ def _max_abs(tensors: list[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(())
     return torch.stack(torch._foreach_norm(tensors, float("inf"))).max().float()
+
+
+IGNORE_INDEX = -100  # a label that marks an unlabelled row (kd_loss's ignore_index)
+
+
+def _ratio(total: float, count: float) -> float:
+    """A mean over `count` rows; NaN when there are none (no labelled row: no accuracy)."""
+    return total / count if count else math.nan
 
 
 def _nonfinite_gradients(grads: list[Tensor], device: torch.device) -> Tensor:
@@ -198,6 +213,7 @@ def _fit(
             "finite weights (a new run folder, or a checkpoint of a healthy run)"
         )
 
+    objective_name = getattr(objective, "loss_name", "loss")
     synced_bn = distributed.sync_batchnorm(model, ctx)
     net = distributed.wrap_model(model, ctx)
     n, batch = len(rows), cfg.batch_size
@@ -224,6 +240,7 @@ def _fit(
                 net.train()
                 bar.start(epoch, steps)
                 t0, seen, loss_sum, correct_sum = time.perf_counter(), 0, 0.0, 0.0
+                ce_sum, labelled = 0.0, 0.0
                 for step in range(steps):
                     global_rows = order[step * batch : min((step + 1) * batch, used)]
                     count = len(global_rows)  # the last global batch may be short
@@ -236,13 +253,19 @@ def _fit(
                     # what one process computes for the same batch (short last batch included).
                     optimizer.zero_grad(set_to_none=True)
                     (loss * (world / count)).backward()
-                    correct = (logits.detach().argmax(1) == y).sum()
+                    # The cross-entropy on the hard labels too (a student's objective is the KD
+                    # loss): over the labelled rows, as accuracy is.
+                    scored = logits.detach().float()
+                    correct = (scored.argmax(1) == y).sum()
+                    ce = F.cross_entropy(scored, y, ignore_index=IGNORE_INDEX, reduction="sum")
                     grads = [p.grad for p in model.parameters() if p.grad is not None]
                     bad_grads = _nonfinite_gradients(grads, device)
-                    stats = torch.stack([loss.detach().float(), correct.float(), bad_grads])
+                    stats = torch.stack([loss.detach().float(), correct.float(), bad_grads,
+                                         ce, (y != IGNORE_INDEX).sum().float()])  # fmt: skip
                     # .tolist() syncs with the device once per step: the price of refusing a NaN
                     # step before it reaches the weights (and of an honest progress bar).
-                    batch_loss, batch_correct, grad_bad = ctx.all_reduce_sum(stats).tolist()
+                    reduced = ctx.all_reduce_sum(stats).tolist()
+                    batch_loss, batch_correct, grad_bad, batch_ce, batch_labelled = reduced
                     # Every rank sees the same reduced values, so every rank stops together.
                     if not math.isfinite(batch_loss) or grad_bad != 0:
                         raise _diverged(
@@ -255,15 +278,18 @@ def _fit(
                         loss_sum + batch_loss,
                         correct_sum + batch_correct,
                     )
+                    ce_sum, labelled = ce_sum + batch_ce, labelled + batch_labelled
                     elapsed = max(time.perf_counter() - t0, 1e-9)
-                    bar.step(loss_sum / seen, correct_sum / seen, seen / elapsed)
+                    bar.step(loss_sum / seen, _ratio(correct_sum, labelled), seen / elapsed)
                 train_time = time.perf_counter() - t0
                 scores = _evaluate_sharded(model, test_data, cfg, ctx)
                 row = {
                     "epoch": epoch + 1,
-                    "train_loss": loss_sum / used,
-                    "train_accuracy": correct_sum / used,
-                    "test_loss": scores["loss"],
+                    # the objective's loss (a student's: the KD loss, T**2-scaled by default)
+                    "train_objective_loss": loss_sum / used,
+                    "train_ce_loss": _ratio(ce_sum, labelled),  # on the hard labels
+                    "train_accuracy": _ratio(correct_sum, labelled),
+                    "test_ce_loss": scores["loss"],
                     "test_accuracy": scores["accuracy"],
                     "per_class_accuracy": scores["per_class_accuracy"],
                     "samples_per_s": used / train_time,
@@ -273,12 +299,13 @@ def _fit(
                 if on_epoch is not None:
                     on_epoch(dict(row))
                 tested = (
-                    f"test loss {scores['loss']:.4f} acc {scores['accuracy']:.2%}"
+                    f"test CE loss {scores['loss']:.4f} acc {scores['accuracy']:.2%}"
                     if test_data is not None
                     else "no test data"
                 )
                 bar.log(
-                    f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                    f"epoch {epoch + 1}/{cfg.epochs}: train {objective_name} "
+                    f"{row['train_objective_loss']:.4f} "
                     f"acc {row['train_accuracy']:.2%} | {tested} | "
                     f"{row['samples_per_s']:,.0f} samples/s"
                 )
@@ -405,7 +432,7 @@ def _open_run_dir(run_dir, resume, config, model, optimizer, ctx) -> tuple[int, 
         # The metrics of the completed epochs travel in the checkpoint: metrics.jsonl is rebuilt
         # from them, so a kill between the two writes never loses or duplicates a row.
         if "metrics" in info and len(info["metrics"]) == start_epoch:
-            history = list(info["metrics"])
+            history = [renamed_losses(r) for r in info["metrics"]]
         else:
             history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
             if [r["epoch"] for r in history] != list(range(1, start_epoch + 1)):
@@ -443,7 +470,7 @@ def _final_metrics(model, test_data, cfg, ctx, history) -> dict:
     if history:
         last = history[-1]
         test = {
-            "loss": last["test_loss"],
+            "loss": last["test_ce_loss"],
             "accuracy": last["test_accuracy"],
             "per_class_accuracy": last["per_class_accuracy"],
         }
@@ -454,8 +481,9 @@ def _final_metrics(model, test_data, cfg, ctx, history) -> dict:
     return {
         "test_accuracy": test["accuracy"],
         "per_class_accuracy": test["per_class_accuracy"],
-        "test_loss": test["loss"],
-        "train_loss": history[-1]["train_loss"] if history else math.nan,
+        "test_ce_loss": test["loss"],
+        "train_objective_loss": history[-1]["train_objective_loss"] if history else math.nan,
+        "train_ce_loss": history[-1].get("train_ce_loss", math.nan) if history else math.nan,
         "train_accuracy": history[-1]["train_accuracy"] if history else math.nan,
         "epochs": history[-1]["epoch"] if history else 0,
         "samples_per_s": samples / sum(times) if times else math.nan,

@@ -28,6 +28,7 @@ class CrossEntropy:
     """Teacher training (and the no-distillation baseline): CE on the hard labels."""
 
     name = "cross_entropy"
+    loss_name = "CE loss"  # what the epoch lines call the objective's loss
 
     def describe(self) -> dict:
         return {"name": self.name}
@@ -57,6 +58,7 @@ class Distillation:
     """
 
     name = "distillation"
+    loss_name = "KD loss"  # what the epoch lines call the objective's loss
 
     def __init__(
         self,
@@ -154,6 +156,7 @@ class LabelSmoothing:
     entropy and so has the same gradient."""
 
     name = "label_smoothing"
+    loss_name = "LS loss"  # what the epoch lines call the objective's loss
 
     def __init__(self, A: float):
         if not 0 <= A <= 1:

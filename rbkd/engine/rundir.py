@@ -94,13 +94,26 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_bytes(run_dir / METRICS, text.encode())
 
 
+# Names the losses had before rbkd recorded both: "train_loss" was the objective's (the
+# T**2-scaled KD loss for a student), "test_loss" the cross-entropy.
+OLD_LOSS_NAMES = {"train_loss": "train_objective_loss", "test_loss": "test_ce_loss"}
+
+
+def renamed_losses(row: dict) -> dict:
+    """A metrics row (or final metrics) written by an older rbkd, in today's names."""
+    if not any(old in row for old in OLD_LOSS_NAMES):
+        return row
+    return {OLD_LOSS_NAMES.get(k, k): v for k, v in row.items()}
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows, one per epoch, in today's names (an older run's too)."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
     try:
         text = read_bounded(path, MAX_JSON_BYTES, "metrics file").decode()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [renamed_losses(json.loads(line)) for line in text.splitlines() if line.strip()]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirError(f"{path} is not valid JSON lines ({e}); the run folder is damaged") from e
 
