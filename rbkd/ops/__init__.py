@@ -5,6 +5,8 @@
             t_squared=True, ignore_index=-100, reduction="mean", divergence="kl", beta=0.5,
             skew=0.1, dkd_alpha=1.0, dkd_beta=8.0, standardize=False)
     soft_label_entropy(logits, T=1.0, *, teacher_kind="logits", normalize=False)
+    sparse_kd_loss(student_logits, topk_ids, topk_logits, labels=None, *, logz=None, T=1.0,
+                   alpha=0.9, t_squared=True, tail="bucket", divergence="kl", ...)  (sparse.py)
 
 The backend is chosen per call from the tensors' device (see rbkd.ops.dispatch): the C++ CPU
 kernels, Triton on GPUs (the `gpu` extra), and the pure-torch reference when nothing compiled
@@ -26,13 +28,16 @@ _LAZY = {
     "temperature_softmax": "rbkd.ops.functional",
     "kd_loss": "rbkd.ops.functional",
     "soft_label_entropy": "rbkd.ops.functional",
+    "sparse_kd_loss": "rbkd.ops.sparse",
     "BackendError": "rbkd.ops.dispatch",
     "available_backends": "rbkd.ops.dispatch",
     "select_backend": "rbkd.ops.dispatch",
     "use_backend": "rbkd.ops.dispatch",
 }
 # Submodules reachable as attributes after a bare `import rbkd.ops` (rbkd.ops.validation...).
-_SUBMODULES = ("args", "backends", "dispatch", "functional", "library", "validation")
+_SUBMODULES = (
+    "args", "backends", "dispatch", "functional", "library", "sparse", "sparse_twin", "validation",
+)  # fmt: skip
 
 __all__ = ["DIVERGENCES", "KD_MAX_TEMPERATURE", *_LAZY]
 
