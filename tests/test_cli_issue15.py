@@ -105,3 +105,74 @@ def test_rerun_compares_an_old_runs_losses_under_the_new_names(limited_teacher, 
     metrics = compare_runs(old, limited_teacher)["metrics"]
     assert metrics["test_ce_loss"]["equal"] and metrics["train_objective_loss"]["equal"]
     assert metrics["train_ce_loss"]["original"] is None  # an old run did not record it
+
+
+# ------------------------------------------------------------------ unlabelled transfer sets
+def _teacher_and_data():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(1)
+    x, y = torch.randn(40, 5), torch.arange(40) % 3
+    return nn.Linear(5, 3), x, y
+
+
+@pytest.mark.parametrize("form", ["bare x", "(x, None)", "all -100"])
+def test_distill_on_an_unlabelled_transfer_set_at_alpha_1(form):
+    import torch
+    from torch import nn
+
+    import rbkd
+
+    teacher, x, y = _teacher_and_data()
+    train = {"bare x": x, "(x, None)": (x, None), "all -100": (x, torch.full_like(y, -100))}[form]
+    torch.manual_seed(2)
+    student = nn.Linear(5, 3)
+    with torch.no_grad():
+        before, t = student(x), teacher(x)
+    result = rbkd.distill(student, train, (x, y), teacher=teacher, alpha=1.0, T=3.0, epochs=1,
+                          batch_size=40, device="cpu")  # fmt: skip
+    (row,) = result.history
+    kd = rbkd.kd_loss(before, t, None, T=3.0)
+    assert row["train_objective_loss"] == pytest.approx(float(kd), rel=1e-5)
+    assert row["train_ce_loss"] is None or row["train_ce_loss"] != row["train_ce_loss"]  # NaN
+    assert result.test_accuracy is not None
+
+
+def test_partly_labelled_rows_take_the_kd_term_alone():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import rbkd
+
+    teacher, x, y = _teacher_and_data()
+    partial = y.clone()
+    partial[::3] = -100
+    torch.manual_seed(2)
+    student = nn.Linear(5, 3)
+    with torch.no_grad():
+        z, t = student(x).double(), teacher(x).double()
+    result = rbkd.distill(student, (x, partial), teacher=teacher, alpha=0.6, T=2.0, epochs=1,
+                          batch_size=40, device="cpu")  # fmt: skip
+    # By hand in float64: labelled rows (1 - a) CE + a T^2 KL, unlabelled rows T^2 KL alone.
+    p_t = F.softmax(t / 2.0, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(z / 2.0, 1))).sum(1) * 4.0
+    ce = F.cross_entropy(z, partial.clamp(min=0), reduction="none")
+    labelled = partial != -100
+    per_row = torch.where(labelled, 0.4 * ce + 0.6 * kl, kl)
+    (row,) = result.history
+    assert row["train_objective_loss"] == pytest.approx(float(per_row.mean()), rel=1e-5)
+    assert row["train_ce_loss"] == pytest.approx(float(ce[labelled].mean()), rel=1e-5)
+
+
+def test_alpha_below_1_without_labels_is_one_line():
+    from torch import nn
+
+    import rbkd
+
+    teacher, x, _ = _teacher_and_data()
+    with pytest.raises(ValueError, match=r"^alpha = 0.9 < 1 .* use alpha=1 .* or give labels$"):
+        rbkd.distill(nn.Linear(5, 3), x, teacher=teacher, alpha=0.9, epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="test has 40 unlabelled examples"):
+        rbkd.distill(nn.Linear(5, 3), x, (x, None), teacher=teacher, alpha=1.0, device="cpu")

@@ -41,6 +41,9 @@ def check_classes(classes: Iterable[int], num_classes: int) -> list[int]:
     return out
 
 
+UNLABELLED = -100  # the label of an unlabelled example (kd_loss's ignore_index)
+
+
 def select_transfer_set(
     labels: Tensor,
     *,
@@ -66,6 +69,12 @@ def select_transfer_set(
     if indices.numel() != n:
         raise ValueError(f"indices has {indices.numel()} entries, labels {n}")
     excluded = check_classes(exclude_classes, num_classes)
+    unlabelled = labels == UNLABELLED
+    if bool(unlabelled.any()) and (excluded or per_class is not None):
+        raise ValueError(
+            f"{int(unlabelled.sum())} of the candidate examples are unlabelled (label "
+            f"{UNLABELLED}): excluding a class or choosing N per class needs every label"
+        )
     if len(excluded) >= num_classes:
         raise ValueError("cannot exclude every class: the transfer set would be empty")
     if per_class is not None:
@@ -99,5 +108,6 @@ def select_transfer_set(
                 rows = rows[torch.randperm(rows.numel(), generator=generator)[:per_class]]
         counts[k] = int(rows.numel())
         chosen.append(indices[rows])
-    picked = torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.int64)
+    chosen.append(indices[unlabelled])  # in no class: the whole set's, as every class is
+    picked = torch.cat(chosen)
     return TransferSet(torch.sort(picked).values, counts, excluded, short)

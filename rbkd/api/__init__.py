@@ -254,7 +254,7 @@ def distill(
     cfg = train_config(
         config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
     )
-    train_ds, test_ds, fixed = as_splits(train, test, num_classes)
+    train_ds, test_ds, fixed = as_splits(train, test, num_classes, unlabelled=True)
     soft, train_ds = _teacher_soft_labels(teacher, soft_labels, train_ds, fixed, cfg)
     test_ds = _fit_classes(test_ds, soft.num_classes, fixed, "the teacher")
     net, train_ds, test_ds = _checked_model(

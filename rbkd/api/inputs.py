@@ -19,9 +19,20 @@ DATA_FORMS = "an ImageDataset, a pair (x, y) of tensors or NumPy arrays, or a Da
 
 
 def as_dataset(
-    data: Any, *, split: str, num_classes: int | None = None, what: str = "data"
+    data: Any,
+    *,
+    split: str,
+    num_classes: int | None = None,
+    what: str = "data",
+    unlabelled: bool = False,
 ) -> ImageDataset:
-    """`data` as an ImageDataset (rbkd's own are returned as they are)."""
+    """`data` as an ImageDataset (rbkd's own are returned as they are). `unlabelled`: inputs
+    alone (`x` or `(x, None)`) are a transfer set without labels (every label IGNORE_INDEX)."""
+    if unlabelled and (_is_array(data) or (isinstance(data, tuple) and len(data) == 2
+                                           and data[1] is None)):  # fmt: skip
+        x = data[0] if isinstance(data, tuple) else data
+        rows = len(x)
+        data = (x, _unlabelled(rows))
     if isinstance(data, ImageDataset):
         if num_classes is not None and num_classes != data.num_classes:
             raise ValueError(
@@ -43,6 +54,26 @@ def as_dataset(
     except ValueError as e:  # the adapters name the value; the user needs the argument too
         raise ValueError(f"{what}: {e}") from None
     raise ValueError(f"{what} must be {DATA_FORMS}; got {type(data).__name__}")
+
+
+def _unlabelled(rows: int):
+    import torch
+
+    from rbkd.data.adapters import IGNORE_INDEX
+
+    return torch.full((rows,), IGNORE_INDEX, dtype=torch.int64)
+
+
+def check_labelled(data: ImageDataset, what: str) -> None:
+    """A split that is scored (a test split, a teacher's training data) needs every label."""
+    from rbkd.data.adapters import IGNORE_INDEX
+
+    missing = int((data.labels == IGNORE_INDEX).sum())
+    if missing:
+        raise ValueError(
+            f"{what} has {missing} unlabelled examples (label {IGNORE_INDEX}); only a "
+            "distillation's training data (its transfer set) may be unlabelled"
+        )
 
 
 def _is_array(data: Any) -> bool:
@@ -70,15 +101,23 @@ def with_classes(dataset: ImageDataset, num_classes: int, *, fixed: bool) -> Ima
 
 
 def as_splits(
-    train: Any, test: Any | None, num_classes: int | None
+    train: Any, test: Any | None, num_classes: int | None, *, unlabelled: bool = False
 ) -> tuple[ImageDataset, ImageDataset | None, bool]:
     """(train, test, fixed): both splits with one class count; `fixed` is False when that count
-    was inferred from the labels (so a teacher with more outputs may widen it)."""
+    was inferred from the labels (so a teacher with more outputs may widen it). `unlabelled`:
+    the training split may be unlabelled (a distillation's transfer set), wholly or in part."""
     fixed = num_classes is not None or isinstance(train, ImageDataset)
-    train_ds = as_dataset(train, split="train", num_classes=num_classes, what="train")
+    train_ds = as_dataset(
+        train, split="train", num_classes=num_classes, what="train", unlabelled=unlabelled
+    )
+    if not unlabelled:
+        check_labelled(train_ds, "train")
     if test is None:
         return train_ds, None, fixed
-    test_ds = as_dataset(test, split="test", num_classes=num_classes, what="test")
+    test_ds = as_dataset(  # inputs alone are read, then refused in one clear line
+        test, split="test", num_classes=num_classes, what="test", unlabelled=unlabelled
+    )
+    check_labelled(test_ds, "test")
     check_same_inputs(train_ds, test_ds)
     c = max(train_ds.num_classes, test_ds.num_classes)
     train_ds = with_classes(train_ds, c, fixed=fixed)

@@ -34,8 +34,12 @@ def _as_tensor(value: Any, what: str) -> Tensor:
         ) from e
 
 
+IGNORE_INDEX = -100  # the label of an unlabelled example (kd_loss's ignore_index)
+
+
 def check_labels(y: Any, n: int, num_classes: int | None) -> tuple[Tensor, int]:
-    """Labels as int64 [n] in [0, num_classes) (num_classes: given, or the largest label + 1)."""
+    """Labels as int64 [n] in [0, num_classes) or IGNORE_INDEX (unlabelled; num_classes: given,
+    or the largest label + 1)."""
     y = _as_tensor(y, "labels")
     if y.dtype == torch.bool or y.dtype.is_floating_point or y.dtype.is_complex:
         raise ValueError(
@@ -48,9 +52,15 @@ def check_labels(y: Any, n: int, num_classes: int | None) -> tuple[Tensor, int]:
             f"labels must be one class index per example, shape [{n}], got {list(y.shape)}"
         )
     y = y.to(torch.int64)
-    if n and int(y.min()) < 0:
-        raise ValueError(f"labels must be >= 0, got {int(y.min())}; map them to 0..C-1")
-    top = int(y.max()) + 1 if n else 0
+    labelled = y[y != IGNORE_INDEX]
+    if labelled.numel() and int(labelled.min()) < 0:
+        raise ValueError(
+            f"labels must be >= 0 (or {IGNORE_INDEX}: an unlabelled example), got "
+            f"{int(labelled.min())}; map them to 0..C-1"
+        )
+    top = int(labelled.max()) + 1 if labelled.numel() else 0
+    if num_classes is None and n and not labelled.numel():
+        num_classes = 1  # no label at all: the teacher's width decides (rbkd.distill widens)
     if num_classes is None:
         num_classes = top
     elif top > num_classes:

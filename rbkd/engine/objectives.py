@@ -24,6 +24,9 @@ def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+IGNORE_INDEX = -100  # the label of an unlabelled training example (kd_loss's ignore_index)
+
+
 class CrossEntropy:
     """Teacher training (and the no-distillation baseline): CE on the hard labels."""
 
@@ -109,6 +112,7 @@ class Distillation:
                 f"{train.split} has {len(train)} rows and {train.num_classes} classes: soft "
                 "labels must come from the same dataset and split as the training set"
             )
+        self._check_labels(train, rows)
         table = self.teacher_logits if rows is None else self.teacher_logits[rows.cpu()]
         # -inf entries are legitimate logits (probability 0); NaN, +inf and all--inf rows are not.
         bad = (table.isnan() | (table == math.inf)).any(1) | (table == -math.inf).all(1)
@@ -120,6 +124,26 @@ class Distillation:
                 f"of the {len(table)} training rows (first: row {row}): the teacher is broken "
                 "(NaN weights?); retrain the teacher, or regenerate its soft labels with "
                 "`rbkd soft-labels --teacher RUN`"
+            )
+
+    def _check_labels(self, train, rows: Tensor | None) -> None:
+        """Unlabelled training rows (label IGNORE_INDEX) learn from the teacher alone: alpha = 1
+        for them. Refuse what they cannot do: the CE term with no label at all, dkd (which
+        splits off the target class)."""
+        labels = train.labels if rows is None else train.labels[rows.to(train.labels.device)]
+        missing = labels == IGNORE_INDEX
+        self._unlabelled = bool(missing.any())
+        if not self._unlabelled:
+            return
+        if self.loss.divergence == "dkd":
+            raise ValueError(
+                f"divergence dkd needs every training example's label (it splits off the target "
+                f"class), but {int(missing.sum())} are unlabelled; use another divergence"
+            )
+        if self.alpha < 1 and bool(missing.all()):
+            raise ValueError(
+                f"alpha = {self.alpha:g} < 1 weights a cross-entropy on hard labels, but the "
+                "training data has no labels: use alpha=1 (pure distillation) or give labels"
             )
 
     def to(self, device: torch.device) -> "Distillation":
@@ -136,13 +160,21 @@ class Distillation:
         self._targets = add_noise(probs, self.noise, generator=gen).to(probs.device)
 
     def __call__(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        alpha: float | Tensor = self.alpha
+        # dkd splits the target class from the others: it needs the labels even at alpha 1
+        use_labels = self.alpha < 1 or self.loss.divergence == "dkd"
+        if use_labels and getattr(self, "_unlabelled", False):
+            # A partly labelled transfer set: the unlabelled rows take the KD term alone
+            # (alpha 1 per row; their label is then never read, any class will do).
+            missing = labels == IGNORE_INDEX
+            alpha = torch.where(missing, 1.0, self.alpha).to(logits.dtype)
+            labels = labels.masked_fill(missing, 0)
         return kd_loss(
             logits,
             self._targets[index],
-            # dkd splits the target class from the others: it needs the labels even at alpha 1
-            labels if self.alpha < 1 or self.loss.divergence == "dkd" else None,
+            labels if use_labels else None,
             T=self.T,
-            alpha=self.alpha,
+            alpha=alpha,
             teacher_kind="logits" if self._noise is None else "probs",
             t_squared=self.t_squared,
             reduction="sum",
