@@ -7,6 +7,7 @@
     soft_label_entropy(logits, T=1.0, *, teacher_kind="logits", normalize=False)
     sparse_kd_loss(student_logits, topk_ids, topk_logits, labels=None, *, logz=None, T=1.0,
                    alpha=0.9, t_squared=True, tail="bucket", divergence="kl", ...)  (sparse.py)
+    capture_soft_labels(logits, k, temperatures, *, samples=0, sample_T=1.0, generator=None)
 
 The backend is chosen per call from the tensors' device (see rbkd.ops.dispatch): the C++ CPU
 kernels, Triton on GPUs (the `gpu` extra), and the pure-torch reference when nothing compiled
@@ -29,6 +30,8 @@ _LAZY = {
     "kd_loss": "rbkd.ops.functional",
     "soft_label_entropy": "rbkd.ops.functional",
     "sparse_kd_loss": "rbkd.ops.sparse",
+    "capture_soft_labels": "rbkd.ops.capture",
+    "SoftLabelCapture": "rbkd.ops.capture",
     "BackendError": "rbkd.ops.dispatch",
     "available_backends": "rbkd.ops.dispatch",
     "select_backend": "rbkd.ops.dispatch",
@@ -36,7 +39,8 @@ _LAZY = {
 }
 # Submodules reachable as attributes after a bare `import rbkd.ops` (rbkd.ops.validation...).
 _SUBMODULES = (
-    "args", "backends", "dispatch", "functional", "library", "sparse", "sparse_twin", "validation",
+    "args", "backends", "capture", "dispatch", "functional", "library", "sparse", "sparse_twin",
+    "validation",
 )  # fmt: skip
 
 __all__ = ["DIVERGENCES", "KD_MAX_TEMPERATURE", *_LAZY]
