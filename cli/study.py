@@ -85,9 +85,12 @@ def run(
     Runs are content-addressed: a teacher used by ten experiments trains once, running the
     same file again trains nothing, adding a temperature, class, seed or teacher runs only the
     new cells, and a killed study continues where it stopped (the run that was cut off resumes
-    from its last epoch). --limit N uses the first N examples of each split (it overrides the
-    file's limit). --json prints what ran (or, with --dry-run, what would) as one JSON
-    document: the counts, the files written and every run with its status.
+    from its last epoch). Several runners may share one study and --out (processes, Slurm
+    array tasks, machines on a shared filesystem): each run is claimed by one of them, trains
+    once, and is taken over when its runner is killed (docs/studies.md, "Several runners").
+    --limit N uses the first N examples of each split (it overrides the file's limit).
+    --json prints what ran (or, with --dry-run, what would) as one JSON document: the counts,
+    the files written and every run with its status.
 
     Example:
 
@@ -147,6 +150,7 @@ def run_summary(study: dict, out: Path, result, *, dry_run: bool) -> dict:
         "dry_run": dry_run,
         "total": len(runs),
         "ran": sum(r["status"] == "ran" for r in runs),
+        "ran_elsewhere": 0 if dry_run else len(result.elsewhere),  # by other runners, meanwhile
         "to_do": sum(r["status"] not in ("ran", "done") for r in runs),
     }
     if not dry_run:

@@ -55,6 +55,9 @@ def run_with_progress(
         finished.append(line)
         bar.console.print(escape(line), soft_wrap=True)
 
+    def note(line: str) -> None:  # not a finished run (a run taken over from another runner)
+        bar.console.print(escape(line), soft_wrap=True)
+
     try:
         with bar:
             result = run_study(
@@ -63,6 +66,7 @@ def run_with_progress(
                 data_dir=data_dir,
                 device=device,
                 log=log,
+                note=note,
                 on_run=on_run,
                 report=report,
                 source=source,
@@ -76,10 +80,19 @@ def run_with_progress(
         raise typer.Exit(130) from None
     console = summary or _console
     n = len(result.plan.teachers) + len(result.plan.students)
-    if result.trained:
+    ran, elsewhere = len(result.trained), len(result.elsewhere)
+    if elsewhere:  # other runners of the study shared it
+        before = n - ran - elsewhere
         console.print(
-            f"ran {len(result.trained)} of {n} runs in {duration(result.wall_time_s)}; "
-            f"the other {n - len(result.trained)} were already done",
+            f"ran {ran} of {n} runs in {duration(result.wall_time_s)}; other runners of the "
+            f"study ran {elsewhere}"
+            + (f", the other {before} were already done" if before else ""),
+            soft_wrap=True,
+        )
+    elif ran:
+        console.print(
+            f"ran {ran} of {n} runs in {duration(result.wall_time_s)}; "
+            f"the other {n - ran} were already done",
             soft_wrap=True,
         )
     else:

@@ -1,6 +1,6 @@
 """Studies end to end on the tiny dataset: a declared study runs once, reruns train nothing,
-extensions run only the new cells, a killed study continues to the same numbers, two runners
-cannot share a folder, and the shipped study files are valid."""
+extensions run only the new cells, a killed study continues to the same numbers, and the
+shipped study files are valid. Several runners of one study: tests/test_study_runners.py."""
 
 from __future__ import annotations
 
@@ -194,32 +194,6 @@ def test_killed_study_continues_to_the_same_numbers(clean, tiny_data, tmp_path):
     run = quiet_run(path, out)
     assert len(run.trained) < len(run.plan.teachers) + len(run.plan.students)
     assert accuracies(out) == accuracies(reference)
-
-
-def test_a_second_runner_on_the_same_folder_is_refused(tiny_data, tmp_path):
-    out = tmp_path / "out"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom rbkd.locking import folder_lock\n"
-            f"with folder_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        result = runner.invoke(
-            app, ["study", "run", str(write_study(tmp_path)), "--out", str(out), "--device", "cpu"]
-        )
-        assert result.exit_code == 1
-        assert "in use by another rbkd process" in result.output
-        assert f"pid {holder.pid}" in result.output
-        assert not (out / "results.jsonl").exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize(

@@ -219,11 +219,15 @@ def check_results(
         )
     if rows is not None and [r.get("key") for r in rows] == [r["key"] for r in new_rows]:
         return teachers, rows
-    from rbkd.locking import FolderBusyError, folder_lock
+    from rbkd.locking import FolderBusyError, folder_lock, tables_lock
     from rbkd.study.results import write_results
 
     try:
-        with folder_lock(folder, "report"):
+        # Runners of the study rewrite the tables under its tables lock: where one did since
+        # they were read here, its tables are the newer ones and stay.
+        with folder_lock(folder, "report"), tables_lock(folder, timeout=60):
+            if (read_jsonl(results) if results.exists() else None) != rows:
+                raise FolderBusyError(str(folder))
             write_results(folder, new_teachers, new_rows)
         kept = "rewrote it"
     except FolderBusyError:  # a study is running there: it rewrites the tables itself
