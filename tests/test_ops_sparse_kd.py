@@ -327,3 +327,27 @@ def test_memory_stays_in_chunks(monkeypatch):
     monkeypatch.setattr("rbkd.ops.sparse_twin.CHUNK_ELEMENTS", 200)
     many = run_op("auto", z, ids, topk, y, **kw)
     torch.testing.assert_close(one, many, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows(reduction):
+    z = torch.zeros(0, 5, requires_grad=True)
+    ids, topk, logz = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0)
+    loss = ops.sparse_kd_loss(z, ids, topk, torch.zeros(0, dtype=torch.long), logz=logz,
+                              reduction=reduction)  # fmt: skip
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert z.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("where", ["student_logits", "topk_logits", "logz"])
+def test_full_checks_make_nan_rows_errors(monkeypatch, where):
+    """RBKD_CHECKS=full: a counted row that would be NaN is an error; an ignored one is not."""
+    monkeypatch.setenv("RBKD_CHECKS", "full")
+    z, ids, topk, y, kw = sparse_case((5, 12), 3)
+    {"student_logits": z, "topk_logits": topk, "logz": kw["logz"]}[where][1] = math.nan
+    with pytest.raises(ValueError, match=where) as err:
+        ops.sparse_kd_loss(z, ids, topk, y, **kw)
+    assert "\n" not in str(err.value)
+    y[1] = -100
+    assert torch.isfinite(ops.sparse_kd_loss(z, ids, topk, y, **kw))
