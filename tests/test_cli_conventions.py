@@ -256,7 +256,9 @@ def test_epoch_lines_are_printed_with_and_without_progress(tiny_data, tmp_path, 
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     # the epoch lines are a log: stderr, so that stdout holds only the result
-    assert "epoch 1/2: train loss" in result.stderr and "epoch 2/2: train loss" in result.stderr
+    # each line names the loss it reports: label smoothing's here
+    assert "epoch 1/2: train LS loss" in result.stderr
+    assert "epoch 2/2: train LS loss" in result.stderr
     assert "epoch 1/2" not in result.stdout
     # not a terminal: no bar is drawn (on stderr, where bars go), with or without --progress
     assert "━" not in result.stderr and "samples/s" in result.stderr
