@@ -35,11 +35,13 @@ from rbkd.cli.options import (
     StandardizeOpt,
     StudentOpt,
     TeacherOpt,
+    TensorBoardOpt,
     ThreadsOpt,
     TOpt,
     TSquaredOpt,
 )
 from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.tensorboard import close_logger, epoch_callbacks
 from rbkd.cli.text import escape
 from rbkd.cli.threads import start_compute
 from rbkd.cli.typer_app import new_app
@@ -152,6 +154,7 @@ def distill(
         ),
     ] = _DISTILL.allow_partial,
     progress: ProgressOpt = True,
+    tensorboard: TensorBoardOpt = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
@@ -203,8 +206,13 @@ def distill(
             seed=seed,
             device=device,
         )
+    with usage_errors():  # before anything trains: a missing tensorboard is exit code 2
+        hooks, logger = epoch_callbacks(tensorboard)
     start_compute(threads)
-    report = run_distill(spec, cfg, out=out, progress=progress)
+    try:
+        report = run_distill(spec, cfg, out=out, progress=progress, callbacks=hooks)
+    finally:
+        close_logger(logger)
     if as_json:
         print_json(report)
         return

@@ -190,6 +190,15 @@ ProgressOpt = Annotated[
         help="Live progress bars on a terminal (--no-progress: none; the per-epoch lines stay).",
     ),
 ]
+TensorBoardOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        metavar="DIR",
+        help="Log each epoch's losses, accuracies, lr and samples/s to TensorBoard in DIR "
+        "(needs `pip install tensorboard`).",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(

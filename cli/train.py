@@ -20,9 +20,11 @@ from rbkd.cli.options import (
     OutDirOpt,
     ProgressOpt,
     SeedOpt,
+    TensorBoardOpt,
     ThreadsOpt,
 )
 from rbkd.cli.output import JsonOpt, print_json, print_table, titled_table
+from rbkd.cli.tensorboard import close_logger, epoch_callbacks
 from rbkd.cli.text import escape
 from rbkd.cli.threads import start_compute
 from rbkd.cli.typer_app import new_app
@@ -61,6 +63,7 @@ def train_teacher(
     ] = False,
     limit: LimitOpt = None,
     progress: ProgressOpt = True,
+    tensorboard: TensorBoardOpt = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
@@ -97,10 +100,15 @@ def train_teacher(
     if resume and (out is None or not (out / "config.json").is_file()):
         where = "--out RUN, the folder of the run to continue" if out is None else f"{out}"
         raise ValueError(f"--resume needs a run to continue: {where} holds none")
+    with usage_errors():  # before anything trains: a missing tensorboard is exit code 2
+        hooks, logger = epoch_callbacks(tensorboard)
     start_compute(threads)
-    result = run_train_teacher(
-        spec, cfg, out=out, data_dir=data_dir, limit=limit, progress=progress
-    )
+    try:
+        result = run_train_teacher(
+            spec, cfg, out=out, data_dir=data_dir, limit=limit, progress=progress, callbacks=hooks
+        )
+    finally:
+        close_logger(logger)
     m = result["metrics"]
     soft = read_soft_labels(result["soft_labels"]["train"])
     if as_json:

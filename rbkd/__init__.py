@@ -10,6 +10,7 @@ The Python API, for your own models and data (docs/engine-api.md, README "Using 
     rbkd.soft_labels(teacher, data) -> rbkd.SoftLabels
     rbkd.distill(student, train, test=None, teacher=... | soft_labels=..., T=9, alpha=0.99)
     rbkd.kd_loss, rbkd.soft_label_entropy, rbkd.temperature_softmax (rbkd.ops)
+    callbacks=[fn] and tensorboard=DIR on both trainers; raise rbkd.StopTraining in fn to stop
 
 Everything here is imported on first use: `import rbkd` does not import torch, so the command
 line starts fast.
@@ -23,6 +24,7 @@ _LAZY = {
     "soft_labels": "rbkd.api",
     "distill": "rbkd.api",
     "RunResult": "rbkd.api",
+    "StopTraining": "rbkd.engine.callbacks",
     "SoftLabels": "rbkd.softlabels",
     "ImageDataset": "rbkd.data.dataset",
     "TrainConfig": "rbkd.config",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ from rbkd.api.inputs import (
 from rbkd.api.record import call_record
 from rbkd.api.results import RunResult, run_files
 from rbkd.config import DistillSpec, TeacherSpec, TrainConfig, check_alpha, check_kd_temperature
+from rbkd.engine.callbacks import StopTraining, TensorBoardLogger, check_callbacks
 
-__all__ = ["RunResult", "distill", "soft_labels", "train_teacher"]
+__all__ = ["RunResult", "StopTraining", "distill", "soft_labels", "train_teacher"]
 
 PathLike = str | os.PathLike
 
@@ -73,6 +75,15 @@ def _fit_classes(data, width: int, fixed: bool, who: str):
     return with_classes(data, width, fixed=False)
 
 
+def _epoch_callbacks(callbacks, tensorboard) -> tuple[list, TensorBoardLogger | None]:
+    """(fit's callbacks, the TensorBoard logger to close after the run): checked before any
+    work, so a missing tensorboard package is one ImportError line before anything trains."""
+    hooks = check_callbacks(callbacks)
+    logger = TensorBoardLogger(tensorboard) if tensorboard is not None else None
+    # The logger first: the epoch's scalars are written even when a callback of yours raises.
+    return ([logger] if logger is not None else []) + hooks, logger
+
+
 def _history(run_dir: Path | None, trained: list[dict]) -> list[dict]:
     """The metrics rows of every epoch: a resumed run's earlier ones are in its folder only."""
     from rbkd.engine import read_metrics
@@ -95,6 +106,8 @@ def train_teacher(
     out: PathLike | None = None,
     resume: bool = False,
     progress: bool = False,
+    callbacks: Iterable[Callable[[dict], Any]] | None = None,
+    tensorboard: PathLike | None = None,
 ) -> RunResult:
     """Train `model` on `train`'s hard labels (cross-entropy), scoring it on `test` each epoch.
 
@@ -102,7 +115,13 @@ def train_teacher(
     for the data from `seed`. Hyper-parameters: `config` and/or the keywords (defaults:
     rbkd.TrainConfig). With `out`, writes a run folder like `rbkd train-teacher --out`: weights,
     config.json, metrics.jsonl, an epoch checkpoint (`resume=True` continues it) and both splits'
-    soft labels."""
+    soft labels.
+
+    `callbacks`: functions called after each epoch (on rank 0 under torchrun) with its metrics
+    row plus `lr`; their return value is ignored, and raising `rbkd.StopTraining` ends training
+    after that epoch, keeping its checkpoint. `tensorboard`: a folder to log each epoch's
+    scalars to (torch.utils.tensorboard; needs `pip install tensorboard`)."""
+    hooks, logger = _epoch_callbacks(callbacks, tensorboard)
     cfg = train_config(
         config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
     )
@@ -114,19 +133,24 @@ def train_teacher(
                          config=cfg, num_classes=num_classes, out=out, resume=resume)  # fmt: skip
     spec = TeacherSpec(dataset=train_ds.name, capacity=getattr(net, "arch", None) or "own")
     trained: list[dict] = []
-    result = run_teacher(
-        spec,
-        cfg,
-        out=out,
-        root=None,
-        splits=(train_ds, test_ds),
-        progress=progress,
-        model=net,
-        resume=resume,
-        on_epoch=trained.append,
-        extra={"api": "rbkd.train_teacher"},
-        invocation=record,
-    )
+    try:
+        result = run_teacher(
+            spec,
+            cfg,
+            out=out,
+            root=None,
+            splits=(train_ds, test_ds),
+            progress=progress,
+            model=net,
+            resume=resume,
+            on_epoch=trained.append,
+            callbacks=hooks,
+            extra={"api": "rbkd.train_teacher"},
+            invocation=record,
+        )
+    finally:
+        if logger is not None:
+            logger.close()
     run_dir = Path(out) if out is not None else None
     history = _history(run_dir, trained)
     return RunResult.from_fit(
@@ -227,6 +251,8 @@ def distill(
     out: PathLike | None = None,
     resume: bool = False,
     progress: bool = False,
+    callbacks: Iterable[Callable[[dict], Any]] | None = None,
+    tensorboard: PathLike | None = None,
 ) -> RunResult:
     """Train `student` on `train` against a teacher's soft labels at temperature T (the loss of
     README's "The loss convention": `(1 - alpha) * CE + alpha * s * KL` at T).
@@ -239,7 +265,8 @@ def distill(
     `divergence` ("kl", the default, "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd",
     "dkd") and its options `beta`, `skew`, `dkd_alpha`, `dkd_beta`, `standardize` are
     rbkd.ops.kd_loss's (defaults: rbkd.config.LossSpec's).
-    `result.soft_labels` holds the soft labels learnt from."""
+    `result.soft_labels` holds the soft labels learnt from. `callbacks` and `tensorboard` as
+    rbkd.train_teacher's."""
 
     spec = DistillSpec()
     T = check_kd_temperature(spec.T if T is None else T)
@@ -251,6 +278,7 @@ def distill(
     loss.check(str)  # one line naming the keyword
     if (teacher is None) == (soft_labels is None):
         raise ValueError("give exactly one of teacher= (a model or function) or soft_labels=")
+    hooks, logger = _epoch_callbacks(callbacks, tensorboard)
     cfg = train_config(
         config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
     )
@@ -269,24 +297,29 @@ def distill(
     spec = DistillSpec(T=T, alpha=alpha, t_squared=t_squared, loss=loss,
                        student=getattr(net, "arch", None) or "own")  # fmt: skip
     trained: list[dict] = []
-    report = run_distill(
-        spec,
-        cfg,
-        out=out,
-        root=None,
-        progress=progress,
-        splits=(train_ds, test_ds),
-        soft=soft,
-        model=net,
-        resume=resume,
-        on_epoch=trained.append,
-        extra={
-            "api": "rbkd.distill",
-            "teacher": soft.teacher,
-            "soft_labels": str(soft.path) if soft.path else None,
-        },  # fmt: skip
-        invocation=record,
-    )
+    try:
+        report = run_distill(
+            spec,
+            cfg,
+            out=out,
+            root=None,
+            progress=progress,
+            splits=(train_ds, test_ds),
+            soft=soft,
+            model=net,
+            resume=resume,
+            on_epoch=trained.append,
+            callbacks=hooks,
+            extra={
+                "api": "rbkd.distill",
+                "teacher": soft.teacher,
+                "soft_labels": str(soft.path) if soft.path else None,
+            },  # fmt: skip
+            invocation=record,
+        )
+    finally:
+        if logger is not None:
+            logger.close()
     run_dir = Path(out) if out is not None else None
     return RunResult.from_fit(
         net,

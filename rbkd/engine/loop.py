@@ -8,8 +8,9 @@ every GLOBAL batch, so `batch_size` means the same thing for any number of proce
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from rbkd.config import TrainConfig
 from rbkd.engine import checkpoint as ckpt
 from rbkd.engine import distributed
+from rbkd.engine.callbacks import run_callbacks
 from rbkd.engine.evaluate import evaluation_sums, logits_of, metrics_from_sums
 from rbkd.engine.progress import EpochProgress
 from rbkd.engine.rundir import (
@@ -141,11 +143,14 @@ def fit(
     progress: bool = True,
     extra_config: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    callbacks: Sequence[Callable[[dict], Any]] = (),
 ) -> dict:
     """Train `model` (any nn.Module) in place on `train[indices]` against `objective`; evaluate on
     `test` after every epoch (test=None: no evaluation, test metrics NaN); write `run_dir`
     (rank 0). Returns the final metrics (see docs/engine-api.md); `on_epoch(row)` receives each
-    epoch's metrics row as it is trained (the public API's history without a run folder)."""
+    epoch's metrics row as it is trained (the public API's history without a run folder), on
+    every rank. `callbacks` (rbkd.engine.callbacks) are called on rank 0 alone, after the epoch's
+    checkpoint, with the row plus `lr`; one raising StopTraining ends training after that epoch."""
     ctx = distributed.setup(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
     # One writer per run folder (rank 0 writes; the other ranks only read the checkpoint). The
@@ -174,6 +179,7 @@ def fit(
                 progress,
                 extra_config,
                 on_epoch,
+                list(callbacks),
             )
     finally:
         ctx.close()
@@ -192,6 +198,7 @@ def _fit(
     progress,
     extra_config,
     on_epoch,
+    callbacks,
 ):
     device, world = ctx.device, ctx.world_size
     model.to(device)
@@ -321,6 +328,8 @@ def _fit(
                         run_dir, model, optimizer, epoch + 1, info, config=config, metrics=history
                     )
                     write_metrics(run_dir, history)
+                if callbacks and _stop_requested(callbacks, row, optimizer, ctx):
+                    break
     finally:
         if synced_bn:
             for name, child in model.named_children():
@@ -330,6 +339,17 @@ def _fit(
         save_model(run_dir, model)
         write_json(run_dir / "config.json", {**config, "final_metrics": final})
     return final
+
+
+def _stop_requested(callbacks, row, optimizer, ctx) -> bool:
+    """Rank 0 calls the callbacks (after the checkpoint: a callback that raises leaves the epoch
+    saved); whether one raised StopTraining, agreed by every rank so that all stop together."""
+    stop = 0.0
+    if ctx.is_main:
+        stop = float(run_callbacks(callbacks, {**row, "lr": optimizer.param_groups[0]["lr"]}))
+    if ctx.world_size > 1:
+        stop = float(ctx.all_reduce_sum(torch.tensor([stop], device=ctx.device)).item())
+    return stop > 0
 
 
 def _single_value_batchnorm(model: nn.Module, data, row: int) -> bool:

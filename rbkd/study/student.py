@@ -98,6 +98,7 @@ def distill(
     model=None,
     resume: bool | None = None,
     on_epoch=None,
+    callbacks=(),
     extra: dict | None = None,
     invocation: dict | None = None,
 ) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def distill(
     replaces the digest of the soft labels in the key: a study names a teacher by its own key, so
     that a student's key is known before its teacher has trained (and a dry run can say what is
     done). `model`: a module of the user's own (default: rbkd's `spec.student`). `out`, `root`,
-    `resume` and `invocation` as rbkd.study.teacher.train_teacher's.
+    `resume`, `invocation`, `on_epoch` and `callbacks` as rbkd.study.teacher.train_teacher's.
     """
     own_model = model is not None and (getattr(model, "arch", None) != spec.student)
     spec.check(source_given=soft is not None, own_model=own_model)
@@ -212,6 +213,7 @@ def distill(
                 progress=progress,
                 extra_config=extra,
                 on_epoch=on_epoch,
+                callbacks=callbacks,
             )
         per_class = [float(a) for a in metrics["per_class_accuracy"]]
         report = {

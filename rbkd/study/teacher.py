@@ -112,6 +112,7 @@ def train_teacher(
     model=None,
     resume: bool | None = None,
     on_epoch=None,
+    callbacks=(),
     extra: dict | None = None,
     invocation: dict | None = None,
 ) -> dict[str, Any]:
@@ -124,7 +125,8 @@ def train_teacher(
     finished run with the same key is reused, a killed one resumed, another refused); True or
     False: fit's own rule (the Python API: resume=False refuses a folder holding a run).
     `invocation`: how to repeat the run (config.json's provenance), when no command line is
-    recorded already; by default the equivalent `rbkd train-teacher` where there is one."""
+    recorded already; by default the equivalent `rbkd train-teacher` where there is one.
+    `on_epoch` and `callbacks`: fit's (per-epoch hooks; a run reused as done calls neither)."""
     if model is None:
         spec.check()
     train, test = splits if splits is not None else load_splits(spec.dataset, data_dir, limit)
@@ -144,7 +146,7 @@ def train_teacher(
         invocation = repeat_record(invocation, command)
     extra = {"command": "train-teacher", "capacity": spec.capacity, "limit": limit,
              "key": key, **(extra or {})}  # fmt: skip
-    fit_args = dict(progress=progress, extra_config=extra, on_epoch=on_epoch)
+    fit_args = dict(progress=progress, extra_config=extra, on_epoch=on_epoch, callbacks=callbacks)
     if run_dir is None:  # nothing written: the Python API without out=
         with recording(invocation):
             metrics = fit(model, train, test, cfg, CrossEntropy(), **fit_args)
