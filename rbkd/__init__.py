@@ -16,6 +16,8 @@ Everything here is imported on first use: `import rbkd` does not import torch, s
 line starts fast.
 """
 
+from rbkd._lazy import lazy_names
+
 __version__ = "0.1.0"
 
 # name -> the module that defines it, imported when the name is first used (PEP 562).
@@ -40,18 +42,4 @@ _SUBMODULES = ("analysis", "config", "data", "engine", "models", "ops", "softlab
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _SUBMODULES:
-        return importlib.import_module(f"rbkd.{name}")
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rbkd' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # next time a plain attribute: no more __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY, _SUBMODULES)

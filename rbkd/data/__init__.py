@@ -7,8 +7,7 @@ from the public mirrors.
 >>> x = train.normalize(train.images[:256].to("cuda"))  # float32, normalised on the GPU
 """
 
-import importlib
-
+from rbkd._lazy import lazy_names
 from rbkd.data.errors import (
     DATA_ERRORS,
     DataError,
@@ -50,14 +49,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rbkd.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # next time a plain attribute: no more __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)

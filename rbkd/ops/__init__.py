@@ -20,8 +20,7 @@ torch-free rbkd.config reads), imports no torch.
 
 from __future__ import annotations
 
-import importlib
-
+from rbkd._lazy import lazy_names
 from rbkd.ops.args import DIVERGENCES, KD_MAX_TEMPERATURE
 
 # name -> the module that defines it, imported when the name is first used.
@@ -46,16 +45,4 @@ _SUBMODULES = (
 __all__ = ["DIVERGENCES", "KD_MAX_TEMPERATURE", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"rbkd.ops.{name}")
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rbkd.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # next time a plain attribute: no more __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY, _SUBMODULES)

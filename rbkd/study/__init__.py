@@ -12,7 +12,7 @@ rbkd.study.plan) imports no torch, so `rbkd study run --dry-run` and a bad file'
 are quick.
 """
 
-import importlib
+from rbkd._lazy import lazy_names
 
 # name -> the module that defines it, imported when the name is first used.
 _LAZY = {
@@ -29,14 +29,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rbkd.study' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # next time a plain attribute: no more __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)
