@@ -21,12 +21,12 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from rbkd.cli.typer_app import command_args
-from rbkd.cli.usage import CONFIG_FILE_META
+from rbkd.cli.usage import CONFIG_FILE_META, INVOCATION_META
 from typer import _click as click
 
 from rbkd.config import OPTION_RULES
 from rbkd.io import read_bounded
-from rbkd.provenance import file_record, push_invocation, recorded_invocation
+from rbkd.provenance import file_record, recorded_invocation
 
 MAX_CONFIG_BYTES = 1 << 20  # an options file is a few hundred bytes; a run's config.json a few KB
 # Levels of tables and lists: an options file has 2 (a table of lists); a run's config.json
@@ -236,7 +236,9 @@ def _load(ctx: click.Context, param: click.Parameter, value: Path | None) -> Pat
     if value is not None:
         ctx.default_map = {**(ctx.default_map or {}), **options_from_file(ctx, Path(value))}
         ctx.meta[CONFIG_FILE_META] = Path(value)
-    ctx.call_on_close(push_invocation(lambda: describe_invocation(ctx, value)))
+    # Kept on the context, not pushed here: a later option's parse error never closes the context,
+    # and a describer pushed now would stay for every run the process writes afterwards.
+    ctx.meta[INVOCATION_META] = lambda: describe_invocation(ctx, value)
     return value
 
 

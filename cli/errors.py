@@ -4,6 +4,7 @@ one line saying how to resume (cli/interrupts.py); the traceback only with RBKD_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from rbkd.cli.consoles import err_console
 from rbkd.cli.interrupts import has_resume_option, report_interrupt, sigterm_as_interrupt
 from rbkd.cli.text import escape, one_line
 from typer import _click as click
+from typer._click.globals import get_current_context
 
 DEBUG_VAR = "RBKD_DEBUG"
 
@@ -51,6 +53,21 @@ def report_error(exc: BaseException) -> None:
     err_console.print(f"[bold red]Error:[/] {escape(error_line(exc))}", soft_wrap=True, markup=True)
 
 
+@contextlib.contextmanager
+def _recorded(describe: Callable[[], dict] | None):
+    """Runs written in the block record `describe()` as their invocation (rbkd.provenance)."""
+    if describe is None:
+        yield
+        return
+    from rbkd.provenance import push_invocation  # with rbkd.data: not on `rbkd --help`'s path
+
+    pop = push_invocation(describe)
+    try:
+        yield
+    finally:
+        pop()
+
+
 def handle_errors(fn: F) -> F:
     """Decorator for commands: the values of the options that have a rule (rbkd.config's
     OPTION_RULES) are checked first, a usage error (exit code 2) naming the flag or the --config
@@ -61,11 +78,13 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         # Here, not at the top: cli/app.py imports this module, and `rbkd --help` is faster
         # without rbkd.config, which the checks read (every command's module loads it anyway).
-        from rbkd.cli.usage import check_command_options
+        from rbkd.cli.usage import INVOCATION_META, check_command_options
 
         check_command_options()  # before anything is read or written
+        ctx = get_current_context(silent=True)
+        describe = ctx.meta.get(INVOCATION_META) if ctx is not None else None
         try:
-            with sigterm_as_interrupt():
+            with sigterm_as_interrupt(), _recorded(describe):
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise

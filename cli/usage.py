@@ -13,6 +13,9 @@ from typer._click.globals import get_current_context
 from rbkd.config import OPTION_RULES
 
 CONFIG_FILE_META = "rbkd.config_file"  # ctx.meta: the --config file this command read
+# ctx.meta: a function describing this command's invocation (cli/config_file.py sets it while the
+# options parse; cli/errors.handle_errors records it for exactly the span of the command's body).
+INVOCATION_META = "rbkd.invocation"
 
 
 def check_command_options(ctx: click.Context | None = None) -> None:

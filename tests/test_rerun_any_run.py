@@ -121,3 +121,15 @@ def test_an_api_run_of_a_model_of_your_own_says_why_it_cannot_be_rerun(tmp_path)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "cannot be rerun" in lines[0] and "repeat the call from Python" in lines[0]
+
+
+def test_a_command_that_fails_to_parse_leaves_no_invocation_behind(tmp_path):
+    """A usage error after --config's callback ran used to leave that command's describer pushed,
+    and every run the process wrote later (a study cell, an API run) recorded `distill`."""
+    from rbkd.provenance import current_invocation
+
+    config = tmp_path / "distill.toml"
+    config.write_text("T = 4.0\n")
+    result = invoke("distill", "--config", config, "--epochs", "many", ok=False)
+    assert result.exit_code == 2
+    assert current_invocation() is None
