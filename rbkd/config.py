@@ -283,7 +283,7 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 def check_temperature(T: float, name: str = "T") -> float:
     ok = isinstance(T, numbers.Real) and not isinstance(T, bool)
     if not (ok and math.isfinite(T) and T > 0):
-        raise ValueError(f"temperature {name} must be a finite number > 0, got {T}")
+        raise ValueError(f"temperature {name} must be finite, and {name} must be > 0, got {T}")
     return float(T)
 
 
