@@ -48,7 +48,10 @@ WORKER = textwrap.dedent(
     model = build_model("mnist", "general", seed=0)
     out = fit(model, train, test, cfg, Distillation(teacher, 4.0, 0.5), run_dir=sys.argv[1],
               progress=False)
-    print("RESULT", out["test_accuracy"], out["test_ce_loss"], flush=True)
+    # One write per line: the ranks finish together (a barrier before the group is torn down),
+    # and print's separate writes of text and newline interleaved between them.
+    sys.stdout.write(f"RESULT {out['test_accuracy']} {out['test_ce_loss']}\\n")
+    sys.stdout.flush()
     """
 )
 
