@@ -204,33 +204,32 @@ def scale_saved_grad(grad: Tensor, grad_loss: Tensor) -> Tensor:
     return grad.mul_(scale.to(grad.dtype))
 
 
-class KDLoss(torch.autograd.Function):
-    """The autograd path of kd_loss, eager and compiled.
+def saved_grad_function(op_name: str, op, impl) -> type[torch.autograd.Function]:
+    """The autograd path of a loss whose forward pass already computes its gradient (kd_loss,
+    sparse_kd_loss), eager and compiled: `impl` returns (loss, grad); `op` is its registered
+    torch.library op.
 
-    Eager calls run kd_loss_impl directly: the torch.library dispatch costs ~140 us a call here
+    Eager calls run `impl` directly: the torch.library dispatch costs ~140 us a call here
     (a 64 x 10 kd_loss forward + backward: 212 us this way, 349 us through the registered op's
     own autograd, 2-core CPU), a quarter of a training step of the thesis's baseline student.
     While torch.compile traces, forward calls the registered op instead, which the graph can hold.
 
-    The forward pass already computes the gradient. Eager keeps it as a plain ctx attribute,
-    released in backward: autograd then hands that very tensor to .grad instead of cloning it
-    (it steals a gradient nobody else holds), which saves an [N, C] copy. So one kd_loss call
-    serves one backward; retain_graph=True keeps the rest of the graph, and a second backward
-    through the same call is a clear error.
+    Eager keeps the gradient as a plain ctx attribute, released in backward: autograd then hands
+    that very tensor to .grad instead of cloning it (it steals a gradient nobody else holds),
+    which saves an [N, C] copy. So one call serves one backward; retain_graph=True keeps the rest
+    of the graph, and a second backward through the same call is a clear error.
     """
 
-    @staticmethod
     def forward(ctx, *args):
         ctx.num_inputs = len(args)
         if torch.compiler.is_compiling():
-            loss, grad = kd_loss_op(*args)
+            loss, grad = op(*args)
             ctx.save_for_backward(grad)
         else:
-            loss, grad = kd_loss_impl(*args)
+            loss, grad = impl(*args)
             ctx.saved_grad = grad
         return loss
 
-    @staticmethod
     def backward(ctx, grad_loss: Tensor):
         nones = (None,) * (ctx.num_inputs - 1)
         if torch.compiler.is_compiling():
@@ -240,11 +239,23 @@ class KDLoss(torch.autograd.Function):
         grad = ctx.saved_grad
         if grad is None:
             raise RuntimeError(
-                "kd_loss: a second backward through the same kd_loss call is not supported (the "
-                "first handed its saved gradient to .grad); call kd_loss again for another backward"
+                f"{op_name}: a second backward through the same {op_name} call is not supported "
+                f"(the first handed its saved gradient to .grad); call {op_name} again for "
+                "another backward"
             )
         ctx.saved_grad = None
         return (scale_saved_grad(grad, grad_loss), *nones)
+
+    # Built with type() so that the class (and autograd's node, "<name>Backward") has its name.
+    name = "".join(part.title() for part in op_name.split("_")).replace("Kd", "KD")
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"The autograd path of {op_name} (library.saved_grad_function).",
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })  # fmt: skip
+
+
+KDLoss = saved_grad_function("kd_loss", kd_loss_op, kd_loss_impl)
 
 
 # ---- soft-label entropy --------------------------------------------------------------------------

@@ -294,34 +294,4 @@ def _(student, ids, topk, logz, labels, T_rows, T, alpha_rows, alpha, reduction,
     return student.new_empty(loss_shape, dtype=torch.float32), grad
 
 
-class SparseKDLoss(torch.autograd.Function):
-    """sparse_kd_loss's autograd path, eager and compiled, as library.KDLoss: the forward pass
-    computes the gradient; eager keeps it on ctx (autograd hands that tensor to .grad, no copy),
-    so one call serves one backward; while torch.compile traces, the registered op runs."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        ctx.num_inputs = len(args)
-        if torch.compiler.is_compiling():
-            loss, grad = sparse_kd_loss_op(*args)
-            ctx.save_for_backward(grad)
-        else:
-            loss, grad = sparse_kd_loss_impl(*args)
-            ctx.saved_grad = grad
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        nones = (None,) * (ctx.num_inputs - 1)
-        if torch.compiler.is_compiling():
-            (grad,) = ctx.saved_tensors
-            scale = grad_loss if grad_loss.dim() == 0 else grad_loss.reshape(-1, 1)
-            return (grad * scale.to(grad.dtype), *nones)
-        grad = ctx.saved_grad
-        if grad is None:
-            raise RuntimeError(
-                "sparse_kd_loss: a second backward through the same call is not supported (the "
-                "first handed its saved gradient to .grad); call sparse_kd_loss again"
-            )
-        ctx.saved_grad = None
-        return (library.scale_saved_grad(grad, grad_loss), *nones)
+SparseKDLoss = library.saved_grad_function("sparse_kd_loss", sparse_kd_loss_op, sparse_kd_loss_impl)
