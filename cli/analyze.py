@@ -95,6 +95,10 @@ def entropy(
     ] = False,
     plot: PlotOpt = None,
     json_out: JsonFileOpt = None,
+    csv_out: Annotated[
+        Path | None,
+        typer.Option("--csv", help="With a sparse soft-label store: write its tables here (CSV)."),
+    ] = None,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
     threads: ThreadsOpt = None,
@@ -105,10 +109,23 @@ def entropy(
     classes has higher entropy (thesis figures 4.4, 5.2-5.4). All temperatures are computed in
     one pass with rbkd.ops.soft_label_entropy. Pass several --teacher/--soft-labels to compare.
 
+    A sparse soft-label store (a folder with index.json, docs/sparse-soft-labels.md) given to
+    --soft-labels is read shard by shard: mean token entropy at the temperatures of its grid
+    (--T picks some), by frequency rank of the input and of the next token, by position in the
+    document, and the teacher's top-k mass against k (--csv writes these tables).
+
     Example:
 
         rbkd analyze entropy --teacher runs/t1 --T 1:20 --label-smoothing-curve --plot entropy.png --json entropy.json
     """
+    from rbkd.analysis.token_entropy import is_store
+
+    if any(is_store(p) for p in soft_labels or []):  # language-model token soft labels
+        _store_entropy(soft_labels, teacher, T, per_class, label_smoothing_curve, plot,
+                       json_out, csv_out, limit, threads)  # fmt: skip
+        return
+    if csv_out is not None:
+        raise ValueError("--csv writes a sparse soft-label store's tables; give the store's folder")
     from rbkd.analysis.entropy import (
         entropy_table,
         parse_temperatures,
@@ -209,6 +226,25 @@ def entropy(
             labels=legend,
         )
         shown.print(f"wrote {escape(plot)}", soft_wrap=True)
+
+
+def _store_entropy(stores, teacher, T, per_class, ls_curve, plot, json_out, csv_out, limit,
+                   threads) -> None:  # fmt: skip
+    from rbkd.cli.analyze_tokens import store_entropy
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+
+    if teacher:
+        raise ValueError("give sparse soft-label stores or --teacher runs, not both")
+    if per_class or ls_curve:
+        raise ValueError(
+            "--per-class and --label-smoothing-curve are for classifiers' soft labels; a store's "
+            "tables are by token frequency and position"
+        )
+    ctx = get_current_context(silent=True)
+    given = ctx is not None and ctx.get_parameter_source("T") not in (None, ParameterSource.DEFAULT)
+    store_entropy(stores, temperatures=T if given else None, limit=limit, plot=plot,
+                  json_out=json_out, csv_out=csv_out, threads=threads)  # fmt: skip
 
 
 def _teacher_name(path: Path, config: dict) -> str:
