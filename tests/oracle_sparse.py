@@ -6,6 +6,8 @@ of issue 16 and the op's docstring, never from rbkd/ops/sparse_twin.py:
   bucket when k = V;
 - renormalize: the full-vocabulary divergence of oracle.divergence_rows against the teacher
   renormalised over its k ids and padded with zeros (the twin works on k + 1 buckets);
+- sampled: the teacher estimated as the dense vector p_hat = (c / S) p_T / p_sample_T scattered
+  over the vocabulary (0 off the sampled ids), D = sum_v p_hat_v (log p_T,v - log p_s,v);
 - the gradient by torch.autograd.
 
 A row that the non-finite rule covers is NaN in the loss and in its gradient row; the formula
@@ -34,7 +36,8 @@ def _per_row(value, n: int) -> Tensor:
 
 def sparse_kd_loss(student, ids, topk, labels=None, *, logz=None, T=1.0, alpha=0.9,
                    t_squared=True, tail="bucket", ignore_index=-100, reduction="mean",
-                   divergence="kl", beta=0.5, skew=0.1):  # fmt: skip
+                   divergence="kl", beta=0.5, skew=0.1, sample_counts=None, sample_T=None,
+                   sample_logz=None):  # fmt: skip
     """(loss, grad of loss.sum() w.r.t. student) in float64, the loss as the op returns it."""
     lead, v, k = student.shape[:-1], student.shape[-1], ids.shape[-1]
     n = lead.numel()
@@ -46,11 +49,17 @@ def sparse_kd_loss(student, ids, topk, labels=None, *, logz=None, T=1.0, alpha=0
     lz = None if logz is None else logz.detach().double().reshape(n)
 
     counted = torch.ones(n, dtype=torch.bool) if y is None else y != ignore_index
-    bad = _nonfinite_rows(z) | _nonfinite_rows(t) | ~((T > 0) & (T <= KD_MAX_T))
-    bad |= ((idx < 0) | (idx >= v)).any(-1)
+    bad = _nonfinite_rows(z) | ~((T > 0) & (T <= KD_MAX_T))
     safe_idx = idx.clamp(0, v - 1)
-    for r in range(n):  # repeated ids, row by row: the plain way
-        bad[r] |= len(set(safe_idx[r].tolist())) != k
+    if tail == "sampled":
+        c = sample_counts.reshape(n, k).long()
+        lz0 = None if sample_logz is None else sample_logz.detach().double().reshape(n)
+        used, bad_s = _sampled_rows(idx, c, t, T, lz, sample_T, lz0, v, topk.dtype)
+        bad |= bad_s
+    else:
+        bad |= _nonfinite_rows(t) | ((idx < 0) | (idx >= v)).any(-1)
+        for r in range(n):  # repeated ids, row by row: the plain way
+            bad[r] |= len(set(safe_idx[r].tolist())) != k
     if tail == "bucket":
         mass = torch.exp(t / T[:, None] - lz[:, None]).sum(-1)
         bad |= ~torch.isfinite(lz) | (mass > 1 + MASS_TOL.get(topk.dtype, 1e-3))
@@ -64,7 +73,20 @@ def sparse_kd_loss(student, ids, topk, labels=None, *, logz=None, T=1.0, alpha=0
     tt = torch.where(ok[:, None], t, 0.0)
     log_ps = torch.log_softmax(zz / TT, -1)
     ii = torch.where(ok[:, None], safe_idx, torch.arange(k)[None, :] % v)
-    if tail == "renormalize":
+    if tail == "sampled":
+        use = used & ok[:, None]
+        ii = torch.where(use, safe_idx, 0)
+        tu = torch.where(use, t, 0.0)
+        log_pt = tu / TT - torch.where(ok, lz, 0.0)[:, None]
+        w = torch.ones_like(log_pt)
+        if lz0 is not None:
+            w = torch.exp(log_pt - (tu / sample_T - torch.where(ok, lz0, 0.0)[:, None]))
+        cu = torch.where(use, c, 0).double()
+        p_hat = torch.where(use, cu / cu.sum(-1, keepdim=True).clamp(min=1) * w, 0.0)
+        p_hat_full = torch.zeros(n, v, dtype=F64).scatter_add(1, ii, p_hat)
+        log_pt_full = torch.zeros(n, v, dtype=F64).scatter_add(1, ii, torch.where(use, log_pt, 0))
+        d = (p_hat_full * (log_pt_full - log_ps)).sum(-1)
+    elif tail == "renormalize":
         q = torch.softmax(tt / TT, -1)
         q_full = torch.zeros(n, v, dtype=F64).scatter(1, ii, q)
         d = divergence_rows(log_ps, q_full.log(), None, divergence, beta, skew)
@@ -97,6 +119,28 @@ def sparse_kd_loss(student, ids, topk, labels=None, *, logz=None, T=1.0, alpha=0
     grad = z.grad if z.grad is not None else torch.zeros_like(z)
     grad = torch.where(bad[:, None], NAN, grad)
     return reduce(torch.where(bad, NAN, rows.detach())), grad.reshape(student.shape)
+
+
+def _sampled_rows(idx, c, t, T, lz, sample_T, lz0, v, dtype):
+    """(used entries [n, s], bad rows [n]) of tail='sampled': an entry is an id in [0, V) with a
+    count >= 0 or padding (-1, 0); a row is bad with another entry, an id twice, no draw, a
+    non-finite teacher logit at a drawn id or logz, or a mass on the drawn ids above 1 + tol."""
+    n = idx.shape[0]
+    in_range = (idx >= 0) & (idx < v)
+    entry = (in_range & (c >= 0)) | ((idx == -1) & (c == 0))
+    used = in_range & (c > 0)
+    bad = ~entry.all(-1) | (torch.where(used, c, 0).sum(-1) == 0)
+    for r in range(n):
+        drawn = [i for i in idx[r].tolist() if 0 <= i < v]
+        bad[r] |= len(set(drawn)) != len(drawn)
+    bad |= ~torch.where(used, t.isfinite(), True).all(-1) | ~torch.isfinite(lz)
+    tol = MASS_TOL.get(dtype, 1e-3)
+    tu = torch.where(used, t, 0.0)
+    bad |= torch.where(used, torch.exp(tu / T[:, None] - lz[:, None]), 0.0).sum(-1) > 1 + tol
+    if lz0 is not None:
+        bad |= ~torch.isfinite(lz0)
+        bad |= torch.where(used, torch.exp(tu / sample_T - lz0[:, None]), 0.0).sum(-1) > 1 + tol
+    return used, bad
 
 
 def capture(logits: Tensor, k: int, temps) -> dict[str, Tensor]:

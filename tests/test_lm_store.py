@@ -45,15 +45,21 @@ class Capture:
         if start == self.fail_at:
             raise RuntimeError("killed")
         self.calls.append((start, end))
+        logits = self.logits[start:end]
         cap = ops.capture_soft_labels(
-            self.logits[start:end], self.spec.k, list(self.spec.temperatures),
-            samples=self.spec.samples, generator=torch.Generator().manual_seed(start),
+            logits, self.spec.k, list(self.spec.temperatures), samples=self.spec.samples,
+            sample_T=self.spec.sample_T, generator=torch.Generator().manual_seed(start),
         )  # fmt: skip
         positions = torch.arange(start, end, dtype=torch.int32)
+        sample_logits = None
+        if cap.sample_ids is not None:  # the teacher's logits at its sampled ids (padding: 0)
+            at = logits.gather(-1, cap.sample_ids.clamp(min=0).long())
+            sample_logits = at.masked_fill(cap.sample_ids < 0, 0)
         return {
             "topk_ids": cap.topk_ids, "topk_logits": cap.topk_logits, "logz": cap.logz,
             "entropy": cap.entropy, "sample_ids": cap.sample_ids, "sample_counts": cap.sample_counts,
-            "input_ids": positions % VOCAB, "doc_offsets": positions % 7,
+            "sample_logits": sample_logits, "input_ids": positions % VOCAB,
+            "doc_offsets": positions % 7,
         }  # fmt: skip
 
 
@@ -197,3 +203,37 @@ def test_the_documented_bytes_per_token_are_the_formats(tmp_path):
     header = size - 64 * st.bytes_per_token(4, 2, "bfloat16")
     assert 0 < header < 1024, header
     assert re.search(r"DistillKit", text)
+
+
+def test_sampled_soft_labels_feed_the_sampled_loss(tmp_path):
+    """A store with samples keeps sample_T in its spec and the teacher's logits at the sampled
+    ids; those tensors are what sparse_kd_loss(tail="sampled") takes, at sample_T and at another
+    stored T (with that T's logz and sample_T's as sample_logz)."""
+    spec = make_spec(sample_T=2.0, topk_dtype="float32")
+    cap = Capture(spec)
+    cap.logits = cap.logits.float()
+    st.write_store(tmp_path / "s", spec, cap)
+    store = st.SparseStore(tmp_path / "s")
+    assert store.spec.sample_T == 2.0
+    whole = store.tokens(0, spec.num_tokens)
+    ids, counts = whole["sample_ids"], whole["sample_counts"]
+    drawn = ids >= 0
+    at = cap.logits.gather(-1, ids.clamp(min=0).long())
+    assert torch.equal(whole["sample_logits"][drawn], at[drawn])
+    z = torch.randn(spec.num_tokens, VOCAB, requires_grad=True)
+    for j, T in enumerate(spec.temperatures):
+        extra = {} if T == spec.sample_T else {"sample_logz": whole["logz"][:, 1]}
+        loss = ops.sparse_kd_loss(
+            z, ids, whole["sample_logits"], tail="sampled", sample_counts=counts,
+            sample_T=store.spec.sample_T, logz=whole["logz"][:, j], T=T, **extra,
+        )  # fmt: skip
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+def test_a_shard_with_samples_needs_their_logits(tmp_path):
+    spec = make_spec()
+    tensors = Capture(spec)(0, 4)
+    del tensors["sample_logits"]
+    with pytest.raises(st.StoreError, match="sample_logits"):
+        st.StoreWriter(tmp_path / "s", spec).write_shard(0, tensors)

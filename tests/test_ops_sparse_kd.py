@@ -160,6 +160,102 @@ def test_sparse_kd_loss_matches_oracle(tail, variant, shape, k, dtype, options):
     check_sparse("auto", z, ids, topk, y, tail=tail, **kw)
 
 
+def draw_samples(t, s, sample_T, g):
+    """(ids, counts) [..., s] int32 in capture_soft_labels's format, drawn here (the plain way:
+    multinomial, then a bincount per row): s draws from softmax(t / sample_T), the distinct ids
+    ascending with their counts, padded with -1 and 0."""
+    v = t.shape[-1]
+    rows = torch.softmax(t.float().reshape(-1, v) / sample_T, -1)
+    draws = torch.multinomial(rows, s, replacement=True, generator=g)
+    ids = torch.full(draws.shape, -1, dtype=torch.int32)
+    counts = torch.zeros(draws.shape, dtype=torch.int32)
+    for r in range(draws.shape[0]):
+        hist = torch.bincount(draws[r], minlength=v)
+        seen = hist.nonzero()[:, 0]
+        ids[r, : len(seen)], counts[r, : len(seen)] = seen.int(), hist[seen].int()
+    return ids.reshape(*t.shape[:-1], s), counts.reshape(*t.shape[:-1], s)
+
+
+def sampled_case(shape, s, dtype=torch.float32, options=None, *, seed=0):
+    """(student, sample_ids, sample_logits, labels, kwargs) of tail='sampled': a teacher's full
+    row drawn in `dtype`, s draws from it at sample_T (capture_soft_labels, seeded), its logits
+    at the drawn ids (padding 0), logz at T and, when T is not sample_T, sample_logz. options as
+    sparse_case's, with "sample_T" (default: T)."""
+    kw = dict(options or {})
+    prep, scale, with_labels = kw.pop("prep", None), kw.pop("scale", 3.0), kw.pop("labels", True)
+    g = torch.Generator().manual_seed(seed)
+    *lead, v = shape
+    z = (torch.randn(shape, generator=g) * scale).to(dtype)
+    t = (torch.randn(shape, generator=g) * scale).to(dtype)
+    y = torch.randint(0, v, lead, generator=g) if with_labels else None
+    for key in ("T", "alpha"):
+        if callable(kw.get(key)):
+            kw[key] = kw[key](lead, g)
+    T = kw.get("T", 1.0)
+    sample_T = kw.setdefault("sample_T", T if not isinstance(T, torch.Tensor) else 1.0)
+    ids, counts = draw_samples(t, s, sample_T, g)
+    at = t.gather(-1, ids.clamp(min=0).long()).masked_fill(ids < 0, 0)
+    T_col = T.unsqueeze(-1) if isinstance(T, torch.Tensor) else T
+    kw["logz"] = torch.logsumexp(t.float() / T_col, -1)
+    if isinstance(T, torch.Tensor) or T != sample_T:
+        kw["sample_logz"] = torch.logsumexp(t.float() / sample_T, -1)
+    kw.update(tail="sampled", sample_counts=counts)
+    case = (z, ids, at, y, kw)
+    return prep(*case) if prep is not None else case
+
+
+def poisoned_sampled(z, ids, at, y, kw):
+    """Row 0 a NaN student, row 1 a NaN logit at a drawn id, row 2 a NaN logz, row 3 a NaN logit
+    at padding (harmless: finite), row 4 the poison of row 0 but ignored (0)."""
+    z[0, 1] = math.nan
+    at[1, 0] = math.nan
+    kw["logz"][2] = math.nan
+    ids[3, -1], kw["sample_counts"][3, -1], at[3, -1] = -1, 0, math.nan
+    z[4, 0], y[4] = math.nan, -100
+    return z, ids, at, y, kw
+
+
+def int32_counts(z, ids, at, y, kw):
+    return z, ids, at, y, {**kw, "sample_counts": kw["sample_counts"].long()}
+
+
+SAMPLED_SHAPES = [((1, 1), 1), ((7, 10), 3), ((7, 10), 40), ((3, 32785), 64), ((2, 3, 17), 5)]
+SAMPLED_OPTIONS = {
+    "T = sample_T": {},
+    "T=2 sample_T=1": {"T": 2.0, "sample_T": 1.0},
+    "T=0.5 sample_T=1": {"T": 0.5, "sample_T": 1.0},
+    "T=1 sample_T=4": {"T": 1.0, "sample_T": 4.0},
+    "per-row T and alpha": {"T": per_row(0.5, 8), "alpha": per_row(0, 1)},
+    "no labels": {"labels": False},
+    "alpha=0": {"alpha": 0.0},
+    "ignore_index=-1": {"ignore_index": -1, "prep": ignore_every_third},
+    "int32 ids and labels, int64 counts": {"prep": lambda *c: int32_counts(*int32_everything(*c))},
+    "logz [..., 1]": {"prep": logz_column},
+    "t_squared=False, sum": {"t_squared": False, "reduction": "sum", "T": 3.0},
+    "none": {"reduction": "none", "T": 2.0, "sample_T": 1.0},
+    "NaN rows": {"reduction": "none", "prep": poisoned_sampled},
+    "large logits": {"scale": 12.0},
+}
+SAMPLED_TABLE = [
+    pytest.param(shape, s, d, {}, id=_id("sampled", shape, s, d))
+    for shape, s in SAMPLED_SHAPES
+    for d in DTYPES
+    if not (shape[-1] > 1000 and d != torch.float32)
+] + [
+    pytest.param((13, 37), 9, d, o, id=_id("sampled", name, d))
+    for name, o in SAMPLED_OPTIONS.items()
+    for d in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("shape,s,dtype,options", SAMPLED_TABLE)
+def test_sampled_matches_oracle(shape, s, dtype, options):
+    """tail='sampled' (forward KL only) against the float64 oracle's dense p_hat, for the very
+    draws the case made: loss and gradient."""
+    z, ids, at, y, kw = sampled_case(shape, s, dtype, options, seed=sum(shape) + s)
+    check_sparse("auto", z, ids, at, y, **kw)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("shape", [(1, 1), (9, 10), (4, 37), (2, 3, 1000)], ids=str)

@@ -8,8 +8,10 @@ Shard i holds token positions [i M, min((i + 1) M, num_tokens)) of the corpus, M
     entropy        [m, J] float32   entropy (nats) of softmax(z / T_j)
     input_ids      [m]    int32     the position's input token
     doc_offsets    [m]    int32     the position's offset in its document (0 starts a document)
-    sample_ids     [m, s] int32     with samples = s > 0: capture_soft_labels's samples ...
-    sample_counts  [m, s] int32     ... and their counts
+    sample_ids     [m, s] int32     with samples = s > 0: capture_soft_labels's samples (drawn
+    sample_counts  [m, s] int32     at spec.sample_T), their counts ...
+    sample_logits  [m, s] topk_dtype  ... and the teacher's raw logits there (padding: any value),
+                                    which tail="sampled" of sparse_kd_loss needs
 
 Each shard is written atomically (rbkd.io.write_bytes: temporary file, fsync, rename), then its
 SHA-256 and size enter the index under an flock, so ranks may write their own shards at once. A
@@ -78,9 +80,15 @@ class StoreSpec:
     tokenizer_sha256: str = ""
     corpus_sha256: str = ""
     samples: int = 0
+    sample_T: float = 1.0  # the temperature the samples were drawn at
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
+        if isinstance(self.sample_T, bool) or not isinstance(self.sample_T, (int, float)):
+            raise ValueError(f"sample_T must be a number, got {_shown(self.sample_T)}")
+        object.__setattr__(self, "sample_T", float(self.sample_T))
+        if not (math.isfinite(self.sample_T) and self.sample_T > 0):
+            raise ValueError(f"sample_T must be finite and > 0, got {self.sample_T}")
         for name in ("k", "num_tokens", "shard_tokens", "samples"):
             value = getattr(self, name)
             low = 1 if name in ("k", "shard_tokens") else 0
@@ -140,7 +148,7 @@ def bytes_per_token(
 ) -> int:
     """Tensor bytes per token position (the shard's header adds a few hundred bytes per shard)."""
     value = TOPK_DTYPES[topk_dtype].itemsize
-    return k * (4 + value) + num_temperatures * 8 + 4 + 4 + samples * 8
+    return k * (4 + value) + num_temperatures * 8 + 4 + 4 + samples * (8 + value)
 
 
 def _expected(spec: StoreSpec, m: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -155,6 +163,7 @@ def _expected(spec: StoreSpec, m: int) -> dict[str, tuple[tuple[int, ...], torch
     }
     if spec.samples:
         out["sample_ids"] = out["sample_counts"] = ((m, spec.samples), torch.int32)
+        out["sample_logits"] = ((m, spec.samples), TOPK_DTYPES[spec.topk_dtype])
     return out
 
 

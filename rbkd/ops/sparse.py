@@ -16,6 +16,7 @@ from torch import Tensor
 from rbkd.ops import library
 from rbkd.ops import validation as v
 from rbkd.ops.args import KDOptions
+from rbkd.ops.sparse_sampled import check_sampled_values
 from rbkd.ops.sparse_twin import TAIL_MODES, sparse_kd_forward
 
 __all__ = ["TAIL_MODES", "sparse_kd_loss"]
@@ -44,6 +45,9 @@ def sparse_kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     standardize: bool = False,
+    sample_counts: Tensor | None = None,
+    sample_T: float | None = None,
+    sample_logz: Tensor | None = None,
 ) -> Tensor:
     """kd_loss of student logits [..., V] against a teacher known on k ids per row.
 
@@ -61,11 +65,20 @@ def sparse_kd_loss(
     ids and 0 elsewhere, against the student's full p_s, i.e. the full-vocabulary divergence
     against the zero-padded teacher (DistillKit compares log q with the student's full-vocabulary
     log-softmax gathered at the ids: the same number for kl and jsd).
+    tail="sampled" (Sparse Logit Sampling's unbiased estimator; divergence "kl" only): topk_ids
+    are ids sampled from the teacher at sample_T (capture_soft_labels's sample_ids, -1 padding),
+    topk_logits the teacher's raw logits at them, sample_counts [..., s] (int32 or int64) their
+    counts (0 padding), logz the teacher's log-partition at T and sample_T the temperature they
+    were drawn at (required: a wrong one biases silently). At T != sample_T (or a per-row T) the
+    importance weights p_T / p_sample_T also need sample_logz, the log-partition at sample_T.
+    D is then an estimate whose value and gradient are, in expectation over the draws, the exact
+    KL(p_t || p_s) at T and its gradient (rbkd/ops/sparse_sampled.py).
 
     divergence: "kl", "reverse_kl", "jsd" (beta), "skew_kl", "skew_reverse_kl" (skew), "tvd", as
     kd_loss, on the buckets. Not defined here: "dkd" and standardize=True (they need the teacher's
-    full row), and with tail="renormalize" and k < V "reverse_kl", "jsd" at beta = 1 and
-    "skew_reverse_kl" at skew = 0 (infinite: the student has mass where Q is 0). Everything else
+    full row), with tail="renormalize" and k < V "reverse_kl", "jsd" at beta = 1 and
+    "skew_reverse_kl" at skew = 0 (infinite: the student has mass where Q is 0), and with
+    tail="sampled" every divergence but "kl". Everything else
     is kd_loss's convention: labels of the leading shape (None: pure distillation, alpha = 1),
     per-row T (at most 100) and alpha tensors, ignore_index rows counting nowhere, reductions,
     a float32 loss and a gradient to student_logits only. Non-finite rule as kd_loss's, where a
@@ -74,9 +87,35 @@ def sparse_kd_loss(
     tensors the ids, labels, T, alpha and that mass are checked on the host (a one-line
     ValueError), and RBKD_CHECKS=full makes NaN rows errors. No host sync on a GPU.
     """
-    lead, n, vocab, k = _check_inputs(student_logits, topk_ids, topk_logits, labels)
+    lead, vocab, args = prepare(
+        student_logits, topk_ids, topk_logits, labels, logz=logz, T=T, alpha=alpha,
+        t_squared=t_squared, tail=tail, divergence=divergence, beta=beta, skew=skew,
+        ignore_index=ignore_index, reduction=reduction, standardize=standardize,
+        sample_counts=sample_counts, sample_T=sample_T, sample_logz=sample_logz,
+    )  # fmt: skip
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    student = student_logits.reshape(-1, vocab)
+    loss = SparseKDLoss.apply(*impl_args(student, need_grad, args))
+    return loss.reshape(lead) if args[8] == _NONE else loss
+
+
+def impl_args(student: Tensor, need_grad: bool, args: tuple) -> tuple:
+    """sparse_kd_loss_impl's arguments: student [N, V], need_grad and prepare()'s tuple."""
+    return (student, *args[:10], need_grad, *args[10:])
+
+
+def prepare(
+    student_logits, topk_ids, topk_logits, labels=None, *, logz=None, T=1.0, alpha=0.9,
+    t_squared=True, tail="bucket", divergence="kl", beta=0.5, skew=0.1, ignore_index=-100,
+    reduction="mean", standardize=False, sample_counts=None, sample_T=None, sample_logz=None,
+):  # fmt: skip
+    """sparse_kd_loss's argument checks: (lead, V, the op's arguments but student and need_grad:
+    ids, topk, logz, labels, T_rows, T, alpha_rows, alpha, reduction, tail, options, counts,
+    sample_logz, sample_T), rows flattened. student_logits may be a stand-in of the logits' shape,
+    dtype and device (sparse_kd_loss_from_hidden passes an expanded 0-d tensor)."""
     tail_code = v.check_choice("tail", tail, TAIL_MODES)
-    logz = _check_logz(logz, student_logits, lead) if tail == "bucket" else None  # else unused
+    sampled = tail == "sampled"
+    lead, n, vocab, k = _check_inputs(student_logits, topk_ids, topk_logits, labels, sampled)
     red = v.check_choice("reduction", reduction, v.REDUCTIONS)
     device = student_logits.device
     T = v.check_temperature("T", _per_row(T, lead), n, device, v.KD_MAX_TEMPERATURE)
@@ -84,24 +123,30 @@ def sparse_kd_loss(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     div = _check_divergence(divergence, beta, skew, standardize, tail, k < vocab, labels)
+    bucket_or_sampled = tail != "renormalize"  # renormalize does not use logz
+    logz = _check_logz("logz", logz, student_logits, lead, tail) if bucket_or_sampled else None
+    counts, sample_logz, sample_T = _check_sampling(
+        sampled, sample_counts, sample_T, sample_logz, T, topk_ids, student_logits, lead
+    )
     opts = KDOptions(
         t_squared=bool(t_squared),
         ignore_index=ignore_index,
         probs_tol=v.probs_tolerance(topk_logits.dtype),
         **div,
     )
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     T_rows, T_scalar = (T, 1.0) if isinstance(T, Tensor) else (None, T)
     a_rows, a_scalar = (alpha, 0.0) if isinstance(alpha, Tensor) else (None, alpha)
-    loss = SparseKDLoss.apply(
-        student_logits.reshape(n, vocab),
+    args = (
         topk_ids.reshape(n, k),
         topk_logits.detach().reshape(n, k),
         None if logz is None else logz.detach().reshape(n),
         None if labels is None else labels.reshape(n),
-        T_rows, T_scalar, a_rows, a_scalar, red, tail_code, need_grad, opts.encode(),
+        T_rows, T_scalar, a_rows, a_scalar, red, tail_code, opts.encode(),
+        None if counts is None else counts.reshape(n, k),
+        None if sample_logz is None else sample_logz.detach().reshape(n),
+        sample_T,
     )  # fmt: skip
-    return loss.reshape(lead) if red == _NONE else loss
+    return lead, vocab, args
 
 
 def _per_row(value: object, lead: torch.Size) -> object:
@@ -110,7 +155,7 @@ def _per_row(value: object, lead: torch.Size) -> object:
     return value
 
 
-def _check_inputs(student, ids, topk, labels):
+def _check_inputs(student, ids, topk, labels, sampled):
     v.check_float_tensor("student_logits", student)
     lead, vocab = student.shape[:-1], student.shape[-1]
     if vocab == 0:
@@ -125,7 +170,9 @@ def _check_inputs(student, ids, topk, labels):
             f"{list(ids.shape)}"
         )
     k = ids.shape[-1]
-    if not 1 <= k <= vocab:
+    if sampled and k < 1:  # s draws may exceed V: their distinct ids are padded to s
+        raise ValueError("topk_ids (the sampled ids) must hold at least one entry per row")
+    if not sampled and not 1 <= k <= vocab:
         raise ValueError(f"topk_ids must keep 1 <= k <= V = {vocab} ids per row, got k = {k}")
     v.check_float_tensor("topk_logits", topk)
     if topk.shape != ids.shape:
@@ -141,26 +188,79 @@ def _check_inputs(student, ids, topk, labels):
     return lead, lead.numel(), vocab, k
 
 
-def _check_logz(logz, student, lead):
+def _check_logz(name, logz, student, lead, tail):
     if logz is None:
         raise ValueError(
-            "tail='bucket' needs logz, the teacher's full-vocabulary log-partition at this T "
-            "(rbkd.ops.capture_soft_labels gives it); without it use tail='renormalize'"
+            f"tail={tail!r} needs {name}, the teacher's full-vocabulary log-partition at "
+            f"{'this T' if name == 'logz' else 'sample_T'} (rbkd.ops.capture_soft_labels gives "
+            "it); without it use tail='renormalize'"
         )
     if not isinstance(logz, Tensor) or logz.dtype not in v.FLOAT_DTYPES:
         what = type(logz).__name__ if not isinstance(logz, Tensor) else str(logz.dtype)[6:]
-        raise TypeError(f"logz must be a float32, float16 or bfloat16 tensor, got {what}")
+        raise TypeError(f"{name} must be a float32, float16 or bfloat16 tensor, got {what}")
     if logz.shape not in (lead, (*lead, 1)):
         raise ValueError(
-            f"logz must have shape {list(lead)} or {[*lead, 1]} (one log-partition per row), "
+            f"{name} must have shape {list(lead)} or {[*lead, 1]} (one log-partition per row), "
             f"got {list(logz.shape)}"
         )
     if logz.device != student.device:
-        raise ValueError(f"logz is on {logz.device} but student_logits is on {student.device}")
+        raise ValueError(f"{name} is on {logz.device} but student_logits is on {student.device}")
     return logz
 
 
+def _check_sampling(sampled, counts, sample_T, sample_logz, T, ids, student, lead):
+    """(counts, sample_logz, sample_T as a float) for tail='sampled'; elsewhere none is given."""
+    if not sampled:
+        given = [n for n, x in (("sample_counts", counts), ("sample_T", sample_T),
+                                ("sample_logz", sample_logz)) if x is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{given[0]} is only used with tail='sampled'; drop it or set the tail"
+            )
+        return None, None, 1.0
+    if counts is None:
+        raise ValueError(
+            "tail='sampled' needs sample_counts, the count of each sampled id (0 for padding); "
+            "rbkd.ops.capture_soft_labels(..., samples=s) gives sample_ids and sample_counts"
+        )
+    if not isinstance(counts, Tensor) or counts.dtype not in ID_DTYPES:
+        what = type(counts).__name__ if not isinstance(counts, Tensor) else str(counts.dtype)[6:]
+        raise TypeError(f"sample_counts must be an int32 or int64 tensor, got {what}")
+    if counts.shape != ids.shape:
+        raise ValueError(
+            f"sample_counts has shape {list(counts.shape)} but topk_ids (the sampled ids) has "
+            f"{list(ids.shape)}; they must match [..., s]"
+        )
+    if counts.device != student.device:
+        raise ValueError(
+            f"sample_counts is on {counts.device} but student_logits is on {student.device}"
+        )
+    if sample_T is None:
+        raise ValueError(
+            "tail='sampled' needs sample_T, the temperature the ids were drawn at "
+            "(capture_soft_labels's sample_T): the estimator weighs them by p_T / p_sample_T"
+        )
+    if isinstance(sample_T, Tensor):
+        raise TypeError("sample_T must be a float (one sampling temperature for every row)")
+    sample_T = v.check_temperature("sample_T", sample_T, 0, student.device)
+    if sample_logz is None and (isinstance(T, Tensor) or T != sample_T):
+        raise ValueError(
+            f"tail='sampled' at T={'per row' if isinstance(T, Tensor) else T} with ids drawn at "
+            f"sample_T={sample_T} needs sample_logz (the teacher's logz at sample_T) for the "
+            "importance weights p_T / p_sample_T; or distill at T = sample_T"
+        )
+    if sample_logz is not None:
+        sample_logz = _check_logz("sample_logz", sample_logz, student, lead, "sampled")
+    return counts, sample_logz, float(sample_T)
+
+
 def _check_divergence(divergence, beta, skew, standardize, tail, has_tail, labels):
+    if tail == "sampled" and divergence != "kl":
+        raise ValueError(
+            f"divergence={divergence!r} is not defined with tail='sampled': only kl (forward KL) "
+            "is linear in the teacher's probabilities, which makes the sampled estimate unbiased; "
+            "use divergence='kl', or tail='bucket' for the others"
+        )
     if divergence == "dkd":
         raise ValueError(
             "divergence='dkd' is not defined on sparse soft labels: it renormalises the teacher "
@@ -194,7 +294,7 @@ def _check_divergence(divergence, beta, skew, standardize, tail, has_tail, label
 # ---- the registered op and its autograd path -----------------------------------------------------
 
 
-def _check_values(student, ids, topk, logz, labels, T_rows, T, alpha_rows, opts, tail):
+def _check_values(student, ids, topk, logz, labels, T_rows, T, alpha_rows, opts, tail, sampling):
     """The host value checks (CPU tensors, or RBKD_CHECKS=full): one-line ValueErrors."""
     n, vocab = student.shape
     counted = None if labels is None else labels != opts.ignore_index
@@ -205,6 +305,14 @@ def _check_values(student, ids, topk, logz, labels, T_rows, T, alpha_rows, opts,
     if alpha_rows is not None:
         v.check_alpha_values(alpha_rows)
     keep = torch.ones(n, dtype=torch.bool) if counted is None else counted.cpu()
+    if tail == TAIL_MODES["sampled"]:
+        counts, sample_logz, sample_T = sampling
+        T_any = T_rows if T_rows is not None else T
+        check_sampled_values(
+            ids, counts, topk, logz, sample_logz, T_any, sample_T, vocab, keep, opts.probs_tol
+        )
+        v.check_finite_rows("student_logits", student, counted)
+        return
     ids_c = ids.cpu()
     out = ((ids_c < 0) | (ids_c >= vocab)) & keep[:, None]
     if bool(out.any()):
@@ -249,12 +357,17 @@ def sparse_kd_loss_impl(
     tail: int,
     need_grad: bool,
     options: str,
+    counts: Tensor | None = None,
+    sample_logz: Tensor | None = None,
+    sample_T: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """(loss, saved gradient of the reduced loss, empty when not needed), as kd_loss_impl."""
+    """(loss, saved gradient of the reduced loss, empty when not needed), as kd_loss_impl.
+    tail="sampled" reads counts, sample_logz and sample_T (the others ignore them)."""
     opts = KDOptions.decode(options)
     n, vocab = student.shape
+    sampling = (counts, sample_logz, sample_T)
     if v.host_value_checks(student.device):
-        _check_values(student, ids, topk, logz, labels, T_rows, T, alpha_rows, opts, tail)
+        _check_values(student, ids, topk, logz, labels, T_rows, T, alpha_rows, opts, tail, sampling)
     if T_rows is not None:
         T_rows = T_rows.to(torch.float32).contiguous()
     if alpha_rows is not None:
@@ -269,7 +382,7 @@ def sparse_kd_loss_impl(
     rows, grad = sparse_kd_forward(
         student, ids, topk, logz, labels,
         T if T_rows is None else T_rows, alpha if alpha_rows is None else alpha_rows,
-        grad_scale, need_grad, tail, opts,
+        grad_scale, need_grad, tail, opts, counts, sample_logz, sample_T,
     )  # fmt: skip
     if reduction == _NONE:
         loss = rows
@@ -287,7 +400,7 @@ sparse_kd_loss_op = torch.library.custom_op(
 
 @sparse_kd_loss_op.register_fake
 def _(student, ids, topk, logz, labels, T_rows, T, alpha_rows, alpha, reduction, tail, need_grad,
-      options):  # fmt: skip
+      options, counts=None, sample_logz=None, sample_T=1.0):  # fmt: skip
     n, vocab = student.shape
     loss_shape = (n,) if reduction == _NONE else ()
     grad = student.new_empty((n, vocab) if need_grad else (0,))

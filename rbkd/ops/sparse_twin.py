@@ -33,7 +33,7 @@ from torch import Tensor
 from rbkd.ops.args import DIVERGENCES, KDOptions
 from rbkd.ops.backends import reference as ref
 
-TAIL_MODES = {"bucket": 0, "renormalize": 1}
+TAIL_MODES = {"bucket": 0, "renormalize": 1, "sampled": 2}
 # A teacher tail below 2^-24 (float32's spacing just below 1) is below what float32 logits and a
 # float32 logz can resolve: 1 - sum Q_i is rounding noise there. It is taken as 2^-24.
 TAIL_FLOOR = 2.0**-24
@@ -82,7 +82,8 @@ def teacher_buckets(
 
 
 def _chunk(z_in, ids, topk, logz, labels, T, alpha, tail, opts, need_grad, probs_tol):
-    """(loss [n], bad [n], valid [n], grad [n, V] float32 or None) of one chunk of rows."""
+    """(loss [n], valid [n], grad [n, V] float32 or None) of one chunk of rows (bucket and
+    renormalize)."""
     dtype = torch.float64 if z_in.dtype == torch.float64 else torch.float32
     z = z_in.to(dtype)
     n, v = z.shape
@@ -104,23 +105,46 @@ def _chunk(z_in, ids, topk, logz, labels, T, alpha, tail, opts, need_grad, probs
         log_p = torch.cat([log_p, lse_tail - lse], 1)
     t = topk.to(dtype)
     log_q, log_s = teacher_buckets(t, None if logz is None else logz.to(dtype), T, tail, has_tail)
-
     div = ref.divergence_rows(log_p, log_q, None, opts)
+
+    bad = ref.nonfinite_rows(t) | ~in_range | repeated
+    if logz is not None and tail == TAIL_MODES["bucket"]:
+        bad |= ~torch.isfinite(logz.to(dtype).reshape(-1)) | (log_s > math.log1p(probs_tol))
+
+    def div_grad():
+        """dD/du: -p H everywhere, r h_tail on the tail ids, h_i added on the kept ids."""
+        d = effective_divergence(opts)
+        h = -log_q.exp() if d == DIVERGENCES["kl"] else ref.divergence_h(log_p, log_q, d, opts)
+        grad = (u - lse).exp_().mul_(-h.sum(-1, keepdim=True))
+        if has_tail:
+            empty = lse_tail == -math.inf  # no student mass outside the kept ids: nothing to spread
+            r = rest.sub_(torch.where(empty, 0.0, lse_tail)).exp_()
+            grad.add_(r.mul_(torch.where(empty, 0.0, h[:, k:])))
+        return grad.scatter_add_(1, ids, h[:, :k])
+
+    return finish_rows(z, div, bad, labels, T, alpha, opts, need_grad, div_grad)
+
+
+def finish_rows(z, div, bad, labels, T, alpha, opts, need_grad, div_grad):
+    """(loss [n], valid [n], grad [n, V] or None): L = (1 - a) CE(z, y) + a s D per row with the
+    non-finite rule (`bad`: the tail mode's own NaN rows, before ignore_index), and its gradient
+    from div_grad() = dD/du, u = z / T ([n, V] in z's dtype, called only when need_grad; it may
+    return one of its own temporaries, which is scaled in place)."""
+    n, v = z.shape
+    T_col = _col(T, z)
     s = T_col * T_col if opts.t_squared else 1.0
     s = s.reshape(-1) if isinstance(s, Tensor) else s
-    a = 1.0 if labels is None else (alpha.to(dtype) if isinstance(alpha, Tensor) else alpha)
+    a = 1.0 if labels is None else (alpha.to(z.dtype) if isinstance(alpha, Tensor) else alpha)
     valid = ref.valid_rows(labels, n, v, opts.ignore_index, z.device)
-    safe = None if labels is None else torch.where(valid, labels.long(), 0)
     if labels is None:
         loss = s * div
     else:
+        safe = torch.where(valid, labels.long(), 0)
         ce = torch.logsumexp(z, -1) - z.gather(1, safe.unsqueeze(1)).squeeze(1)
         loss = ref._weighted(1 - a, ce) + ref._weighted(a, s * div)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
 
-    bad = ref.nonfinite_rows(z) | ref.nonfinite_rows(t) | ~in_range | repeated
-    if logz is not None and tail == TAIL_MODES["bucket"]:
-        bad |= ~torch.isfinite(logz.to(dtype).reshape(-1)) | (log_s > math.log1p(probs_tol))
+    bad = bad | ref.nonfinite_rows(z)
     if isinstance(T, Tensor):
         bad |= ~((T > 0) & (T <= ref.KD_MAX_TEMPERATURE))
     if labels is not None:
@@ -132,20 +156,10 @@ def _chunk(z_in, ids, topk, logz, labels, T, alpha, tail, opts, need_grad, probs
     if not need_grad:
         return loss, valid, None
 
-    # The gradient: -p H everywhere, r h_tail on the tail ids, h_i added on the kept ids.
-    d = effective_divergence(opts)
-    h = -log_q.exp() if d == DIVERGENCES["kl"] else ref.divergence_h(log_p, log_q, d, opts)
-    grad = (u - lse).exp_().mul_(-h.sum(-1, keepdim=True))
-    if has_tail:
-        empty = lse_tail == -math.inf  # no student mass outside the kept ids: nothing to spread
-        r = rest.sub_(torch.where(empty, 0.0, lse_tail)).exp_()
-        grad.add_(r.mul_(torch.where(empty, 0.0, h[:, k:])))
-        del rest, r
-    grad.scatter_add_(1, ids, h[:, :k])
     a_col = 1.0 if labels is None else _col(alpha, z)
-    grad = ref._weighted(a_col, grad.mul_(T_col if opts.t_squared else 1.0 / T_col))  # s / T
+    grad = ref._weighted(a_col, div_grad().mul_(T_col if opts.t_squared else 1.0 / T_col))  # s/T
     if labels is not None:
-        ce_grad = torch.softmax(z, -1) - ref._onehot(labels, valid, v, dtype)
+        ce_grad = torch.softmax(z, -1) - ref._onehot(labels, valid, v, z.dtype)
         grad = grad + ref._weighted(1 - a_col, ce_grad)
     return loss, valid, grad
 
@@ -162,14 +176,21 @@ def sparse_kd_forward(
     need_grad: bool,
     tail: int,
     opts: KDOptions,
+    counts: Tensor | None = None,
+    sample_logz: Tensor | None = None,
+    sample_T: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """(loss [N] float32, gradient [N, V] in the student's dtype times grad_scale, or None).
 
     student [N, V], ids [N, k] int32/int64, topk [N, k], logz [N] or None, labels [N] or None;
     T / alpha floats or float32 [N]; the non-finite rule as kd_loss (README, "The loss
     convention"), with out-of-range or repeated ids, a non-finite logz and a kept mass above
-    1 + probs_tol also making a counted row NaN.
+    1 + probs_tol also making a counted row NaN. tail="sampled" (rbkd/ops/sparse_sampled.py):
+    ids are sampled ids (-1 padding), topk the teacher's raw logits there, counts [N, k] their
+    counts, sample_logz [N] or None the teacher's logz at sample_T.
     """
+    from rbkd.ops.sparse_sampled import sampled_chunk  # here: it imports finish_rows from here
+
     n, v = student.shape
     losses = []
     grad = torch.empty_like(student) if need_grad else None
@@ -183,10 +204,16 @@ def sparse_kd_forward(
 
             T_part = part(T) if isinstance(T, Tensor) else T
             a_part = part(alpha) if isinstance(alpha, Tensor) else alpha
-            loss, valid, g = _chunk(
-                student[rows], ids[rows], topk[rows], part(logz), part(labels), T_part, a_part,
-                tail, opts, need_grad, opts.probs_tol,
-            )  # fmt: skip
+            if tail == TAIL_MODES["sampled"]:
+                loss, valid, g = sampled_chunk(
+                    student[rows], ids[rows], counts[rows], topk[rows], part(logz),
+                    part(sample_logz), part(labels), T_part, sample_T, a_part, opts, need_grad,
+                )  # fmt: skip
+            else:
+                loss, valid, g = _chunk(
+                    student[rows], ids[rows], topk[rows], part(logz), part(labels), T_part,
+                    a_part, tail, opts, need_grad, opts.probs_tol,
+                )  # fmt: skip
             losses.append(loss.float())
             if need_grad:
                 grad[rows] = ref._finish_grad(g, valid, loss, grad_scale, student.dtype)
