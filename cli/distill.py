@@ -46,6 +46,8 @@ from rbkd.cli.text import escape
 from rbkd.cli.threads import start_compute
 from rbkd.cli.typer_app import new_app
 from rbkd.cli.usage import usage_errors
+from typer._click.core import ParameterSource
+from typer._click.globals import get_current_context
 
 from rbkd.config import DistillSpec, LossSpec, TrainConfig
 
@@ -86,6 +88,8 @@ def print_report(report: dict) -> None:
     else:
         chosen = "all examples" + (" but the excluded class(es)" if t["excluded_classes"] else "")
     summary.add_row("transfer set", f"{t['size']} examples: {chosen}")
+    if t.get("labels") == "unlabelled":
+        summary.add_row("labels", "none used (--unlabelled: the soft labels alone, alpha 1)")
     summary.add_row("test accuracy", _pct(report["test_accuracy"]))
     if t["excluded_classes"]:
         names = ", ".join(map(str, t["excluded_classes"]))
@@ -110,6 +114,19 @@ def print_report(report: dict) -> None:
         ]
         per.add_row(*row, style="bold yellow" if excluded else None)
     print_table(per)
+
+
+def _unlabelled_alpha(unlabelled: bool, alpha: float) -> float:
+    """alpha is 1 for --unlabelled unless the user set it (on the command line, by --config or
+    by environment): another value is then refused by DistillSpec.check. The run records the 1,
+    so that `rbkd rerun` repeats it."""
+    ctx = get_current_context(silent=True)
+    if not unlabelled or ctx is None:
+        return alpha
+    if ctx.get_parameter_source("alpha") not in (None, ParameterSource.DEFAULT):
+        return alpha
+    ctx.params["alpha"] = 1.0  # what config.json's invocation records
+    return 1.0
 
 
 @app.command("distill")
@@ -153,6 +170,14 @@ def distill(
             "the split (otherwise an error).",
         ),
     ] = _DISTILL.allow_partial,
+    unlabelled: Annotated[
+        bool,
+        typer.Option(
+            "--unlabelled",
+            help="Pure distillation: the training loop sees no label, only the teacher's soft "
+            "labels (alpha is 1; another --alpha is an error).",
+        ),
+    ] = _DISTILL.unlabelled,
     progress: ProgressOpt = True,
     tensorboard: TensorBoardOpt = None,
     threads: ThreadsOpt = None,
@@ -170,6 +195,8 @@ def distill(
     terminal and to report.json in the run folder. The same command again reuses the finished
     run; a killed one continues from its last epoch. A --teacher trained with --limit N lends
     the student its N (the first N examples of each split) unless --limit is given.
+    --unlabelled distills on an unlabelled transfer set: no label reaches the loss (alpha 1);
+    --exclude-class and --per-class still choose the examples by their label.
 
     Example:
 
@@ -178,6 +205,7 @@ def distill(
     from rbkd.study.student import distill as run_distill
 
     # Option values were checked by handle_errors; these checks span options (exit code 2).
+    alpha = _unlabelled_alpha(unlabelled, alpha)
     spec = DistillSpec(
         teacher=teacher,
         soft_labels=soft_labels,
@@ -195,6 +223,7 @@ def distill(
         limit=limit,
         allow_partial=allow_partial,
         loss=LossSpec(divergence, beta, skew, dkd_alpha, dkd_beta, standardize),
+        unlabelled=unlabelled,
     )
     with usage_errors():
         spec.check()

@@ -208,6 +208,9 @@ class DistillSpec:
     limit: int | None = None
     allow_partial: bool = False  # soft labels covering only part of the split are an error
     loss: LossSpec = field(default_factory=LossSpec)  # the divergence (default: forward KL)
+    # Pure distillation: the training loop never sees a label (each becomes kd_loss's
+    # ignore_index), so alpha must be 1; --exclude-class / --per-class still choose by label.
+    unlabelled: bool = False
 
     def check(self, *, source_given: bool = False, own_model: bool = False) -> None:
         """Reject bad combinations before any data is read (ValueError, one line).
@@ -248,6 +251,27 @@ class DistillSpec:
         if self.noise is not None:
             parse_noise(self.noise)
         check_limit(self.limit, "--limit")
+        if self.unlabelled:
+            self.check_unlabelled()
+
+    def check_unlabelled(self) -> None:
+        """What an unlabelled transfer set cannot do: a CE term (alpha < 1), label smoothing
+        (smoothed hard labels) and dkd (it splits off the target class)."""
+        if self.alpha != 1:
+            raise ValueError(
+                f"--unlabelled distills on the teacher's soft labels alone, so --alpha (the soft "
+                f"term's weight) must be 1, got {self.alpha:g}; drop --alpha or pass --alpha 1"
+            )
+        if self.label_smoothing is not None:
+            raise ValueError(
+                "--label-smoothing trains on smoothed hard labels, which --unlabelled hides; "
+                "give a --teacher or --soft-labels instead"
+            )
+        if self.loss.divergence == "dkd":
+            raise ValueError(
+                "--divergence dkd splits off each example's target class, so it needs the "
+                "labels that --unlabelled hides; choose another --divergence"
+            )
 
     def check_loss(self, spell: Callable[[str], str] | None = None) -> None:
         """The divergence and its options (kd_loss's rules, before any data is read)."""

@@ -246,6 +246,7 @@ def distill_command(spec: Any, cfg: Any, *, data_dir: Any, out: Any, soft_labels
         data_dir=_path(data_dir),
         limit=spec.limit,
         allow_partial=spec.allow_partial,
+        unlabelled=spec.unlabelled,
         out=_path(out),
         progress=False,
     )

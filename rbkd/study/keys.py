@@ -99,6 +99,8 @@ def student_dir_name(spec: DistillSpec, dataset: str, cfg: TrainConfig, key: str
         parts.append(f"{spec.select}{spec.per_class}")
     if spec.noise:
         parts.append(spec.noise.replace(":", ""))
+    if spec.unlabelled:
+        parts.append("unlabelled")
     parts.append(f"e{cfg.epochs}-s{cfg.seed}-{key[:KEY_CHARS]}")
     return "-".join(parts)
 
@@ -124,6 +126,10 @@ def student_key(
     loss = spec.loss.key_inputs() if spec.label_smoothing is None else {}
     if loss:
         inputs["loss"] = loss
+    # Only when set, as the divergence: every labelled run keeps the key it always had. The
+    # weights equal those of a labelled run at alpha 1, but the run records no train CE: another run.
+    if spec.unlabelled:
+        inputs["unlabelled"] = True
     if model is not None:  # a model of the user's own (see teacher_key)
         inputs["model"] = model
     return run_key("student", inputs)

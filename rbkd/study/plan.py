@@ -215,6 +215,7 @@ def count_runs(study: dict) -> tuple[int, int]:
         if e is None:
             continue
         taught = len(e["teachers"]) * len(e["T"]) * len(e["t_squared"]) * count_losses(e)
+        taught *= len(transfer_labels(e))
         smoothed = len(e.get("label_smoothing") or [])  # once, not per t_squared
         if name == "missing_class":
             cells = (taught + smoothed) * len(e["classes"])
@@ -228,24 +229,34 @@ def count_runs(study: dict) -> tuple[int, int]:
     return teachers, students
 
 
+def transfer_labels(e: dict) -> list[str]:
+    """Whether the experiment's students see the transfer set's labels: "labelled" and/or
+    "unlabelled" (an experiment from an older study.json has no such list: labelled)."""
+    return list(e.get("transfer_labels") or ["labelled"])
+
+
 def _student_specs(study: dict):
     """(experiment, teacher name or None, DistillSpec fields, epochs, missing class, seeds) per
-    cell, for every t_squared value and every loss an experiment asks for."""
+    cell, for every t_squared value, every loss and each of labelled and unlabelled transfer
+    an experiment asks for."""
     for experiment, teacher, fields, epochs, missing in _cells(study):
         e = study["experiments"][experiment]
-        # Label smoothing has no temperature to square and no divergence to choose: its cells
-        # run once, not per t_squared or per loss
+        # Label smoothing has no temperature to square and no divergence to choose, and its
+        # targets are the labels: its cells run once, labelled, not per t_squared or per loss
         taught = teacher is not None
         for t_squared in e["t_squared"] if taught else e["t_squared"][:1]:
             for loss in loss_specs(e) if taught else [LossSpec()]:
-                yield (
-                    experiment,
-                    teacher,
-                    {**fields, "t_squared": t_squared, "loss": loss},
-                    epochs,
-                    missing,
-                    e["seeds"],
-                )
+                for labels in transfer_labels(e) if taught else ["labelled"]:
+                    # Unlabelled transfer is pure distillation: alpha 1 whatever [loss] says
+                    hidden = {"unlabelled": True, "alpha": 1.0} if labels == "unlabelled" else {}
+                    yield (
+                        experiment,
+                        teacher,
+                        {**fields, "t_squared": t_squared, "loss": loss, **hidden},
+                        epochs,
+                        missing,
+                        e["seeds"],
+                    )
 
 
 def _cells(study: dict):

@@ -51,6 +51,7 @@ RESULT_COLUMNS = (
     "per_class",
     "select",
     "transfer_size",
+    "transfer_labels",  # "unlabelled": the student's loop saw no label (alpha 1)
     "seed",
     "epochs",
     "batch_size",
@@ -190,6 +191,7 @@ def student_row(study: dict, task, report: dict, teacher: dict | None, out: Path
         "per_class": t["per_class"],
         "select": t["select"],
         "transfer_size": t["size"],
+        "transfer_labels": "unlabelled" if task.spec.unlabelled else "labelled",
         "seed": task.cfg.seed,
         "epochs": task.cfg.epochs,
         "batch_size": task.cfg.batch_size,

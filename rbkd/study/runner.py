@@ -171,6 +171,8 @@ def task_label(task) -> str:
         bits.append(f"{s.per_class}/class by {s.select}")
     if s.noise:
         bits.append(f"noise {s.noise}")
+    if s.unlabelled:
+        bits.append("unlabelled transfer")
     bits.append(f"seed {task.cfg.seed}")
     return ", ".join(bits)
 

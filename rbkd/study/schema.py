@@ -298,8 +298,26 @@ def _bools(r: _Reader, key: str, default: bool) -> list[bool]:
     return values
 
 
-STUDENT_KEYS = ("seeds", "t_squared", *LOSS_OPTIONS)
+STUDENT_KEYS = ("seeds", "t_squared", "transfer_labels", *LOSS_OPTIONS)
+# Whether a student's training loop sees the transfer set's labels: "unlabelled" is pure
+# distillation (alpha 1, every label hidden; rbkd distill --unlabelled), a grid dimension.
+TRANSFER_LABELS = ("labelled", "unlabelled")
 _LOSS = LossSpec()
+
+
+def _transfer_labels(r: _Reader, default: list[str]) -> list[str]:
+    raw = r.table.get("transfer_labels", default)
+    values = raw if isinstance(raw, list) else [raw]
+    if (
+        not values
+        or not all(isinstance(v, str) and v in TRANSFER_LABELS for v in values)
+        or len(set(values)) != len(values)
+    ):
+        raise r.fail(
+            "transfer_labels",
+            f'must be "labelled", "unlabelled" or a list of both, got {raw!r}',
+        )
+    return list(values)
 
 
 def _divergences(r: _Reader, default: list[str]) -> list[str]:
@@ -349,6 +367,7 @@ def _student_common(r: _Reader, study: dict) -> dict[str, Any]:
     return {
         "seeds": _seeds(r, "seeds", study["seeds"]),
         "t_squared": _bools(r, "t_squared", study["loss"]["t_squared"]),
+        "transfer_labels": _transfer_labels(r, study["loss"]["transfer_labels"]),
         **_loss_options(r, {k: study["loss"][k] for k in LOSS_OPTIONS}),
     }
 
@@ -365,6 +384,14 @@ def _experiment(name: str, r: _Reader, study: dict) -> dict[str, Any]:
             "standardize z-scores the teacher's logits, but the noise experiment's targets are "
             "noisy probabilities"
             + ("" if own else "; set standardize = false in [experiments.noise]"),
+        )
+    if "unlabelled" in out.get("transfer_labels", ()) and "dkd" in out["divergence"]:
+        own = "divergence" in r.table or "transfer_labels" in r.table
+        where = r if own else _Reader(r.path, {}, "loss")
+        raise where.fail(
+            "transfer_labels",
+            "divergence dkd splits off each example's target class, so it needs the labels "
+            'that "unlabelled" hides; drop one of them',
         )
     return out
 
@@ -489,7 +516,7 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
     )
     study.path = path
     loss = top.sub("loss") or _Reader(path, {}, "loss")
-    loss.known("T", "alpha", "t_squared", *LOSS_OPTIONS)
+    loss.known("T", "alpha", "t_squared", "transfer_labels", *LOSS_OPTIONS)
     alpha = loss.get("alpha", float, _DISTILL.alpha)
     if not 0.0 <= alpha <= 1.0:
         raise loss.fail("alpha", f"must be in [0, 1], got {alpha}")
@@ -497,6 +524,7 @@ def parse_study(data: dict, path: Path) -> dict[str, Any]:
         "T": _temps(loss, "T", list(THESIS_T), kd=True),
         "alpha": alpha,
         "t_squared": loss.get("t_squared", bool, _DISTILL.t_squared),
+        "transfer_labels": _transfer_labels(loss, ["labelled"]),
         **_loss_options(loss, _default_loss_options()),
     }
     base = {k: getattr(_TRAIN, k) for k in ("epochs", "batch_size", "lr", "optimizer", "seed")}

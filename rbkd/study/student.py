@@ -11,6 +11,7 @@ checkpoint; a folder that holds another run is refused, never overwritten.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from rbkd.analysis.entropy import entropy_at, label_smoothing_targets
 from rbkd.analysis.transfer import check_classes, select_transfer_set
 from rbkd.config import DEFAULT_DATASET, DistillSpec, TrainConfig
+from rbkd.data.adapters import IGNORE_INDEX
 from rbkd.engine import Distillation, LabelSmoothing, fit, read_config
 from rbkd.engine.distributed import main_folder_lock, on_main, setup
 from rbkd.engine.rundir import check_run_folder
@@ -83,6 +85,13 @@ def _transfer_set(spec: DistillSpec, soft, train, seed: int):
         entropy=entropy,
         seed=seed,
     )
+
+
+def _without_labels(train):
+    """The training split as the loop of an unlabelled distillation sees it: every label
+    kd_loss's ignore_index, so that no loss, metric or check can read one. Called after the
+    transfer set is chosen: --exclude-class and --per-class pick examples by their label first."""
+    return dataclasses.replace(train, labels=torch.full_like(train.labels, IGNORE_INDEX))
 
 
 def distill(
@@ -190,6 +199,9 @@ def distill(
             "short_classes": transfer.short_classes,
             "candidates": int(len(soft)) if soft is not None else len(train),
             "split_size": len(train),
+            # "unlabelled": the loop saw no label (the soft-label file's were checked against
+            # the split, to know the file is this split's, and taught nothing)
+            "labels": "unlabelled" if spec.unlabelled else "labelled",
         }
         extra = {
             "command": "distill",
@@ -202,7 +214,7 @@ def distill(
         with recording(invocation):
             metrics = fit(
                 model,
-                train,
+                _without_labels(train) if spec.unlabelled else train,
                 test,
                 cfg,
                 _objective(spec, soft, train),
@@ -227,6 +239,7 @@ def distill(
             "loss": spec.loss.describe() if spec.label_smoothing is None else None,
             "label_smoothing": spec.label_smoothing,
             "noise": spec.noise,
+            "unlabelled": spec.unlabelled,
             "source": source,
             "transfer": transfer_info,
             "train_config": cfg.result_inputs(),

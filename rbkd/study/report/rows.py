@@ -119,12 +119,15 @@ def accuracy_series(label: str, values: Mapping, xs: Iterable, **style):
 
 
 def loss_label(row: Mapping) -> str:
-    """A student row's divergence as a title names it ('kl', 'jsd (beta=0.5)'); a row written
-    before divergences existed is forward KL."""
+    """A student row's divergence as a title names it ('kl', 'jsd (beta=0.5)'), and ', unlabelled'
+    for a student whose loop saw no label (so that every figure and table that draws one curve
+    or table per loss keeps labelled and unlabelled transfer apart); a row written before
+    divergences existed is forward KL."""
     from rbkd.config import LOSS_OPTIONS, LossSpec
 
     given = {k: row.get(k) for k in LOSS_OPTIONS if row.get(k) is not None}
     try:
-        return LossSpec.from_dict(given).label()
+        label = LossSpec.from_dict(given).label()
     except (TypeError, ValueError):  # a hand-edited row: show what it says
-        return str(row.get("divergence"))
+        label = str(row.get("divergence"))
+    return label + (", unlabelled" if row.get("transfer_labels") == "unlabelled" else "")
