@@ -5,6 +5,7 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rbkd CPU kernels (C++17 + OpenMP); see csrc/README.md for the ABI.";
   rbkd::bind::define_entry_points(m);
+  rbkd::bind::define_sparse_entry_points(m);
   pybind11::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

@@ -12,6 +12,7 @@
 #include "cpu_kernels.h"
 #include "rbkd_args.h"
 #include "rbkd_rows.h"
+#include "sparse_kernels.h"
 
 namespace rbkd::bind {
 
@@ -223,6 +224,122 @@ inline void define_entry_points(py::module_& m) {
       arg("x"), arg("x_dtype"), arg("x_row_stride"), arg("temps"), arg("K"), arg("N"), arg("C"),
       arg("out"), arg("options"), arg("num_threads"),
       "out[K, N] (float32): entropy in nats of softmax(x / T_k) (kind 0) or of the rows (kind 1).");
+}
+
+// The sparse soft-label entry points (issue 16; csrc/README.md, "Sparse soft labels").
+inline void define_sparse_entry_points(py::module_& m) {
+  using py::arg;
+  m.def(
+      "sparse_kd_loss_fwd",
+      [](uintptr_t student, int s_dtype, int64_t s_row_stride, uintptr_t ids, bool ids_int64,
+         uintptr_t topk, uintptr_t logz, uintptr_t labels, double T, uintptr_t T_rows,
+         double alpha, uintptr_t alpha_rows, int64_t N, int64_t V, int64_t k, int tail,
+         uintptr_t loss, uintptr_t grad, double grad_scale, uintptr_t grad_scale_ptr,
+         const KdOptions& options, int64_t num_threads) {
+        const char* op = "sparse_kd_loss_fwd";
+        check_dtype(op, "s_dtype", s_dtype);
+        check_kd_options(op, options);
+        if (options.divergence == kDKD || options.standardize) {
+          fail(op, "dkd and standardize are not defined on sparse soft labels");
+        }
+        if (tail != kTailBucket && tail != kTailRenormalize) {
+          fail(op, "tail " + std::to_string(tail) + " is not one of 0 (bucket), 1 (renormalize)");
+        }
+        check_nonneg(op, "N", N);
+        check_nonneg(op, "V", V);
+        check_nonneg(op, "s_row_stride", s_row_stride);
+        if (N > 0 && !(k >= 1 && k <= V)) {
+          fail(op, "k must be in [1, V = " + std::to_string(V) + "], got " + std::to_string(k));
+        }
+        const bool touches = N > 0;
+        check_ptr(op, "student", student, touches);
+        check_ptr(op, "ids", ids, touches);
+        check_ptr(op, "topk", topk, touches);
+        check_ptr(op, "logz (tail bucket needs it)", logz, touches && tail == kTailBucket);
+        check_ptr(op, "loss", loss, touches);
+        if (T_rows == 0) check_temperature(op, "T", T);
+        if (alpha_rows == 0 && !std::isfinite(alpha)) {
+          fail(op, "alpha must be finite, got " + std::to_string(alpha));
+        }
+        check_num_threads(op, num_threads);
+        SparseKdArgs a{};
+        a.student = cptr<void>(student);
+        a.s_dtype = s_dtype;
+        a.s_row_stride = s_row_stride;
+        a.ids = cptr<void>(ids);
+        a.ids_int64 = ids_int64;
+        a.topk = cptr<float>(topk);
+        a.logz = cptr<float>(logz);
+        a.labels = cptr<int64_t>(labels);
+        a.T = static_cast<float>(T);
+        a.T_rows = cptr<float>(T_rows);
+        a.alpha = static_cast<float>(alpha);
+        a.alpha_rows = cptr<float>(alpha_rows);
+        a.N = N;
+        a.V = V;
+        a.k = k;
+        a.tail = tail;
+        a.loss = reinterpret_cast<float*>(loss);
+        a.grad = reinterpret_cast<void*>(grad);
+        a.grad_scale = static_cast<float>(grad_scale);
+        a.grad_scale_ptr = cptr<float>(grad_scale_ptr);
+        a.opt = options;
+        py::gil_scoped_release nogil;
+        cpu::sparse_kd_loss_fwd(a, static_cast<int>(num_threads));
+      },
+      arg("student"), arg("s_dtype"), arg("s_row_stride"), arg("ids"), arg("ids_int64"),
+      arg("topk"), arg("logz"), arg("labels"), arg("T"), arg("T_rows"), arg("alpha"),
+      arg("alpha_rows"), arg("N"), arg("V"), arg("k"), arg("tail"), arg("loss"), arg("grad"),
+      arg("grad_scale"), arg("grad_scale_ptr"), arg("options"), arg("num_threads"),
+      "sparse_kd_loss per row (float32 loss[N]) and, when grad != 0, dL/dz * grad_scale.");
+
+  m.def(
+      "capture_soft_labels_fwd",
+      [](uintptr_t x, int dtype, int64_t x_row_stride, int64_t N, int64_t V, int64_t k,
+         uintptr_t temps, int64_t J, uintptr_t topk_ids, uintptr_t topk_logits, uintptr_t logz,
+         uintptr_t entropy, int64_t num_threads) {
+        const char* op = "capture_soft_labels_fwd";
+        check_dtype(op, "dtype", dtype);
+        check_nonneg(op, "N", N);
+        check_nonneg(op, "V", V);
+        check_nonneg(op, "x_row_stride", x_row_stride);
+        if (N > 0 && !(k >= 1 && k <= V)) {
+          fail(op, "k must be in [1, V = " + std::to_string(V) + "], got " + std::to_string(k));
+        }
+        if (J < 1) fail(op, "J (temperatures) must be >= 1, got " + std::to_string(J));
+        check_ptr(op, "temps", temps, true);
+        for (int64_t t = 0; t < J; ++t) {
+          check_temperature(op, "temps[t]", cptr<float>(temps)[t]);
+        }
+        const bool touches = N > 0;
+        check_ptr(op, "x", x, touches);
+        check_ptr(op, "topk_ids", topk_ids, touches);
+        check_ptr(op, "topk_logits", topk_logits, touches);
+        check_ptr(op, "logz", logz, touches);
+        check_ptr(op, "entropy", entropy, touches);
+        check_num_threads(op, num_threads);
+        const CaptureArgs a{cptr<void>(x), dtype, x_row_stride, N, V, k, cptr<float>(temps), J,
+                            reinterpret_cast<int32_t*>(topk_ids),
+                            reinterpret_cast<void*>(topk_logits), reinterpret_cast<float*>(logz),
+                            reinterpret_cast<float*>(entropy)};
+        py::gil_scoped_release nogil;
+        cpu::capture_soft_labels_fwd(a, static_cast<int>(num_threads));
+      },
+      arg("x"), arg("dtype"), arg("x_row_stride"), arg("N"), arg("V"), arg("k"), arg("temps"),
+      arg("J"), arg("topk_ids"), arg("topk_logits"), arg("logz"), arg("entropy"),
+      arg("num_threads"),
+      "Top-k ids (int32) and raw logits, logz[N, J] and entropy[N, J] (float32) in one read.");
+
+  m.def(
+      "exp_seconds_per_element",
+      [](int64_t per_thread, int64_t num_threads) {
+        check_num_threads("exp_seconds_per_element", num_threads);
+        if (per_thread < 1) fail("exp_seconds_per_element", "per_thread must be >= 1");
+        py::gil_scoped_release nogil;
+        return cpu::exp_seconds_per_element(per_thread, static_cast<int>(num_threads));
+      },
+      arg("per_thread"), arg("num_threads"),
+      "Wall seconds per exp (the capture kernel's exp) of a tight L1 loop on num_threads threads.");
 }
 
 #undef RBKD_BIND_FIELD

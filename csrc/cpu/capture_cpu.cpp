@@ -1,0 +1,244 @@
+// capture_soft_labels_fwd on the CPU (issue 16): one read of a teacher's logits row gives its
+// top-k ids and raw logits and, for each temperature T_j of a grid, logz_j = log sum exp(z / T_j)
+// and the entropy H_j = logz_j - sum p_j z_j / T_j (rbkd/ops/capture.py is the torch twin).
+//
+// One row per task, in blocks of kBlock columns held in L1. Per block: its max (which also
+// lets the top-k skip the block when nothing in it beats the k-th best so far), a k-entry
+// min-heap pass over the rare blocks that do, then per T_j the sums S = sum e and B = sum xs e,
+// xs = (x - m_b) / T_j, e = exp(xs), shifted by the block's max and folded into the row's
+// running sums at the running max (S' = f S, B' = f (B + d S), d = (m - m') / T_j, f = exp(d)):
+// the J exps per element are the whole arithmetic, and the row is read from memory once.
+#include <algorithm>
+
+#include "cpu_common.h"
+#include "rbkd_rows.h"
+#include "sparse_kernels.h"
+
+namespace rbkd::cpu {
+namespace {
+
+constexpr int64_t kBlock = 1024;  // 4 KB of float32: the J passes over a block run from L1
+// Below this a tempered, shifted logit's exp is 0 (fast_exp_lite flushes below -110): clamping
+// there keeps xs * e at 0 for -inf logits (never -inf * 0) with one compare, not a select.
+constexpr float kMinExponent = -120.0f;
+
+RBKD_INLINE const float* block_as_float(const void* row, int dtype, int64_t j0, int64_t n,
+                                        float* buf) {
+  if (dtype == kFloat32) return static_cast<const float*>(row) + j0;
+  const uint16_t* p = static_cast<const uint16_t*>(row) + j0;
+  if (dtype == kFloat16) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) buf[j] = half_to_float(p[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) buf[j] = bf16_to_float(p[j]);
+  }
+  return buf;
+}
+
+// S = sum exp(xs), B = sum xs exp(xs) over a block, xs = (x - sh) * inv_T; 32 partial sums so
+// consecutive adds do not wait on each other (kd::sum's reason). NaN in x stays NaN in both.
+RBKD_INLINE void block_sums(const float* x, int64_t n, float sh, float inv_T, float* S, float* B) {
+  constexpr int kW = 32;
+  alignas(64) float as[kW] = {}, ab[kW] = {};
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+#pragma omp simd
+    for (int l = 0; l < kW; ++l) {
+      float xs = (x[j + l] - sh) * inv_T;
+      xs = xs < kMinExponent ? kMinExponent : xs;
+      const float e = fast_exp_lite(xs);
+      as[l] += e;
+      ab[l] += xs * e;
+    }
+  }
+  float s = 0.0f, b = 0.0f;
+  for (; j < n; ++j) {
+    float xs = (x[j] - sh) * inv_T;
+    xs = xs < kMinExponent ? kMinExponent : xs;
+    const float e = fast_exp_lite(xs);
+    s += e;
+    b += xs * e;
+  }
+#pragma omp simd reduction(+ : s, b)
+  for (int l = 0; l < kW; ++l) {
+    s += as[l];
+    b += ab[l];
+  }
+  *S = s;
+  *B = b;
+}
+
+// The k best (value, id) seen so far as a min-heap whose root is the worst: a smaller value, or
+// an equal value with a larger id (ids arrive ascending, so an equal later value never enters:
+// equal logits rank by ascending id).
+struct TopK {
+  float* v;
+  int32_t* id;
+  int64_t k, size = 0;
+
+  static RBKD_INLINE bool worse(float a, int32_t ia, float b, int32_t ib) {
+    return a < b || (a == b && ia > ib);
+  }
+  void sift_down(int64_t r) {
+    for (;;) {
+      const int64_t l = 2 * r + 1;
+      if (l >= size) return;
+      int64_t w = l;
+      if (l + 1 < size && worse(v[l + 1], id[l + 1], v[l], id[l])) w = l + 1;
+      if (!worse(v[w], id[w], v[r], id[r])) return;
+      std::swap(v[w], v[r]);
+      std::swap(id[w], id[r]);
+      r = w;
+    }
+  }
+  void push(float x, int32_t j) {
+    int64_t c = size++;
+    v[c] = x;
+    id[c] = j;
+    while (c > 0) {
+      const int64_t p = (c - 1) / 2;
+      if (!worse(v[c], id[c], v[p], id[p])) return;
+      std::swap(v[c], v[p]);
+      std::swap(id[c], id[p]);
+      c = p;
+    }
+  }
+  // The threshold a value must beat (NaN never does; -inf until the heap is full).
+  float floor() const { return size < k ? -INFINITY : v[0]; }
+  void offer(float x, int32_t j) {
+    if (size < k) {
+      push(x, j);
+    } else if (x > v[0]) {
+      v[0] = x;
+      id[0] = j;
+      sift_down(0);
+    }
+  }
+};
+
+RBKD_CLONES void capture_row(const CaptureArgs& a, int64_t i, float* scratch) {
+  const int64_t V = a.V, k = a.k, J = a.J;
+  const int64_t size = dtype_size(a.dtype);
+  const char* row = static_cast<const char*>(a.x) + i * a.x_row_stride * size;
+  const char* next = i + 1 < a.N ? row + a.x_row_stride * size : nullptr;
+  float* xbuf = scratch;
+  float* S = xbuf + kBlock;
+  float* B = S + J;
+  float* inv_T = B + J;
+  TopK top{inv_T + J, reinterpret_cast<int32_t*>(inv_T + J + k), k};
+  for (int64_t t = 0; t < J; ++t) {
+    S[t] = B[t] = 0.0f;
+    inv_T[t] = 1.0f / a.temps[t];
+  }
+  float m = -INFINITY;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - j0);
+    const float* x = block_as_float(row, a.dtype, j0, n, xbuf);
+    if (next != nullptr) {  // the next row's block into L2 while this one computes
+      for (int64_t j = 0; j < n * size; j += 64) __builtin_prefetch(next + j0 * size + j, 0, 2);
+    }
+    const float mb = row_max(x, n);
+    // Top-k: a block whose max does not beat the k-th best is skipped whole (an equal value
+    // loses to the earlier id). A row still filling its heap takes every element.
+    if (top.size < k || mb > top.floor()) {
+      for (int64_t j = 0; j < n; ++j) top.offer(x[j], static_cast<int32_t>(j0 + j));
+    }
+    const float sh = mb > -INFINITY ? mb : 0.0f;
+    const float m_new = max_f(m, mb);
+    for (int64_t t = 0; t < J; ++t) {
+      float Sb, Bb;
+      block_sums(x, n, sh, inv_T[t], &Sb, &Bb);
+      if (!(mb > -INFINITY)) {  // nothing finite here: contributes 0 (or its NaN)
+        S[t] += 0.0f * Sb;
+        B[t] += 0.0f * Bb;
+        continue;
+      }
+      const float d_b = (sh - m_new) * inv_T[t];
+      const float f_b = expf(d_b);
+      if (m > -INFINITY) {
+        const float d = (m - m_new) * inv_T[t];
+        const float f = expf(d);
+        B[t] = f * (B[t] + d * S[t]);
+        S[t] = f * S[t];
+      }
+      S[t] += f_b * Sb;
+      B[t] += f_b * (Bb + d_b * Sb);
+    }
+    m = m_new;
+  }
+  for (int64_t t = 0; t < J; ++t) {
+    const bool ok = logits_row_ok(m, S[t]);  // a finite max, no NaN, no +inf
+    const float log_S = logf(S[t]);
+    a.logz[i * J + t] = ok ? m * inv_T[t] + log_S : NAN;
+    a.entropy[i * J + t] = ok ? log_S - B[t] / S[t] : NAN;
+  }
+  // The k best by descending value, equal values by ascending id.
+  const int64_t got = top.size;
+  for (int64_t c = got; c > 1; --c) {  // heap sort: the worst goes last each time
+    std::swap(top.v[0], top.v[c - 1]);
+    std::swap(top.id[0], top.id[c - 1]);
+    top.size = c - 1;
+    top.sift_down(0);
+  }
+  int32_t* ids = a.topk_ids + i * k;
+  char* vals = static_cast<char*>(a.topk_logits) + i * k * size;
+  for (int64_t c = 0; c < got; ++c) {
+    ids[c] = top.id[c];
+    memcpy(vals + c * size, row + static_cast<int64_t>(top.id[c]) * size, size);  // raw bits
+  }
+}
+
+}  // namespace
+
+void capture_soft_labels_fwd(const CaptureArgs& a, int num_threads) {
+  if (a.N == 0 || a.V == 0) return;
+  const int nt = pick_threads(num_threads, a.N * a.V * a.J, a.N);
+  const int64_t floats = kBlock + 3 * a.J + 2 * a.k + 16;
+  parallel_rows_with_scratch(nt, a.N, floats, "capture_soft_labels_fwd",
+                             [&](int64_t i, float* scratch) { capture_row(a, i, scratch); });
+}
+
+namespace {
+RBKD_CLONES float exp_loop(const float* x, int64_t n, int64_t reps) {
+  float total = 0.0f;
+  for (int64_t r = 0; r < reps; ++r) {
+    constexpr int kW = 32;
+    alignas(64) float acc[kW] = {};
+    const float shift = static_cast<float>(r & 1) * 1e-3f;  // a new input each rep: no hoisting
+    for (int64_t j = 0; j + kW <= n; j += kW) {
+#pragma omp simd
+      for (int l = 0; l < kW; ++l) acc[l] += fast_exp_lite(x[j + l] - shift);
+    }
+    for (int l = 0; l < kW; ++l) total += acc[l];
+  }
+  return total;
+}
+}  // namespace
+
+double exp_seconds_per_element(int64_t per_thread, int num_threads) {
+  constexpr int64_t kN = kBlock;
+  const int64_t reps = std::max<int64_t>(1, per_thread / kN);
+  double wall = 0.0;
+  float sink = 0.0f;
+#pragma omp parallel num_threads(num_threads) reduction(+ : sink)
+  {
+    alignas(64) float x[kN];
+    for (int64_t j = 0; j < kN; ++j) x[j] = -20.0f * static_cast<float>(j) / kN;
+#pragma omp barrier
+#ifdef _OPENMP
+    const double t0 = omp_get_wtime();
+#endif
+    sink += exp_loop(x, kN, reps);
+#ifdef _OPENMP
+    const double dt = omp_get_wtime() - t0;
+#pragma omp critical
+    wall = std::max(wall, dt);
+#endif
+  }
+  static volatile float keep __attribute__((unused));
+  keep = sink;  // the loop's result is used: it is not optimised away
+  return wall / (static_cast<double>(reps) * kN * num_threads);
+}
+
+}  // namespace rbkd::cpu
