@@ -8,9 +8,10 @@ logits and logz_j, p_i(T_j) = exp(z_i / T_j - logz_j) of every kept id and the t
 1 - sum p_i are exact at every stored T_j: both come from the same values (the input's, upcast to
 float32), so store topk_logits in the input's dtype.
 
-This is the pure-torch twin (no autograd: teachers are captured under no_grad). It reads the
-logits once for the top-k, once per temperature, and once more to sample, in chunks of rows of at
-most CHUNK_ELEMENTS entries. The fused kernels (C++ and Triton, later) do it in one read: per row,
+Below is the pure-torch twin (no autograd: teachers are captured under no_grad), which a backend
+without `capture_rows` runs. It reads the logits once for the top-k, once per temperature, and
+once more to sample, in chunks of rows of at most CHUNK_ELEMENTS entries. The fused kernels (C++:
+csrc/cpu/capture_cpu.cpp; Triton later) do it in one read: per row,
 an online max and per-T running sums of exp(z / T_j - m / T_j) and (z / T_j) exp(...) (the
 entropy's numerator), and a k-entry min-heap (CPU) or a per-block top-k merged across blocks (GPU).
 """
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from rbkd.ops import validation as v
+from rbkd.ops.dispatch import select_backend
 
 __all__ = ["SoftLabelCapture", "capture_soft_labels"]
 
@@ -82,7 +84,8 @@ def capture_soft_labels(
     if v.host_value_checks(logits.device):
         v.check_finite_rows("logits", rows)
     with torch.no_grad():
-        out = _capture_rows(rows, k, temps, samples, sample_T, generator)
+        capture_rows = getattr(select_backend(rows.device), "capture_rows", _capture_rows)
+        out = capture_rows(rows, k, temps, samples, sample_T, generator)
     return SoftLabelCapture(*(None if t is None else t.reshape(*lead, t.shape[-1]) for t in out))
 
 

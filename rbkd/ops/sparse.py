@@ -2,8 +2,9 @@
 
 The public function checks its arguments and calls the op registered with torch.library
 (`rbkd::sparse_kd_loss`, with a fake implementation so torch.compile traces it), whose autograd
-path is SparseKDLoss, as kd_loss's is KDLoss. Every backend runs the pure-torch twin
-(rbkd/ops/sparse_twin.py) until fused kernels exist.
+path is SparseKDLoss, as kd_loss's is KDLoss. The implementation runs the backend's
+`sparse_kd_forward` (CPU tensors: the C++ kernel, csrc/cpu/sparse_kd_cpu.cpp, for tail bucket and
+renormalize) or, where the backend has none, the pure-torch twin (rbkd/ops/sparse_twin.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 from rbkd.ops import library
 from rbkd.ops import validation as v
 from rbkd.ops.args import KDOptions
+from rbkd.ops.dispatch import select_backend
 from rbkd.ops.sparse_sampled import check_sampled_values
 from rbkd.ops.sparse_twin import TAIL_MODES, sparse_kd_forward
 
@@ -379,7 +381,8 @@ def sparse_kd_loss_impl(
         else:  # a device tensor: no host read on a GPU
             count = (labels != opts.ignore_index).sum().clamp_min(1).to(torch.float32)
             grad_scale = count.reciprocal()
-    rows, grad = sparse_kd_forward(
+    forward = getattr(select_backend(student.device), "sparse_kd_forward", sparse_kd_forward)
+    rows, grad = forward(
         student, ids, topk, logz, labels,
         T if T_rows is None else T_rows, alpha if alpha_rows is None else alpha_rows,
         grad_scale, need_grad, tail, opts, counts, sample_logz, sample_T,

@@ -130,3 +130,73 @@ class NativeKernels:
             out.data_ptr(), native_options(self.lib, opts), self.num_threads(),
         )  # fmt: skip
         return out
+
+    def sparse_kd_forward(
+        self,
+        student: Tensor,
+        ids: Tensor,
+        topk: Tensor,
+        logz: Tensor | None,
+        labels: Tensor | None,
+        T: float | Tensor,
+        alpha: float | Tensor,
+        grad_scale: float | Tensor,
+        need_grad: bool,
+        tail: int,
+        opts: KDOptions,
+    ) -> tuple[Tensor, Tensor | None]:
+        """sparse_twin.sparse_kd_forward's contract, in one C++ call (tail bucket / renormalize).
+
+        The O(N k) side inputs go in as contiguous float32 (topk, logz: the twin's compute
+        dtype) and int64 labels; the ids as they are (int32 or int64)."""
+        student = unit_last_stride(student)
+        n, vocab = student.shape
+        k = ids.shape[1]
+        ids = ids.contiguous()
+        topk = topk.to(torch.float32).contiguous()
+        if logz is not None:
+            logz = logz.to(torch.float32).reshape(-1).contiguous()
+        if labels is not None:
+            labels = labels.to(torch.int64).contiguous()
+        T_value, T_ptr, _T_keep = scalar_or_rows(T)
+        alpha_value, alpha_ptr, _alpha_keep = scalar_or_rows(alpha)
+        scale_value, scale_ptr, _scale_keep = 1.0, 0, None
+        if isinstance(grad_scale, Tensor):
+            _scale_keep = grad_scale.to(device=student.device, dtype=torch.float32).reshape(1)
+            scale_ptr = _scale_keep.data_ptr()
+        else:
+            scale_value = float(grad_scale)
+        loss = torch.empty(n, dtype=torch.float32, device=student.device)
+        grad = (
+            torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else None
+        )
+        self.lib.sparse_kd_loss_fwd(
+            student.data_ptr(), dtype_code(student), row_stride(student),
+            ids.data_ptr(), ids.dtype == torch.int64, topk.data_ptr(),
+            logz.data_ptr() if logz is not None else 0,
+            labels.data_ptr() if labels is not None else 0,
+            T_value, T_ptr, alpha_value, alpha_ptr, n, vocab, k, int(tail),
+            loss.data_ptr(), grad.data_ptr() if grad is not None else 0,
+            scale_value, scale_ptr, native_options(self.lib, opts), self.num_threads(),
+        )  # fmt: skip
+        return loss, grad
+
+    def capture_forward(
+        self, x: Tensor, k: int, temps: list[float]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(topk_ids [N, k] int32, topk_logits [N, k] x's dtype, logz [N, J], entropy [N, J])
+        of logits x [N, V] in one C++ pass: capture.py's contract without the samples."""
+        x = unit_last_stride(x)
+        n, vocab = x.shape
+        temps_t = torch.tensor(temps, dtype=torch.float32)
+        j = temps_t.numel()
+        ids = torch.empty((n, k), dtype=torch.int32)
+        vals = torch.empty((n, k), dtype=x.dtype)
+        logz = torch.empty((n, j), dtype=torch.float32)
+        entropy = torch.empty((n, j), dtype=torch.float32)
+        self.lib.capture_soft_labels_fwd(
+            x.data_ptr(), dtype_code(x), row_stride(x), n, vocab, k, temps_t.data_ptr(), j,
+            ids.data_ptr(), vals.data_ptr(), logz.data_ptr(), entropy.data_ptr(),
+            self.num_threads(),
+        )  # fmt: skip
+        return ids, vals, logz, entropy
