@@ -285,3 +285,47 @@ def test_doc_code_blocks_run(tmp_path, monkeypatch):
     for line, code in blocks:  # in order, in one namespace: a tutorial's blocks build on each other
         exec(compile(code, f"{DOC.name}:{line}", "exec"), namespace)
     assert (tmp_path / "lm-store" / "index.json").is_file()
+
+
+@needs_transformers
+def test_sampled_targets_ride_along(setup, tmp_path):
+    _, teacher, tokens = setup
+    folder = build(tmp_path / "sampled", teacher, tokens, samples=4)
+    store = SparseStore(folder)
+    data = hf.StoreDataset(store, tokens, context=CONTEXT, T=2.0, samples=True)
+    items = [data[2], data[7]]
+    batch = hf.StoreCollator()(items)
+    assert batch["sample_T"] == store.spec.sample_T == 1.0
+    rows = store.tokens(7 * CONTEXT, 8 * CONTEXT)
+    for name in ("sample_ids", "sample_counts", "sample_logits"):
+        assert torch.equal(batch[name][1], rows[name])
+    assert torch.equal(batch["sample_logz"][1], rows["logz"][:, 0])  # sample_T = 1: column 0
+    assert torch.equal(batch["logz"][1], rows["logz"][:, 1])  # T = 2: column 1
+    logits = torch.randn(2, CONTEXT, VOCAB, generator=torch.Generator().manual_seed(1))
+    got = hf.batch_sparse_kd_loss(logits, batch, tail="sampled", reduction="sum")
+    want = sum(
+        sparse_kd_loss(logits[r], it["sample_ids"], it["sample_logits"], it["labels"],
+                       logz=it["logz"], T=2.0, alpha=0.5, tail="sampled",
+                       sample_counts=it["sample_counts"], sample_T=1.0,
+                       sample_logz=it["sample_logz"], reduction="sum")
+        for r, it in enumerate(items)
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+    assert math.isfinite(float(got))
+    plain = hf.StoreCollator()([hf.StoreDataset(store, tokens, context=CONTEXT, T=2.0)[2]])
+    with pytest.raises(ValueError, match="samples=True"):
+        hf.batch_sparse_kd_loss(logits[:1], plain, tail="sampled")
+
+
+@needs_transformers
+def test_dataloader_workers_read_their_rows(setup):
+    from torch.utils.data import DataLoader
+
+    folder, _, tokens = setup
+    data = hf.StoreDataset(folder, tokens, context=CONTEXT, T=1.0)
+    loader = DataLoader(data, batch_size=5, num_workers=2, collate_fn=hf.StoreCollator())
+    batches = list(loader)
+    assert sum(b["input_ids"].shape[0] for b in batches) == BLOCKS
+    got = torch.cat([b["topk_logits"] for b in batches])
+    want = torch.stack([data[i]["topk_logits"] for i in range(BLOCKS)])
+    assert torch.equal(got, want)
