@@ -7,6 +7,8 @@
     soft_label_entropy(logits, T=1.0, *, teacher_kind="logits", normalize=False)
     sparse_kd_loss(student_logits, topk_ids, topk_logits, labels=None, *, logz=None, T=1.0,
                    alpha=0.9, t_squared=True, tail="bucket", divergence="kl", ...)  (sparse.py)
+    sparse_kd_loss_from_hidden(hidden, weight, topk_ids, topk_logits, labels=None, *, bias=None,
+                               chunk_rows=None, **sparse_kd_loss's keywords)  (sparse_linear.py)
     capture_soft_labels(logits, k, temperatures, *, samples=0, sample_T=1.0, generator=None)
 
 The backend is chosen per call from the tensors' device (see rbkd.ops.dispatch): the C++ CPU
@@ -29,6 +31,7 @@ _LAZY = {
     "kd_loss": "rbkd.ops.functional",
     "soft_label_entropy": "rbkd.ops.functional",
     "sparse_kd_loss": "rbkd.ops.sparse",
+    "sparse_kd_loss_from_hidden": "rbkd.ops.sparse_linear",
     "capture_soft_labels": "rbkd.ops.capture",
     "SoftLabelCapture": "rbkd.ops.capture",
     "BackendError": "rbkd.ops.dispatch",
@@ -38,8 +41,8 @@ _LAZY = {
 }
 # Submodules reachable as attributes after a bare `import rbkd.ops` (rbkd.ops.validation...).
 _SUBMODULES = (
-    "args", "backends", "capture", "dispatch", "functional", "library", "sparse", "sparse_twin",
-    "validation",
+    "args", "backends", "capture", "dispatch", "functional", "library", "sparse", "sparse_linear",
+    "sparse_sampled", "sparse_twin", "validation",
 )  # fmt: skip
 
 __all__ = ["DIVERGENCES", "KD_MAX_TEMPERATURE", *_LAZY]
