@@ -137,8 +137,8 @@ def entropy(
     from rbkd.analysis.plots import plot_entropy_curves
     from rbkd.data import load_dataset
     from rbkd.engine import read_config
-    from rbkd.softlabels import read_soft_labels
-    from rbkd.study.softlabels import teacher_soft_labels
+    from rbkd.soft_label_file import read_soft_labels
+    from rbkd.study.soft_label_source import teacher_soft_labels
 
     with usage_errors():
         temps = parse_temperatures(T)

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Train a teacher on hard labels (cross-entropy) and write its run folder.",
     ),
     "soft-labels": (
-        "softlabels",
+        "write_soft_labels",
         "Run a teacher over a dataset split and save its logits as a soft-label file.",
     ),
     "distill": (

@@ -29,7 +29,7 @@ Capacity = Literal[TEACHERS]
 Student = Literal[STUDENTS]
 Selection = Literal[SELECTIONS]
 Optimizer = Literal[OPTIMIZERS]
-Split = Literal["train", "test"]  # rbkd.softlabels.SPLITS (that module imports torch)
+Split = Literal["train", "test"]  # rbkd.soft_label_file.SPLITS (that module imports torch)
 FigureFormat = Literal["png", "pdf", "svg"]
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # What tab completes after --device (rbkd.engine.device.resolve_device takes them), with the help

@@ -81,7 +81,7 @@ def train_teacher(
         rbkd train-teacher --capacity small --epochs 1 --batch-size 128 --limit 2000 --out runs/t1
     """
     from rbkd.analysis.entropy import entropy_at
-    from rbkd.softlabels import read_soft_labels
+    from rbkd.soft_label_file import read_soft_labels
     from rbkd.study.teacher import train_teacher as run_train_teacher
 
     # Option values were checked by handle_errors; these checks span options (exit code 2).

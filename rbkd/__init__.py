@@ -2,7 +2,7 @@
 
 Fused kernels for the temperature softmax, the KD loss and soft-label entropy (`rbkd.ops`), a training
 engine for teachers and students (`rbkd.engine`), soft labels stored as safetensors
-(`rbkd.softlabels`) and the `rbkd` command line (`rbkd.cli`).
+(`rbkd.soft_label_file`) and the `rbkd` command line (`rbkd.cli`).
 
 The Python API, for your own models and data (docs/engine-api.md, README "Using rbkd from Python"):
 
@@ -27,7 +27,7 @@ _LAZY = {
     "distill": "rbkd.api",
     "RunResult": "rbkd.api",
     "StopTraining": "rbkd.engine.callbacks",
-    "SoftLabels": "rbkd.softlabels",
+    "SoftLabels": "rbkd.soft_label_file",
     "ImageDataset": "rbkd.data.dataset",
     "TrainConfig": "rbkd.config",
     "DistillSpec": "rbkd.config",
@@ -37,7 +37,7 @@ _LAZY = {
 }
 
 # Subpackages reachable as attributes after a bare `import rbkd` (rbkd.engine.load_run(...)).
-_SUBMODULES = ("analysis", "config", "data", "engine", "models", "ops", "softlabels", "study")
+_SUBMODULES = ("analysis", "config", "data", "engine", "models", "ops", "soft_label_file", "study")
 
 __all__ = ["__version__", *_LAZY]
 

@@ -22,7 +22,7 @@ from torch import nn
 
 import rbkd
 from rbkd.data import ImageDataset
-from rbkd.softlabels import read_soft_labels, read_teacher_soft_labels, state_dict_sha256
+from rbkd.soft_label_file import read_soft_labels, read_teacher_soft_labels, state_dict_sha256
 
 FEATURES, CLASSES = 12, 4
 

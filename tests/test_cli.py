@@ -10,7 +10,7 @@ import torch
 from rbkd.cli.app import app
 from typer.testing import CliRunner
 
-from rbkd.softlabels import write_soft_labels
+from rbkd.soft_label_file import write_soft_labels
 
 runner = CliRunner()
 

@@ -19,7 +19,7 @@ from rbkd.cli.threads import apply_threads, default_threads, physical_cores
 from typer.testing import CliRunner
 
 import rbkd
-from rbkd.softlabels import write_soft_labels
+from rbkd.soft_label_file import write_soft_labels
 
 runner = CliRunner()
 LONG_COMMANDS = [

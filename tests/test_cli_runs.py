@@ -14,7 +14,7 @@ from rbkd.cli.app import app
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from rbkd.softlabels import read_soft_labels, sha256_file
+from rbkd.soft_label_file import read_soft_labels, sha256_file
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"

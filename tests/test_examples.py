@@ -17,7 +17,7 @@ from rbkd.analysis.examples import (
     top_entropy_examples,
 )
 from rbkd.analysis.plots import PNG_SIGNATURE, SIGNATURES
-from rbkd.softlabels import read_soft_labels
+from rbkd.soft_label_file import read_soft_labels
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def make_teacher_run(out: Path, *, capacity: str = "small", seed: int = 0, epoch
     from rbkd.data import load_dataset
     from rbkd.engine import CrossEntropy, TrainConfig, fit
     from rbkd.models import build_model
-    from rbkd.softlabels import soft_labels_from_model
+    from rbkd.soft_label_file import soft_labels_from_model
 
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")

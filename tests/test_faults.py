@@ -34,7 +34,7 @@ import rbkd.io
 from rbkd.engine import CrossEntropy, Distillation, TrainConfig, fit, read_metrics
 from rbkd.io import DiskFullError, atomic_write_bytes
 from rbkd.models import build_model
-from rbkd.softlabels import read_teacher_soft_labels, soft_labels_from_model
+from rbkd.soft_label_file import read_teacher_soft_labels, soft_labels_from_model
 
 TRAIN, TEST = tiny(64), tiny(32, "test", seed=1)
 CFG = TrainConfig(epochs=2, batch_size=32, lr=2e-3, seed=7, device="cpu", eval_batch_size=64)

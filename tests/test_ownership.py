@@ -166,7 +166,7 @@ def test_soft_labels_never_replace_a_file_of_the_users(teacher_run, tiny_data, t
     assert not list(tmp_path.glob(".*"))  # no temporary, no lock left beside it
     forced = soft_labels_cli(teacher_run, thesis, "--force")
     assert forced.exit_code == 0, forced.output
-    assert rbkd.softlabels.read_soft_labels(thesis).teacher.startswith(str(teacher_run))
+    assert rbkd.soft_label_file.read_soft_labels(thesis).teacher.startswith(str(teacher_run))
 
 
 def test_soft_labels_replace_their_own_file_but_not_another_splits(

@@ -28,7 +28,7 @@ FORBIDDEN = {
 
 
 def test_sources_were_found():
-    assert len(SOURCES) > 20 and any(p.name == "softlabels.py" for p in SOURCES)
+    assert len(SOURCES) > 20 and any(p.name == "soft_label_file.py" for p in SOURCES)
 
 
 @pytest.mark.parametrize("pattern,what", FORBIDDEN.items(), ids=list(FORBIDDEN.values()))

@@ -304,7 +304,7 @@ def test_distill_rerun_reuses_and_another_run_is_not_overwritten(clean, tiny_dat
 
 
 def test_partial_soft_labels_are_an_error_unless_allowed(clean, tiny_data, tmp_path):
-    from rbkd.softlabels import read_soft_labels, write_soft_labels
+    from rbkd.soft_label_file import read_soft_labels, write_soft_labels
 
     _, run = clean
     teacher = run.plan.teachers[0].run_dir

@@ -112,7 +112,7 @@ def teacher_examples(
     given."""
     from rbkd.data import load_dataset
     from rbkd.engine import read_config
-    from rbkd.softlabels import check_matches_dataset, read_teacher_soft_labels
+    from rbkd.soft_label_file import check_matches_dataset, read_teacher_soft_labels
 
     T = check_temperature(T)
     count = check_count(count)

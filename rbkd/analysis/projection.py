@@ -138,7 +138,7 @@ def project_model(
     """Sample `per_class` examples of each class, take penultimate features via
     `rbkd.engine.penultimate_features` and project them (Müller et al.)."""
     from rbkd.engine import penultimate_features, resolve_device
-    from rbkd.softlabels import dataset_labels
+    from rbkd.soft_label_file import dataset_labels
 
     labels = dataset_labels(dataset)
     c = final_layer(model).out_features

@@ -174,7 +174,7 @@ def soft_labels(
     batch_size: int | None = None,
     out: PathLike | None = None,
 ):
-    """The teacher's logits for every example of `data`, as `rbkd.softlabels.SoftLabels`
+    """The teacher's logits for every example of `data`, as `rbkd.soft_label_file.SoftLabels`
     (`.logits` [N, C], `.labels`, `.indices`, `.probs(T)`, `.metadata`).
 
     `teacher`: an nn.Module (run in eval mode, without gradients, on its own device unless
@@ -192,7 +192,7 @@ def soft_labels(
 def _soft_labels(teacher, data, split, num_classes, device, batch_size, out, fixed=None):
     """(SoftLabels, the data as an ImageDataset with the teacher's number of classes)."""
     from rbkd.engine import predict_logits
-    from rbkd.softlabels import (
+    from rbkd.soft_label_file import (
         SoftLabels,
         read_soft_labels,
         soft_labels_metadata,
@@ -335,7 +335,7 @@ def distill(
 def _teacher_soft_labels(teacher, soft, train, fixed: bool, cfg: TrainConfig):
     """(the train split's SoftLabels, train with the teacher's classes), checked to cover every
     training example with its own label."""
-    from rbkd.softlabels import SoftLabels, check_matches_dataset, read_soft_labels
+    from rbkd.soft_label_file import SoftLabels, check_matches_dataset, read_soft_labels
 
     if teacher is not None:
         device = None if cfg.device == "auto" else cfg.device

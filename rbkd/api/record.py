@@ -17,7 +17,7 @@ from typing import Any
 def _model(value: Any) -> Any:
     from torch import nn
 
-    from rbkd.softlabels import user_teacher_metadata
+    from rbkd.soft_label_file import user_teacher_metadata
 
     if isinstance(value, str):
         return value

@@ -39,7 +39,7 @@ from rbkd.study.keys import data_fingerprint
 from rbkd.study.plan import Plan, make_plan
 from rbkd.study.results import student_row, teacher_row, write_results
 from rbkd.study.runstate import RunState, run_state
-from rbkd.study.softlabels import fit_to_dataset, teacher_soft_labels
+from rbkd.study.soft_label_source import fit_to_dataset, teacher_soft_labels
 from rbkd.study.splits import load_splits
 from rbkd.study.student import distill
 from rbkd.study.teacher import train_teacher

@@ -30,7 +30,7 @@ from rbkd.io import write_json
 from rbkd.provenance import distill_command, recording
 from rbkd.study.keys import data_fingerprint, student_dir_name, student_key
 from rbkd.study.runstate import RunState, run_state
-from rbkd.study.softlabels import soft_labels_digest, source_dataset, train_soft_labels
+from rbkd.study.soft_label_source import soft_labels_digest, source_dataset, train_soft_labels
 from rbkd.study.splits import load_splits
 from rbkd.study.teacher import model_identity, repeat_record, split_limit
 

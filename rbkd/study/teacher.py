@@ -21,7 +21,7 @@ from rbkd.engine.rundir import check_run_folder
 from rbkd.io import write_json
 from rbkd.models import build_model
 from rbkd.provenance import recording, teacher_command
-from rbkd.softlabels import (
+from rbkd.soft_label_file import (
     SPLITS,
     SoftLabelsError,
     read_teacher_soft_labels,
@@ -79,7 +79,7 @@ def model_identity(model, dataset: str, arch: str, seed: int):
     for `dataset` from `seed` (`model` None, or such a model untouched), is named by the key's
     inputs already: None. Any other module by its class, size and initial weights' SHA-256."""
     from rbkd.engine.runinfo import describe_model
-    from rbkd.softlabels import state_dict_sha256
+    from rbkd.soft_label_file import state_dict_sha256
 
     if model is None:
         return build_model(dataset, arch, seed=seed), None

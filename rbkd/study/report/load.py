@@ -135,7 +135,7 @@ def _rebuild(folder: Path, spec: dict, teachers: list[dict], data_dir) -> tuple[
 def _teacher_rows(spec, task, state, splits, folder: Path, teacher_row) -> list[dict]:
     """teachers.jsonl rows of a finished teacher run ([] when it is not finished)."""
     from rbkd.engine import read_config
-    from rbkd.study.softlabels import teacher_soft_labels
+    from rbkd.study.soft_label_source import teacher_soft_labels
 
     if task.external:
         metrics = read_config(task.run_dir).get("final_metrics") or {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rbkd.softlabels import (
+from rbkd.soft_label_file import (
     FORMAT_VERSION,
     SoftLabelsError,
     read_soft_labels,
@@ -255,7 +255,7 @@ def _teacher_run(tmp_path, name="t1", seed=0):
 
 
 def test_read_teacher_soft_labels_accepts_the_runs_own_labels(tmp_path):
-    from rbkd.softlabels import read_teacher_soft_labels
+    from rbkd.soft_label_file import read_teacher_soft_labels
 
     run = _teacher_run(tmp_path)
     soft = read_teacher_soft_labels(run, "train", _dataset(_tensors()[1]))
@@ -265,7 +265,7 @@ def test_read_teacher_soft_labels_accepts_the_runs_own_labels(tmp_path):
 def test_stale_soft_labels_are_refused(tmp_path):
     """A resumed train-teacher killed before it rewrote its soft labels: new weights, old
     labels."""
-    from rbkd.softlabels import read_teacher_soft_labels
+    from rbkd.soft_label_file import read_teacher_soft_labels
 
     run = _teacher_run(tmp_path)
     save_file({"w": torch.ones(3)}, run / "model.safetensors")  # the next epoch's weights
@@ -277,7 +277,7 @@ def test_stale_soft_labels_are_refused(tmp_path):
 
 
 def test_soft_labels_copied_from_another_run_are_refused(tmp_path):
-    from rbkd.softlabels import read_teacher_soft_labels
+    from rbkd.soft_label_file import read_teacher_soft_labels
 
     a, b = _teacher_run(tmp_path, "a", seed=0), _teacher_run(tmp_path, "b", seed=1)
     (a / "soft_labels_train.safetensors").write_bytes(

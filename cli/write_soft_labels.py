@@ -60,7 +60,7 @@ def soft_labels(
     from rbkd.analysis.entropy import entropy_at
     from rbkd.data import load_dataset
     from rbkd.engine import load_run, read_config
-    from rbkd.softlabels import (
+    from rbkd.soft_label_file import (
         SPLITS,
         check_soft_labels_target,
         read_soft_labels,

@@ -15,7 +15,7 @@ import torch
 
 from rbkd.config import DistillSpec
 from rbkd.engine import load_run, predict_logits, read_config, resolve_device
-from rbkd.softlabels import (
+from rbkd.soft_label_file import (
     TEST_FILE,
     TRAIN_FILE,
     SoftLabels,
