@@ -299,3 +299,21 @@ def test_cli_dense_file_still_works(tmp_path):
     assert numbers["temperatures"] == [1.0, 4.0] and numbers["max_entropy"] == pytest.approx(
         math.log(4)
     )
+
+
+def test_an_incomplete_store_is_one_line_unless_the_limit_stops_before(tmp_path):
+    logits, ids, offsets = corpus()
+    folder = build_store(tmp_path / "s", logits, ids, offsets)
+    index = json.loads((folder / st.INDEX_FILE).read_text())
+    del index["shards"]["2"]  # as a capture killed before shard 2 was recorded
+    (folder / st.INDEX_FILE).write_text(json.dumps(index))
+    (folder / st.shard_name(2)).unlink()
+    with pytest.raises(st.StoreError, match=r"incomplete \(1 of the 4 shards needed never "
+                                            r"written, the first 2\)"):  # fmt: skip
+        te.token_entropy(folder)
+    res = te.token_entropy(folder, limit=16)  # shards 0 and 1 only
+    want = oracle(logits[:16], ids[:16], offsets[:16])
+    torch.testing.assert_close(torch.tensor(res["mean_entropy"], dtype=torch.float64),
+                               torch.tensor(want["mean"], dtype=torch.float64), atol=2e-5, rtol=2e-5)  # fmt: skip
+    result = run_cli("--soft-labels", folder)
+    assert result.exit_code == 1 and "incomplete" in result.output

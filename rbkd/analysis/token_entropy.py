@@ -183,11 +183,13 @@ def token_entropy(
     end = spec.num_tokens if limit is None else min(limit, spec.num_tokens)
     if end == 0:
         raise StoreError(f"store {store.folder} holds no token positions: nothing to analyse")
-    if not store.complete:
-        missing = [i for i in range(spec.num_shards) if i not in store.entries]
+    needed = -(-end // spec.shard_tokens)  # the shards holding positions [0, end)
+    missing = [i for i in range(needed) if i not in store.entries]
+    if missing:
         raise StoreError(
-            f"store {store.folder} is incomplete ({len(missing)} of {spec.num_shards} shards never "
-            f"written, the first {missing[0]}): finish the capture first"
+            f"store {store.folder} is incomplete ({len(missing)} of the {needed} shards needed "
+            f"never written, the first {missing[0]}): finish the capture, or give a --limit "
+            "below its first missing position"
         )
     vocab = spec.teacher_config.get("vocab_size")
     vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
@@ -195,7 +197,7 @@ def token_entropy(
     sums = _Sums(temps, cols, spec.k, vocab or 0)
     step = max(1, CHUNK_ELEMENTS // spec.k)
     prev = None  # (entropy row, valid) of the position before this chunk, for the next token
-    for i in range(-(-end // spec.shard_tokens)):
+    for i in range(needed):
         s0, s1 = spec.shard_range(i)
         shard = store.shard(i)
         for t in _chunks(shard, min(s1, end) - s0, step):

@@ -123,8 +123,8 @@ class StoreDataset(torch.utils.data.Dataset):
     store: a SparseStore or its folder (opened without identity checks: open it yourself with
     teacher_sha256=..., tokenizer_sha256=..., corpus_sha256=... to have them checked).
     tokens: the token stream the store was captured from (an rbkd.lm.tokens.TokenSplit or a 1-D
-    sequence of ids); checked against the store's input_ids once, row by row, and giving the
-    label of the last row. None: the store's own input_ids are the tokens (its last row then has
+    sequence of ids); checked against the store's input_ids once, row by row (one read of the
+    store, each shard's SHA-256 checked on the way), and giving the label of the last row. None: the store's own input_ids are the tokens (its last row then has
     no label). T: a temperature of the store's grid; logz is read at it. samples=True also yields
     sample_ids, sample_counts, sample_logits (tail="sampled"), sample_T and, when sample_T is in
     the grid, sample_logz. drop_last=False keeps a last block shorter than `context` (the
@@ -153,8 +153,8 @@ class StoreDataset(torch.utils.data.Dataset):
                 f"store {self.store.folder} is incomplete (shards missing from its index): "
                 "finish the capture before training on it"
             )
-        self.context, self.T = context, float(T)
         self._t = _grid_index(spec.temperatures, T, "T")
+        self.context, self.T = context, float(T)
         self.samples = bool(samples)
         self.sample_T: float | None = None
         self._sample_t: int | None = None
