@@ -58,6 +58,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Autocast's half-precision logits to float32 for the loss; float32/64 as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -157,7 +162,9 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
                 with sync:
                     with autocast(precision, device):
                         logits = net(input_ids=x).logits
-                    loss, ce = objective(logits.float(), x, y, windows[j : j + micro] * cfg.context)
+                    loss, ce = objective(
+                        _upcast(logits), x, y, windows[j : j + micro] * cfg.context
+                    )
                     scaler.scale(loss * (world / max(count, 1.0))).backward()
                 loss_sum, ce_sum = loss_sum + loss.detach(), ce_sum + ce
             scaler.unscale_(optimizer)
@@ -283,7 +290,7 @@ def validation_sums(model, val, cfg: LMTrainConfig, precision: str, ctx) -> tupl
         with autocast(precision, ctx.device):
             logits = model(input_ids=blocks[:, :-1]).logits
         labels = blocks[:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+        ce = torch.nn.functional.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten(),
                                                ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
         sums += torch.stack([ce.double(), (labels != IGNORE_INDEX).sum().double()])
     ce_sum, count = ctx.all_reduce_sum(sums).tolist()
