@@ -329,3 +329,53 @@ def test_dataloader_workers_read_their_rows(setup):
     got = torch.cat([b["topk_logits"] for b in batches])
     want = torch.stack([data[i]["topk_logits"] for i in range(BLOCKS)])
     assert torch.equal(got, want)
+
+
+@needs_transformers
+def test_a_token_split_is_the_tokens(tmp_path):
+    """The dataset reads an rbkd.lm.tokens.TokenSplit (memory-mapped, documents joined by
+    end-of-text) as its tokens; another split of the corpus is one line."""
+    from lm_fixtures import write_tiny_corpus
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rbkd.lm.corpus import load_corpus
+    from rbkd.lm.tokenizer import train_tokenizer
+    from rbkd.lm.tokens import tokenize_split
+
+    corpus = load_corpus(write_tiny_corpus(tmp_path / "texts", files=6, sentences=8))
+    tok = train_tokenizer(corpus, 300)
+    split = tokenize_split(corpus, tok, "train", root=tmp_path / "tokens", shard_tokens=100)
+    context, blocks = 8, min(10, (len(split) - 1) // 8)
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=split.vocab_size, n_positions=context,
+                                         n_embd=16, n_layer=1, n_head=2)).eval()  # fmt: skip
+    stream = torch.as_tensor(split.tokens(0, blocks * context + 1)).long()
+    spec = StoreSpec(k=4, temperatures=(1.0,), topk_dtype="float32", num_tokens=blocks * context,
+                     shard_tokens=2 * context, teacher_config=teacher.config.to_diff_dict(),
+                     teacher_sha256=SHA, tokenizer_sha256=split.tokenizer_sha256,
+                     corpus_sha256=SHA)  # fmt: skip
+
+    def compute(start, end):
+        with torch.no_grad():
+            logits = teacher(input_ids=stream[start:end].view(-1, context)).logits
+        cap = capture_soft_labels(logits.flatten(0, 1), 4, (1.0,))
+        return {"topk_ids": cap.topk_ids, "topk_logits": cap.topk_logits, "logz": cap.logz,
+                "entropy": cap.entropy, "input_ids": stream[start:end].int(),
+                "doc_offsets": torch.as_tensor(split.doc_offsets(start, end)).int()}  # fmt: skip
+
+    write_store(tmp_path / "store", spec, compute)
+    data = hf.StoreDataset(tmp_path / "store", split, context=context)
+    item = data[blocks - 1]
+    s = (blocks - 1) * context
+    assert torch.equal(item["input_ids"], stream[s : s + context])
+    assert torch.equal(item["labels"], stream[s + 1 : s + context + 1])
+
+    class Shifted:  # the same split read one token late: any object with tokens() and len()
+        def __len__(self):
+            return len(split) - 1
+
+        def tokens(self, start, end):
+            return split.tokens(start + 1, end + 1)
+
+    with pytest.raises(StoreError, match="input_ids differ from the tokens given at position 0 "):
+        hf.StoreDataset(tmp_path / "store", Shifted(), context=context)
