@@ -82,6 +82,23 @@ class StoredTeacher:
         context = inputs.shape[1]
         rows = self.rows.batch(starts, context, inputs)
         device = logits.device
+        if self.tail == "sampled":  # Sparse Logit Sampling's unbiased estimator
+            loss = sparse_kd_loss(
+                logits,
+                rows["sample_ids"].to(device),
+                rows["sample_logits"].to(device),
+                labels,
+                logz=rows["logz"].to(device),
+                T=self.T,
+                alpha=self.alpha,
+                tail="sampled",
+                sample_counts=rows["sample_counts"].to(device),
+                sample_T=self.rows.sample_T,
+                sample_logz=rows["sample_logz"].to(device) if "sample_logz" in rows else None,
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            return loss, _ce(logits, labels)
         loss = sparse_kd_loss(
             logits,
             rows["topk_ids"].to(device),

@@ -136,8 +136,6 @@ def on_main_save(net, run_dir: Path) -> None:
 
 def _source(train, cfg, *, store, teacher, T, k, tail, alpha):
     """(objective factory, its identity for the key): hard labels, a store, or a teacher online."""
-    if store is not None and teacher is not None:
-        raise ValueError("give a store (--store) or a teacher to run online (--teacher), not both")
     if not (math.isfinite(alpha) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if store is None and teacher is None:
@@ -149,12 +147,20 @@ def _source(train, cfg, *, store, teacher, T, k, tail, alpha):
         return (lambda: HardLabels()), {"kind": "hard_labels"}
     if not (math.isfinite(T) and 0 < T <= 100):
         raise ValueError(f"T must be a finite number in (0, 100], got {T}")
-    if store is not None:
-        return _store_source(train, cfg, Path(store), T=T, k=k, tail=tail, alpha=alpha)
+    if store is not None:  # with a teacher too: the store must be that teacher's
+        expected = _teacher_sha256(Path(teacher)) if teacher is not None else None
+        return _store_source(train, cfg, Path(store), T=T, k=k, tail=tail, alpha=alpha,
+                             teacher_sha256=expected)  # fmt: skip
     return _teacher_source(train, cfg, Path(teacher), T=T, alpha=alpha)
 
 
-def _store_source(train, cfg, folder, *, T, k, tail, alpha):
+def _teacher_sha256(path: Path) -> str:
+    from rbkd.lm.capture import load_teacher, teacher_identity
+
+    return teacher_identity(load_teacher(path))[1]
+
+
+def _store_source(train, cfg, folder, *, T, k, tail, alpha, teacher_sha256=None):
     from rbkd.lm.capture import CAPTURE_FILE
     from rbkd.lm.store import StoreError
     from rbkd.lm.train.store_reader import StoreRows, open_store
@@ -166,7 +172,8 @@ def _store_source(train, cfg, folder, *, T, k, tail, alpha):
     store = open_store(folder, T=T, k=k, tail=tail, vocab_size=train.vocab_size,
                        tokens_needed=num_windows(train, cfg.context) * cfg.context,
                        tokenizer_sha256=train.tokenizer_sha256,
-                       corpus_sha256=train.positions_sha256)  # fmt: skip
+                       corpus_sha256=train.positions_sha256,
+                       teacher_sha256=teacher_sha256)  # fmt: skip
     settings = folder / CAPTURE_FILE
     if settings.is_file():
         captured = read_json_file(settings, "capture settings").get("context")
@@ -175,18 +182,13 @@ def _store_source(train, cfg, folder, *, T, k, tail, alpha):
                 f"store {folder} was captured at context {captured}, the student trains at "
                 f"{cfg.context}: the teacher saw other prefixes; use --context {captured}"
             )
-    if tail == "sampled":
-        from rbkd.ops.sparse_twin import TAIL_MODES
-
-        if "sampled" not in TAIL_MODES:
-            raise ValueError(
-                "tail 'sampled' is not in this rbkd's sparse_kd_loss yet: use bucket or renormalize"
-            )
     k = k or store.spec.k
     identity = {"spec_sha256": store.spec.digest(),
                 "shards_sha256": run_key("shards", {str(i): e.get("sha256") for i, e in store.entries.items()})}  # fmt: skip
+    if tail == "sampled":  # it reads the samples: their number names the run, not k
+        k = store.spec.samples
     described = {"kind": "store", "store": identity, "T": T, "k": k, "tail": tail, "alpha": alpha}
-    return (lambda: StoredTeacher(StoreRows(store, T, k), T=T, alpha=alpha, tail=tail,
+    return (lambda: StoredTeacher(StoreRows(store, T, k, samples=tail == "sampled"), T=T, alpha=alpha, tail=tail,
                                   identity={**identity, "folder": str(folder)})), described  # fmt: skip
 
 
@@ -221,7 +223,8 @@ def distill(train, val, *, store: Path | None = None, teacher: Path | None = Non
     """Distill (or reuse, or resume) a causal-LM student: from a sparse store (`store`, with T,
     k <= the store's, tail), from a teacher run online (`teacher`: dense kd_loss on its logits),
     or from hard labels only (neither, alpha 0). The loss per token is
-    (1 - alpha) CE + alpha T^2 KD. Returns report.json's content plus run_dir and reused."""
+    (1 - alpha) CE + alpha T^2 KD. `store` and `teacher` together: the store, refused unless
+    it was captured from that teacher. Returns report.json's content plus run_dir and reused."""
     cfg = cfg or LMTrainConfig()
     _check_splits(train, val, cfg)
     config = model_config(

@@ -43,16 +43,23 @@ def open_store(folder: Path, *, T: float, k: int | None, tail: str, vocab_size: 
         )
     if k is not None and k > spec.k:
         raise StoreError(f"--k {k} is more than the store's k = {spec.k}: use --k {spec.k} or less")
-    if tail == "bucket" and temperature_column(store, T) is None:
+    if tail in ("bucket", "sampled") and temperature_column(store, T) is None:
         grid = ", ".join(f"{t:g}" for t in spec.temperatures)
         raise StoreError(
             f"T = {T:g} is not in the store's temperature grid ({grid}): its exact tail is known "
             "only there; use one of them, or --tail renormalize (exact at any T over the kept ids)"
         )
-    if tail == "sampled" and not spec.samples:
-        raise StoreError(
-            f"store {folder} holds no samples: --tail sampled needs a capture with samples"
-        )
+    if tail == "sampled":
+        sample_T = getattr(spec, "sample_T", None)
+        if not spec.samples:
+            raise StoreError(
+                f"store {folder} holds no samples: --tail sampled needs a capture with --samples"
+            )
+        if sample_T is None or (T != sample_T and temperature_column(store, sample_T) is None):
+            raise StoreError(
+                f"T = {T:g} is not the temperature the samples were drawn at ({sample_T}), whose "
+                f"log-partition the importance weights need is not in the store: use --T {sample_T}"
+            )
     if spec.num_tokens < tokens_needed:
         raise StoreError(
             f"store {folder} covers {spec.num_tokens} token positions, the student's training "
@@ -70,9 +77,14 @@ def open_store(folder: Path, *, T: float, k: int | None, tail: str, vocab_size: 
 class StoreRows:
     """Rows [start, start + C) of the store for each window start of a batch."""
 
-    def __init__(self, store: SparseStore, T: float, k: int | None):
+    def __init__(self, store: SparseStore, T: float, k: int | None, *, samples: bool = False):
         self.store, self.k = store, k or store.spec.k
         self.column = temperature_column(store, T)
+        self.samples = samples
+        self.sample_T = getattr(store.spec, "sample_T", None)
+        self.sample_column = (
+            temperature_column(store, self.sample_T) if samples and self.sample_T else None
+        )
         self._handles: dict[int, object] = {}
 
     def _handle(self, i: int):
@@ -94,29 +106,38 @@ class StoreRows:
             parts.append(view[a:b] if cols is None else view[a:b, cols])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def batch(self, starts: Tensor, context: int, inputs: Tensor) -> dict[str, Tensor]:
-        """topk_ids, topk_logits [b, C, k], logz [b, C] (None off the grid), samples when held;
-        the store's input token at every position must be the student's (else StoreError)."""
-        out: dict[str, list[Tensor]] = {}
-        spec = self.store.spec
-        names = ["input_ids", "topk_ids", "topk_logits"]
+    def _reads(self) -> list[tuple[str, str, slice | None]]:
+        """(name in the batch, tensor in the shard, columns) of everything a batch needs."""
+        kept = slice(0, self.k)
+        reads = [("input_ids", "input_ids", None), ("topk_ids", "topk_ids", kept),
+                 ("topk_logits", "topk_logits", kept)]  # fmt: skip
         if self.column is not None:
-            names.append("logz")
-        if spec.samples:
-            names += ["sample_ids", "sample_counts"]
+            reads.append(("logz", "logz", slice(self.column, self.column + 1)))
+        if self.samples:
+            reads += [(n, n, None) for n in ("sample_ids", "sample_counts", "sample_logits")]
+            if self.sample_column is not None:
+                col = slice(self.sample_column, self.sample_column + 1)
+                reads.append(("sample_logz", "logz", col))
+        return reads
+
+    def batch(self, starts: Tensor, context: int, inputs: Tensor) -> dict[str, Tensor]:
+        """topk_ids, topk_logits [b, C, k] and logz [b, C] (at T, when on the grid); with samples
+        also sample_ids, sample_counts, sample_logits [b, C, s] and sample_logz (at sample_T).
+        The store's input token at every position must be the student's (else StoreError)."""
+        out: dict[str, list[Tensor]] = {}
         for s in starts.tolist():
-            for name in names:
-                cols = {"topk_ids": slice(0, self.k), "topk_logits": slice(0, self.k),
-                        "logz": slice(self.column, self.column + 1)}.get(name)  # fmt: skip
-                out.setdefault(name, []).append(self._rows(name, s, s + context, cols))
+            for name, source, cols in self._reads():
+                out.setdefault(name, []).append(self._rows(source, s, s + context, cols))
         rows = {name: torch.stack(parts) for name, parts in out.items()}
-        if not torch.equal(rows["input_ids"].to(torch.int64), inputs.cpu()):
-            bad = int(starts[(rows["input_ids"].to(torch.int64) != inputs.cpu()).any(1)][0])
+        stored = rows["input_ids"].to(torch.int64)
+        if not torch.equal(stored, inputs.cpu()):
+            bad = int(starts[(stored != inputs.cpu()).any(1)][0])
             raise StoreError(
                 f"store {self.store.folder} holds other tokens than the student's data at "
                 f"positions {bad}..{bad + context - 1}: it was captured over another token "
                 "stream (corpus, split or tokenizer); capture it over this one"
             )
-        if "logz" in rows:
-            rows["logz"] = rows["logz"][..., 0]
+        for name in ("logz", "sample_logz"):
+            if name in rows:
+                rows[name] = rows[name][..., 0]
         return rows
