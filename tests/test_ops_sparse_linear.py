@@ -196,8 +196,9 @@ def test_a_second_backward_is_a_clear_error():
 
 
 def test_default_chunk_rows():
-    assert default_chunk_rows(8192, 32000, 256) == 128  # the bench's shape: 16 MB of logits
-    assert default_chunk_rows(8192, 128256, 4096) == 256  # Liger's H100 case
+    assert default_chunk_rows(8192, 32000, 256) == 256  # the bench's shape: 2^23 logits
+    assert default_chunk_rows(8192, 128256, 4096) == 256  # Liger's H100 case: Liger's rule
+    assert default_chunk_rows(65536, 128256, 4096) == 2048  # Liger's rule, n H entries
     assert default_chunk_rows(5, 10, 256) == 5 and default_chunk_rows(0, 10, 4) == 1
 
 

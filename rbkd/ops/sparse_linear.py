@@ -41,10 +41,15 @@ _OPTIONS = {
 
 
 def default_chunk_rows(n: int, vocab: int, hidden: int) -> int:
-    """Liger's rule: chunks whose logits hold about as many entries as the hidden states (n H),
-    a power of two of rows: 128 rows at N = 8192, V = 32000, H = 256 (16 MB of float32 logits)."""
-    rows = math.ceil(n / math.ceil(vocab / max(hidden, 1)))
-    return max(1, min(n, 1 << max(0, rows - 1).bit_length()))
+    """Rows per chunk, a power of two: the larger of Liger's rule (chunk logits about as large as
+    the hidden states, n H entries) and about 2^23 logits (32 MiB in float32). Each chunk reads
+    the whole weight twice and writes grad_weight once, so small chunks are bound by that traffic:
+    at N = 1024, V = 32000, H = 256 on this CPU, 16 rows took 2.0x the unchunked time and 256
+    rows 0.95x. 256 rows at N = 8192, V = 32000, H = 256 and at V = 128256, H = 4096."""
+    liger = math.ceil(n / math.ceil(vocab / max(hidden, 1)))
+    budget = 1 << max(0, (2**23 // vocab).bit_length() - 1)  # a power of two <= 2^23 / V
+    rows = max(1 << max(0, liger - 1).bit_length(), budget)
+    return max(1, min(n, rows))
 
 
 def sparse_kd_loss_from_hidden(
@@ -159,8 +164,11 @@ def _run(hidden, weight, bias, chunk_rows, args, wants, scale):
             grad.mul_(scale)
         if grad_h is not None:
             grad_h[rows] = grad @ weight
-        if grad_w is not None:
-            grad_w.add_(grad.t() @ h)
+        if grad_w is not None:  # in place: a [V, H] temporary per chunk cost 2x at 16 rows
+            if grad_w.dtype == grad.dtype:
+                grad_w.addmm_(grad.t(), h)
+            else:  # half precision into the float32 accumulator
+                grad_w.add_(grad.t() @ h)
         if grad_b is not None:
             grad_b.add_(grad.sum(0, dtype=acc))
         del grad
