@@ -51,15 +51,16 @@ def teacher_logits(teacher, tokens, start, end):
         return teacher(input_ids=tokens[start:end].view(-1, CONTEXT)).logits.flatten(0, 1)
 
 
-def build(folder, teacher, tokens, *, samples=0, num_tokens=BLOCKS * CONTEXT):
-    extra = {"samples": samples} if samples else {}
+def build(folder, teacher, tokens, *, samples=0, sample_T=1.0, num_tokens=BLOCKS * CONTEXT):
+    extra = {"samples": samples, "sample_T": sample_T} if samples else {}
     spec = StoreSpec(k=K, temperatures=TEMPS, topk_dtype="float32", num_tokens=num_tokens,
                      shard_tokens=3 * CONTEXT, teacher_config=teacher.config.to_diff_dict(),
                      teacher_sha256=SHA, tokenizer_sha256=SHA, corpus_sha256=SHA, **extra)  # fmt: skip
 
     def compute(start, end):
         cap = capture_soft_labels(teacher_logits(teacher, tokens, start, end), K, TEMPS,
-                                  samples=samples, generator=torch.Generator().manual_seed(start))  # fmt: skip
+                                  samples=samples, sample_T=sample_T,
+                                  generator=torch.Generator().manual_seed(start))  # fmt: skip
         out = {"topk_ids": cap.topk_ids, "topk_logits": cap.topk_logits, "logz": cap.logz,
                "entropy": cap.entropy, "input_ids": tokens[start:end].int(),
                "doc_offsets": torch.arange(start, end, dtype=torch.int32) % 20}  # fmt: skip
@@ -112,6 +113,10 @@ def test_without_tokens_the_store_is_the_stream(setup):
     assert torch.equal(last["labels"][:-1], tokens[-CONTEXT:-1]) and int(last["labels"][-1]) == -100
     first = data[0]
     assert torch.equal(first["labels"], tokens[1 : CONTEXT + 1])  # across the shard edge too
+    short = hf.StoreDataset(folder, context=5, drop_last=False)  # 96 = 19 * 5 + 1
+    assert short[-1]["input_ids"].tolist() == [int(tokens[-2])] and short[-1][
+        "labels"
+    ].tolist() == [-100]
 
 
 @needs_transformers
@@ -312,6 +317,9 @@ def test_sampled_targets_ride_along(setup, tmp_path):
     )  # fmt: skip
     torch.testing.assert_close(got, want)
     assert math.isfinite(float(got))
+    off_grid = build(tmp_path / "off", teacher, tokens, samples=4, sample_T=1.5)
+    with pytest.raises(ValueError, match=r"sample_T = 1.5, which is not in its temperature grid"):
+        hf.StoreDataset(off_grid, tokens, context=CONTEXT, T=2.0, samples=True)
     plain = hf.StoreCollator()([hf.StoreDataset(store, tokens, context=CONTEXT, T=2.0)[2]])
     with pytest.raises(ValueError, match="samples=True"):
         hf.batch_sparse_kd_loss(logits[:1], plain, tail="sampled")

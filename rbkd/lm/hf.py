@@ -126,8 +126,8 @@ class StoreDataset(torch.utils.data.Dataset):
     sequence of ids); checked against the store's input_ids once, row by row (one read of the
     store, each shard's SHA-256 checked on the way), and giving the label of the last row. None: the store's own input_ids are the tokens (its last row then has
     no label). T: a temperature of the store's grid; logz is read at it. samples=True also yields
-    sample_ids, sample_counts, sample_logits (tail="sampled"), sample_T and, when sample_T is in
-    the grid, sample_logz. drop_last=False keeps a last block shorter than `context` (the
+    sample_ids, sample_counts, sample_logits (tail="sampled"), sample_T and sample_logz (the
+    log-partition at sample_T, which must be in the grid). drop_last=False keeps a last block shorter than `context` (the
     collator pads it).
 
     Item i: input_ids, labels (int64 [S]), topk_ids (int32 [S, k]), topk_logits ([S, k], the
@@ -167,7 +167,13 @@ class StoreDataset(torch.utils.data.Dataset):
             self.sample_T = float(getattr(spec, "sample_T", 1.0))
             grid = spec.temperatures
             hit = [j for j, t in enumerate(grid) if math.isclose(t, self.sample_T, rel_tol=1e-9)]
-            self._sample_t = hit[0] if hit else None
+            if not hit:  # T is in the grid, so T != sample_T: the weights need logz there
+                raise ValueError(
+                    f"the store's samples were drawn at sample_T = {self.sample_T:g}, which is "
+                    f"not in its temperature grid: their importance weights at T = {self.T:g} "
+                    "need the log-partition at sample_T; capture with sample_T in the grid"
+                )
+            self._sample_t = hit[0]
         n = spec.num_tokens
         self._blocks = n // context if drop_last else -(-n // context)
         if self._blocks == 0:
@@ -233,9 +239,9 @@ class StoreDataset(torch.utils.data.Dataset):
             labels[: stop - start - 1] = following[1:]
         else:  # the store's next row is the next token; its last row has none
             stop = min(end + 1, spec.num_tokens)
-            labels[: stop - start - 1] = self._rows.read(start + 1, stop, ("input_ids",))[
-                "input_ids"
-            ].long()
+            if stop > start + 1:
+                following = self._rows.read(start + 1, stop, ("input_ids",))["input_ids"]
+                labels[: stop - start - 1] = following.long()
         item: dict[str, Any] = {
             "input_ids": input_ids,
             "labels": labels,
@@ -248,8 +254,7 @@ class StoreDataset(torch.utils.data.Dataset):
             for name in _SAMPLED:
                 item[name] = rows[name]
             item["sample_T"] = self.sample_T
-            if self._sample_t is not None:
-                item["sample_logz"] = rows["logz"][:, self._sample_t].contiguous()
+            item["sample_logz"] = rows["logz"][:, self._sample_t].contiguous()
         return item
 
 
