@@ -18,6 +18,8 @@ tail on either side. tail="renormalize" (DistillKit's ZERO): Q_i = softmax(t / T
 Q_tail = 0: every f-divergence is 1-homogeneous, so its V - k terms with q_j = 0 sum to
 f(P_tail, 0), and the (k + 1)-bucket divergence is the full-vocabulary divergence against the
 teacher padded with zeros. reverse_kl (and its ends) are infinite there, so they are refused.
+tail="sampled" is rbkd/ops/sparse_sampled.py's chunk function; finish_rows, the CE term, the
+non-finite rule and the gradient's scaling, is shared by both.
 
 Memory: rows run in chunks of at most CHUNK_ELEMENTS student entries, so beside the student, its
 gradient and O(N k) this holds a fixed working set (a few float32 chunks), never [N, V] float32.
