@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from rbkd.cli.config_file import ConfigOpt
 from rbkd.cli.errors import handle_errors
 from rbkd.cli.lm_data import CorpusOpt, TokenizerOpt, VocabSizeOpt
 from rbkd.cli.options import DeviceOpt, ProgressOpt, SeedOpt, ThreadsOpt
@@ -148,6 +149,7 @@ def train_teacher(
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Train a causal-LM teacher (GPT-2 style) on a corpus's next tokens and write its run folder.
 
@@ -245,6 +247,7 @@ def distill(
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Distill a causal-LM student from a sparse soft-label store, a teacher online, or hard labels.
 
@@ -269,9 +272,9 @@ def distill(
                   checkpoint_every=checkpoint_every)  # fmt: skip
     start_compute(threads)
     if tokenizer is None and vocab_size is None and teacher is not None:
-        from rbkd.lm.capture import teacher_folder
+        from rbkd.lm.train.runs import hf_folder
 
-        candidate = teacher_folder(teacher) / "tokenizer.json"
+        candidate = hf_folder(teacher) / "tokenizer.json"
         tokenizer = candidate if candidate.is_file() else None
     train, val, _ = _splits(corpus, tokenizer, vocab_size, limit, progress)
     result = run(train, val, store=store, teacher=teacher, T=T, k=k, tail=tail, alpha=alpha,

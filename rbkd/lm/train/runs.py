@@ -154,10 +154,21 @@ def _source(train, cfg, *, store, teacher, T, k, tail, alpha):
     return _teacher_source(train, cfg, Path(teacher), T=T, alpha=alpha)
 
 
+def hf_folder(path: Path) -> Path:
+    """The Hugging Face folder of a teacher: a run folder's model/ (its own config.json is
+    rbkd's run record, not a model config), else `path` itself (any HF folder)."""
+    path = Path(path)
+    if (path / HF_FOLDER / "config.json").is_file():
+        return path / HF_FOLDER
+    from rbkd.lm.capture import teacher_folder
+
+    return teacher_folder(path)
+
+
 def _teacher_sha256(path: Path) -> str:
     from rbkd.lm.capture import load_teacher, teacher_identity
 
-    return teacher_identity(load_teacher(path))[1]
+    return teacher_identity(load_teacher(hf_folder(path)))[1]
 
 
 def _store_source(train, cfg, folder, *, T, k, tail, alpha, teacher_sha256=None):
@@ -193,9 +204,9 @@ def _store_source(train, cfg, folder, *, T, k, tail, alpha, teacher_sha256=None)
 
 
 def _teacher_source(train, cfg, path, *, T, alpha):
-    from rbkd.lm.capture import load_teacher, teacher_folder, teacher_identity, teacher_positions
+    from rbkd.lm.capture import load_teacher, teacher_identity, teacher_positions
 
-    folder = teacher_folder(path)
+    folder = hf_folder(path)
     teacher = load_teacher(folder)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if vocab != train.vocab_size:
