@@ -53,6 +53,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Run a run again from the command its config.json records, and compare the two.",
     ),
     "data": ("data", "Find, list and fetch the datasets (fashion-mnist, mnist, cifar10)."),
+    "lm": (
+        "lm",
+        "Language models: tokenise a text corpus and capture a teacher's sparse soft labels.",
+    ),
 }
 
 
