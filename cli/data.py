@@ -40,7 +40,8 @@ def list_datasets(data_dir: DataDirOption = None, as_json: JsonOpt = False) -> N
     """Show each dataset, where it was found (or "not found") and its size.
 
     Folders are searched in this order: $RBKD_DATA, the cache folder ($XDG_CACHE_HOME/rbkd or
-    ~/.cache/rbkd), then /usr/share/datasets; with --data-dir, only that folder.
+    ~/.cache/rbkd), then /usr/share/datasets; with --data-dir, only that folder. The language
+    models' text corpus (pydocs, Debian's python3.11-doc) is listed below them.
 
     Example: rbkd data list --data-dir ./data
     """
@@ -81,11 +82,37 @@ def list_datasets(data_dir: DataDirOption = None, as_json: JsonOpt = False) -> N
             size,
         )
     roots = [str(root) for root in search_roots(data_dir)]
+    corpus, corpus_table = _corpus_row()
     if as_json:
-        print_json({"datasets": rows, "searched": roots})
+        print_json({"datasets": rows, "searched": roots, "corpora": [corpus]})
         return
     print_table(table)
     console.print(f"searched: {escape(', '.join(roots))}", soft_wrap=True)
+    print_table(corpus_table)
+
+
+def _corpus_row() -> tuple[dict, Table]:
+    """The language-model corpus (rbkd.lm.corpus: pydocs), where it was found and its split."""
+    from rbkd.lm.corpus import CORPUS_NAME, DEBIAN_PACKAGE, corpus_folders, load_corpus
+
+    table = Table(title="Text corpus (rbkd lm)")
+    for name, justify in (("corpus", "left"), ("files train / validation", "right"),
+                          ("location", "left"), ("on disk", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)
+    row = {"corpus": CORPUS_NAME, "location": None, "bytes": None, "split_files": None,
+           "searched": [str(f) for f in corpus_folders()]}  # fmt: skip
+    try:
+        found = load_corpus()
+    except (OSError, ValueError):
+        hint = f"[red]not found[/red] (apt-get install {DEBIAN_PACKAGE}, or --corpus DIR)"
+        table.add_row(CORPUS_NAME, "-", hint, "-")
+        return row, table
+    files = {split: len(names) for split, names in found.splits.items()}
+    row.update(location=str(found.root), bytes=found.num_bytes, split_files=files,
+               sha256=found.sha256)  # fmt: skip
+    table.add_row(CORPUS_NAME, f"{files['train']} / {files['validation']}", escape(found.root),
+                  _megabytes(found.num_bytes))  # fmt: skip
+    return row, table
 
 
 @app.command("fetch")

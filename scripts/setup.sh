@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up rbkd from a fresh checkout: a virtual environment in .venv, PyTorch, the package with its
 # compiled CPU kernels, matplotlib (the plots extra) and, where an NVIDIA GPU is present, Triton
-# (the gpu extra); RBKD_EXTRAS chooses instead. Fashion-MNIST from Debian when apt is there.
+# (the gpu extra); RBKD_EXTRAS chooses instead. Fashion-MNIST and the Python 3.11 documentation
+# sources (the language-model corpus) from Debian when apt is there.
 # Safe to run again: it only installs what is missing or changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,21 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
       echo "setup: could not install dataset-fashion-mnist; run 'rbkd data fetch fashion-mnist'" >&2
   else
     echo "setup: Fashion-MNIST not installed; run 'rbkd data fetch fashion-mnist' or install Debian's dataset-fashion-mnist" >&2
+  fi
+fi
+# The language-model corpus: the Python 3.11 documentation's reStructuredText sources (Debian's
+# python3.11-doc, /usr/share/doc/python3.11/html/_sources; docs/lm-data.md). Elsewhere give any
+# folder of text files with --corpus DIR, or put them in $RBKD_DATA/pydocs/.
+if [ ! -d /usr/share/doc/python3.11/html/_sources ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -qq python3.11-doc >/dev/null 2>&1 ||
+      (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq python3.11-doc >/dev/null 2>&1)) ||
+      echo "setup: could not install python3.11-doc; give rbkd lm a text folder with --corpus DIR" >&2
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo apt-get install -y -qq python3.11-doc >/dev/null 2>&1 ||
+      echo "setup: could not install python3.11-doc; give rbkd lm a text folder with --corpus DIR" >&2
+  else
+    echo "setup: the pydocs corpus is not installed; install Debian's python3.11-doc or give rbkd lm a text folder with --corpus DIR" >&2
   fi
 fi
 rbkd info

@@ -168,3 +168,23 @@ def test_a_bad_tokenizer_file_is_one_line(tmp_path, content, words):
 def test_a_too_small_vocabulary_is_refused(texts):
     with pytest.raises(ValueError, match="vocab_size must be an int >= 257"):
         train_tokenizer(load_corpus(texts), 100)
+
+
+def test_rbkd_data_list_names_the_corpus(tmp_path, monkeypatch, texts):
+    import json
+
+    from rbkd.cli.app import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("RBKD_DATA", raising=False)
+    monkeypatch.setattr(corpus_mod, "DEBIAN_PYDOCS", texts)
+    result = CliRunner().invoke(app, ["data", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    (found,) = json.loads(result.stdout)["corpora"]
+    c = load_corpus(texts)
+    assert found["location"] == str(texts) and found["sha256"] == c.sha256
+    assert found["split_files"] == {"train": len(c.splits["train"]), "validation": 1}
+    monkeypatch.setattr(corpus_mod, "DEBIAN_PYDOCS", tmp_path / "none")
+    result = CliRunner().invoke(app, ["data", "list"], terminal_width=200)
+    assert result.exit_code == 0 and "apt-get install python3.11-doc" in result.stdout

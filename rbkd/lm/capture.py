@@ -84,9 +84,13 @@ def teacher_folder(path: str | os.PathLike[str]) -> Path:
 
 def load_teacher(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> nn.Module:
     """A causal LM from a local folder (no hub access), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
     folder = teacher_folder(path)
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ImportError(
+            "loading a teacher needs Hugging Face transformers: pip install -e '.[examples]'"
+        ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, **({"dtype": dtype} if dtype else {})

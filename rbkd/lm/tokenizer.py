@@ -8,9 +8,9 @@ deterministic: the same corpus and vocabulary size give the same file.
 
 `tokenizer_for(corpus, vocab_size)` reuses the one trained before, kept content-addressed in the
 cache (`~/.cache/rbkd/lm/tokenizers/<corpus sha256 [:16]>-bpe<V>/tokenizer.json`);
-`load_tokenizer(path)` loads any tokenizer.json (`--tokenizer FILE`). Measured on the 2-core CPU:
-the 8192-entry BPE trains on pydocs' train split in about 5 s and gives about 3.7 characters per
-token on its validation split (docs/lm-data.md).
+`load_tokenizer(path)` loads any tokenizer.json (`--tokenizer FILE`). Measured on the 2-core CPU
+(shared): the 8192-entry BPE trains on pydocs' train split (10.6 MB) in 5.0-6.4 s and gives 3.91
+characters per token on the train split, 3.92 on validation (docs/lm-data.md).
 """
 
 from __future__ import annotations
@@ -69,8 +69,19 @@ class LMTokenizer:
         )
 
 
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            "rbkd's language-model tools need Hugging Face tokenizers and transformers: "
+            "pip install -e '.[examples]'"
+        ) from None
+    return tokenizers
+
+
 def _from_bytes(data: bytes, path: Path | None) -> LMTokenizer:
-    from tokenizers import Tokenizer
+    Tokenizer = _tokenizers().Tokenizer
 
     where = path if path is not None else "tokenizer"
     try:
@@ -103,7 +114,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> LMTokenizer:
 def train_tokenizer(corpus, vocab_size: int = DEFAULT_VOCAB_SIZE, out=None) -> LMTokenizer:
     """Train a byte-level BPE of `vocab_size` entries on `corpus`'s train split (an
     rbkd.lm.corpus.Corpus); with `out`, save it there as tokenizer.json (atomically)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = _tokenizers()
+    Tokenizer, decoders, models = tk.Tokenizer, tk.decoders, tk.models
+    pre_tokenizers, trainers = tk.pre_tokenizers, tk.trainers
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
         raise ValueError(

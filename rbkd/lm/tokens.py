@@ -212,24 +212,31 @@ def _take(it, n):
 
 
 class _Bar:
-    """A rich progress bar in files (only when asked for)."""
+    """A rich progress bar in files (when asked for, on a terminal, on stderr)."""
 
     def __init__(self, total: int, what: str) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-        self.progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), transient=True)  # fmt: skip
-        self.task = self.progress.add_task(what, total=total)
+        console = Console(stderr=True, highlight=False)  # stdout carries a command's result
+        self.progress = None
+        if console.is_terminal:  # a bar redrawn into a log file is noise
+            self.progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=console, transient=True)  # fmt: skip
+            self.task = self.progress.add_task(what, total=total)
 
     def __enter__(self):
-        self.progress.start()
+        if self.progress is not None:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
     def advance(self, n: int) -> None:
-        self.progress.advance(self.task, n)
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
 
 
 def _memmap(path: Path, name: str) -> np.ndarray:
