@@ -55,7 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "Find, list and fetch the datasets (fashion-mnist, mnist, cifar10)."),
     "lm": (
         "lm",
-        "Language models: tokenise a text corpus and capture a teacher's sparse soft labels.",
+        "Language models: tokenise a corpus, train a teacher, capture its sparse soft labels, distill.",
     ),
 }
 

@@ -13,7 +13,7 @@ from rbkd.cli.lm_train import distill, train_teacher
 from rbkd.cli.typer_app import new_app
 
 app = new_app(
-    help="Language models: tokenise a text corpus and capture a teacher's sparse soft labels."
+    help="Language models: tokenise a corpus, train a teacher, capture its sparse soft labels, distill."
 )
 
 app.command("tokenize")(tokenize)

@@ -134,6 +134,15 @@ def test_a_written_store_is_the_models_top_k_logz_and_entropy(lm, tmp_path, samp
     assert again.written == []  # a rerun writes nothing that exists
 
 
+def test_rbkd_lm_capture_is_callable_as_the_issue_spells_it(lm, tmp_path):
+    import rbkd.lm
+    import rbkd.lm.capture as module
+
+    split = lm["split"].head(40)
+    first = rbkd.lm.capture(lm["model"], split, tmp_path / "s", k=3, context=16)
+    assert first.written == [0] and module(lm["model"], split, tmp_path / "s", k=3, context=16).written == []  # fmt: skip
+
+
 def test_the_teacher_has_one_identity_in_memory_saved_and_loaded(lm):
     loaded = load_teacher(lm["root"] / "teacher")
     assert teacher_identity(loaded) == teacher_identity(lm["model"])

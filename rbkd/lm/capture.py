@@ -34,7 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,3 +354,15 @@ class _TokenBar:
             self.done += n
             rate = self.done / max(time.perf_counter() - self.started, 1e-9)
             self.progress.update(self.task, advance=n, rate=rate)
+
+
+class _CallableModule(types.ModuleType):
+    """`rbkd.lm.capture(model, tokens, out, ...)` is the issue's spelling of the Python API, and
+    `rbkd.lm.capture` is also this module's name: once the module is imported the package's
+    attribute is the module, so the module itself forwards a call to `capture`."""
+
+    def __call__(self, *args, **kwargs) -> CaptureResult:
+        return capture(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
