@@ -97,7 +97,8 @@ def run(
         rbkd study run studies/fashion-mnist-quick.toml --limit 300 --out results/quick-300
     """
     # Here, not at the top: the runner imports torch (`rbkd study run -h` does not).
-    from rbkd.study.runner import describe, run_study
+    from rbkd.study.runner import run_study
+    from rbkd.study.study_runs import describe
 
     study = load_study(file)
     if limit is not None:

@@ -23,7 +23,7 @@ from test_study import MINI, quiet_run, write_study
 
 from rbkd.locking import CLAIMS_DIR, LEASE_ENV, claim_holder
 from rbkd.study.results import read_jsonl
-from rbkd.study.runner import STUDY_MARKER
+from rbkd.study.study_folder import STUDY_MARKER
 
 TIMING = ("wall_time_s", "samples_per_s")  # the only columns two runs of a cell may differ in
 

@@ -109,7 +109,7 @@ def _rebuild(folder: Path, spec: dict, teachers: list[dict], data_dir) -> tuple[
     finished run folders, as `rbkd study run` makes them (it needs the dataset: run keys hash
     the data). Trains nothing."""
     from rbkd.study.results import student_row, teacher_row
-    from rbkd.study.runner import prepare
+    from rbkd.study.study_runs import prepare
 
     run, splits = prepare(spec, folder, data_dir=Path(data_dir) if data_dir else None, device="cpu")
     old = {(t.get("name"), t.get("key")): t for t in teachers}
