@@ -109,6 +109,9 @@ def soft_labels(
     tokens = corpus_tokens(split, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size)
     if limit is not None:
         tokens = tokens.head(limit)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise on a command's stderr
     model = load_teacher(folder)
     ctx = setup(device)
     try:
