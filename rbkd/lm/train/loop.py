@@ -100,10 +100,11 @@ def micro_batches(cfg: LMTrainConfig, world: int) -> tuple[int, int]:
 
 def fit_lm(model: nn.Module, train, val, cfg: LMTrainConfig,
            objective, *, run_dir: Path | None = None, resume: bool = False, progress: bool = True,
-           extra_config: dict | None = None) -> dict:  # fmt: skip
+           extra_config: dict | None = None, on_row=None) -> dict:  # fmt: skip
     """Train `model` (a causal LM returning `.logits`) in place for cfg.steps steps on `train`
     against `objective`; score `val` every cfg.eval_every steps and at the end; checkpoint to
-    `run_dir` every cfg.checkpoint_every steps (rank 0). Returns the final metrics."""
+    `run_dir` every cfg.checkpoint_every steps (rank 0). Returns the final metrics; `on_row(row)`
+    receives each metrics row (metrics.jsonl's) as it is made, on every rank."""
     cfg.check()
     ctx = distributed.setup(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -115,12 +116,12 @@ def fit_lm(model: nn.Module, train, val, cfg: LMTrainConfig,
     try:
         with lock, torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             return _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress,
-                        extra_config)  # fmt: skip
+                        extra_config, on_row)  # fmt: skip
     finally:
         ctx.close()
 
 
-def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extra_config):
+def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extra_config, on_row):
     device, world = ctx.device, ctx.world_size
     precision = resolve_precision(cfg.precision, device)
     check_windows(train, cfg.context)
@@ -200,6 +201,8 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 row = _metrics_row(model, val, cfg, precision, ctx, state, done, lr, grad_norm)
                 history.append(row)
+                if on_row is not None:
+                    on_row(dict(row))
                 state.update(loss=0.0, ce=0.0, tokens=0.0, time=0.0)
                 bar.log(_row_line(row, cfg.steps, objective))
             if (

@@ -49,6 +49,16 @@ def _size_name(size) -> str:
     )
 
 
+def default_splits(train, val):
+    """The pydocs corpus's train and validation tokens (its BPE-8192) where none are given."""
+    if train is None:
+        from rbkd.lm.tokens import corpus_tokens
+
+        train = corpus_tokens("train")
+        val = corpus_tokens("validation") if val is None else val
+    return train, val
+
+
 def _check_splits(train, val, cfg: LMTrainConfig) -> None:
     cfg.check()
     check_windows(train, cfg.context)
@@ -84,16 +94,18 @@ def _run(kind: str, result_file: str, run_dir: Path | None, key: str, cfg, resum
         return {**on_main(ctx, finish), "run_dir": str(run_dir), "reused": False}
 
 
-def train_teacher(train, val, *, model: str | dict | Path = "teacher", cfg: LMTrainConfig | None = None,
+def train_teacher(train=None, val=None, *, model: str | dict | Path = "teacher", cfg: LMTrainConfig | None = None,
                   out: Path | None = None, root: Path | None = Path("runs"), resume: bool | None = None,
                   progress: bool = True, invocation: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """Train (or reuse, or resume) a causal-LM teacher on next-token cross-entropy.
 
-    train, val: token splits (rbkd.lm.tokens.TokenSplit, or MemoryTokens). model: a size of
-    rbkd.lm.train.MODEL_SIZES, a GPT-2 config dict or a config JSON path. Without `out` the run
-    goes to root/lm-teacher-<size>-<key>; with `out` and `root` None... nothing is written when
-    both are None. Returns result.json's content plus run_dir and reused."""
+    train, val: token splits (rbkd.lm.tokens.TokenSplit or MemoryTokens; default: pydocs' with
+    its BPE-8192; val None: no validation). model: a size of rbkd.lm.train.MODEL_SIZES, a GPT-2
+    config dict or a config JSON path. The run goes to `out`, else root/lm-teacher-<size>-<key>
+    (both None: nothing is written, and the trained model is returned as `model_object`).
+    Returns result.json's content plus run_dir and reused."""
     cfg = cfg or LMTrainConfig()
+    train, val = default_splits(train, val)
     _check_splits(train, val, cfg)
     config = model_config(
         model if not isinstance(model, Path) else str(model), train.vocab_size, cfg.context
@@ -226,7 +238,7 @@ def _teacher_source(train, cfg, path, *, T, alpha):
     return (lambda: OnlineTeacher(teacher, T=T, alpha=alpha, identity={**identity, "folder": str(folder)})), described  # fmt: skip
 
 
-def distill(train, val, *, store: Path | None = None, teacher: Path | None = None, T: float = 1.0,
+def distill(train=None, val=None, *, store: Path | None = None, teacher: Path | None = None, T: float = 1.0,
             k: int | None = None, tail: str = "bucket", alpha: float = 0.5,
             model: str | dict | Path = "student", cfg: LMTrainConfig | None = None,
             out: Path | None = None, root: Path | None = Path("runs"), resume: bool | None = None,
@@ -237,6 +249,7 @@ def distill(train, val, *, store: Path | None = None, teacher: Path | None = Non
     (1 - alpha) CE + alpha T^2 KD. `store` and `teacher` together: the store, refused unless
     it was captured from that teacher. Returns report.json's content plus run_dir and reused."""
     cfg = cfg or LMTrainConfig()
+    train, val = default_splits(train, val)
     _check_splits(train, val, cfg)
     config = model_config(
         model if not isinstance(model, Path) else str(model), train.vocab_size, cfg.context
