@@ -138,7 +138,7 @@ def test_the_gpu_code_path_reads_no_values_on_the_host(monkeypatch):
         assert zz.grad is not None
 
 
-def test_opcheck():
+def test_opcheck_and_compile():
     from rbkd.ops import sparse as sparse_mod
     from rbkd.ops.args import KDOptions
 
@@ -146,6 +146,18 @@ def test_opcheck():
     args = (z, ids, at, kw["logz"], y, None, 2.0, None, 0.5, 2, 2, True, KDOptions().encode(),
             kw["sample_counts"], kw["sample_logz"], 1.0)  # fmt: skip
     torch.library.opcheck(sparse_mod.sparse_kd_loss_op, args)
+
+    model = torch.nn.Linear(4, 10)
+    x = torch.randn(6, 4)
+
+    def step(x):
+        return ops.sparse_kd_loss(model(x), ids, at, y, **kw)
+
+    torch.compile(step, fullgraph=True)(x).backward()
+    grad_c = model.weight.grad.clone()
+    model.zero_grad()
+    step(x).backward()
+    torch.testing.assert_close(grad_c, model.weight.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("where", ["drawn", "padding"])
