@@ -242,3 +242,13 @@ def test_bad_input_is_a_one_line_error(name, error, word):
     with pytest.raises(error, match=word) as err:
         ops.sparse_kd_loss_from_hidden(**_bad_call(name))
     assert "\n" not in str(err.value), str(err.value)
+
+
+def test_full_checks_name_the_chunk_of_a_nan_row(monkeypatch):
+    """RBKD_CHECKS=full: a NaN hidden state makes its logits NaN, an error naming its chunk."""
+    monkeypatch.setenv("RBKD_CHECKS", "full")
+    hidden, weight, bias, ids, topk, y, kw = linear_case((9,), 8, 30, 4)
+    hidden[4, 0] = math.nan  # (rows 1 and 5 are ignore_index)
+    with pytest.raises(ValueError, match=r"rows \[4, 6\): student_logits row 0") as err:
+        ops.sparse_kd_loss_from_hidden(hidden, weight, ids, topk, y, chunk_rows=2, **kw)
+    assert "\n" not in str(err.value)
