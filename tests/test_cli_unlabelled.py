@@ -130,6 +130,10 @@ def test_unlabelled_missing_class_chooses_by_label_then_hides_them(teacher, tiny
     assert transfer["labels"] == "unlabelled"
     assert transfer["size"] == 200 - 20  # the tiny split has 20 examples per class
     assert report["excluded_accuracy"] is not None
+    fewer = teacher.parent / "entropy5"
+    distill(teacher, fewer, "--unlabelled", "--per-class", 5, "--select", "entropy")
+    transfer = read(fewer, "report.json")["transfer"]
+    assert transfer["per_class_counts"] == [5] * 10 and transfer["labels"] == "unlabelled"
 
 
 def test_rerun_repeats_an_unlabelled_run(unlabelled_run, tiny_data, tmp_path):
