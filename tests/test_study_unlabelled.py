@@ -90,6 +90,7 @@ def test_a_grid_runs_labelled_and_unlabelled_students_as_different_runs(study_ou
     # The report draws the unlabelled students as a loss of their own
     text = (out / "report" / "report.md").read_text()
     assert "kl, unlabelled" in text
+    assert "students with unlabelled transfer: alpha = 1" in text
 
 
 def test_plan_counts_and_keys(tmp_path, tiny_data):

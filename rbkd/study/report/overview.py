@@ -28,7 +28,12 @@ def section_header(rep: Report) -> None:
         + (f" (first {limit} examples of each split)" if limit else " (full splits)"),
         f"**Student seeds:** {', '.join(map(str, seeds)) or DASH}",
         f"**Loss:** T ∈ {{{', '.join(fmt_num(t) for t in loss.get('T') or [])}}}, "
-        f"alpha = {fmt_num(loss.get('alpha'))}, t_squared = {str(loss.get('t_squared')).lower()}",
+        f"alpha = {fmt_num(loss.get('alpha'))}, t_squared = {str(loss.get('t_squared')).lower()}"
+        + (
+            " (students with unlabelled transfer: alpha = 1, no label in their training loop)"
+            if any(r.get("transfer_labels") == "unlabelled" for r in s.results)
+            else ""
+        ),
         f"**Rows:** {fmt_count(len(s.teachers), 'teacher')} (teachers.jsonl), "
         f"{fmt_count(len(s.results), 'student')} (results.jsonl)",
     ]
