@@ -235,3 +235,18 @@ def test_a_diverging_run_stops_before_the_update():
         with torch.no_grad():
             model.transformer.wte.weight[0, 0] = float("inf")
         fit_lm(model, learnable(), None, cfg(steps=2), HardLabels(), progress=False)
+
+
+def test_bf16_autocast_trains_with_float32_losses():
+    """The autocast path (the GPU default; on the CPU only when asked: it is slower there)."""
+    model = tiny()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    out = fit_lm(model, learnable(), learnable(300, "validation"), cfg(steps=2, eval_every=2,
+                 precision="bf16"), HardLabels(), progress=False, on_row=rows.append)  # fmt: skip
+    assert out["precision"] == "bf16" and math.isfinite(out["val_ce_loss"])
+    assert rows and rows[-1]["step"] == 2 and math.isfinite(rows[-1]["train_ce_loss"])
+    assert all(
+        v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point()
+    )
+    assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
