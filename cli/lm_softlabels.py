@@ -121,6 +121,8 @@ def soft_labels(
             seed=seed, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
             progress=progress,
         )  # fmt: skip
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the written shards stay
+        raise typer.Exit(_stopped(exc, out)) from None
     finally:
         ctx.close()  # on success, every rank's shards are written when rank 0 goes on
     if ctx.rank != 0:
@@ -151,3 +153,22 @@ def soft_labels(
     table.add_row("bytes per token", f"{stored / max(1, spec.num_tokens):,.1f}")
     table.add_row("capture", f"{result.tokens_per_s:,.0f} tokens/s on rank 0")
     print_table(table)
+
+
+def _stopped(exc: KeyboardInterrupt, out: Path) -> int:
+    """One line after Ctrl-C or SIGTERM: how many shards are kept, and that the same command
+    completes the store. Returns the exit code (130 or 143, as a shell reports the signals)."""
+    from rbkd.cli.consoles import err_console
+    from rbkd.cli.interrupts import Terminated
+
+    from rbkd.lm.store import SparseStore, StoreError
+
+    name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+    try:
+        store = SparseStore(out)
+        kept = f"{len(store.entries)} of {store.spec.num_shards} shards are in {out}"
+    except StoreError:
+        kept = f"no shard was written to {out}"
+    line = f"interrupted ({name}): {kept}; run the same command again to complete it"
+    err_console.print(f"[bold yellow]Stopped:[/] {escape(line)}", soft_wrap=True, markup=True)
+    return code

@@ -171,6 +171,12 @@ def test_bad_teachers_and_settings_are_one_line(lm, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face model folder"):
         load_teacher(tmp_path)
     assert not (tmp_path / "a").exists()  # nothing written before the checks
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="rbkd did not write") as e:
+        capture(model, split, mine, context=16)
+    assert "\n" not in str(e.value) and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_another_teacher_tokenizer_corpus_or_context_is_refused(lm, tmp_path):
@@ -286,6 +292,22 @@ def test_a_killed_capture_resumes_and_writes_nothing_that_exists(lm, tmp_path, c
     whole = tmp_path / "whole"
     assert runner.invoke(app, _cli_args(lm, whole, "--batch-size", "1")).exit_code == 0
     _same_store(out, whole)
+
+
+def test_sigterm_stops_with_one_line_saying_what_is_kept(lm, tmp_path, cli_env):
+    out = tmp_path / "s"
+    proc = subprocess.Popen([*_rbkd(), *_cli_args(lm, out, "--batch-size", "1")], env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / shard_name(0)).exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no shard written in 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Stopped: interrupted (SIGTERM): "), err
+    assert "shards are in" in lines[0] and "run the same command again" in lines[0]
 
 
 @pytest.mark.slow

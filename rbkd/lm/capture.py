@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rbkd.io import read_json_file, write_json
-from rbkd.lm.store import TOPK_DTYPES, StoreError, StoreSpec, StoreWriter
+from rbkd.io import claim_folder, read_json_file, write_json
+from rbkd.lm.store import INDEX_FILE, INDEX_LOCK, TOPK_DTYPES, StoreError, StoreSpec, StoreWriter
 from rbkd.lm.tokens import TokenSplit, torchrun_rank
 
 __all__ = [
@@ -251,6 +251,9 @@ def capture(
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, V = {vocab}], got {k}")
     out = Path(out)
+    # A new or empty folder, or a store: never a folder of the user's files.
+    claim_folder(out, "sparse soft-label store", recognise=_is_store,
+                 todo="give a new or empty --out folder")  # fmt: skip
     writer = StoreWriter(out, spec)  # refuses a store of another spec, in one line
     _check_settings(out, {
         "format": CAPTURE_FORMAT, "context": context, "seed": seed, "split": tokens.split,
@@ -271,6 +274,16 @@ def capture(
             result.tokens_written += _span(spec, i)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _is_store(folder: Path) -> bool:
+    """A store, or one that another torchrun rank is creating now (its index lock, and maybe the
+    index's temporary file, but no index yet)."""
+    if (folder / INDEX_FILE).is_file():
+        return True
+    names = [p.name for p in folder.iterdir()]
+    return all(n == INDEX_LOCK or (n.startswith(f".{INDEX_FILE}.") and n.endswith(".part"))
+               for n in names)  # fmt: skip
 
 
 def _span(spec: StoreSpec, i: int) -> int:
