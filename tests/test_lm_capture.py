@@ -134,13 +134,20 @@ def test_a_written_store_is_the_models_top_k_logz_and_entropy(lm, tmp_path, samp
     assert again.written == []  # a rerun writes nothing that exists
 
 
-def test_rbkd_lm_capture_is_callable_as_the_issue_spells_it(lm, tmp_path):
+def test_rbkd_lm_capture_is_callable_as_the_issue_spells_it(lm, tmp_path, monkeypatch):
     import rbkd.lm
     import rbkd.lm.capture as module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the corpus's tokens go there
 
     split = lm["split"].head(40)
     first = rbkd.lm.capture(lm["model"], split, tmp_path / "s", k=3, context=16)
     assert first.written == [0] and module(lm["model"], split, tmp_path / "s", k=3, context=16).written == []  # fmt: skip
+    # a corpus folder and a tokenizer.json, as the issue's "tokens/corpus"
+    folder = rbkd.lm.capture(lm["model"], lm["corpus"].root, tmp_path / "c", k=3, context=16,
+                             tokenizer=lm["root"] / "teacher" / "tokenizer.json",
+                             split="validation")  # fmt: skip
+    assert SparseStore(folder.folder).complete and folder.spec.tokenizer_sha256 == lm["tok"].sha256
 
 
 def test_the_teacher_has_one_identity_in_memory_saved_and_loaded(lm):

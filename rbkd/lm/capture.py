@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from rbkd.io import claim_folder, read_json_file, write_json
 from rbkd.lm.store import INDEX_FILE, INDEX_LOCK, TOPK_DTYPES, StoreError, StoreSpec, StoreWriter
-from rbkd.lm.tokens import TokenSplit, torchrun_rank
+from rbkd.lm.tokens import TokenSplit, corpus_tokens, torchrun_rank
 
 __all__ = [
     "CAPTURE_FILE",
@@ -180,7 +180,7 @@ def _device(device: str | torch.device, world_size: int) -> torch.device:
 
 def capture(
     model: nn.Module,
-    tokens: TokenSplit,
+    tokens: TokenSplit | str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
     k: int = 32,
@@ -196,9 +196,14 @@ def capture(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = False,
+    tokenizer: str | os.PathLike[str] | None = None,
+    split: str = "train",
 ) -> CaptureResult:
     """Write the teacher's soft labels over every position of `tokens` into the store `out`
     (rbkd.lm.store), resuming one written before; returns what this process wrote.
+
+    tokens: a TokenSplit, or a corpus folder, whose `split` is tokenised with `tokenizer` (a
+    tokenizer.json; default: the corpus's BPE, rbkd.lm.tokens.corpus_tokens).
 
     k, temperatures, samples, sample_T: rbkd.ops.capture_soft_labels's. context: the block
     length (default: the teacher's positions). topk_dtype: the logits are rounded to it before
@@ -207,6 +212,8 @@ def capture(
     """
     from rbkd.ops import capture_soft_labels
 
+    if isinstance(tokens, (str, os.PathLike)):
+        tokens = corpus_tokens(split, corpus=tokens, tokenizer=tokenizer)
     if not isinstance(tokens, TokenSplit):
         raise TypeError(f"tokens must be an rbkd.lm.tokens.TokenSplit, got {type(tokens).__name__}")
     if topk_dtype not in TOPK_DTYPES:
