@@ -188,3 +188,27 @@ def test_rbkd_data_list_names_the_corpus(tmp_path, monkeypatch, texts):
     monkeypatch.setattr(corpus_mod, "DEBIAN_PYDOCS", tmp_path / "none")
     result = CliRunner().invoke(app, ["data", "list"], terminal_width=200)
     assert result.exit_code == 0 and "apt-get install python3.11-doc" in result.stdout
+
+
+def test_rbkd_lm_tokenize_reports_both_splits_and_reuses_them(tmp_path, monkeypatch, texts):
+    import json
+
+    from rbkd.cli.app import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["lm", "tokenize", "--corpus", str(texts), "--vocab-size", "300", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    c = load_corpus(texts)
+    assert report["corpus_sha256"] == c.sha256 and report["vocab_size"] == 300
+    for split in ("train", "validation"):
+        row = report["splits"][split]
+        assert row["files"] == len(c.splits[split]) and row["tokens"] > row["files"]
+        chars = sum(len(t) for _, t in c.documents(split))
+        assert row["chars_per_token"] == chars / (row["tokens"] - row["files"])  # EOS not counted
+    again = json.loads(CliRunner().invoke(app, args).stdout)
+    assert again["tokenizer_sha256"] == report["tokenizer_sha256"]
+    bad = CliRunner().invoke(app, ["lm", "tokenize", "--corpus", str(tmp_path / "none")])
+    assert bad.exit_code in (1, 2) and "Error:" in bad.output and "Traceback" not in bad.output
