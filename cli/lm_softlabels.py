@@ -56,6 +56,13 @@ def soft_labels(
         TopkDtype,
         typer.Option("--dtype", help="dtype of the stored logits (logz is computed from them)."),
     ] = "float32",
+    teacher_dtype: Annotated[
+        TopkDtype,
+        typer.Option(
+            "--teacher-dtype",
+            help="dtype the teacher is loaded in (bfloat16 on GPUs; its weights' hash follows).",
+        ),
+    ] = "float32",
     shard_tokens: Annotated[
         int | None,
         typer.Option(
@@ -112,7 +119,7 @@ def soft_labels(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise on a command's stderr
-    model = load_teacher(folder)
+    model = load_teacher(folder, dtype=getattr(torch, teacher_dtype))
     ctx = setup(device)
     try:
         result = capture(

@@ -158,6 +158,9 @@ def test_the_teacher_has_one_identity_in_memory_saved_and_loaded(lm):
     for f in (lm["root"] / "teacher").iterdir():
         (run / "model" / f.name).write_bytes(f.read_bytes())
     assert teacher_identity(load_teacher(run)) == teacher_identity(lm["model"])  # a run folder
+    half = load_teacher(run, dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert teacher_identity(half)[1] != teacher_identity(lm["model"])[1]  # another function
     other = copy.deepcopy(lm["model"])
     with torch.no_grad():
         other.transformer.h[0].mlp.c_fc.bias[3] += 1e-3

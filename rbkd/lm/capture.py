@@ -93,9 +93,13 @@ def load_teacher(path: str | os.PathLike[str], dtype: torch.dtype | None = None)
         raise ImportError(
             "loading a teacher needs Hugging Face transformers: pip install -e '.[examples]'"
         ) from None
+    import transformers
+
+    # transformers 5 names it dtype; 4.x torch_dtype (and would pass an unknown name on quietly)
+    name = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, **({"dtype": dtype} if dtype else {})
+            folder, local_files_only=True, **({name: dtype} if dtype else {})
         )
     except (OSError, ValueError, KeyError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
