@@ -180,3 +180,28 @@ def test_alpha_without_a_teacher_is_refused(lm):
 def test_sampled_without_samples_is_refused(lm, tmp_path):
     capture(lm["teacher"], lm["train"], tmp_path / "plain", k=K, temperatures=TEMPS, context=C)
     _one_line(lm, "holds no samples", store=tmp_path / "plain", tail="sampled", T=1.0)
+
+
+def test_with_its_teacher_a_student_reports_the_kl_to_it_on_validation(lm):
+    from rbkd.lm.train.loop import validation_sums
+
+    result = distill(lm["train"], lm["val"], store=lm["store"], teacher=lm["root"] / "teacher",
+                     T=2.0, k=4, model="tiny", cfg=cfg(), root=None, progress=False)  # fmt: skip
+    kl = result["metrics"]["val_kl_to_teacher"]
+    student, teacher = result["model_object"], lm["teacher"]
+    # the same number from the two models' float64 logits, over the same validation windows
+    c = cfg()
+    ctx = type("Ctx", (), {"device": torch.device("cpu"), "world_size": 1,
+                           "shard": staticmethod(lambda t: t),
+                           "all_reduce_sum": staticmethod(lambda t: t)})()  # fmt: skip
+    ce_sum, count, kl_sum = validation_sums(
+        student.double(), lm["val"], c, "fp32", ctx, teacher.double()
+    )
+    teacher.float()
+    assert count > 0 and kl_sum / count == pytest.approx(kl, rel=1e-4) and kl > 0
+    plain = distill(lm["train"], lm["val"], store=lm["store"], T=2.0, k=4, model="tiny", cfg=cfg(),
+                    root=None, progress=False)  # fmt: skip
+    assert (
+        plain["key"] != result["key"]
+        and plain["metrics"]["val_kl_to_teacher"] != plain["metrics"]["val_kl_to_teacher"]
+    )  # NaN

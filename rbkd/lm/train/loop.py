@@ -100,11 +100,12 @@ def micro_batches(cfg: LMTrainConfig, world: int) -> tuple[int, int]:
 
 def fit_lm(model: nn.Module, train, val, cfg: LMTrainConfig,
            objective, *, run_dir: Path | None = None, resume: bool = False, progress: bool = True,
-           extra_config: dict | None = None, on_row=None) -> dict:  # fmt: skip
+           extra_config: dict | None = None, on_row=None, val_teacher=None) -> dict:  # fmt: skip
     """Train `model` (a causal LM returning `.logits`) in place for cfg.steps steps on `train`
     against `objective`; score `val` every cfg.eval_every steps and at the end; checkpoint to
     `run_dir` every cfg.checkpoint_every steps (rank 0). Returns the final metrics; `on_row(row)`
-    receives each metrics row (metrics.jsonl's) as it is made, on every rank."""
+    receives each metrics row (metrics.jsonl's) as it is made, on every rank. `val_teacher` (a
+    causal LM): validation also reports the mean KL(teacher || model) per token at T = 1."""
     cfg.check()
     ctx = distributed.setup(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -116,12 +117,13 @@ def fit_lm(model: nn.Module, train, val, cfg: LMTrainConfig,
     try:
         with lock, torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             return _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress,
-                        extra_config, on_row)  # fmt: skip
+                        extra_config, on_row, val_teacher)  # fmt: skip
     finally:
         ctx.close()
 
 
-def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extra_config, on_row):
+def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extra_config, on_row,
+         val_teacher):  # fmt: skip
     device, world = ctx.device, ctx.world_size
     precision = resolve_precision(cfg.precision, device)
     check_windows(train, cfg.context)
@@ -130,6 +132,8 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
     share, micro = micro_batches(cfg, world)
     model.to(device)
     objective.to(device)
+    if val_teacher is not None:
+        val_teacher.to(device).eval()
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     config = _run_config(model, train, val, cfg, objective, precision, world, extra_config)
@@ -199,7 +203,8 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
             bar.step(batch_loss / count, count / elapsed)
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                row = _metrics_row(model, val, cfg, precision, ctx, state, done, lr, grad_norm)
+                row = _metrics_row(model, val, cfg, precision, ctx, state, done, lr, grad_norm,
+                                   val_teacher)  # fmt: skip
                 history.append(row)
                 if on_row is not None:
                     on_row(dict(row))
@@ -215,7 +220,7 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
                 ckpt.save_checkpoint(run_dir, model, optimizer, done, info, config=config,
                                      metrics=history)  # fmt: skip
                 write_metrics(run_dir, history)
-    final = _final_metrics(model, val, cfg, precision, ctx, history, state)
+    final = _final_metrics(model, val, cfg, precision, ctx, history, state, val_teacher)
     if run_dir is not None and ctx.is_main:
         write_json(run_dir / "config.json", {**config, "final_metrics": final})
     return final
@@ -278,41 +283,55 @@ def _open_run_dir(run_dir, resume, config, model, optimizer, scaler, ctx):
 
 
 @torch.no_grad()
-def validation_sums(model, val, cfg: LMTrainConfig, precision: str, ctx) -> tuple[float, float]:
-    """(summed next-token CE, token count) over the validation windows scored (the first
-    eval_tokens // context of them, or all), each rank scoring its share."""
+def validation_sums(
+    model, val, cfg: LMTrainConfig, precision: str, ctx, teacher=None
+) -> list[float]:
+    """[summed next-token CE, token count, summed KL(teacher || model) at T = 1] over the
+    validation windows scored (the first eval_tokens // context of them, or all), each rank
+    scoring its share; the KL is 0 without a teacher."""
     total = num_windows(val, cfg.context)
     if cfg.eval_tokens:
         total = min(total, max(cfg.eval_tokens // cfg.context, 1))
     mine = ctx.shard(torch.arange(total))
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     batch = cfg.micro_batch or max(cfg.batch_size // ctx.world_size, 1)
     for j in range(0, len(mine), batch):
         blocks = read_windows(val, mine[j : j + batch], cfg.context).to(ctx.device)
+        inputs, labels = blocks[:, :-1], blocks[:, 1:]
         with autocast(precision, ctx.device):
-            logits = model(input_ids=blocks[:, :-1]).logits
-        labels = blocks[:, 1:]
-        ce = torch.nn.functional.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten(),
+            logits = _upcast(model(input_ids=inputs).logits)
+            reference = None if teacher is None else _upcast(teacher(input_ids=inputs).logits)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
                                                ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
-        sums += torch.stack([ce.double(), (labels != IGNORE_INDEX).sum().double()])
-    ce_sum, count = ctx.all_reduce_sum(sums).tolist()
-    return ce_sum, count
+        counted = labels != IGNORE_INDEX
+        kl = torch.zeros((), device=ctx.device)
+        if reference is not None:
+            log_t, log_s = reference.log_softmax(-1), logits.log_softmax(-1)
+            kl = ((log_t.exp() * (log_t - log_s)).sum(-1) * counted).sum()
+        sums += torch.stack([ce.double(), counted.sum().double(), kl.double()])
+    return ctx.all_reduce_sum(sums).tolist()
 
 
-def _metrics_row(model, val, cfg, precision, ctx, state, step, lr, grad_norm) -> dict:
-    val_ce = math.nan
+def _validation(model, val, cfg, precision, ctx, teacher) -> dict:
+    """The validation numbers of a metrics row (NaN without a split, or the KL without a teacher)."""
+    ce = kl = math.nan
     if val is not None:
-        ce_sum, count = validation_sums(model, val, cfg, precision, ctx)
-        val_ce = ce_sum / count if count else math.nan
+        ce_sum, count, kl_sum = validation_sums(model, val, cfg, precision, ctx, teacher)
+        ce = ce_sum / count if count else math.nan
+        kl = kl_sum / count if count and teacher is not None else math.nan
+    ppl = math.exp(ce) if math.isfinite(ce) else math.nan
+    return {"val_ce_loss": ce, "val_perplexity": ppl, "val_kl_to_teacher": kl}
+
+
+def _metrics_row(model, val, cfg, precision, ctx, state, step, lr, grad_norm, teacher) -> dict:
     tokens = max(state["tokens"], 1.0)
     return {
         "step": step,
         "lr": lr,
         "train_objective_loss": state["loss"] / tokens,  # mean over this row's steps' tokens
         "train_ce_loss": state["ce"] / tokens,
-        "val_ce_loss": val_ce,
-        "val_perplexity": math.exp(val_ce) if math.isfinite(val_ce) else math.nan,
+        **_validation(model, val, cfg, precision, ctx, teacher),
         "grad_norm": grad_norm,  # before clipping, at the row's last step
         "tokens_per_s": state["tokens"] / max(state["time"], 1e-9),
         "tokens_seen": state["total_tokens"],
@@ -321,24 +340,23 @@ def _metrics_row(model, val, cfg, precision, ctx, state, step, lr, grad_norm) ->
 
 def _row_line(row: dict, steps: int, objective) -> str:
     val = f"val CE {row['val_ce_loss']:.4f} ppl {row['val_perplexity']:.1f}"
+    if math.isfinite(row.get("val_kl_to_teacher", math.nan)):
+        val += f" KL to teacher {row['val_kl_to_teacher']:.4f}"
     return (f"step {row['step']}/{steps}: train {objective.name} {row['train_objective_loss']:.4f} "
             f"CE {row['train_ce_loss']:.4f} | {val} | lr {row['lr']:.2e} | "
             f"{row['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
 
 
-def _final_metrics(model, val, cfg, precision, ctx, history, state) -> dict:
+def _final_metrics(model, val, cfg, precision, ctx, history, state, teacher) -> dict:
     last = history[-1] if history else None
     if last is not None and last["step"] == cfg.steps:
-        val_ce = last["val_ce_loss"]
-    elif val is not None:
-        ce_sum, count = validation_sums(model, val, cfg, precision, ctx)
-        val_ce = ce_sum / count if count else math.nan
+        scores = {k: last.get(k, math.nan) for k in ("val_ce_loss", "val_perplexity",
+                                                      "val_kl_to_teacher")}  # fmt: skip
     else:
-        val_ce = math.nan
+        scores = _validation(model, val, cfg, precision, ctx, teacher)
     return {
         "steps": cfg.steps,
-        "val_ce_loss": val_ce,
-        "val_perplexity": math.exp(val_ce) if math.isfinite(val_ce) else math.nan,
+        **scores,
         "train_objective_loss": last["train_objective_loss"] if last else math.nan,
         "train_ce_loss": last["train_ce_loss"] if last else math.nan,
         "tokens_seen": state["total_tokens"],

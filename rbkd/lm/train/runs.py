@@ -147,7 +147,8 @@ def on_main_save(net, run_dir: Path) -> None:
 
 
 def _source(train, cfg, *, store, teacher, T, k, tail, alpha):
-    """(objective factory, its identity for the key): hard labels, a store, or a teacher online."""
+    """(objective factory, its identity for the key, the teacher model when one is given): hard
+    labels, a store, or a teacher online. The teacher also scores the KL to it on validation."""
     if not (math.isfinite(alpha) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if store is None and teacher is None:
@@ -156,13 +157,17 @@ def _source(train, cfg, *, store, teacher, T, k, tail, alpha):
                 f"alpha = {alpha:g} needs a teacher: give --store DIR or --teacher RUN, or alpha 0 "
                 "(hard labels only)"
             )
-        return (lambda: HardLabels()), {"kind": "hard_labels"}
+        return (lambda: HardLabels()), {"kind": "hard_labels"}, None
     if not (math.isfinite(T) and 0 < T <= 100):
         raise ValueError(f"T must be a finite number in (0, 100], got {T}")
     if store is not None:  # with a teacher too: the store must be that teacher's
-        expected = _teacher_sha256(Path(teacher)) if teacher is not None else None
-        return _store_source(train, cfg, Path(store), T=T, k=k, tail=tail, alpha=alpha,
-                             teacher_sha256=expected)  # fmt: skip
+        model = _load_teacher(Path(teacher), train, cfg) if teacher is not None else None
+        expected = _teacher_identity(model)[1] if model is not None else None
+        make, described = _store_source(train, cfg, Path(store), T=T, k=k, tail=tail,
+                                        alpha=alpha, teacher_sha256=expected)  # fmt: skip
+        if model is not None:  # it also scores the KL to the teacher on validation tokens
+            described["validation_teacher_sha256"] = expected
+        return make, described, model
     return _teacher_source(train, cfg, Path(teacher), T=T, alpha=alpha)
 
 
@@ -177,10 +182,32 @@ def hf_folder(path: Path) -> Path:
     return teacher_folder(path)
 
 
-def _teacher_sha256(path: Path) -> str:
-    from rbkd.lm.capture import load_teacher, teacher_identity
+def _teacher_identity(model) -> tuple[dict, str]:
+    from rbkd.lm.capture import teacher_identity
 
-    return teacher_identity(load_teacher(hf_folder(path)))[1]
+    return teacher_identity(model)
+
+
+def _load_teacher(path: Path, train, cfg):
+    """A teacher for the student's data: its vocabulary the tokenizer's, its context long enough."""
+    from rbkd.lm.capture import load_teacher, teacher_positions
+
+    folder = hf_folder(path)
+    teacher = load_teacher(folder)
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if vocab != train.vocab_size:
+        raise ValueError(
+            f"the teacher's vocabulary has {vocab} ids, the student's data {train.vocab_size}: "
+            "distill on the tokenizer the teacher was trained with"
+        )
+    positions = teacher_positions(teacher)
+    if positions is not None and positions < cfg.context:
+        raise ValueError(
+            f"sequences of {cfg.context} tokens are longer than the teacher's context "
+            f"({positions}): use --context {positions} or less"
+        )
+    teacher.rbkd_folder = str(folder)
+    return teacher
 
 
 def _store_source(train, cfg, folder, *, T, k, tail, alpha, teacher_sha256=None):
@@ -216,26 +243,11 @@ def _store_source(train, cfg, folder, *, T, k, tail, alpha, teacher_sha256=None)
 
 
 def _teacher_source(train, cfg, path, *, T, alpha):
-    from rbkd.lm.capture import load_teacher, teacher_identity, teacher_positions
-
-    folder = hf_folder(path)
-    teacher = load_teacher(folder)
-    vocab = teacher.get_output_embeddings().weight.shape[0]
-    if vocab != train.vocab_size:
-        raise ValueError(
-            f"the teacher's vocabulary has {vocab} ids, the student's data {train.vocab_size}: "
-            "distill on the tokenizer the teacher was trained with"
-        )
-    positions = teacher_positions(teacher)
-    if positions is not None and positions < cfg.context:
-        raise ValueError(
-            f"sequences of {cfg.context} tokens are longer than the teacher's context ({positions}): "
-            f"use --context {positions} or less"
-        )
-    config, sha = teacher_identity(teacher)
-    identity = {"teacher_sha256": sha}
+    teacher = _load_teacher(path, train, cfg)
+    identity = {"teacher_sha256": _teacher_identity(teacher)[1]}
     described = {"kind": "online_teacher", "teacher": identity, "T": T, "alpha": alpha}
-    return (lambda: OnlineTeacher(teacher, T=T, alpha=alpha, identity={**identity, "folder": str(folder)})), described  # fmt: skip
+    folder = {**identity, "folder": teacher.rbkd_folder}
+    return (lambda: OnlineTeacher(teacher, T=T, alpha=alpha, identity=folder)), described, teacher
 
 
 def distill(train=None, val=None, *, store: Path | None = None, teacher: Path | None = None, T: float = 1.0,
@@ -254,7 +266,7 @@ def distill(train=None, val=None, *, store: Path | None = None, teacher: Path | 
     config = model_config(
         model if not isinstance(model, Path) else str(model), train.vocab_size, cfg.context
     )
-    make_objective, source = _source(
+    make_objective, source, teacher_model = _source(
         train, cfg, store=store, teacher=teacher, T=T, k=k, tail=tail, alpha=alpha
     )
     key = run_key("lm-student", {**_inputs(train, val, config, cfg), "source": source})
@@ -271,9 +283,11 @@ def distill(train=None, val=None, *, store: Path | None = None, teacher: Path | 
         net = build_model(config, cfg.seed)
         t0 = time.perf_counter()
         extra = {"command": "lm distill", "key": key, "source": source}
+        # the teacher, when there is one to run, scores the KL to it on validation tokens
         with recording(invocation):
-            metrics = fit_lm(net, train, val, cfg, make_objective(), run_dir=run_dir, resume=True if resume is None else resume,
-                             progress=progress, extra_config=extra)  # fmt: skip
+            metrics = fit_lm(net, train, val, cfg, make_objective(), run_dir=run_dir,
+                             resume=True if resume is None else resume, progress=progress,
+                             extra_config=extra, val_teacher=teacher_model)  # fmt: skip
         report = {"key": key, "kind": "lm-student", "model": _size_name(model), "model_config": config,
                   "source": source, "T": T if source["kind"] != "hard_labels" else None,
                   "k": source.get("k"), "tail": source.get("tail"), "alpha": alpha,
