@@ -132,6 +132,8 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
     share, micro = micro_batches(cfg, world)
     model.to(device)
     objective.to(device)
+    if hasattr(objective, "autocast"):  # a teacher run online computes in the run's precision
+        objective.autocast = lambda: autocast(precision, device)
     if val_teacher is not None:
         val_teacher.to(device).eval()
     optimizer = make_optimizer(model, cfg)

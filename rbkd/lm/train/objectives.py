@@ -7,6 +7,7 @@ next-token cross-entropy for the metrics); the loop divides by the global batch'
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ class OnlineTeacher:
 
     def __init__(self, teacher: torch.nn.Module, *, T: float, alpha: float, identity: dict):
         self.teacher, self.T, self.alpha, self.identity = teacher.eval(), T, alpha, identity
+        self.autocast = contextlib.nullcontext  # the loop's autocast, for the teacher's forward
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -54,7 +56,7 @@ class OnlineTeacher:
     def __call__(self, logits, inputs, labels, starts):
         from rbkd.ops import kd_loss
 
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             teacher = self.teacher(input_ids=inputs).logits.float()
         loss = kd_loss(logits, teacher, labels, T=self.T, alpha=self.alpha,
                        ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
