@@ -40,6 +40,7 @@ __all__ = [
     "read_json_file",
     "read_safetensors_metadata",
     "remove_stale_temporaries",
+    "safetensors_canonical",
     "sha256_file",
     "write_bytes",
     "write_csv",
@@ -200,6 +201,25 @@ def read_safetensors_metadata(
 
 # Metadata keys whose values are JSON documents rbkd writes itself (bounded by max_metadata).
 _LONG_KEYS = frozenset({"rbkd_checkpoint"})
+
+
+def safetensors_canonical(data: bytes) -> bytes:
+    """The same safetensors file with its `__metadata__` keys sorted, so equal content gives equal
+    bytes (and SHA-256) in every process.
+
+    safetensors keeps the metadata in a Rust HashMap with a per-process random order, so two
+    processes saving the same tensors and metadata write different headers: a shard's hash, which
+    stores and caches compare, would then depend on which process wrote it. Offsets are relative
+    to the end of the header, so only the header (padded to 8 bytes, as safetensors does) changes.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:

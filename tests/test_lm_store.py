@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +240,19 @@ def test_a_shard_with_samples_needs_their_logits(tmp_path):
     del tensors["sample_logits"]
     with pytest.raises(st.StoreError, match="sample_logits"):
         st.StoreWriter(tmp_path / "s", spec).write_shard(0, tensors)
+
+
+def test_equal_shards_are_equal_bytes_in_every_process(tmp_path):
+    # safetensors orders metadata by a per-process hash: without sorting the header, the same
+    # shard written by two processes (two torchrun ranks, a rerun) got two SHA-256s.
+    script = (
+        "import sys, torch; from rbkd.lm import store as st; from tests.test_lm_store import "
+        "Capture, make_spec; spec = make_spec(); st.write_store(sys.argv[1], spec, Capture(spec))"
+    )
+    digests = []
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True,
+                       cwd=Path(__file__).parents[1])  # fmt: skip
+        index = json.loads((tmp_path / name / st.INDEX_FILE).read_text())
+        digests.append({i: e["sha256"] for i, e in index["shards"].items()})
+    assert digests[0] == digests[1] == digests[2]

@@ -43,6 +43,7 @@ from rbkd.io import (
     MAX_METADATA_BYTES,
     read_json_file,
     read_safetensors_metadata,
+    safetensors_canonical,
     sha256_file,
     write_bytes,
     write_json,
@@ -268,7 +269,7 @@ class StoreWriter:
         _check_tensors(self.spec, end - start, tensors, f"shard {i}")
         meta = {"format": FORMAT, "spec_sha256": self.spec.digest(), "shard": str(i),
                 "start": str(start), "end": str(end)}  # fmt: skip
-        data = save(tensors, metadata=meta)
+        data = safetensors_canonical(save(tensors, metadata=meta))  # same bytes in every rank
         write_bytes(self.folder / shard_name(i), data)
         self._record(i, hashlib.sha256(data).hexdigest(), len(data))
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rbkd.io import read_json_file, sha256_file, write_bytes, write_json
+from rbkd.io import read_json_file, safetensors_canonical, sha256_file, write_bytes, write_json
 
 __all__ = [
     "DEFAULT_SHARD_TOKENS",
@@ -118,7 +118,7 @@ def _folder_flock(folder: Path) -> Iterator[None]:
 def _save(path: Path, name: str, array: np.ndarray, meta: dict[str, str]) -> dict:
     from safetensors.numpy import save
 
-    data = save({name: np.ascontiguousarray(array)}, metadata=meta)
+    data = safetensors_canonical(save({name: np.ascontiguousarray(array)}, metadata=meta))
     write_bytes(path, data)
     return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
