@@ -25,14 +25,15 @@ pip install -q "scikit-build-core>=0.11" "pybind11>=2.12" ninja
 # kernels: on a CPU-only machine it is about 1 GB of the environment for nothing (triton 3.9.0:
 # 999 MB of a 2.1 GB .venv). scripts/test.sh asks for test,gpu,plots: the suite runs the Triton
 # kernels under TRITON_INTERPRET=1 on the CPU, and test brings the test tools and the README
-# examples' Hugging Face and Lightning (~210 MB the demo does not need).
+# examples' Hugging Face and Lightning (~210 MB the demo does not need). lm (transformers,
+# tokenizers) is always there, so that `rbkd lm ...` works after set-up.
 if [ -z "${RBKD_EXTRAS:-}" ]; then
-  RBKD_EXTRAS=plots
+  RBKD_EXTRAS=plots,lm
   if { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } ||
     [ -n "$(ls -A /proc/driver/nvidia/gpus 2>/dev/null)" ]; then
-    RBKD_EXTRAS=gpu,plots
+    RBKD_EXTRAS=gpu,plots,lm
   else
-    echo "setup: no NVIDIA GPU here: Triton (the gpu extra) not installed; RBKD_EXTRAS=gpu,plots adds it" >&2
+    echo "setup: no NVIDIA GPU here: Triton (the gpu extra) not installed; RBKD_EXTRAS=gpu,plots,lm adds it" >&2
   fi
 fi
 pip install -q --no-build-isolation -e ".[${RBKD_EXTRAS}]"

@@ -91,7 +91,7 @@ def load_teacher(path: str | os.PathLike[str], dtype: torch.dtype | None = None)
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ImportError(
-            "loading a teacher needs Hugging Face transformers: pip install -e '.[examples]'"
+            "loading a teacher needs Hugging Face transformers: pip install 'rbkd[lm]' (from a checkout: pip install -e '.[lm]')"
         ) from None
     import transformers
 

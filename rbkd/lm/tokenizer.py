@@ -75,7 +75,7 @@ def _tokenizers():
     except ImportError:
         raise ImportError(
             "rbkd's language-model tools need Hugging Face tokenizers and transformers: "
-            "pip install -e '.[examples]'"
+            "pip install 'rbkd[lm]' (from a checkout: pip install -e '.[lm]')"
         ) from None
     return tokenizers
 
