@@ -196,6 +196,9 @@ def report_cmd(
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (folder / "study.json").is_file():
         raise ValueError(f"{folder} holds no study.json: pass a folder written by `rbkd study run`")
-    read_study_output(folder, data_dir=data_dir)  # tables checked against the run folders
+    from rbkd.study.report.lm_report import is_lm_study_folder
+
+    if not is_lm_study_folder(folder):  # an LM study's report reads its tables alone
+        read_study_output(folder, data_dir=data_dir)  # tables checked against the run folders
     path = write_report(folder, out=out, fmt=fmt, labels=_labels(label), data_dir=data_dir)
     console.print(f"report: {escape(path)}", soft_wrap=True)

@@ -56,6 +56,11 @@ def run_study(
     array tasks, machines sharing the folder): each claims the runs it trains, so that every
     run trains once, and each ends when the whole study is done. `note` receives what is not a
     finished run (a run taken over from a runner that stopped); default `log`."""
+    if study.get("kind") == "lm":  # a language-model study: its own cells (rbkd.study.lm_runner)
+        from rbkd.study.lm_runner import run_lm_study
+
+        return run_lm_study(study, out, device=device, dry_run=dry_run, log=log, on_run=on_run,
+                            report=report, source=source)  # fmt: skip
     out = Path(out)
     check_study_folder(out, study["name"])
     if dry_run:

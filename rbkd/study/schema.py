@@ -496,6 +496,10 @@ def _experiment_grid(name: str, r: _Reader, study: dict) -> dict[str, Any]:
 
 def parse_study(data: dict, path: Path) -> dict[str, Any]:
     """Check a study's TOML content and return the normalised study (see docs/studies.md)."""
+    from rbkd.study.lm_schema import is_lm_study, parse_lm_study  # here: it imports this module
+
+    if is_lm_study(data):  # [study] kind = "lm": a language-model study (docs/studies.md)
+        return parse_lm_study(data, path)
     top = _Reader(path, data, "")
     top.known("study", "loss", "student", "teacher_defaults", "teacher", "experiments")
     head = top.sub("study") or top.missing("study", "the [study] table names the study")

@@ -65,6 +65,8 @@ def task_kind(task) -> str:
 
 def task_label(task) -> str:
     """What a run is, in one line: "teacher small: small, batch 64, 10 epochs, seed 0"."""
+    if hasattr(task, "label"):  # a cell of a language-model study (rbkd.study.lm_plan) names itself
+        return task.label()
     if task_kind(task) == "teacher":
         return (
             f"teacher {'/'.join(task.names)}: {task.spec.capacity}, batch {task.cfg.batch_size}, "

@@ -65,6 +65,10 @@ def write_report(
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be png, pdf or svg, got {fmt!r}")
+    from rbkd.study.report.lm_report import is_lm_study_folder, write_lm_report
+
+    if is_lm_study_folder(study_dir):  # a language-model study: its own report
+        return write_lm_report(study_dir, out=out, fmt=fmt)
     study = read_study_output(study_dir)
     out = Path(out) if out is not None else study.folder / "report"
     _claim_report_folder(out, study.folder)
