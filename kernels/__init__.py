@@ -5,8 +5,9 @@ pyproject.toml's scikit-build-core `wheel.packages` maps "rbkd/kernels" = "kerne
 editable install redirects the same name here), so `import rbkd.kernels.kd_loss` reads
 kernels/kd_loss.py. There is no top-level `kernels` module; import it as `rbkd.kernels`.
 rbkd.ops.backends.triton is the one caller. (Where the repository root is on sys.path, as under
-`python -m pytest` run from it, this folder shadows an installed top-level `kernels`, Hugging
-Face's, which transformers imports: run `pytest`, as scripts/test.sh does.)
+`python -m pytest` run from it, `import kernels` finds this folder before an installed
+top-level `kernels`, Hugging Face's, which transformers imports: kernels/_shadow.py then hands the
+import over to the installed package.)
 
 One op per module; each exposes host launchers taking torch tensors:
 
@@ -22,6 +23,12 @@ Importing this package never fails: without Triton (or with a broken install) TR
 False, TRITON_IMPORT_ERROR says why, and the launchers are absent.
 """
 
+_HANDED_OVER = False
+if __name__ == "kernels":  # imported as a top-level package from a checkout: see the docstring
+    from ._shadow import installed_kernels
+
+    _HANDED_OVER = installed_kernels(__file__) is not None  # this module is then discarded
+
 TRITON_IMPORT_ERROR: str | None = None
 try:
     import triton  # noqa: F401
@@ -31,7 +38,7 @@ except Exception as exc:  # noqa: BLE001 - a broken triton must not break `impor
 else:
     TRITON_AVAILABLE = True
 
-if TRITON_AVAILABLE:
+if TRITON_AVAILABLE and not _HANDED_OVER:
     from .kd_loss import kd_loss_forward, scale_rows_
     from .soft_label_entropy import soft_label_entropy_forward
     from .temperature_softmax import temperature_softmax_backward, temperature_softmax_forward
