@@ -223,3 +223,23 @@ def test_a_bad_study_file_is_one_line(tmp_path, change, message):
         load_study(path)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert str(path) in str(e.value)
+
+
+def test_the_command_line_runs_nothing_again_and_redraws_the_report(ran):
+    from rbkd.cli.app import app
+    from typer.testing import CliRunner
+
+    path, out = ran["root"] / "study.toml", ran["out"]
+    cli = CliRunner()
+    dry = cli.invoke(app, ["study", "run", str(path), "--out", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    total = len(ran["first"].cells)
+    assert f"0 of {total} runs to do" in dry.output
+    assert "[done] teacher long: 12 steps x 8 x 16" in dry.output
+    again = cli.invoke(app, ["study", "run", str(path), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert f"nothing to run: all {total} runs of tiny-lm are done" in again.output
+    report = cli.invoke(app, ["study", "report", str(out), "--format", "svg"])
+    assert report.exit_code == 0, report.output
+    assert (out / "report" / "quality_vs_bytes.svg").is_file()
+    assert "(quality_vs_bytes.svg)" in (out / "report" / "report.md").read_text()
