@@ -95,23 +95,39 @@ def _students(rows: list[dict], seeds: int) -> str:
     return markdown_table(head, body)
 
 
+def _model(m) -> str:
+    if isinstance(m, str):
+        return f"size {m!r}"
+    return f"{m['n_layer']} layers x {m['n_embd']} ({m['n_head']} heads)"
+
+
+def _train(t: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in t.items())
+
+
+def _count(n) -> str:
+    return "all" if n is None else f"{n:,}"
+
+
 def _setting(spec: dict) -> list[str]:
     d, s, c, g = spec["data"], spec["student"], spec["capture"], spec["grid"]
-    teachers = "; ".join(f"{t['name']}: {t['model']}, {t['train']}" for t in spec["teachers"])
+    vocab = spec.get("vocab_size") or f"from {spec.get('tokenizer')}"
+    corpus = spec.get("corpus") or "pydocs (Debian's python3.11-doc)"
+    limit = f"; --limit {spec['limit']:,} (a quick version)" if spec.get("limit") else ""
+    teachers = "; ".join(
+        f"**{t['name']}**: {_model(t['model'])}, {_train(t['train'])}" for t in spec["teachers"]
+    )
     return [
-        f"- corpus: {spec.get('corpus') or 'pydocs (python3.11-doc)'}, vocabulary "
-        f"{spec.get('vocab_size') or 'from ' + str(spec.get('tokenizer'))}, context {d['context']}; "
-        f"--limit {spec['limit']}" if spec.get("limit") else
-        f"- corpus: {spec.get('corpus') or 'pydocs (python3.11-doc)'}, vocabulary "
-        f"{spec.get('vocab_size') or 'from ' + str(spec.get('tokenizer'))}, context {d['context']}",
+        f"- corpus: {corpus}, BPE vocabulary {vocab}, context {d['context']}{limit}",
         f"- teachers: {teachers}",
-        f"- students: {s['model']}, {s['train']}, alpha {s['alpha']:g}, on the first "
-        f"{d['student_tokens'] or 'all'} train tokens; validation: the first {d['eval_tokens']:,} "
-        "tokens of the validation split",
+        f"- students: {_model(s['model'])}, {_train(s['train'])}, alpha {s['alpha']:g}, on the "
+        f"first {_count(d['student_tokens'])} train tokens; validation: the first "
+        f"{d['eval_tokens']:,} tokens of the validation split",
         f"- stores: top-{c['k']} at T = {', '.join(f'{t:g}' for t in c['T'])}, {c['topk_dtype']} "
         f"logits, samples drawn at T = {c['sample_T']:g}",
-        f"- grid: modes {', '.join(g['modes'])}; k = {g['k']}; T = {g['T']}; seeds {spec['seeds']}",
-    ]  # fmt: skip
+        f"- grid: {', '.join(g['modes'])}; k = {', '.join(map(str, g['k']))}; "
+        f"T = {', '.join(f'{t:g}' for t in g['T'])}; seeds {', '.join(map(str, spec['seeds']))}",
+    ]
 
 
 def is_lm_study_folder(study_dir: str | os.PathLike) -> bool:
