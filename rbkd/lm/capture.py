@@ -75,7 +75,7 @@ def teacher_folder(path: str | os.PathLike[str]) -> Path:
     """The HF model folder: `path` when it holds config.json, else `path/model` (an rbkd
     `lm train-teacher` run folder); FileNotFoundError in one line otherwise."""
     path = Path(path)
-    for folder in (path, path / "model"):
+    for folder in (path / "model", path):  # a run folder's own config.json is its run record
         if (folder / "config.json").is_file():
             return folder
     raise FileNotFoundError(
