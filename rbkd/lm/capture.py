@@ -72,8 +72,8 @@ _VOLATILE_CONFIG_KEYS = (
 
 
 def teacher_folder(path: str | os.PathLike[str]) -> Path:
-    """The HF model folder: `path` when it holds config.json, else `path/model` (an rbkd
-    `lm train-teacher` run folder); FileNotFoundError in one line otherwise."""
+    """The HF model folder: `path/model` when it holds config.json (an rbkd `lm train-teacher`
+    run folder), else `path`; FileNotFoundError in one line otherwise."""
     path = Path(path)
     for folder in (path / "model", path):  # a run folder's own config.json is its run record
         if (folder / "config.json").is_file():
