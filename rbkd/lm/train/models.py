@@ -100,7 +100,7 @@ def save_hf_folder(model, folder: Path) -> Path:
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        model.save_pretrained(str(tmp))
+        _quietly(model.save_pretrained, str(tmp))
         if not (tmp / "model.safetensors").is_file():
             raise RuntimeError(f"save_pretrained wrote no model.safetensors into {tmp}")
         if folder.exists():
@@ -116,16 +116,14 @@ def save_hf_folder(model, folder: Path) -> Path:
     return folder
 
 
-def load_hf_folder(folder: Path, device: str | torch.device = "cpu"):
-    """A causal LM from a Hugging Face folder (a teacher run's <run>/model, or any local one), in
-    eval mode; one ValueError line when the folder holds none."""
-    from transformers import AutoModelForCausalLM
+def _quietly(fn, *args):
+    """Hugging Face's own progress bars off for the call (rbkd prints its own, on stderr)."""
+    from transformers.utils import logging as hf_logging
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} holds no Hugging Face model (no config.json): train it first")
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the model in {folder}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+        return fn(*args)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
