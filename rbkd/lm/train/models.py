@@ -100,7 +100,7 @@ def save_hf_folder(model, folder: Path) -> Path:
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        _quietly(model.save_pretrained, str(tmp))
+        quietly(model.save_pretrained, str(tmp))
         if not (tmp / "model.safetensors").is_file():
             raise RuntimeError(f"save_pretrained wrote no model.safetensors into {tmp}")
         if folder.exists():
@@ -116,7 +116,7 @@ def save_hf_folder(model, folder: Path) -> Path:
     return folder
 
 
-def _quietly(fn, *args):
+def quietly(fn, *args):
     """Hugging Face's own progress bars off for the call (rbkd prints its own, on stderr)."""
     from transformers.utils import logging as hf_logging
 

@@ -24,7 +24,7 @@ from rbkd.io import read_json_file, write_json
 from rbkd.lm.train.baseline import unigram_perplexity
 from rbkd.lm.train.config import LMTrainConfig
 from rbkd.lm.train.loop import fit_lm, resolve_precision
-from rbkd.lm.train.models import HF_FOLDER, build_model, model_config, save_hf_folder
+from rbkd.lm.train.models import HF_FOLDER, build_model, model_config, quietly, save_hf_folder
 from rbkd.lm.train.objectives import HardLabels, OnlineTeacher, StoredTeacher
 from rbkd.lm.train.tokens import check_windows, num_windows, split_identity
 from rbkd.provenance import recording
@@ -193,7 +193,7 @@ def _load_teacher(path: Path, train, cfg):
     from rbkd.lm.capture import load_teacher, teacher_positions
 
     folder = hf_folder(path)
-    teacher = load_teacher(folder)
+    teacher = quietly(load_teacher, folder)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if vocab != train.vocab_size:
         raise ValueError(
