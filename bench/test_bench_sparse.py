@@ -79,7 +79,9 @@ def _record(benchmark, group: str, case: str, median: float | None, **info) -> N
 LOSS_CASES = [("eager", 32), ("eager", 128), ("dense-rbkd", 0), ("rbkd", 32), ("rbkd", 128)]
 
 
-@pytest.mark.parametrize("backend,k", LOSS_CASES, ids=[f"{b}-k{k}" if k else b for b, k in LOSS_CASES])
+@pytest.mark.parametrize(
+    "backend,k", LOSS_CASES, ids=[f"{b}-k{k}" if k else b for b, k in LOSS_CASES]
+)
 def test_sparse_kd_loss_forward_backward(benchmark, bench_timer, data, backend, k):
     if backend != "eager" and not _native_built():
         pytest.skip("rbkd._C is not built: no C++ CPU kernels to time")
