@@ -243,3 +243,25 @@ def test_the_command_line_runs_nothing_again_and_redraws_the_report(ran):
     assert report.exit_code == 0, report.output
     assert (out / "report" / "quality_vs_bytes.svg").is_file()
     assert "(quality_vs_bytes.svg)" in (out / "report" / "report.md").read_text()
+
+
+def test_a_cell_without_its_mark_is_finished_again_without_retraining(ran):
+    import json
+
+    cell = next(
+        c for c in ran["first"].cells if c.kind == "student" and c.inputs["mode"] == "bucket"
+    )
+    mark = cell.folder / "cell.json"
+    before = json.loads(mark.read_text())
+    weights = cell.folder / "run" / "model" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    mark.unlink()  # a kill after the distillation, before its KL was recorded
+    path = ran["root"] / "study.toml"
+    again = run_lm_study(
+        load_study(path), ran["out"], device="cpu", source=path, log=lambda line: None
+    )
+    assert again.trained == [cell.key]
+    assert weights.stat().st_mtime_ns == stamp  # the distillation was reused, not redone
+    after = json.loads(mark.read_text())
+    for name in ("val_ce_loss", "kl_to_teacher", "bytes_per_token"):
+        assert after[name] == before[name], name
