@@ -84,37 +84,36 @@ RBKD_INLINE float log_positive(float x) {
   return log_poly(f, fe);
 }
 
-// log x for the mixture's m > 0 (subnormals included): log(2^e (1 + f)) = e ln 2 +
-// 2 atanh(f / (2 + f)), the series to v^7 (|v| <= 0.172: truncation below 2e-8 relative). Half the
-// work of log_positive's Cephes polynomial: jsd and the skewed KLs take one per element, their
-// largest cost after the exps. (A subnormal m matters: at skew 0, m is p alone while q may be 1.)
-RBKD_INLINE float log_mixture(float x) {
-  const bool subnormal = x < 1.17549435e-38f;
-  const uint32_t u = float_bits(subnormal ? x * 8388608.0f : x);  // * 2^23 makes it normal
-  const int32_t e0 = static_cast<int32_t>((u >> 23) & 0xffu) - 126;
-  const float m = bits_float((u & 0x007fffffu) | 0x3f000000u);  // in [0.5, 1)
-  const bool below = m < 0.707106781186547524f;
-  const float f = below ? (m + m) - 1.0f : m - 1.0f;
-  const float fe = static_cast<float>(below ? e0 - 1 : e0) - (subnormal ? 23.0f : 0.0f);
-  const float v = f / (2.0f + f);
-  const float v2 = v * v;
-  float poly = 1.0f / 7.0f;
-  poly = poly * v2 + 1.0f / 5.0f;
-  poly = poly * v2 + 1.0f / 3.0f;
-  const float l = 2.0f * v + 2.0f * v * v2 * poly;
-  return fe * 0.693359375f + (l + fe * -2.12194440e-4f);
+// log x for a normal float x > 0 (not 0, subnormals, inf or NaN: log_mix keeps those out). Arm's
+// optimized-routines logf (v_logf.c, max error 3.3 ulp): x = 2^n (1 + r) with 1 + r in
+// [2/3, 4/3) by integer arithmetic on the bits, then log(1 + r) = r + r^2 P(r), degree 6. No
+// division and no selects: the atanh series it replaced divided (f / (2 + f)) and blended its
+// range reduction, and jsd's terms pass was bound by that chain's latency (jsd 1.73x kl's time at
+// 256 x 32000 on one thread).
+RBKD_INLINE float log_normal(float x) {
+  const uint32_t u = float_bits(x) - 0x3f2aaaabu;
+  const float n = static_cast<float>(static_cast<int32_t>(u) >> 23);
+  const float r = bits_float((u & 0x007fffffu) + 0x3f2aaaabu) - 1.0f;
+  const float r2 = r * r;
+  float p = -0x1.4f9934p-3f + 0x1.5a9aa2p-3f * r;  // P5 + P6 r
+  float q = -0x1.00187cp-2f + 0x1.961348p-3f * r;  // P3 + P4 r
+  float y = -0x1.ffffc8p-2f + 0x1.555d7cp-2f * r;  // P1 + P2 r
+  p = p + -0x1.3e737cp-3f * r2;                    // + P7 r^2
+  q = q + p * r2;
+  y = y + q * r2;
+  return (r + 0.693147181f * n) + y * r2;
 }
 
 // log m of the mixture m = w_p p + w_q q, from the probabilities: one log where the log-domain
-// log_add_exp costs an exp and a log (jsd was 2.2x and skew_kl 2.8x plain KL's time at
-// 1024 x 32000 with it). Exact to ~1 ulp while m is a normal float; where m underflows to 0 (both
-// p and q below ~1e-38, every term they weigh is then below that too) the bound max(log w_p p,
-// log w_q q) stands in, so no term ever sees log 0 = -inf against a p or q > 0.
+// log_add_exp costs an exp and a log. Where m is below the smallest normal float (both w p and
+// w q below ~1e-38) the bound max(log w_p p, log w_q q) stands in: exact where one weight is 0
+// (skew 0: m = p alone, while q may be 1), within log 2 otherwise, and every term that multiplies
+// it is then below 1e-38 / w. No term ever sees log 0 = -inf against a p or q > 0.
 RBKD_INLINE float log_mix(float p, float lp, float q, float lq, float w_p, float lw_p, float w_q,
                           float lw_q) {
   const float m = w_p * p + w_q * q;
   const float a = lp + lw_p, b = lq + lw_q;
-  return m > 0.0f ? log_mixture(m) : (a > b ? a : b);
+  return m >= 1.17549435e-38f ? log_normal(m) : (a > b ? a : b);
 }
 
 // The student's share of the mixture, w_p p / m = w_p exp(lp - lm), in [0, 1]. Where m underflows
