@@ -265,3 +265,23 @@ def test_a_cell_without_its_mark_is_finished_again_without_retraining(ran):
     after = json.loads(mark.read_text())
     for name in ("val_ce_loss", "kl_to_teacher", "bytes_per_token"):
         assert after[name] == before[name], name
+
+
+def test_a_second_runner_on_the_folder_is_one_line(ran, tmp_path):
+    import subprocess
+    import sys
+
+    from rbkd.locking import FolderBusyError
+
+    hold = "import sys, time\nfrom rbkd.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n"  # fmt: skip
+    other = subprocess.Popen([sys.executable, "-c", hold, str(ran["out"])], cwd=tmp_path,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline().strip() == "held"
+        path = ran["root"] / "study.toml"
+        with pytest.raises(FolderBusyError) as e:
+            run_lm_study(load_study(path), ran["out"], device="cpu", source=path)
+        assert "in use by another rbkd process" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        other.kill()
+        other.wait()
