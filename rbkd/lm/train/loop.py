@@ -141,6 +141,7 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
     config = _run_config(model, train, val, cfg, objective, precision, world, extra_config)
     if run_dir is not None and ctx.is_main:  # how it was made; never compared, never in a key
         config["provenance"] = run_provenance(device, model, ())
+        config["provenance"]["data_files"] = _token_files(train, val)
     start, history, state = _open_run_dir(run_dir, resume, config, model, optimizer, scaler, ctx)
     order = WindowOrder(num_windows(train, cfg.context), cfg.seed)
     net = distributed.wrap_model(model, ctx)
@@ -228,15 +229,37 @@ def _fit(model, train, val, cfg, objective, ctx, run_dir, resume, progress, extr
     return final
 
 
+def _token_files(*splits) -> list[dict]:
+    """The token folders' index files (each lists its shards' SHA-256) the run read."""
+    from rbkd.provenance import file_record
+
+    records = []
+    for split in splits:
+        index = getattr(split, "folder", None)
+        if index is not None and (index / "index.json").is_file():
+            records.append({"split": split.split, **file_record(index / "index.json")})
+    return records
+
+
+def _architecture(hf_config) -> dict | None:
+    """The model's config without what names a library version or a load-time choice (a resume
+    under another transformers release is the same run)."""
+    if hf_config is None:
+        return None
+    return {k: v for k, v in hf_config.to_diff_dict().items()
+            if not k.startswith("_") and k not in ("transformers_version", "architectures", "dtype",
+                                                    "torch_dtype", "use_cache")}  # fmt: skip
+
+
 def _run_config(model, train, val, cfg, objective, precision, world, extra_config) -> dict:
     """config.json: the keys rbkd.engine.runinfo.check_resumable compares, in LM terms."""
     hf_config = getattr(model, "config", None)
     return {
-        "dataset": getattr(train, "name", "corpus"),
+        "dataset": getattr(train, "name", None) or f"corpus {train.corpus_sha256[:12]}",
         "arch": None,  # rbkd's image models only; the model is described by its HF config
         "model": {
             **describe_model(model),
-            "config": hf_config.to_diff_dict() if hf_config is not None else None,
+            "config": _architecture(hf_config),
         },  # fmt: skip
         "train_data": split_identity(train),
         "test_data": None if val is None else split_identity(val),
