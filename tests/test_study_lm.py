@@ -200,9 +200,17 @@ def test_a_limit_gives_other_cells(ran):
     study["limit"] = 600
     quick, _ = prepare_lm(study, ran["root"] / "quick", "cpu")
     assert not {c.key for c in quick.cells} & {c.key for c in ran["first"].cells}
+    # the student tokens halved (1200 -> 600): every run's steps halved, teachers keep their ratio
+    steps = {
+        c.teacher: c.inputs["train_config"]["steps"] for c in quick.cells if c.kind == "teacher"
+    }
+    assert steps == {"long": 6, "short": 2}  # 12 and 3 steps; at least 2
     teacher = quick.cells[0]
     assert teacher.inputs["train"]["tokens"] == 600
-    assert teacher.inputs["train_config"]["steps"] == 600 // (8 * 16)  # 12 steps cut to 4
+    student = next(c for c in quick.cells if c.kind == "student")
+    assert (
+        student.inputs["tokens"]["tokens"] == 600 and student.inputs["train_config"]["steps"] == 2
+    )
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ store of its own (top-1 only, and s samples).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,22 @@ def count_cells(study: dict) -> int:
     return n_teachers + stores + students
 
 
-def budget(cfg: dict, limit: int | None, context: int) -> dict:
-    """--limit N: every run sees at most about N tokens (steps cut, warm-up and evaluation with
-    them), the quick version of a study; without it the file's settings as they are."""
+def budget(cfg: dict, study: dict) -> dict:
+    """--limit N, the quick version of a study: the students' tokens (and the stores) are cut to
+    N, and every run's steps are scaled by the same factor N / [data] student_tokens (at least
+    2), so that the teachers keep their ratio (a long and a short teacher stay long and short).
+    Without student_tokens, steps are cut to about N tokens. No limit: the file's settings."""
+    limit, context = study["limit"], study["data"]["context"]
     if limit is None:
         return dict(cfg)
     out = dict(cfg)
     batch = out.get("batch_size", LMTrainConfig.batch_size)
-    steps = min(out.get("steps", LMTrainConfig.steps), max(2, limit // (batch * context)))
+    steps = out.get("steps", LMTrainConfig.steps)
+    full = study["data"]["student_tokens"]
+    if full is None:
+        steps = min(steps, max(2, limit // (batch * context)))
+    elif limit < full:
+        steps = max(2, math.ceil(steps * limit / full))
     out["steps"] = steps
     out["warmup_steps"] = min(out.get("warmup_steps", LMTrainConfig.warmup_steps), steps // 2)
     out["eval_every"] = min(out.get("eval_every", LMTrainConfig.eval_every), steps)
@@ -91,7 +100,7 @@ def train_config(study: dict, train: dict, seed: int, device: str) -> LMTrainCon
     eval_tokens = study["data"]["eval_tokens"]
     if study["limit"] is not None:
         eval_tokens = min(eval_tokens, max(study["limit"], context))
-    cfg = LMTrainConfig(**budget(train, study["limit"], context), context=context, seed=seed,
+    cfg = LMTrainConfig(**budget(train, study), context=context, seed=seed,
                         eval_tokens=eval_tokens, device=device)  # fmt: skip
     cfg.checkpoint_every = max(1, min(cfg.eval_every, cfg.steps))
     cfg.check()
