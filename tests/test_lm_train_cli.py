@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,7 @@ def test_train_teacher_then_distill_from_it_online(data, tmp_path):
     assert json.loads((out / "result.json").read_text())["key"] == result["key"]
     config = json.loads((out / "config.json").read_text())
     assert config["provenance"]["invocation"]["command"]  # the command line is recorded
+    assert [f["split"] for f in config["provenance"]["data_files"]] == ["train", "validation"]
     again = _invoke("train-teacher", "--model", "tiny", "--steps", "4", *data["common"], "--out",
                     str(out))  # fmt: skip
     assert again.exit_code == 0 and "nothing to do" in again.output
@@ -117,3 +120,44 @@ def test_two_ranks_match_one_process(data, tmp_path):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4), (k, ra, rb)
     two = json.loads((tmp_path / "two" / "config.json").read_text())
     assert two["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_bit_identical(data, tmp_path):
+    """SIGKILL after the second checkpoint; the same command again resumes and ends with the
+    weights of a run never killed, bit for bit (one thread each: the same sums in the same order)."""
+    from rbkd.engine.checkpoint import read_checkpoint_info
+
+    args = ["lm", "train-teacher", "--model", "tiny", "--steps", "40", "--checkpoint-every", "2",
+            *data["common"], "--threads", "1"]  # fmt: skip
+    whole = runner.invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
+    env.update(XDG_CACHE_HOME=str(data["root"] / "cache"), OMP_NUM_THREADS="1")
+    script = Path(sys.executable).with_name("rbkd")
+    entry = [str(script)] if script.exists() else [sys.executable, "-m", "rbkd"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*entry, *args, "--out", str(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (cut / "checkpoint.safetensors").exists():
+                try:
+                    if read_checkpoint_info(cut)["epoch"] >= 4:
+                        break
+                except ValueError:
+                    pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = read_checkpoint_info(cut)["epoch"]
+    assert 4 <= killed_at < 40 and not (cut / "result.json").exists()
+    again = runner.invoke(app, [*args, "--out", str(cut), "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["resumed_from_step"] == killed_at
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
