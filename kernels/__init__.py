@@ -16,6 +16,9 @@ One op per module; each exposes host launchers taking torch tensors:
                     grad_scale, need_grad, probs_tol) -> (loss[N] float32, grad[N, C] | None)
     scale_rows_(grad, scale)  # grad *= scale in place, scale read on the device
     soft_label_entropy_forward(x, temps, kind, normalize, probs_tol) -> [K, N] float32
+    sparse_kd_forward(student, ids, topk, logz, labels, T, alpha, grad_scale, need_grad, tail,
+                      opts) -> (loss[N] float32, grad[N, V] | None)   # tail bucket / renormalize
+    capture_forward(x, k, temps) -> (topk ids, topk logits, logz [N, J], entropy [N, J])
 
 Triton is an optional dependency (`pip install rbkd[gpu]`).
 
@@ -39,16 +42,20 @@ else:
     TRITON_AVAILABLE = True
 
 if TRITON_AVAILABLE and not _HANDED_OVER:
+    from .capture import capture_forward
     from .kd_loss import kd_loss_forward, scale_rows_
     from .soft_label_entropy import soft_label_entropy_forward
+    from .sparse_kd import sparse_kd_forward
     from .temperature_softmax import temperature_softmax_backward, temperature_softmax_forward
 
 __all__ = [
     "TRITON_AVAILABLE",
     "TRITON_IMPORT_ERROR",
+    "capture_forward",
     "kd_loss_forward",
     "scale_rows_",
     "soft_label_entropy_forward",
+    "sparse_kd_forward",
     "temperature_softmax_backward",
     "temperature_softmax_forward",
 ]
