@@ -81,7 +81,7 @@ def reference(op: str, x, teacher, labels, temps):
             ce = F.cross_entropy(z, y, reduction="none")
             outs.append(ALPHA * T * T * kl + (1 - ALPHA) * ce)
         elif op.startswith("kd_"):  # another divergence: the reference backend's rows
-            from rbkd.ops.backends.reference import kd_loss_rows
+            from rbkd.ops.backends.torch_twin import kd_loss_rows
 
             t, y = teacher[lo : lo + 1024].float(), labels[lo : lo + 1024]
             outs.append(kd_loss_rows(z, t, y, T, ALPHA, kd_options(op)).float())

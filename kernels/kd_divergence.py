@@ -1,6 +1,6 @@
 """Fused kd_loss for the divergences other than plain KL, and for `standardize` (any divergence).
 
-The formulas are csrc/README.md's "Divergences" (rbkd/ops/backends/reference.py is the
+The formulas are csrc/README.md's "Divergences" (rbkd/ops/backends/torch_twin.py is the
 executable spec): with u = z' / T, p = softmax(u), q = the teacher's probabilities,
 
     dD/du_j = h_j - p_j H,  H = sum_k h_k       (every divergence but kl and dkd)

@@ -1,7 +1,7 @@
 """The tests' float64 oracle of rbkd.ops: one reference per op, one tolerance table, one comparison.
 
 Written from the formulas (csrc/README.md, the README's loss convention and non-finite rule, the
-divergences of issue 14), never from rbkd/ops/backends/reference.py: the torch backend is checked
+divergences of issue 14), never from rbkd/ops/backends/torch_twin.py: the torch backend is checked
 against something other than itself, loss included.
 
     softmax(x, T, log=False)                         softmax(x / T) or log_softmax(x / T)

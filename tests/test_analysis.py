@@ -23,7 +23,7 @@ from rbkd.analysis.plots import PNG_SIGNATURE, plot_entropy_curves, plot_lines, 
 from rbkd.analysis.projection import final_layer, plane_basis, project_features
 from rbkd.analysis.transfer import select_transfer_set
 from rbkd.engine.noise import add_noise, parse_noise
-from rbkd.ops.backends.reference import entropy_rows
+from rbkd.ops.backends.torch_twin import entropy_rows
 
 
 def entropy_reference(logits, temperatures):

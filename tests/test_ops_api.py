@@ -127,9 +127,9 @@ def test_one_definition_of_each_record_and_limit():
     the copies agree (field names in order, the T bound, the standardize epsilon)."""
     from rbkd import config
     from rbkd.ops import args
-    from rbkd.ops.backends import reference
+    from rbkd.ops.backends import torch_twin
 
-    assert ops.KD_MAX_TEMPERATURE == config.KD_MAX_TEMPERATURE == reference.KD_MAX_TEMPERATURE
+    assert ops.KD_MAX_TEMPERATURE == config.KD_MAX_TEMPERATURE == torch_twin.KD_MAX_TEMPERATURE
     try:
         from rbkd import _C
     except ImportError:

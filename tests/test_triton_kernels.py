@@ -526,8 +526,8 @@ def test_entropy_probs(C, block):
 @quiet
 def test_backend_interface_matches_reference_backend():
     """The triton backend through the interface rbkd.ops dispatches to, against the project's
-    pure-torch oracle (rbkd/ops/backends/reference.py)."""
-    from rbkd.ops.backends import reference
+    pure-torch oracle (rbkd/ops/backends/torch_twin.py)."""
+    from rbkd.ops.backends import torch_twin
     from rbkd.ops.backends import triton as backend
 
     assert backend.NAME == "triton" and backend.is_available()
@@ -538,44 +538,44 @@ def test_backend_interface_matches_reference_backend():
         y = backend.softmax_forward(x, SoftmaxOptions(2.0, log))
         assert_close(
             y,
-            reference.softmax_forward(x, SoftmaxOptions(2.0, log)),
+            torch_twin.softmax_forward(x, SoftmaxOptions(2.0, log)),
             TOL[torch.float32],
             "backend softmax",
         )
         g = rows(N, C, torch.float32, seed=5)
         assert_close(
             backend.softmax_backward(y, g, SoftmaxOptions(2.0, log)),
-            reference.softmax_backward(y, g, SoftmaxOptions(2.0, log)),
+            torch_twin.softmax_backward(y, g, SoftmaxOptions(2.0, log)),
             TOL[torch.float32],
             "backend softmax bwd",
         )
     t = _teacher(0, N, C, torch.float32)
     labels = torch.tensor([1, -100, 52, 0])
     args = (x, t, labels, per_row_T(N), 0.4, torch.tensor(0.25), True, KDOptions())
-    (loss, grad), (rloss, rgrad) = backend.kd_loss_forward(*args), reference.kd_loss_forward(*args)
+    (loss, grad), (rloss, rgrad) = backend.kd_loss_forward(*args), torch_twin.kd_loss_forward(*args)
     assert_close(loss, rloss, FP32_TOL, "backend kd loss")
     assert_close(grad, rgrad, TOL[torch.float32], "backend kd grad")
     temps = torch.tensor([1.0, 3.0])
     assert_close(
         backend.entropy_forward(x, temps, EntropyOptions(0, True)),
-        reference.entropy_forward(x, temps, EntropyOptions(0, True)),
+        torch_twin.entropy_forward(x, temps, EntropyOptions(0, True)),
         FP32_TOL,
         "backend entropy",
     )
 
 
 # ---- divergences and standardize (kernels/kd_divergence.py) against the executable spec ---------
-# rbkd/ops/backends/reference.py run in float64 on the same (rounded) inputs is the spec here: it
+# rbkd/ops/backends/torch_twin.py run in float64 on the same (rounded) inputs is the spec here: it
 # matches torch.autograd to 1e-15. Several situations share the rows of one launch, since every
 # interpreted launch costs about a second.
 DIV_NAMES = ["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd"]
 
 
 def _spec(z, t, labels, T, alpha, grad_scale, opts):
-    from rbkd.ops.backends import reference
+    from rbkd.ops.backends import torch_twin
 
     dbl = lambda v: v.double() if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return reference.kd_loss_forward(
+    return torch_twin.kd_loss_forward(
         z.double(), t.double(), labels, dbl(T), dbl(alpha), dbl(grad_scale), True, opts
     )
 

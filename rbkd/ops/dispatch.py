@@ -20,7 +20,7 @@ import torch
 
 BACKEND_NAMES = ("torch", "cpu", "triton")
 _MODULES = {
-    name: f"rbkd.ops.backends.{'reference' if name == 'torch' else name}" for name in BACKEND_NAMES
+    name: f"rbkd.ops.backends.{'torch_twin' if name == 'torch' else name}" for name in BACKEND_NAMES
 }
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("rbkd_backend", default=None)

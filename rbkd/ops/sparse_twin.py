@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from rbkd.ops.args import DIVERGENCES, KDOptions
-from rbkd.ops.backends import reference as ref
+from rbkd.ops.backends import torch_twin as ref
 
 TAIL_MODES = {"bucket": 0, "renormalize": 1, "sampled": 2}
 # A teacher tail below 2^-24 (float32's spacing just below 1) is below what float32 logits and a

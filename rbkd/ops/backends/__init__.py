@@ -24,6 +24,6 @@ only where rbkd.ops.validation.host_value_checks says so, hence the rule below):
 - `grad_scale`: a Python float or a float32 0-dim tensor on the device; the saved gradient is
   dL_i/dz_i times it (1/count for reduction="mean"), so backward can usually return it as is.
 - `temps`: float32 [K] on the inputs' device (the CPU backend reads it on the host).
-The math is written out in csrc/README.md and in reference.py, the oracle every backend is tested
+The math is written out in csrc/README.md and in torch_twin.py, the oracle every backend is tested
 against.
 """

@@ -1,5 +1,8 @@
 """The pure-PyTorch twin of every fused op: the fallback of last resort and the test oracle.
 
+Its backend name is "torch" (NAME, what `RBKD_BACKEND` and the dispatcher call it: PyTorch's own
+ops compute it); the module is torch_twin.py, not torch.py, which would read as the package.
+
 Everything is computed in float32 (float64 when given float64, for gradcheck) and written out with
 the same formulas as csrc/README.md, including the explicit gradient the fused kernels save in
 their forward pass.
