@@ -12,17 +12,20 @@
 #   4. the Triton block-size sweep (bench/gpu_tune.py);
 #   5. the op benchmarks (bench/test_bench_ops.py -m gpu: rbkd Triton, torch eager, torch.compile,
 #      Liger-Kernel where it imports) and bench/report.py;
-#   6. one epoch of the small and large Fashion-MNIST teachers and of the general student through
+#   6. the sparse soft-label cases (bench/gpu_sparse.py, issue 16): sparse_kd_loss fwd+bwd at
+#      8192 x 128256 bf16, k = 32 and 128, against rbkd's dense kd_loss and Liger-Kernel's dense KL
+#      where it imports, and capture_soft_labels at J = 8;
+#   7. one epoch of the small and large Fashion-MNIST teachers and of the general student through
 #      the CLI (bench/gpu_train.py; needs Fashion-MNIST under $RBKD_DATA or Debian's folder).
 #
 # Environment: PYTHON (default python3), RBKD_GPU_NAME (default: from the GPU's name),
-# RBKD_GPU_RESULTS (default bench/results), RBKD_GPU_STEPS (default "tests,tune,bench,train"),
+# RBKD_GPU_RESULTS (default bench/results), RBKD_GPU_STEPS (default "tests,tune,bench,sparse,train"),
 # RBKD_GPU_WHEELS (a folder of wheels to put on the path first, e.g. liger-kernel for a machine
 # without an index), RBKD_BENCH_ROUND_S (seconds of timed rounds per benchmark case, default 0.4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=${RBKD_GPU_STEPS:-tests,tune,bench,train}
+STEPS=${RBKD_GPU_STEPS:-tests,tune,bench,sparse,train}
 RESULTS=${RBKD_GPU_RESULTS:-bench/results}
 SECONDS=0
 
@@ -114,7 +117,13 @@ if has_step bench; then
   tail -n 5 "$WORK/bench.log"
 fi
 
-# ---- 6. one epoch of each model through the CLI -----------------------------------------------
+# ---- 6. sparse soft labels (issue 16) ------------------------------------------------------------
+if has_step sparse; then
+  say "sparse soft labels: sparse_kd_loss and capture"
+  "$PY" -P bench/gpu_sparse.py --json "$RESULTS/$BASE-sparse.json" --md "$WORK/sparse.md" || STATUS=1
+fi
+
+# ---- 7. one epoch of each model through the CLI -----------------------------------------------
 if has_step train; then
   say "one epoch of the small and large teachers and the general student"
   "$PY" -P bench/gpu_train.py --work "$WORK/runs" --json "$RESULTS/$BASE-train.json" \
@@ -125,7 +134,7 @@ fi
 NOTES=(--note "bash bench/gpu.sh (steps: $STEPS), $SECONDS s in all; exit status $STATUS")
 while IFS= read -r line; do NOTES+=(--note "${line#- }"); done <"$WORK/versions.txt"
 EXTRA=()
-for part in tests tune train; do
+for part in tests tune sparse train; do
   [ -f "$WORK/$part.md" ] && EXTRA+=(--append "$WORK/$part.md")
 done
 if [ -f "$WORK/bench.json" ]; then
@@ -134,7 +143,7 @@ if [ -f "$WORK/bench.json" ]; then
 else
   { echo "# rbkd GPU check: $BASE"; echo
     for n in "${NOTES[@]}"; do [ "$n" != --note ] && echo "- $n"; done; echo
-    for part in tests tune train; do [ -f "$WORK/$part.md" ] && cat "$WORK/$part.md" && echo; done
+    for part in tests tune sparse train; do [ -f "$WORK/$part.md" ] && cat "$WORK/$part.md" && echo; done
   } >"$RESULTS/$BASE.md"
 fi
 say "done: $RESULTS/$BASE.md (exit $STATUS)"

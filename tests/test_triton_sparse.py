@@ -233,3 +233,44 @@ def test_sparse_kernels_compile_for_sm90():
                 sig[p.name] = scalars.get(p.name, "fp32")
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or IN_INTERPRETER, reason="needs a CUDA device (no interpreter)"
+)
+@pytest.mark.parametrize("k", [32, 128])
+def test_sparse_on_gpu_at_a_real_vocabulary(k):
+    """64 x 128256 bf16 with labels and per-row T: the kernel's loss and gradient against the
+    float64 oracle (on the CPU), the shape the benchmark runs at."""
+    n, v = 64, 128256
+    g = torch.Generator().manual_seed(k)
+    t = torch.randn(n, v, generator=g) * 3
+    T = torch.rand(n, generator=g) * 3 + 0.5
+    vals, ids = t.topk(k, -1)
+    logz = torch.logsumexp(t.double() / T[:, None], -1).float()
+    z = (torch.randn(n, v, generator=g) * 2).bfloat16()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[3] = -100
+    zc = z.cuda().requires_grad_(True)
+    with use_backend("triton"):
+        loss = sparse_kd_loss(zc, ids.cuda(), vals.cuda(), y.cuda(), logz=logz.cuda(), T=T.cuda(),
+                              reduction="none")  # fmt: skip
+    loss.sum().backward()
+    want, want_grad = oracle.sparse_kd_loss(z, ids, vals, y, logz=logz, T=T, reduction="none")
+    assert_close(loss.detach(), want, (1e-4, 1e-4), f"k={k} loss")
+    assert_close(zc.grad, want_grad, GRAD_TOL[torch.bfloat16], f"k={k} grad")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_sparse_bench_needs_arguments_and_a_gpu(tmp_path):
+    script = str(ROOT / "bench" / "gpu_sparse.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "required" in proc.stderr
+    out = [str(tmp_path / "s.json"), str(tmp_path / "s.md")]
+    proc = subprocess.run(
+        [sys.executable, script, "--json", out[0], "--md", out[1]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 3 and "no CUDA device" in proc.stderr
+    assert not any(Path(p).exists() for p in out)
