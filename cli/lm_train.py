@@ -161,7 +161,7 @@ def train_teacher(
 
     Example:
 
-        rbkd lm train-teacher --model tiny --steps 20 --context 64 --limit 20000 --out runs/lm-t
+        rbkd lm train-teacher --model tiny --steps 20 --context 64 --out runs/lm-teacher
     """
     from rbkd.cli.threads import start_compute
 
@@ -259,7 +259,7 @@ def distill(
 
     Example:
 
-        rbkd lm distill --store stores/t-k32 --T 2 --k 8 --tail bucket --alpha 0.5 --steps 20
+        rbkd lm distill --store stores/teacher-k32 --T 2 --k 8 --alpha 0.5 --model tiny --steps 20 --context 64
     """
     from rbkd.cli.threads import start_compute
 
