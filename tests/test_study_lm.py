@@ -99,6 +99,17 @@ def test_every_cell_runs_once_and_a_rerun_trains_nothing(ran):
     # k); students: hard + per teacher (online + 3 store modes at k = 4) at one T, one seed
     assert len(ran["first"].cells) == 2 + 4 + (1 + 2 * (1 + 3))
     assert len(ran["first"].trained) == len(ran["first"].cells)
+    # teacher by teacher: its training, its stores, its students; the hard-label one last
+    kinds = [(c.kind, c.teacher) for c in ran["first"].cells]
+    assert kinds[:4] == [
+        ("teacher", "long"),
+        ("store", "long"),
+        ("store", "long"),
+        ("student", "long"),
+    ]
+    assert kinds[-1] == ("student", None) and ran["first"].trained == [
+        c.key for c in ran["first"].cells
+    ]
     assert ran["second"].trained == []
     assert all(s.status == "done" for s in ran["second"].states.values())
     for name, data in ran["tables"].items():

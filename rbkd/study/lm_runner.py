@@ -51,10 +51,11 @@ class LMStudyRun:
     elsewhere: list[str] = field(default_factory=list)  # always empty: one runner per LM study
     wall_time_s: float = 0.0
     report: Path | None = None
+    order: list[LMCell] = field(default_factory=list)  # the cells in running order (lm_plan)
 
     @property
     def cells(self) -> list[LMCell]:
-        return self.plan.teachers + self.plan.students
+        return self.order or self.plan.teachers + self.plan.students
 
     @property
     def todo(self) -> int:
@@ -89,7 +90,8 @@ def prepare_lm(study: dict, out: Path, device: str, progress: bool = False):
     plan = LMPlan(
         [c for c in cells if c.kind != "student"], [c for c in cells if c.kind == "student"]
     )
-    return LMStudyRun(Path(out), plan, {c.key: cell_state(c) for c in cells}), data
+    states = {c.key: cell_state(c) for c in cells}
+    return LMStudyRun(Path(out), plan, states, order=cells), data
 
 
 def run_lm_study(study: dict, out: Path, *, device: str = "auto", dry_run: bool = False,
