@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import oracle_sparse as oracle
@@ -114,10 +116,27 @@ def test_sparse_kl_against_oracle(tail, dtype):
      ("skew_reverse_kl", 0.5, 0.2), ("tvd", 0.5, 0.1)],
 )  # fmt: skip
 def test_sparse_divergences_bucket(divergence, beta, skew):
+    """Without labels, and with labels where alpha = 0 drops a divergence made infinite by a kept
+    id whose teacher logit is -inf (q = 0: reverse_kl's p log(p / q))."""
     ids, vals, logz, _ = teacher(seed=2, T=1.5)
     z = student(torch.float32, seed=3)
     kw = dict(logz=logz, T=1.5, divergence=divergence, beta=beta, skew=skew, t_squared=False)
     check(z, ids, vals, None, divergence, **kw)
+    vals[2, -1] = -math.inf
+    labels = torch.tensor([0, 5, 9, -100, 36, 2])
+    alpha = torch.tensor([0.5, 1.0, 0.0, 0.5, 0.2, 0.9])
+    zz = z.clone().requires_grad_(True)
+    with use_backend("triton"):
+        loss = sparse_kd_loss(zz, ids, vals, labels, alpha=alpha, reduction="none", **kw)
+    loss.sum().backward()
+    want, want_grad = oracle.sparse_kd_loss(z, ids, vals, labels, alpha=alpha, reduction="none",
+                                            **kw)  # fmt: skip
+    assert_close(loss.detach(), want, LOSS_TOL, f"{divergence} with labels: loss")
+    # Row 2 (alpha = 0) is the CE gradient alone; the oracle's autograd takes 0 * inf there.
+    rest = [0, 1, 3, 4, 5]
+    assert_close(zz.grad[rest], want_grad[rest], GRAD_TOL[z.dtype], f"{divergence}: grad")
+    ce = torch.softmax(z[2].double(), -1) - torch.nn.functional.one_hot(labels[2], V)
+    assert_close(zz.grad[2], ce, GRAD_TOL[z.dtype], f"{divergence}: alpha = 0 row's grad")
 
 
 @interp
@@ -197,16 +216,19 @@ def test_capture_against_oracle(dtype):
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
 def test_sparse_kernels_compile_for_sm90():
     """The interpreter accepts Python the compiler rejects: compile the variants the benchmark
-    runs (and the no-tail, no-label, no-gradient ones) for an H100; no GPU needed."""
+    runs (and the no-tail, no-label, no-gradient ones) for an H100, no GPU needed, and check (where
+    cuobjdump is there) that no registers spill."""
     pytest.importorskip("triton.backends.nvidia", reason="triton built without the CUDA backend")
     import triton
     from rbkd.kernels import capture, sparse_kd
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    cuobjdump = str(cuobjdump) if cuobjdump.exists() else shutil.which("cuobjdump")
     scalars = {"V": "i32", "k": "i32", "J": "i32", "ignore_index": "i64"}
-    ptrs = {"s_ptr": "*bf16", "grad_ptr": "*bf16", "sid_ptr": "*i64", "pre_bad_ptr": "*i8",
-            "labels_ptr": "*i64", "x_ptr": "*bf16"}  # fmt: skip
+    ptrs = {"s_ptr": "*bf16", "grad_ptr": "*bf16", "sid_ptr": "*i64", "bnd_ptr": "*i32",
+            "pre_bad_ptr": "*i8", "labels_ptr": "*i64", "x_ptr": "*bf16"}  # fmt: skip
     flags = dict(T_ROWS=False, ALPHA_ROWS=False, T_SQUARED=True, GS_PTR=True, BLOCK=1024, KPAD=128)
     variants = [
         (
@@ -232,7 +254,16 @@ def test_sparse_kernels_compile_for_sm90():
             else:
                 sig[p.name] = scalars.get(p.name, "fp32")
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        if cuobjdump is None:
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True
+            ).stdout
+        assert "LOCAL:0" in usage, f"{fn.__name__} {constexprs}: registers spill:\n{usage}"
 
 
 @pytest.mark.gpu
