@@ -22,6 +22,8 @@ One program per row, two passes over the student row in column blocks:
       gathered; the k + 1 buckets, D and H are then a few vectors of k.
   pass 2: g_j = c e_j (+ the CE term), e_j = exp(u_j - lse_tail) = r_j, one exp (two with labels),
       written for every id; after a barrier the k kept ids are overwritten with their own value.
+At T = 1 (a scalar T, the usual LM setting) softmax(z) is p itself: the CE term needs no sums or
+exps of its own, so both passes take one exp per element (T_ONE).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def _sparse_kd_fwd_kernel(
     DIVERGENCE: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_LABELS: tl.constexpr,
     T_ROWS: tl.constexpr, ALPHA_ROWS: tl.constexpr, T_SQUARED: tl.constexpr,
     GS_PTR: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr, KPAD: tl.constexpr,
+    T_ONE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # int64: N * V passes 2^31 at LLM shapes
     s_row = s_ptr + row * s_row_stride
@@ -122,7 +125,7 @@ def _sparse_kd_fwd_kernel(
     for start in range(0, C_read, BLOCK):
         offs = start + cols
         z = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        if HAS_LABELS:
+        if HAS_LABELS and not T_ONE:
             m_c, d_c = online_lse_update(m_c, d_c, z, 1.0)
         if HAS_TAIL:
             # This block's kept ids: sid[lo:hi] (host searchsorted; no reduction per block).
@@ -171,8 +174,12 @@ def _sparse_kd_fwd_kernel(
     kd_w = alpha * s
     loss = tl.where(kd_w != 0.0, kd_w * D, 0.0)
     if HAS_LABELS:
-        M_c, D_c = lane_lse_combine(m_c, d_c, 1.0)
-        log_dc = tl.log(D_c)
+        if T_ONE:  # softmax(z) is p: the CE's normalizer is the row's, M + lse
+            M_c = M
+            log_dc = lse
+        else:
+            M_c, D_c = lane_lse_combine(m_c, d_c, 1.0)
+            log_dc = tl.log(D_c)
         z_y = tl.load(s_row + y, mask=live, other=0.0).to(tl.float32)
         loss += tl.where(alpha != 1.0, (1.0 - alpha) * (M_c + log_dc - z_y), 0.0)
     loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
@@ -194,9 +201,12 @@ def _sparse_kd_fwd_kernel(
             offs = start + cols
             mask = offs < V
             z = tl.load(s_row + offs, mask=offs < C_read, other=float("-inf")).to(tl.float32)
-            g = tl.where(z > float("-inf"), coef * tl.exp((z - M) * inv_t - shift), 0.0)
+            e = tl.exp((z - M) * inv_t - shift)
+            g = tl.where(z > float("-inf"), coef * e, 0.0)
             if HAS_LABELS:
-                g += ce_g * (tl.exp(z - M_c - log_dc) - tl.where(offs == y, 1.0, 0.0))
+                # At T = 1 softmax(z)_j = p_j = e_j p_shift: no second exp.
+                p_1 = e * p_shift if T_ONE else tl.exp(z - M_c - log_dc)
+                g += ce_g * (p_1 - tl.where(offs == y, 1.0, 0.0))
             g = tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
             tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the kept ids' stores below land after pass 2's
@@ -282,6 +292,7 @@ def sparse_kd_forward(
             DIVERGENCE=divergence, HAS_TAIL=k < V, HAS_LABELS=has_labels, T_ROWS=T_rows,
             ALPHA_ROWS=alpha_rows, T_SQUARED=bool(opts.t_squared), GS_PTR=gs_is_ptr,
             NEED_GRAD=bool(need_grad), BLOCK=block, KPAD=triton.next_power_of_2(k),
+            T_ONE=not T_rows and T_scalar == 1.0,
             num_warps=pick_num_warps(block, KD_COLS),
         )  # fmt: skip
     return loss, grad

@@ -105,6 +105,9 @@ def test_sparse_kl_against_oracle(tail, dtype):
     labels = torch.tensor([3, -100, 7, int(ids[3, 0]), 36, 0])
     alpha = torch.tensor([0.9, 0.5, 0.7, 1.0, 0.0, 0.3])
     check(z, ids.int(), vals, labels, f"{tail} {dtype}", logz=logz, T=T, alpha=alpha, tail=tail)
+    # A scalar T = 1: the kernel's CE term shares the student's normalizer (T_ONE).
+    ids, vals, logz, _ = teacher(T=1.0)
+    check(z, ids, vals, labels, f"{tail} {dtype} T=1", logz=logz, T=1.0, alpha=alpha, tail=tail)
 
 
 @interp
@@ -233,13 +236,14 @@ def test_sparse_kernels_compile_for_sm90():
     variants = [
         (
             sparse_kd._sparse_kd_fwd_kernel,
-            dict(flags, DIVERGENCE=d, HAS_TAIL=tl_, HAS_LABELS=lab, NEED_GRAD=ng),
+            dict(flags, DIVERGENCE=d, HAS_TAIL=tl_, HAS_LABELS=lab, NEED_GRAD=ng, T_ONE=one),
         )  # fmt: skip
-        for d, tl_, lab, ng in (
-            (0, True, True, True),
-            (0, False, False, True),
-            (2, True, True, False),
-            (5, True, False, True),
+        for d, tl_, lab, ng, one in (
+            (0, True, True, True, True),  # the benchmark's: T = 1
+            (0, True, True, True, False),
+            (0, False, False, True, False),
+            (2, True, True, False, False),
+            (5, True, False, True, True),
         )  # fmt: skip
     ] + [(capture._capture_kernel, dict(JPAD=8, BLOCK=512))]
     for fn, constexprs in variants:
