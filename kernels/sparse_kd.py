@@ -113,10 +113,10 @@ def _sparse_kd_fwd_kernel(
     kc = tl.arange(0, KPAD)
     kin = kc < k
     kmask = kc < tl.where(live, k, 0)  # (one compare: the interpreter rejects an & of masks)
-    # Sorted kept ids; padding lanes hold V (the block count below leaves them out).
+    # Sorted kept ids; padding lanes (kc >= k) are never gathered or stored (kmask).
     sid = tl.load(sid_row + kc, mask=kin, other=V).to(tl.int64)
 
-    # Pass 1: tail at T (kept ids masked out), whole row at 1 for CE.
+    # Pass 1: tail at T (kept ids masked out); the whole row at 1 for CE (at T != 1 only).
     m_t = tl.full([BLOCK], NEG_FLT_MAX, tl.float32)
     d_t = tl.zeros([BLOCK], tl.float32)
     m_c = tl.full([BLOCK], NEG_FLT_MAX, tl.float32)
