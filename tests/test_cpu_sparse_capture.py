@@ -130,6 +130,21 @@ def test_per_row_temperatures_mix_the_ce_paths(dtype):
     check_sparse("cpu", z, ids, topk, y, alpha=torch.linspace(0, 1, 6), **kw)
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "skew_reverse_kl", "kl"])
+def test_a_zero_alpha_row_drops_an_infinite_divergence(divergence):
+    """A row with alpha = 0 is CE alone even where its divergence is infinite (reverse_kl against
+    a kept teacher logit of -inf): its gradient is the CE's, not 0 * inf = NaN."""
+    z, ids, topk, y, kw = sparse_table.sparse_case((4, 700), 6, torch.float32, {"T": 1.5}, seed=4)
+    topk = topk.clone()
+    topk[1, -1] = -math.inf
+    alpha = torch.tensor([0.5, 0.0, 0.9, 0.0])
+    kw = {**kw, "divergence": divergence, "skew": 0.0, "t_squared": False}
+    _, grad = sparse_table.run_op("cpu", z, ids, topk, y, alpha=alpha, **kw)
+    _, twin = sparse_table.run_op("torch", z, ids, topk, y, alpha=alpha, **kw)
+    assert bool(grad[1].isfinite().all()) and bool(grad[3].isfinite().all())
+    assert_close(grad[[1, 3]], twin[[1, 3]], "alpha = 0 rows")
+
+
 def test_a_float64_student_runs_the_twin():
     """The public op takes float32 / float16 / bfloat16; the backend itself hands float64 (and
     any other tail mode) to the twin rather than failing."""

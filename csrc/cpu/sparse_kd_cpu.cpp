@@ -396,8 +396,10 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   const float c_kl = kd_on ? cf.c_kl : 0.0f;
   const float h_tail = has_tail ? s.h[k] : 0.0f;
   const float spread = has_tail && !exact && S_tail > 0.0f ? h_tail / S_tail : 0.0f;
-  const float A = c_kl * (spread - H / S);
-  const float C = exact && S_t > 0.0f ? c_kl * h_tail / S_t : 0.0f;
+  // Off (alpha = 0), the term is dropped, not multiplied by 0: H and h may be inf (reverse_kl
+  // against a teacher -inf), and 0 * inf is NaN.
+  const float A = kd_on ? c_kl * (spread - H / S) : 0.0f;
+  const float C = kd_on && exact && S_t > 0.0f ? c_kl * h_tail / S_t : 0.0f;
   const float B = has_ce ? cf.c_ce / Sce : 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
@@ -420,7 +422,7 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   for (int64_t c = 0; c < k; ++c) {
     const int64_t id = kept_id(a, i, c);
     const float zc = load_any(z_row, a.s_dtype, id);
-    float g = c_kl * (s.h[c] - s.p[c] * H);
+    float g = kd_on ? c_kl * (s.h[c] - s.p[c] * H) : 0.0f;
     if (has_ce) g += cf.c_ce * (expf(zc - m) / Sce - (id == rp.label ? 1.0f : 0.0f));
     label_kept |= id == rp.label;
     kd::store_one(g_row, a.s_dtype, id, g);
@@ -429,7 +431,8 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     const float p_y = expf((z_y - m) * inv_T) * inv_S;
     const float r_y = exact ? (S_t > 0.0f ? expf((z_y - m_t) * inv_T) / S_t : 0.0f)
                             : (S_tail > 0.0f ? expf((z_y - m) * inv_T) / S_tail : 0.0f);
-    const float g = c_kl * (r_y * h_tail - p_y * H) + cf.c_ce * (expf(z_y - m) / Sce - 1.0f);
+    const float g_kd = kd_on ? c_kl * (r_y * h_tail - p_y * H) : 0.0f;
+    const float g = g_kd + cf.c_ce * (expf(z_y - m) / Sce - 1.0f);
     kd::store_one(g_row, a.s_dtype, rp.label, g);
   }
 }
