@@ -7,6 +7,7 @@
 
 #include "rbkd_args.h"
 #include "rbkd_numerics.h"
+#include "rbkd_rows.h"  // max_f
 
 namespace rbkd {
 
@@ -21,9 +22,13 @@ struct DivConst {
 
 // jsd's ends are kl (beta = 0) and reverse_kl (beta = 1): the mixture formula vanishes there
 // (TRL and Liger special-case them too), so they are computed as those divergences.
+// So are the skewed KLs at skew 0 (m = p: KL(q || p); m = q: KL(p || q)), which leaves every
+// mixture with two positive weights (log_mix, mix_share rely on it).
 RBKD_INLINE int effective_divergence(const KdOptions& o) {
   if (o.divergence == kJSD && o.beta == 0.0f) return kKL;
   if (o.divergence == kJSD && o.beta == 1.0f) return kReverseKL;
+  if (o.divergence == kSkewKL && o.skew == 0.0f) return kKL;
+  if (o.divergence == kSkewReverseKL && o.skew == 0.0f) return kReverseKL;
   return o.divergence;
 }
 
@@ -70,20 +75,6 @@ RBKD_INLINE float log_add_exp(float a, float b) {
   return hi == -INFINITY ? -INFINITY : r;
 }
 
-// fast_log for a finite x > 0 (subnormals included), without its 0 / inf / NaN selects: GCC 12
-// merges those with a neighbouring fast_exp's range facts into masks it cannot vectorise.
-RBKD_INLINE float log_positive(float x) {
-  const bool subnormal = x < 1.17549435e-38f;
-  const float xs = subnormal ? x * 8388608.0f : x;
-  const uint32_t u = float_bits(xs);
-  const int32_t e0 = static_cast<int32_t>((u >> 23) & 0xffu) - 126;
-  const float m = bits_float((u & 0x007fffffu) | 0x3f000000u);
-  const bool below = m < 0.707106781186547524f;
-  const float f = below ? (m + m) - 1.0f : m - 1.0f;
-  const float fe = static_cast<float>(below ? e0 - 1 : e0) - (subnormal ? 23.0f : 0.0f);
-  return log_poly(f, fe);
-}
-
 // log x for a normal float x > 0 (not 0, subnormals, inf or NaN: log_mix keeps those out). Arm's
 // optimized-routines logf (v_logf.c, max error 3.3 ulp): x = 2^n (1 + r) with 1 + r in
 // [2/3, 4/3) by integer arithmetic on the bits, then log(1 + r) = r + r^2 P(r), degree 6. No
@@ -104,26 +95,24 @@ RBKD_INLINE float log_normal(float x) {
   return (r + 0.693147181f * n) + y * r2;
 }
 
-// log m of the mixture m = w_p p + w_q q, from the probabilities: one log where the log-domain
-// log_add_exp costs an exp and a log. Where m is below the smallest normal float (both w p and
-// w q below ~1e-38) the bound max(log w_p p, log w_q q) stands in: exact where one weight is 0
-// (skew 0: m = p alone, while q may be 1), within log 2 otherwise, and every term that multiplies
-// it is then below 1e-38 / w. No term ever sees log 0 = -inf against a p or q > 0.
+// log m of the mixture m = w_p p + w_q q (both weights > 0: effective_divergence), from the
+// probabilities: one log where the log-domain log_add_exp costs an exp and a log. Never below
+// max(log w_p p, log w_q q), which stands in where m is below the smallest normal float (every
+// term that multiplies it is then below 1e-38 / w); so no term sees log 0 = -inf against a p or
+// q > 0. Maxima, not selects: vmaxps, where `m >= FLT_MIN ? ... : ...` compiled to compares and
+// three blends.
 RBKD_INLINE float log_mix(float p, float lp, float q, float lq, float w_p, float lw_p, float w_q,
                           float lw_q) {
   const float m = w_p * p + w_q * q;
   const float a = lp + lw_p, b = lq + lw_q;
-  return m >= 1.17549435e-38f ? log_normal(m) : (a > b ? a : b);
+  return max_f(log_normal(max_f(m, 1.17549435e-38f)), max_f(a, b));
 }
 
-// The student's share of the mixture, w_p p / m = w_p exp(lp - lm), in [0, 1]. Where m underflows
-// to 0 the share is 1 when the student's term is the larger (m = p exactly for skew_kl at
-// lambda = 0, whose teacher has weight 0: there q may be 1 while p underflows), else 0 (then
-// q < 1e-38 / w_q and whatever multiplies the share is as small).
-RBKD_INLINE float mix_share(float p, float lp, float q, float lq, const DivConst& k) {
+// The student's share of the mixture, w_p p / m, in [0, 1] (0 where m underflows to 0: then
+// w_p p is 0 too, and q < 1e-38 / w_q).
+RBKD_INLINE float mix_share(float p, float q, const DivConst& k) {
   const float m = k.w_p * p + k.w_q * q;
-  const float a = lp + k.lw_p, b = lq + k.lw_q;
-  return m > 0.0f ? k.w_p * p / m : (a >= b ? 1.0f : 0.0f);
+  return k.w_p * p / max_f(m, 1.4e-45f);
 }
 
 // p (lp - lx) with 0 log 0 = 0 (also where lx is -inf: a select, never 0 * inf).
@@ -148,11 +137,11 @@ RBKD_INLINE void div_elem(float p, float lp, float q, float lq, const DivConst& 
   } else if constexpr (DIV == kSkewKL) {
     const float lm = log_mix(p, lp, q, lq, k.w_p, k.lw_p, k.w_q, k.lw_q);
     d = xlogy_term(q, lq, lm);
-    h = q > 0.0f ? -q * mix_share(p, lp, q, lq, k) : 0.0f;
+    h = q > 0.0f ? -q * mix_share(p, q, k) : 0.0f;
   } else if constexpr (DIV == kSkewReverseKL) {
     const float l = lp - log_mix(p, lp, q, lq, k.w_p, k.lw_p, k.w_q, k.lw_q);
     d = p > 0.0f ? p * l : 0.0f;
-    h = p > 0.0f ? p * (l + 1.0f - mix_share(p, lp, q, lq, k)) : 0.0f;
+    h = p > 0.0f ? p * (l + 1.0f - mix_share(p, q, k)) : 0.0f;
   } else {  // kTVD; sign(0) = 0
     d = 0.5f * fabsf(q - p);
     h = p > q ? 0.5f * p : (p < q ? -0.5f * p : 0.0f);

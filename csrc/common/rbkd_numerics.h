@@ -155,7 +155,7 @@ RBKD_INLINE float fast_exp_lite(float x) {
 }
 
 // log(2^fe (1 + f)) for f in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes' logf polynomial, the one
-// copy every log here shares (fast_log, log1p_unit, log_positive).
+// copy the Cephes-based logs share (fast_log, log1p_unit).
 RBKD_INLINE float log_poly(float f, float fe) {
   const float z = f * f;
   float y = 7.0376836292e-2f;
