@@ -90,7 +90,7 @@ def soft_labels(
 
     Example:
 
-        rbkd lm soft-labels --teacher runs/lm-teacher --out stores/teacher-k32 --k 32 --T 1,2,4
+        rbkd lm soft-labels --teacher runs/lm-teacher --out stores/teacher-k32 --k 32 --T 1,2,4 --limit 20000
     """
     import torch
     from rbkd.cli.threads import start_compute

@@ -259,7 +259,7 @@ def distill(
 
     Example:
 
-        rbkd lm distill --store stores/teacher-k32 --T 2 --k 8 --alpha 0.5 --model tiny --steps 20 --context 64
+        rbkd lm distill --store stores/teacher-k32 --T 2 --k 8 --alpha 0.5 --model tiny --steps 20 --context 64 --limit 20000
     """
     from rbkd.cli.threads import start_compute
 

@@ -407,6 +407,10 @@ ORDER = [
     "study run",
     "study report",
     "models",
+    "lm tokenize",
+    "lm train-teacher",
+    "lm soft-labels",
+    "lm distill",
 ]
 
 
