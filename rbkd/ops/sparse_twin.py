@@ -7,7 +7,7 @@ p_j, any divergence D(Q, P) of the bucket distributions has, for the tempered lo
 
     dD/du_j = (p_j / P_B(j)) h_B(j) - p_j H,   h_B = P_B dD/dP_B,   H = sum_B h_B,
 
-the h of csrc/README.md taken at bucket level (backends.reference.divergence_h). A kept id is its own
+the h of csrc/README.md taken at bucket level (backends.torch_twin.divergence_h). A kept id is its own
 bucket (p_j / P_B = 1); a tail id gets r_j h_tail - p_j H with r_j = exp(u_j - lse_tail), the
 student's distribution inside the tail, which stays exact where P_tail underflows.
 
