@@ -310,10 +310,11 @@ def _fit(
                     if test_data is not None
                     else "no test data"
                 )
+                train_acc = row["train_accuracy"]  # NaN: an unlabelled transfer set
+                acc = "" if math.isnan(train_acc) else f" acc {train_acc:.2%}"
                 bar.log(
                     f"epoch {epoch + 1}/{cfg.epochs}: train {objective_name} "
-                    f"{row['train_objective_loss']:.4f} "
-                    f"acc {row['train_accuracy']:.2%} | {tested} | "
+                    f"{row['train_objective_loss']:.4f}{acc} | {tested} | "
                     f"{row['samples_per_s']:,.0f} samples/s"
                 )
                 if not _weights_finite(model):  # an overflowing update: never checkpoint it
