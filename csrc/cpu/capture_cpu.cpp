@@ -23,20 +23,6 @@ constexpr int64_t kRun = 64;      // elements per top-k pre-check inside a block
 // Below this a tempered, shifted logit's exp is 0 (fast_exp_lite flushes below -110).
 constexpr float kMinExponent = -120.0f;
 
-RBKD_INLINE const float* block_as_float(const void* row, int dtype, int64_t j0, int64_t n,
-                                        float* buf) {
-  if (dtype == kFloat32) return static_cast<const float*>(row) + j0;
-  const uint16_t* p = static_cast<const uint16_t*>(row) + j0;
-  if (dtype == kFloat16) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) buf[j] = half_to_float(p[j]);
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) buf[j] = bf16_to_float(p[j]);
-  }
-  return buf;
-}
-
 // S = sum exp(d / T), B = sum (d / T) exp(d / T) over a block of shifted logits d = x - m_b,
 // clamped below (block_shift). One simd reduction of each: the exp's own latency hides the adds'.
 // Measured in a standalone loop beside a bare exp loop (fast_exp_lite, accumulated): this form

@@ -127,6 +127,21 @@ RBKD_INLINE const float* row_as_float(const void* row, int dtype, float* buf, in
   return buf;
 }
 
+// Columns [j0, j0 + n) of a row as float32: the row itself for float32, else converted into buf.
+RBKD_INLINE const float* block_as_float(const void* row, int dtype, int64_t j0, int64_t n,
+                                        float* buf) {
+  if (dtype == kFloat32) return static_cast<const float*>(row) + j0;
+  const uint16_t* p = static_cast<const uint16_t*>(row) + j0;
+  if (dtype == kFloat16) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) buf[j] = half_to_float(p[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) buf[j] = bf16_to_float(p[j]);
+  }
+  return buf;
+}
+
 // Writes src[0, n) * scale to row (dtype D).
 template <int D>
 RBKD_INLINE void store_scaled(void* row, const float* src, float scale, int64_t n) {

@@ -105,21 +105,6 @@ RBKD_INLINE float load_any(const void* row, int dtype, int64_t j) {
   return dtype == kFloat16 ? half_to_float(v) : bf16_to_float(v);
 }
 
-// Columns [j0, j0 + n) of a row as float32: the row itself for float32, else converted into buf.
-RBKD_INLINE const float* block_as_float(const void* row, int dtype, int64_t j0, int64_t n,
-                                        float* buf) {
-  if (dtype == kFloat32) return static_cast<const float*>(row) + j0;
-  const uint16_t* p = static_cast<const uint16_t*>(row) + j0;
-  if (dtype == kFloat16) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) buf[j] = half_to_float(p[j]);
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) buf[j] = bf16_to_float(p[j]);
-  }
-  return buf;
-}
-
 // log(1 - exp(x)) for x <= 0 (Maechler 2012), -inf at 0.
 double log1mexp(double x) { return x > -0.6931471805599453 ? log(-expm1(x)) : log1p(-exp(x)); }
 
