@@ -219,8 +219,10 @@ ROOT = Path(__file__).resolve().parents[1]
         f"load_study({str(ROOT / 'studies' / 'fashion-mnist-quick.toml')!r})\n"
         "DistillSpec(teacher=Path('runs/t1'), noise='normal:0.05').check()\n"
         "assert parse_noise('uniform:0.1') == ('uniform', 0.1)",
+        f"from rbkd.study.schema import load_study\n"
+        f"load_study({str(ROOT / 'studies' / 'pydocs-lm.toml')!r})",
     ],
-    ids=["config", "schema", "ops-args", "check-a-study"],
+    ids=["config", "schema", "ops-args", "check-a-study", "check-an-lm-study"],
 )
 def test_the_config_layer_imports_no_torch(code):
     """rbkd.config and the study files are read by the command line before any work: they

@@ -304,3 +304,11 @@ def test_a_second_runner_on_the_folder_is_one_line(ran, tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_schema_spells_the_stores_dtypes():
+    """lm_schema names the store's top-k dtypes without importing torch; they must agree."""
+    from rbkd.lm.store import TOPK_DTYPES
+    from rbkd.study.lm_schema import TOPK_DTYPE_NAMES
+
+    assert set(TOPK_DTYPE_NAMES) == set(TOPK_DTYPES)

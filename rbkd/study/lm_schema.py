@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rbkd.config import check_kd_temperature
-from rbkd.lm.store import TOPK_DTYPES
-from rbkd.lm.train.config import LMTrainConfig
-from rbkd.lm.train.models import MODEL_SIZES
+from rbkd.lm.train.config import MODEL_SIZES, LMTrainConfig
 from rbkd.study.schema import (
     DEFAULT_MAX_RUNS,
     Study,
@@ -29,6 +27,9 @@ from rbkd.study.schema import (
 KIND = "lm"
 MODES = ("hard", "online", "renormalize", "bucket", "sampled")  # the storage modes of students
 STORE_MODES = ("renormalize", "bucket", "sampled")
+# rbkd.lm.store.TOPK_DTYPES's names, spelled out: the study layer imports no torch
+# (tests/test_study_lm.py ties the two).
+TOPK_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 _LM = LMTrainConfig()
 # The training keys a [[teacher]] or [student] table may set (LMTrainConfig's fields that change
 # the numbers; device, micro-batch and checkpoints are the runner's).
@@ -138,7 +139,7 @@ def parse_lm_study(data: dict, path: Path) -> Study:
     study["capture"] = {
         "k": _positive(c, "k", 128), "T": _temperatures(c, "T", [0.5, 1.0, 2.0, 4.0]),
         "sample_T": _temperatures(c, "sample_T", [1.0])[0],
-        "topk_dtype": c.choice("topk_dtype", tuple(TOPK_DTYPES), "bfloat16"),
+        "topk_dtype": c.choice("topk_dtype", TOPK_DTYPE_NAMES, "bfloat16"),
         "batch_size": _positive(c, "batch_size", 16),
     }  # fmt: skip
 

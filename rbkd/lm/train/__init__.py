@@ -39,7 +39,7 @@ _LAZY = {
     "fit_lm": "rbkd.lm.train.loop",
     "train_teacher": "rbkd.lm.train.runs",
     "distill": "rbkd.lm.train.runs",
-    "MODEL_SIZES": "rbkd.lm.train.models",
+    "MODEL_SIZES": "rbkd.lm.train.config",
 }
 __all__ = list(_LAZY)
 

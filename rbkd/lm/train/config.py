@@ -6,6 +6,15 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# The named GPT-2 sizes (rbkd.lm.train.models builds them); here, torch-free, so that a study
+# file's sizes are checked without importing torch.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "teacher": {"n_layer": 6, "n_embd": 384, "n_head": 6},  # 13.9M at V = 8192
+    "student": {"n_layer": 2, "n_embd": 192, "n_head": 3},  # 2.5M at V = 8192
+    "tiny": {"n_layer": 1, "n_embd": 32, "n_head": 2},  # for tests and smoke runs
+}
+
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

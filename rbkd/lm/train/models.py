@@ -18,12 +18,8 @@ import torch
 
 from rbkd.engine.seeds import derive_seed
 from rbkd.io import read_json_file
+from rbkd.lm.train.config import MODEL_SIZES
 
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "teacher": {"n_layer": 6, "n_embd": 384, "n_head": 6},  # 13.9M at V = 8192
-    "student": {"n_layer": 2, "n_embd": 192, "n_head": 3},  # 2.5M at V = 8192
-    "tiny": {"n_layer": 1, "n_embd": 32, "n_head": 2},  # for tests and smoke runs
-}
 _INIT_STREAM = 7  # derive_seed stream of the initial weights (the loop's are 0 and 1)
 HF_FOLDER = "model"  # <run>/model/: the Hugging Face folder of the final weights
 
