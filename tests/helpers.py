@@ -43,3 +43,15 @@ def kd_case(shape, dtype=torch.float32, options=None, *, seed=0):
     if prep is not None:
         z, t, y = prep(z, t, y)
     return z, t, y, kw
+
+
+def shipped_studies(kind: str) -> list:
+    """The studies/*.toml of one kind: "image" (the thesis's grids) or "lm" (language models)."""
+    import tomllib
+    from pathlib import Path
+
+    from rbkd.study.lm_schema import is_lm_study
+
+    root = Path(__file__).resolve().parents[1] / "studies"
+    paths = sorted(root.glob("*.toml"))
+    return [p for p in paths if is_lm_study(tomllib.loads(p.read_text())) == (kind == "lm")]

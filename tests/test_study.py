@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import shipped_studies
 from rbkd.cli.app import app
 from typer.testing import CliRunner
 
@@ -251,7 +252,7 @@ def test_bad_study_files_are_refused_in_one_line(tmp_path, text, message):
     assert not (tmp_path / "o").exists()  # refused before anything ran
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", shipped_studies("image"), ids=lambda p: p.name)
 def test_shipped_studies_are_valid_and_plan_their_thesis_grids(path):
     from rbkd.study.plan import make_plan
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import shipped_studies
 from rbkd.cli.app import app
 from typer.testing import CliRunner
 
@@ -181,7 +182,7 @@ def test_max_runs_lets_a_large_grid_through_and_dry_run_prints_the_count_first(t
     assert_refused(refused, out, "study.max_runs", "301 runs")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", shipped_studies("image"), ids=lambda p: p.name)
 def test_the_count_matches_the_expansion(path):
     study = load_study(path)
     teachers, students = count_runs(study)

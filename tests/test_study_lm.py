@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import shipped_studies
 from lm_fixtures import write_tiny_corpus
 
 pytest.importorskip("transformers")
@@ -312,3 +313,19 @@ def test_the_schema_spells_the_stores_dtypes():
     from rbkd.study.lm_schema import TOPK_DTYPE_NAMES
 
     assert set(TOPK_DTYPE_NAMES) == set(TOPK_DTYPES)
+
+
+@pytest.mark.parametrize("path", shipped_studies("lm"), ids=lambda p: p.name)
+def test_shipped_lm_studies_hold_issue_17s_grid(path):
+    """Students from hard labels, the teacher online, and the three stores at k = 8, 32, 128 and
+    T = 1, 2, from two teachers, over at least two seeds; pydocs-lm.toml's 90 cells are what
+    docs/lm-distillation.md describes (2 teachers, 6 stores, 82 students)."""
+    from rbkd.study.lm_plan import count_cells
+
+    study = load_study(path)
+    grid = study["grid"]
+    assert {"hard", "online", "renormalize", "bucket", "sampled"} <= set(grid["modes"])
+    assert {8, 32, 128} <= set(grid["k"]) and {1.0, 2.0} <= set(grid["T"])
+    assert len(study["teachers"]) == len(grid["teachers"]) == 2 and len(study["seeds"]) >= 2
+    if path.name == "pydocs-lm.toml":
+        assert count_cells(study) == 2 + 6 + 2 * (1 + 2 * 2 * (1 + 3 * 3))
