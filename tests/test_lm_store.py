@@ -256,3 +256,17 @@ def test_equal_shards_are_equal_bytes_in_every_process(tmp_path):
         index = json.loads((tmp_path / name / st.INDEX_FILE).read_text())
         digests.append({i: e["sha256"] for i, e in index["shards"].items()})
     assert digests[0] == digests[1] == digests[2]
+
+
+def test_rows_are_slices_of_the_verified_shards(tmp_path):
+    spec = make_spec()
+    st.write_store(tmp_path / "s", spec, Capture(spec))
+    store = st.SparseStore(tmp_path / "s")
+    whole = store.tokens(0, 10)
+    part = store.rows(3, 9, ["logz", "topk_ids"], cols=slice(0, 2))  # across three shards
+    assert torch.equal(part["logz"], whole["logz"][3:9, :2])
+    assert torch.equal(part["topk_ids"], whole["topk_ids"][3:9, :2])
+    shard = tmp_path / "s" / st.shard_name(2)
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")  # same size, other bytes
+    with pytest.raises(st.StoreError, match="SHA-256"):
+        st.SparseStore(tmp_path / "s").rows(8, 10, ["logz"])

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rbkd.lm.store import SparseStore, StoreError, shard_name
+from rbkd.lm.store import SparseStore, StoreError
 
 __all__ = ["SparseKDTrainer", "StoreCollator", "StoreDataset", "batch_sparse_kd_loss"]  # noqa: F822
 
@@ -51,44 +51,6 @@ def _grid_index(grid: Sequence[float], T: float, what: str) -> int:
         f"{what} = {T:g} is not in the store's temperature grid ({shown}): logz is exact only "
         "there; pick one of them, or capture the store with this T in its grid"
     )
-
-
-class _ShardRows:
-    """Rows [start, end) of some of a store's tensors, read as safetensors slices (no copy of
-    the shard). Handles are opened per process (DataLoader workers fork) and not pickled."""
-
-    def __init__(self, store: SparseStore) -> None:
-        self.store = store
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __getstate__(self) -> dict:
-        return {"store": self.store, "_handles": {}, "_pid": None}
-
-    def _handle(self, i: int):
-        if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        if i not in self._handles:
-            # SparseStore.shard checks the file's size, SHA-256 and metadata the first time (a
-            # store verified before a fork is verified in its workers too: they copy the set)
-            if i not in getattr(self.store, "_verified", ()):
-                self.store.shard(i)
-            from safetensors import safe_open
-
-            path = self.store.folder / shard_name(i)
-            self._handles[i] = safe_open(str(path), framework="pt")
-        return self._handles[i]
-
-    def read(self, start: int, end: int, names: Sequence[str]) -> dict[str, Tensor]:
-        spec = self.store.spec
-        parts: dict[str, list[Tensor]] = {n: [] for n in names}
-        for i in range(start // spec.shard_tokens, -(-end // spec.shard_tokens)):
-            s0, s1 = spec.shard_range(i)
-            f = self._handle(i)
-            a, b = max(start, s0) - s0, min(end, s1) - s0
-            for n in names:
-                parts[n].append(f.get_slice(n)[a:b])
-        return {n: p[0] if len(p) == 1 else torch.cat(p) for n, p in parts.items()}
 
 
 class _Tokens:
@@ -181,7 +143,6 @@ class StoreDataset(torch.utils.data.Dataset):
                 f"store {self.store.folder} holds {n} token positions, fewer than one block of "
                 f"context {context}: use a shorter context or drop_last=False"
             )
-        self._rows = _ShardRows(self.store)
         self._tokens = None
         if tokens is not None:
             self._tokens = _Tokens(tokens)
@@ -199,7 +160,7 @@ class StoreDataset(torch.utils.data.Dataset):
         spec = self.store.spec
         for i in range(spec.num_shards):
             s0, s1 = spec.shard_range(i)
-            have = self._rows.read(s0, s1, ("input_ids",))["input_ids"].long()
+            have = self.store.rows(s0, s1, ("input_ids",))["input_ids"].long()
             self._compare(have, self._tokens.read(s0, s1), s0)
 
     def _compare(self, store_ids: Tensor, tokens: Tensor, start: int) -> None:
@@ -229,7 +190,7 @@ class StoreDataset(torch.utils.data.Dataset):
         spec = self.store.spec
         start, end = i * self.context, min((i + 1) * self.context, spec.num_tokens)
         names = ("input_ids", *_ROW_TARGETS) + (_SAMPLED if self.samples else ())
-        rows = self._rows.read(start, end, names)
+        rows = self.store.rows(start, end, names)
         input_ids = rows["input_ids"].long()
         labels = torch.full_like(input_ids, -100)
         if self._tokens is not None:
@@ -240,7 +201,7 @@ class StoreDataset(torch.utils.data.Dataset):
         else:  # the store's next row is the next token; its last row has none
             stop = min(end + 1, spec.num_tokens)
             if stop > start + 1:
-                following = self._rows.read(start + 1, stop, ("input_ids",))["input_ids"]
+                following = self.store.rows(start + 1, stop, ("input_ids",))["input_ids"]
                 labels[: stop - start - 1] = following.long()
         item: dict[str, Any] = {
             "input_ids": input_ids,

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,8 +352,8 @@ class SparseStore:
     def complete(self) -> bool:
         return all(i in self.entries for i in range(self.spec.num_shards))
 
-    def shard(self, i: int) -> dict[str, Tensor]:
-        """Shard i's tensors, its size and SHA-256 checked against the index on first read."""
+    def verified_path(self, i: int) -> Path:
+        """Shard i's file, its size, SHA-256 and metadata checked against the index once."""
         entry = self.entries.get(i)
         if entry is None:
             raise StoreError(f"store {self.folder}: shard {i} was never written; rerun the capture")
@@ -374,6 +374,35 @@ class SparseStore:
                 )
             _verify_shard(self.spec, i, path)
             self._verified.add(i)
+        return path
+
+    def __getstate__(self) -> dict:  # DataLoader workers: open handles do not travel
+        return {**self.__dict__, "_handles": {}, "_pid": None}
+
+    def rows(
+        self, start: int, end: int, names: Sequence[str], cols: slice | None = None
+    ) -> dict[str, Tensor]:
+        """Rows [start, end) of the named tensors (columns `cols` of 2-D ones), read as slices of
+        the memory-mapped shards: a batch reads its rows, never a whole shard. Each shard is
+        verified once (verified_path); handles are kept per process (workers fork)."""
+        from safetensors import safe_open
+
+        if getattr(self, "_pid", None) != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        parts: dict[str, list[Tensor]] = {n: [] for n in names}
+        for i in range(start // self.spec.shard_tokens, -(-end // self.spec.shard_tokens)):
+            if i not in self._handles:
+                self._handles[i] = safe_open(str(self.verified_path(i)), framework="pt")
+            s0, s1 = self.spec.shard_range(i)
+            a, b = max(start, s0) - s0, min(end, s1) - s0
+            for n in names:
+                view = self._handles[i].get_slice(n)
+                parts[n].append(view[a:b] if cols is None else view[a:b, cols])
+        return {n: p[0] if len(p) == 1 else torch.cat(p) for n, p in parts.items()}
+
+    def shard(self, i: int) -> dict[str, Tensor]:
+        """Shard i's tensors, its size and SHA-256 checked against the index on first read."""
+        path = self.verified_path(i)
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

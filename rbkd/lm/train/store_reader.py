@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rbkd.lm.store import SparseStore, StoreError, shard_name
+from rbkd.lm.store import SparseStore, StoreError
 
 _T_MATCH = 1e-6  # relative: a T within this of a grid temperature is that temperature
 
@@ -85,26 +85,6 @@ class StoreRows:
         self.sample_column = (
             temperature_column(store, self.sample_T) if samples and self.sample_T else None
         )
-        self._handles: dict[int, object] = {}
-
-    def _handle(self, i: int):
-        if i not in self._handles:
-            self.store.shard(i)  # size, SHA-256 and spec verified once (raises StoreError)
-            from safetensors import safe_open
-
-            path = Path(self.store.folder) / shard_name(i)
-            self._handles[i] = safe_open(str(path), framework="pt")
-        return self._handles[i]
-
-    def _rows(self, name: str, start: int, end: int, cols: slice | None) -> Tensor:
-        m = self.store.spec.shard_tokens
-        parts = []
-        for i in range(start // m, -(-end // m)):
-            s0 = i * m
-            view = self._handle(i).get_slice(name)
-            a, b = max(start, s0) - s0, min(end, s0 + m) - s0
-            parts.append(view[a:b] if cols is None else view[a:b, cols])
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _reads(self) -> list[tuple[str, str, slice | None]]:
         """(name in the batch, tensor in the shard, columns) of everything a batch needs."""
@@ -127,7 +107,9 @@ class StoreRows:
         out: dict[str, list[Tensor]] = {}
         for s in starts.tolist():
             for name, source, cols in self._reads():
-                out.setdefault(name, []).append(self._rows(source, s, s + context, cols))
+                out.setdefault(name, []).append(
+                    self.store.rows(s, s + context, [source], cols)[source]
+                )
         rows = {name: torch.stack(parts) for name, parts in out.items()}
         stored = rows["input_ids"].to(torch.int64)
         if not torch.equal(stored, inputs.cpu()):
