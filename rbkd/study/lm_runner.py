@@ -4,8 +4,12 @@ rbkd.study.runner.run_study hands an LM study (`[study] kind = "lm"`) here. Cell
 plan's order (rbkd.study.lm_plan): teachers, their stores, then students seed by seed. After every
 cell the tables are rebuilt from the finished cells' cell.json, so a study killed at any moment
 keeps all it finished and the same command continues it (the cell cut off resumes from its last
-checkpoint or shard). One runner per LM study folder: a second is refused in one line while the
-first holds the folder's lock (the image studies' claims are not wired for LM cells).
+checkpoint or shard). Several runners may share one study folder, as image studies' do
+(docs/studies.md, "Several runners"): each cell is claimed by one runner (rbkd.locking's claims,
+in `FOLDER/.rbkd-claims/`), a cell waits until the cells it reads are done, a cell whose runner
+was killed is taken over after the lease, and the tables are rewritten under the tables lock from
+every runner's finished cells. On a 2-core CPU two runners at --threads 1 finish the small
+students' cells sooner than one at 2 threads.
 
 The folder: study.json, study.toml, teachers.jsonl, stores.jsonl, results.jsonl (one row per
 finished student), results.csv (one row per student and teacher: a hard-label student appears
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rbkd.io import write_bytes
+from rbkd.locking import CLAIMS_DIR, claim_lease_s, release_claim, try_claim
 from rbkd.study.lm_cells import cell_result, finish, run_store, run_student, run_teacher
 from rbkd.study.lm_data import load_lm_data, resolved_precision
 from rbkd.study.lm_plan import LMCell, make_lm_plan
@@ -48,7 +53,7 @@ class LMStudyRun:
     plan: LMPlan
     states: dict[str, RunState]
     trained: list[str] = field(default_factory=list)
-    elsewhere: list[str] = field(default_factory=list)  # always empty: one runner per LM study
+    elsewhere: list[str] = field(default_factory=list)  # cells other runners of the study did
     wall_time_s: float = 0.0
     report: Path | None = None
     order: list[LMCell] = field(default_factory=list)  # the cells in running order (lm_plan)
@@ -100,7 +105,7 @@ def run_lm_study(study: dict, out: Path, *, device: str = "auto", dry_run: bool 
                  **_: Any) -> LMStudyRun:  # fmt: skip
     """Run what is not done of the LM study `study` in `out`; returns what was planned and run."""
     from rbkd.engine.device import resolve_device
-    from rbkd.locking import folder_lock
+    from rbkd.locking import tables_lock
     from rbkd.study.study_folder import check_study_folder, open_study_folder, write_study_files
 
     out = Path(out)
@@ -110,31 +115,32 @@ def run_lm_study(study: dict, out: Path, *, device: str = "auto", dry_run: bool 
     device = str(resolve_device(device))
     started = time.perf_counter()
     open_study_folder(out, study["name"])
-    with folder_lock(out, "LM study"):
+    with tables_lock(out):  # one runner at a time prepares the data and the study's files
         run, data = prepare_lm(study, out, device, progress)
         write_study_files(out, study, source)
-        by_key = {c.key: c for c in run.cells}
-        teachers = {c.teacher: c for c in run.plan.teachers if c.kind == "teacher"}
-        total = len(by_key)
-        for n, cell in enumerate(run.cells):
-            if on_run is not None:
-                on_run(cell.label(), n, total)
-            if run.states[cell.key].status == "done":
-                continue
-            t0 = time.perf_counter()
-            if cell.kind == "teacher":
-                numbers = run_teacher(cell, study, data, device, progress)
-            elif cell.kind == "store":
-                numbers = run_store(cell, study, data, device, progress, by_key[cell.needs[0]])
-            else:
-                numbers = run_student(cell, study, data, device, progress, by_key, teachers)
-            record = finish(cell, numbers)
-            run.states[cell.key] = RunState(cell.folder, cell.key, "done", 0, record)
-            run.trained.append(cell.key)
+    by_key = {c.key: c for c in run.cells}
+    teachers = {c.teacher: c for c in run.plan.teachers if c.kind == "teacher"}
+    total = len(by_key)
+
+    def run_cell(cell: LMCell) -> None:
+        t0 = time.perf_counter()
+        if cell.kind == "teacher":
+            numbers = run_teacher(cell, study, data, device, progress)
+        elif cell.kind == "store":
+            numbers = run_store(cell, study, data, device, progress, by_key[cell.needs[0]])
+        else:
+            numbers = run_student(cell, study, data, device, progress, by_key, teachers)
+        record = finish(cell, numbers)
+        run.states[cell.key] = RunState(cell.folder, cell.key, "done", 0, record)
+        run.trained.append(cell.key)
+        with tables_lock(out):
+            refresh_states(run)
             write_tables(out, run)
-            log(f"done: {cell.label()} ({time.perf_counter() - t0:,.0f}s)")
-        if on_run is not None:
-            on_run("done", total, total)
+        log(f"done: {cell.label()} ({time.perf_counter() - t0:,.0f}s)")
+
+    claim_cells(run, run_cell, on_run, total)
+    with tables_lock(out):
+        refresh_states(run)
         write_tables(out, run)
         run.wall_time_s = time.perf_counter() - started
         if report:
@@ -142,6 +148,53 @@ def run_lm_study(study: dict, out: Path, *, device: str = "auto", dry_run: bool 
 
             run.report = write_lm_report(out)
     return run
+
+
+def refresh_states(run: LMStudyRun) -> None:
+    """Cells other runners of the study finished since this one looked: done here too."""
+    for c in run.cells:
+        if run.states[c.key].status != "done":
+            state = cell_state(c)
+            if state.status == "done":
+                run.states[c.key] = state
+                if c.key not in run.trained and c.key not in run.elsewhere:
+                    run.elsewhere.append(c.key)
+
+
+def claim_cells(run: LMStudyRun, run_cell: Callable[[LMCell], None],
+                on_run: Callable[[str, int, int], None] | None, total: int) -> None:  # fmt: skip
+    """Run, in plan order, every cell not done whose inputs are done and that no other runner
+    holds; return when every cell is done (waiting, a poll at a time, for those held elsewhere)."""
+    claims = run.out / CLAIMS_DIR
+    poll = min(1.0, claim_lease_s() / 10)
+    while True:
+        refresh_states(run)
+        pending = [c for c in run.cells if run.states[c.key].status != "done"]
+        if not pending:
+            break
+        ran = False
+        for cell in pending:
+            if any(run.states[k].status != "done" for k in cell.needs):
+                continue  # its teacher or store is not done yet (another runner's, or later)
+            claim = try_claim(claims / cell.key, f"LM {cell.kind} {cell.key[:12]}")
+            if claim is None:
+                continue
+            try:
+                if cell_state(cell).status == "done":  # finished elsewhere while we looked
+                    continue
+                if on_run is not None:
+                    on_run(cell.label(), total - len(pending), total)
+                run_cell(cell)
+                ran = True
+                break  # back to the plan's order: teachers and stores first
+            finally:
+                release_claim(claim)
+        if not ran:
+            if on_run is not None:
+                on_run(f"waiting for {len(pending)} cell(s) other runners hold", total - len(pending), total)  # fmt: skip
+            time.sleep(poll)
+    if on_run is not None:
+        on_run("done", total, total)
 
 
 def _jsonl(rows: list[dict]) -> bytes:
