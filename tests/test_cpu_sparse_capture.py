@@ -265,6 +265,10 @@ CAPTURE_SHAPES = [
     ((2, 2, 2049), 3),
 ]
 GRID = [0.3, 1.0, 2.0, 4.5, 20.0]
+# A grid of halvings takes the kernel's one-exp chain (exp(x / T_max) squared per level): the
+# stores' grid, in an order that is not the chain's.
+CHAIN = [2.0, 0.5, 4.0, 1.0]
+GRIDS = {"grid": GRID, "chain": CHAIN}
 
 
 def _capture(x, k, temps):
@@ -277,13 +281,14 @@ def _expected_order(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(-x.double(), dim=-1, stable=True).indices[..., :k].int()
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,k", CAPTURE_SHAPES, ids=str)
-def test_capture_matches_the_oracle(shape, k, dtype):
+def test_capture_matches_the_oracle(shape, k, dtype, grid):
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=g) * 4).to(dtype)
-    got = _capture(x, k, GRID)
-    exp = oracle_sparse.capture(x, k, GRID)
+    got = _capture(x, k, GRIDS[grid])
+    exp = oracle_sparse.capture(x, k, GRIDS[grid])
     assert torch.equal(got.topk_ids, _expected_order(x, k))
     assert got.topk_logits.dtype == dtype
     assert torch.equal(got.topk_logits.double(), exp["topk_logits"])
@@ -301,8 +306,9 @@ def test_equal_logits_rank_by_ascending_id():
     assert got.topk_ids[2].tolist() == list(range(40))
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("direction", ["rising", "falling", "spike late"])
-def test_the_running_max_across_blocks(direction):
+def test_the_running_max_across_blocks(direction, grid):
     """A max that rises in every block (each block rescales the sums), one that falls, and one
     far above the rest in the last block, at logits of magnitude 1000."""
     v = 5000
@@ -311,20 +317,21 @@ def test_the_running_max_across_blocks(direction):
     if direction == "spike late":
         x = torch.randn(2, v) * 3
         x[:, v - 3] = 1000.0
-    got = _capture(x, 5, GRID)
-    exp = oracle_sparse.capture(x, 5, GRID)
+    got = _capture(x, 5, GRIDS[grid])
+    exp = oracle_sparse.capture(x, 5, GRIDS[grid])
     assert_close(got.logz, exp["logz"], "logz", floor=1.0)
     assert_close(got.entropy, exp["entropy"], "entropy", floor=1.0)
     assert torch.equal(got.topk_ids, _expected_order(x, 5))
 
 
-def test_capture_nonfinite_rows_are_nan():
+@pytest.mark.parametrize("temps", [[1.0, 3.0], [1.0, 2.0]], ids=["grid", "chain"])
+def test_capture_nonfinite_rows_are_nan(temps):
     x = torch.randn(5, 2100)
     x[0, 1500], x[1, 3], x[2] = math.nan, math.inf, -math.inf
     x[3, :1800] = -math.inf  # masked ids: probability 0, the row is fine
-    got = _capture(x, 4, [1.0, 3.0])
+    got = _capture(x, 4, temps)
     assert got.logz[:3].isnan().all() and got.entropy[:3].isnan().all()
-    exp = oracle_sparse.capture(x[3:], 4, [1.0, 3.0])
+    exp = oracle_sparse.capture(x[3:], 4, temps)
     assert_close(got.logz[3:], exp["logz"], "logz")
     assert_close(got.entropy[3:], exp["entropy"], "entropy")
 

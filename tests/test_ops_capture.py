@@ -16,7 +16,7 @@ import rbkd.ops as ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [((1, 1), 1), ((7, 10), 3), ((3, 32785), 64), ((2, 3, 17), 17), ((0, 5), 2)]
-TEMPS = [[1.0], [0.5, 1.0, 4.0, 9.0]]
+TEMPS = [[1.0], [0.5, 1.0, 4.0, 9.0], [4.0, 2.0, 1.0, 0.5]]  # the last: the C++ one-exp chain
 
 
 def _logits(shape, dtype, seed=0, scale=3.0):
