@@ -235,27 +235,36 @@ inline void define_sparse_entry_points(py::module_& m) {
          uintptr_t topk, uintptr_t logz, uintptr_t labels, double T, uintptr_t T_rows,
          double alpha, uintptr_t alpha_rows, int64_t N, int64_t V, int64_t k, int tail,
          uintptr_t loss, uintptr_t grad, double grad_scale, uintptr_t grad_scale_ptr,
-         const KdOptions& options, int64_t num_threads) {
+         const KdOptions& options, int64_t num_threads, uintptr_t counts, uintptr_t sample_logz,
+         double sample_T) {
         const char* op = "sparse_kd_loss_fwd";
         check_dtype(op, "s_dtype", s_dtype);
         check_kd_options(op, options);
         if (options.divergence == kDKD || options.standardize) {
           fail(op, "dkd and standardize are not defined on sparse soft labels");
         }
-        if (tail != kTailBucket && tail != kTailRenormalize) {
-          fail(op, "tail " + std::to_string(tail) + " is not one of 0 (bucket), 1 (renormalize)");
+        if (tail != kTailBucket && tail != kTailRenormalize && tail != kTailSampled) {
+          fail(op, "tail " + std::to_string(tail) +
+                       " is not one of 0 (bucket), 1 (renormalize), 2 (sampled)");
         }
+        if (tail == kTailSampled && options.divergence != kKL) {
+          fail(op, "tail 2 (sampled) is defined for divergence kl only");
+        }
+        if (tail == kTailSampled) check_temperature(op, "sample_T", sample_T);
         check_nonneg(op, "N", N);
         check_nonneg(op, "V", V);
         check_nonneg(op, "s_row_stride", s_row_stride);
-        if (N > 0 && !(k >= 1 && k <= V)) {
+        // sampled: k entries of draws, padded, may be more than V
+        if (N > 0 && !(k >= 1 && (k <= V || tail == kTailSampled))) {
           fail(op, "k must be in [1, V = " + std::to_string(V) + "], got " + std::to_string(k));
         }
         const bool touches = N > 0;
         check_ptr(op, "student", student, touches);
         check_ptr(op, "ids", ids, touches);
         check_ptr(op, "topk", topk, touches);
-        check_ptr(op, "logz (tail bucket needs it)", logz, touches && tail == kTailBucket);
+        check_ptr(op, "logz (tails bucket and sampled need it)", logz,
+                  touches && tail != kTailRenormalize);
+        check_ptr(op, "counts (tail sampled needs them)", counts, touches && tail == kTailSampled);
         check_ptr(op, "loss", loss, touches);
         if (T_rows == 0) check_temperature(op, "T", T);
         if (alpha_rows == 0 && !std::isfinite(alpha)) {
@@ -284,6 +293,9 @@ inline void define_sparse_entry_points(py::module_& m) {
         a.grad_scale = static_cast<float>(grad_scale);
         a.grad_scale_ptr = cptr<float>(grad_scale_ptr);
         a.opt = options;
+        a.counts = cptr<int64_t>(counts);
+        a.sample_logz = cptr<float>(sample_logz);
+        a.sample_T = static_cast<float>(sample_T);
         py::gil_scoped_release nogil;
         cpu::sparse_kd_loss_fwd(a, static_cast<int>(num_threads));
       },
@@ -291,6 +303,7 @@ inline void define_sparse_entry_points(py::module_& m) {
       arg("topk"), arg("logz"), arg("labels"), arg("T"), arg("T_rows"), arg("alpha"),
       arg("alpha_rows"), arg("N"), arg("V"), arg("k"), arg("tail"), arg("loss"), arg("grad"),
       arg("grad_scale"), arg("grad_scale_ptr"), arg("options"), arg("num_threads"),
+      arg("counts") = 0, arg("sample_logz") = 0, arg("sample_T") = 1.0,
       "sparse_kd_loss per row (float32 loss[N]) and, when grad != 0, dL/dz * grad_scale.");
 
   m.def(

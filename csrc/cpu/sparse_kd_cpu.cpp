@@ -71,12 +71,13 @@ struct Scratch {
   float *bsh, *bst, *bsce;         // [blocks]: each block's shift, tail sum, CE sum
   float *lp, *lq, *p, *q, *h;      // [k + 1] bucket log-probabilities, probabilities and h
   int64_t* sid;                    // [k] the kept ids, ascending
+  int64_t* cid;                    // [k] the kept ids in the row's order (sampled: drawn ones)
 };
 
 int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
 
 int64_t scratch_floats(int64_t V, int64_t k) {
-  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 2 * k + 16;
+  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 4 * k + 16;
 }
 
 Scratch carve(float* f, int64_t V, int64_t k) {
@@ -96,6 +97,7 @@ Scratch carve(float* f, int64_t V, int64_t k) {
   r.h = r.q + (k + 1);
   const uintptr_t end = reinterpret_cast<uintptr_t>(r.h + (k + 1));
   r.sid = reinterpret_cast<int64_t*>((end + 7) & ~uintptr_t{7});
+  r.cid = r.sid + k;
   return r;
 }
 
@@ -157,6 +159,68 @@ bool teacher_buckets(const SparseKdArgs& a, int64_t i, float T, bool has_tail, f
   const double tail = std::max(log1mexp(std::min(log_s, 0.0)), kLogTailFloor);
   lq[k] = static_cast<float>(tail);
   q[k] = static_cast<float>(exp(tail));
+  return true;
+}
+
+RBKD_INLINE int64_t kept_id(const SparseKdArgs& a, int64_t i, int64_t c) {
+  return a.ids_int64 ? static_cast<const int64_t*>(a.ids)[i * a.k + c]
+                     : static_cast<const int32_t*>(a.ids)[i * a.k + c];
+}
+
+// tail "sampled" (rbkd/ops/sparse_sampled.py, in float64 as there): the row's drawn entries
+// (an id in [0, V) with a count > 0; padding is id -1 with count 0) compacted into cid, with
+// lq = log p (the teacher at T) and q = p_hat = (c / S) w, w = p_T / p_sample_T (1 without
+// sample_logz); the teacher bucket of the rest is 0, so the bucket KL is the estimator
+// sum p_hat (log p - log P) and its gradient P sum(p_hat) - p_hat. *k_used is the number
+// kept. False for a bad row: another entry, no draw, a non-finite logit at a drawn id or logz
+// (or sample_logz), or the teacher's mass on the drawn ids above 1 + probs_tol at T or sample_T.
+bool sampled_buckets(const SparseKdArgs& a, int64_t i, float T, int64_t* cid, int64_t* k_used,
+                     float* lq, float* q) {
+  const int64_t k = a.k;
+  const float* t = a.topk + i * k;
+  const int64_t* cnt = a.counts + i * k;
+  const double lz = a.logz[i];
+  const bool weighted = a.sample_logz != nullptr;
+  const double lz0 = weighted ? static_cast<double>(a.sample_logz[i]) : 0.0;
+  if (!std::isfinite(lz) || !std::isfinite(lz0)) return false;
+  const double Td = T, T0 = a.sample_T;
+  int64_t n = 0;
+  double total = 0.0, mp = -INFINITY, mq = -INFINITY;
+  for (int64_t c = 0; c < k; ++c) {  // the checks, the drawn ids and the maxima
+    const int64_t id = kept_id(a, i, c);
+    if (id == -1 && cnt[c] == 0) continue;
+    if (id < 0 || id >= a.V || cnt[c] < 0) return false;
+    if (cnt[c] == 0) continue;
+    if (!std::isfinite(t[c])) return false;
+    cid[n] = id;
+    mp = std::max(mp, t[c] / Td - lz);
+    mq = std::max(mq, t[c] / T0 - lz0);
+    total += static_cast<double>(cnt[c]);
+    ++n;
+  }
+  if (n == 0) return false;
+  double sp = 0.0, sq = 0.0;
+  int64_t m = 0;
+  for (int64_t c = 0; c < k; ++c) {  // lq, q and the mass sums in the drawn ids' order
+    const int64_t id = kept_id(a, i, c);
+    if (id < 0 || cnt[c] == 0) continue;
+    const double lp = t[c] / Td - lz, lq0 = t[c] / T0 - lz0;
+    sp += exp(lp - mp);
+    sq += exp(lq0 - mq);
+    lq[m] = static_cast<float>(lp);
+    q[m] = static_cast<float>(cnt[c] / total * (weighted ? exp(lp - lq0) : 1.0));
+    ++m;
+  }
+  double log_mass = mp + log(sp);
+  if (weighted) log_mass = std::max(log_mass, mq + log(sq));
+  if (static_cast<float>(log_mass) > static_cast<float>(log1p(static_cast<double>(a.opt.probs_tol)))) {
+    return false;
+  }
+  *k_used = n;
+  if (n < a.V) {
+    lq[n] = -INFINITY;
+    q[n] = 0.0f;
+  }
   return true;
 }
 
@@ -249,14 +313,10 @@ void nan_row(const SparseKdArgs& a, int64_t i, void* g_row) {
   if (g_row != nullptr) kd::fill_row(g_row, a.s_dtype, a.V, NAN);
 }
 
-RBKD_INLINE int64_t kept_id(const SparseKdArgs& a, int64_t i, int64_t c) {
-  return a.ids_int64 ? static_cast<const int64_t*>(a.ids)[i * a.k + c]
-                     : static_cast<const int32_t*>(a.ids)[i * a.k + c];
-}
-
 RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, const DivConst& kc,
                             int div) {
-  const int64_t V = a.V, k = a.k, nb = num_blocks(V);
+  const int64_t V = a.V, nb = num_blocks(V);
+  int64_t k = a.k;  // sampled: the row's drawn ids, fewer with padding
   const int64_t s_size = dtype_size(a.s_dtype);
   void* g_row = a.grad != nullptr ? static_cast<char*>(a.grad) + i * V * s_size : nullptr;
   const RowParams rp = row_params(a, i);
@@ -267,9 +327,15 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   }
   const Scratch s = carve(scratch, V, k);
   // The kept ids: in range and distinct (checked sorted; zeroed in pass 1 in that order).
+  const bool sampled = a.tail == kTailSampled;
   bool ok = !rp.bad;
+  if (sampled) {
+    ok = ok && sampled_buckets(a, i, rp.T, s.cid, &k, s.lq, s.q);
+  } else {
+    for (int64_t c = 0; c < k; ++c) s.cid[c] = kept_id(a, i, c);
+  }
   for (int64_t c = 0; ok && c < k; ++c) {
-    s.sid[c] = kept_id(a, i, c);
+    s.sid[c] = s.cid[c];
     ok = s.sid[c] >= 0 && s.sid[c] < V;
   }
   if (ok) {
@@ -277,7 +343,9 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     for (int64_t c = 1; ok && c < k; ++c) ok = s.sid[c] != s.sid[c - 1];
   }
   const bool has_tail = k < V;
-  if (!ok || !teacher_buckets(a, i, rp.T, has_tail, s.lq, s.q)) return nan_row(a, i, g_row);
+  if (!ok || (!sampled && !teacher_buckets(a, i, rp.T, has_tail, s.lq, s.q))) {
+    return nan_row(a, i, g_row);
+  }
 
   // Pass 1: per block its max, the exps at T and (for CE) at 1 shifted by it, the kept ids'
   // exps zeroed, the block sums.
@@ -335,7 +403,7 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   // The kept ids' exps, one by one from the logits (row order: lp and h follow lq's order).
   float S_kept = 0.0f, Sce_kept = 0.0f;
   for (int64_t c = 0; c < k; ++c) {
-    const float zc = load_any(z_row, a.s_dtype, kept_id(a, i, c));
+    const float zc = load_any(z_row, a.s_dtype, s.cid[c]);
     s.lp[c] = (zc - m) * inv_T;
     s.p[c] = expf(s.lp[c]);  // divided by S below: p_i as e_i / S (1e-7 relative, not exp(lp))
     S_kept += s.p[c];
@@ -405,7 +473,7 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   // The kept ids (zeroed above): c_kl (h_i - p_i H) + c_ce (pce_i - [id == y]).
   bool label_kept = false;
   for (int64_t c = 0; c < k; ++c) {
-    const int64_t id = kept_id(a, i, c);
+    const int64_t id = s.cid[c];
     const float zc = load_any(z_row, a.s_dtype, id);
     float g = kd_on ? c_kl * (s.h[c] - s.p[c] * H) : 0.0f;
     if (has_ce) g += cf.c_ce * (expf(zc - m) / Sce - (id == rp.label ? 1.0f : 0.0f));

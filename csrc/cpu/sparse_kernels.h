@@ -10,7 +10,7 @@
 namespace rbkd {
 
 // Tail modes of sparse_kd_loss (TAIL_MODES in rbkd/ops/sparse_twin.py).
-enum SparseTail : int { kTailBucket = 0, kTailRenormalize = 1 };
+enum SparseTail : int { kTailBucket = 0, kTailRenormalize = 1, kTailSampled = 2 };
 
 struct SparseKdArgs {
   const void* student;  // [N, V], s_dtype, unit stride in V
@@ -19,7 +19,7 @@ struct SparseKdArgs {
   const void* ids;  // [N, k] contiguous, int64 when ids_int64 else int32
   bool ids_int64;
   const float* topk;      // [N, k] contiguous float32: the teacher's kept raw logits
-  const float* logz;      // [N] float32 (tail bucket), or null (renormalize)
+  const float* logz;      // [N] float32 (tail bucket, sampled), or null (renormalize)
   const int64_t* labels;  // [N] or null: pure distillation (no CE, alpha = 1)
   float T;
   const float* T_rows;  // [N] or null
@@ -32,6 +32,11 @@ struct SparseKdArgs {
   float grad_scale;
   const float* grad_scale_ptr;  // float32 scalar read by the kernel, or null (then grad_scale)
   KdOptions opt;  // divergence, beta, skew, t_squared, ignore_index, probs_tol
+  // tail sampled (kl only): ids are draws from the teacher at sample_T (-1 padding) and topk the
+  // teacher's raw logits at them.
+  const int64_t* counts;     // [N, k] contiguous: each id's draws (0 padding)
+  const float* sample_logz;  // [N] the teacher's logz at sample_T, or null (T == sample_T)
+  float sample_T;
 };
 
 struct CaptureArgs {

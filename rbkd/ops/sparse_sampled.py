@@ -1,5 +1,7 @@
 """tail="sampled" of sparse_kd_loss: the importance-sampled estimator of Sparse Logit Sampling
-(Anshumann et al., ACL 2025), pure torch (issue 16).
+(Anshumann et al., ACL 2025), in torch (issue 16): the twin, which GPUs and float64 students run;
+the C++ backend runs it fused (csrc/cpu/sparse_kd_cpu.cpp, sampled_buckets, the same float64
+teacher side).
 
 Per row the teacher is known through S draws from q = softmax(z_t / T0), T0 = sample_T
 (capture_soft_labels's samples): the distinct ids i with their counts c_i (sum S), the teacher's raw

@@ -144,11 +144,14 @@ class NativeKernels:
         need_grad: bool,
         tail: int,
         opts: KDOptions,
+        counts: Tensor | None = None,
+        sample_logz: Tensor | None = None,
+        sample_T: float = 1.0,
     ) -> tuple[Tensor, Tensor | None]:
-        """sparse_twin.sparse_kd_forward's contract, in one C++ call (tail bucket / renormalize).
+        """sparse_twin.sparse_kd_forward's contract, in one C++ call (every tail).
 
-        The O(N k) side inputs go in as contiguous float32 (topk, logz: the twin's compute
-        dtype) and int64 labels; the ids as they are (int32 or int64)."""
+        The O(N k) side inputs go in as contiguous float32 (topk, logz, sample_logz: the twin's
+        compute dtype) and int64 labels and counts; the ids as they are (int32 or int64)."""
         student = unit_last_stride(student)
         n, vocab = student.shape
         k = ids.shape[1]
@@ -158,6 +161,10 @@ class NativeKernels:
             logz = logz.to(torch.float32).reshape(-1).contiguous()
         if labels is not None:
             labels = labels.to(torch.int64).contiguous()
+        if counts is not None:
+            counts = counts.to(torch.int64).contiguous()
+        if sample_logz is not None:
+            sample_logz = sample_logz.to(torch.float32).reshape(-1).contiguous()
         T_value, T_ptr, _T_keep = scalar_or_rows(T)
         alpha_value, alpha_ptr, _alpha_keep = scalar_or_rows(alpha)
         scale_value, scale_ptr, _scale_keep = 1.0, 0, None
@@ -178,6 +185,8 @@ class NativeKernels:
             T_value, T_ptr, alpha_value, alpha_ptr, n, vocab, k, int(tail),
             loss.data_ptr(), grad.data_ptr() if grad is not None else 0,
             scale_value, scale_ptr, native_options(self.lib, opts), self.num_threads(),
+            counts.data_ptr() if counts is not None else 0,
+            sample_logz.data_ptr() if sample_logz is not None else 0, float(sample_T),
         )  # fmt: skip
         return loss, grad
 

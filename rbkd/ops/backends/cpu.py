@@ -43,19 +43,19 @@ kd_loss_forward = _kernels.kd_loss_forward
 entropy_forward = _kernels.entropy_forward
 
 # ---- sparse soft labels (issue 16): C++ where the kernels cover the call, else the torch twin ----
-NATIVE_TAILS = (0, 1)  # sparse_twin.TAIL_MODES bucket and renormalize
+NATIVE_TAILS = (0, 1, 2)  # sparse_twin.TAIL_MODES: bucket, renormalize and sampled
 
 
 def sparse_kd_forward(student, ids, topk, logz, labels, T, alpha, grad_scale, need_grad, tail,
                       opts, *more, **extra):  # fmt: skip
-    """sparse_twin.sparse_kd_forward's contract: the C++ kernel for tail bucket / renormalize on
-    a float32 / float16 / bfloat16 student; the twin for anything else (a float64 student or
-    another tail mode, whose further arguments pass through unchanged: the native tails take
-    none of them)."""
+    """sparse_twin.sparse_kd_forward's contract: the C++ kernel for every tail on a float32 /
+    float16 / bfloat16 student (sampled: its counts, sample_logz and sample_T in `more`); the
+    twin for a float64 student."""
     if student.dtype in DTYPE_CODES and tail in NATIVE_TAILS:
         return _kernels.sparse_kd_forward(
-            student, ids, topk, logz, labels, T, alpha, grad_scale, need_grad, tail, opts
-        )
+            student, ids, topk, logz, labels, T, alpha, grad_scale, need_grad, tail, opts,
+            *more, **extra,
+        )  # fmt: skip
     from rbkd.ops import sparse_twin  # here: rbkd.ops imports this module
 
     return sparse_twin.sparse_kd_forward(
