@@ -72,12 +72,13 @@ struct Scratch {
   float *lp, *lq, *p, *q, *h;      // [k + 1] bucket log-probabilities, probabilities and h
   int64_t* sid;                    // [k] the kept ids, ascending
   int64_t* cid;                    // [k] the kept ids in the row's order (sampled: drawn ones)
+  float *zk, *ek;                  // [k] the student's logits at the kept ids, exp(z - m) there
 };
 
 int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
 
 int64_t scratch_floats(int64_t V, int64_t k) {
-  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 4 * k + 16;
+  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 6 * k + 16;
 }
 
 Scratch carve(float* f, int64_t V, int64_t k) {
@@ -98,6 +99,8 @@ Scratch carve(float* f, int64_t V, int64_t k) {
   const uintptr_t end = reinterpret_cast<uintptr_t>(r.h + (k + 1));
   r.sid = reinterpret_cast<int64_t*>((end + 7) & ~uintptr_t{7});
   r.cid = r.sid + k;
+  r.zk = reinterpret_cast<float*>(r.cid + k);
+  r.ek = r.zk + k;
   return r;
 }
 
@@ -400,14 +403,18 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     scale_T[b] = f_T;
     s.bsce[b] = f_1;
   }
-  // The kept ids' exps, one by one from the logits (row order: lp and h follow lq's order).
+  // The kept ids' exps from their logits, gathered once (row order: lp and h follow lq's
+  // order); ek keeps exp(z - m), the CE's, for the kept ids' gradient. One simd loop: three
+  // libm expf per kept id were 8 us a row at k = 128.
+  for (int64_t c = 0; c < k; ++c) s.zk[c] = load_any(z_row, a.s_dtype, s.cid[c]);
   float S_kept = 0.0f, Sce_kept = 0.0f;
+#pragma omp simd reduction(+ : S_kept, Sce_kept)
   for (int64_t c = 0; c < k; ++c) {
-    const float zc = load_any(z_row, a.s_dtype, s.cid[c]);
-    s.lp[c] = (zc - m) * inv_T;
-    s.p[c] = expf(s.lp[c]);  // divided by S below: p_i as e_i / S (1e-7 relative, not exp(lp))
+    s.lp[c] = (s.zk[c] - m) * inv_T;
+    s.p[c] = fast_exp(s.lp[c]);  // divided by S below: p_i as e_i / S (not exp(lp))
+    s.ek[c] = sep_ce ? fast_exp(s.zk[c] - m) : s.p[c];
     S_kept += s.p[c];
-    if (sep_ce) Sce_kept += expf(zc - m);
+    Sce_kept += s.ek[c];
   }
   const float S = S_tail + S_kept;
   Sce = sep_ce ? Sce + Sce_kept : S;
@@ -474,9 +481,8 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   bool label_kept = false;
   for (int64_t c = 0; c < k; ++c) {
     const int64_t id = s.cid[c];
-    const float zc = load_any(z_row, a.s_dtype, id);
     float g = kd_on ? c_kl * (s.h[c] - s.p[c] * H) : 0.0f;
-    if (has_ce) g += cf.c_ce * (expf(zc - m) / Sce - (id == rp.label ? 1.0f : 0.0f));
+    if (has_ce) g += cf.c_ce * (s.ek[c] / Sce - (id == rp.label ? 1.0f : 0.0f));
     label_kept |= id == rp.label;
     kd::store_one(g_row, a.s_dtype, id, g);
   }
