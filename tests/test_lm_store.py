@@ -270,3 +270,30 @@ def test_rows_are_slices_of_the_verified_shards(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")  # same size, other bytes
     with pytest.raises(st.StoreError, match="SHA-256"):
         st.SparseStore(tmp_path / "s").rows(8, 10, ["logz"])
+
+
+def test_an_excerpt_is_a_store_of_the_first_positions(tmp_path):
+    """write_excerpt: the first positions of a store, across a shard edge, as a store of one
+    shard with the same identities; its tensors are the source's, its rerun writes nothing new,
+    and a count outside the store is one line."""
+    spec = make_spec()
+    st.write_store(tmp_path / "full", spec, Capture(spec))
+    (tmp_path / "full" / "capture.json").write_text(json.dumps({"context": 5, "num_tokens": 10}))
+    out = st.write_excerpt(tmp_path / "full", tmp_path / "part", 6)
+    part, full = (
+        st.SparseStore(out, teacher_sha256=SHA["teacher"]),
+        st.SparseStore(tmp_path / "full"),
+    )
+    assert part.spec.num_tokens == 6 and part.spec.num_shards == 1
+    for name in ("k", "temperatures", "teacher_sha256", "corpus_sha256", "samples", "sample_T"):
+        assert getattr(part.spec, name) == getattr(full.spec, name), name
+    got, want = part.tokens(0, 6), full.tokens(0, 6)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert json.loads((out / "capture.json").read_text()) == {"context": 5, "num_tokens": 6}
+    before = (out / st.shard_name(0)).read_bytes()
+    st.write_excerpt(tmp_path / "full", tmp_path / "part", 6)
+    assert (out / st.shard_name(0)).read_bytes() == before
+    with pytest.raises(ValueError, match="num_tokens must be in"):
+        st.write_excerpt(tmp_path / "full", tmp_path / "other", 11)

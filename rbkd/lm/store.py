@@ -426,3 +426,26 @@ class SparseStore:
                 k: torch.empty(0, *s[0][1:], dtype=s[1]) for k, s in _expected(self.spec, 0).items()
             }
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def write_excerpt(source: str | os.PathLike, folder: str | os.PathLike, num_tokens: int) -> Path:
+    """A store of the first num_tokens positions of the store at `source`, in one shard: the same
+    teacher, tokenizer, corpus, k, temperatures and samples, so that a few stored soft labels can
+    be kept beside a write-up (docs/lm-distillation/) and recomputed from the teacher there. A
+    store-level JSON file beside the index (capture.json: context, split, seed) is copied with
+    its num_tokens set to the excerpt's. Rewriting the same excerpt writes the same bytes."""
+    src = SparseStore(source)
+    if not 1 <= num_tokens <= src.spec.num_tokens:
+        raise ValueError(f"num_tokens must be in [1, {src.spec.num_tokens}], got {num_tokens}")
+    fields = {**asdict(src.spec), "num_tokens": num_tokens, "shard_tokens": num_tokens}
+    spec = StoreSpec(**fields)
+    writer = StoreWriter(folder, spec)
+    if not writer.done(0):
+        writer.write_shard(0, src.tokens(0, num_tokens))
+    for extra in sorted(Path(source).glob("*.json")):
+        if extra.name != INDEX_FILE:
+            obj = read_json_file(extra, "the store's capture record")
+            if isinstance(obj, dict) and "num_tokens" in obj:
+                obj["num_tokens"] = num_tokens
+            write_json(Path(folder) / extra.name, obj)
+    return Path(folder)
