@@ -377,3 +377,22 @@ def test_exp_yardstick_is_positive():
     from rbkd import _C
 
     assert 0 < _C.exp_seconds_per_element(1 << 12, 1) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["one run holds the k best", "ties at the bound", "spread"])
+def test_the_top_k_pre_pass_keeps_the_exact_order(layout):
+    """Rows small enough for the kernel's pre-pass (the k-th largest run maximum bounds what is
+    offered): the k best all in one run of 64, maxima tied across runs at the bound, and values
+    spread at random; ids and values must be the stable descending order's."""
+    v, k = 4096, 40
+    g = torch.Generator().manual_seed(11)
+    if layout == "one run holds the k best":
+        x = torch.randn(2, v, generator=g) - 10.0
+        x[:, 320:360] = torch.arange(40, dtype=torch.float32)
+    elif layout == "ties at the bound":
+        x = torch.randint(0, 3, (2, v), generator=g).float()
+    else:
+        x = torch.randn(2, v, generator=g) * 3
+    got = _capture(x, k, [1.0])
+    assert torch.equal(got.topk_ids, _expected_order(x, k))
+    assert torch.equal(got.topk_logits, x.gather(-1, _expected_order(x, k).long()))

@@ -20,6 +20,9 @@ namespace {
 
 constexpr int64_t kBlock = 1024;  // 4 KB of float32: the J passes over a block run from L1
 constexpr int64_t kRun = 64;      // elements per top-k pre-check inside a block
+// A row of at most this many bytes (it stays in L2 between the two reads) gets the top-k's
+// pre-pass: its runs' maxima first, whose k-th largest bounds the k-th largest value from below.
+constexpr int64_t kPrepassBytes = 256 * 1024;
 // Below this a tempered, shifted logit's exp is 0 (fast_exp_lite flushes below -110).
 constexpr float kMinExponent = -120.0f;
 
@@ -136,32 +139,38 @@ struct TopK {
   int32_t* id;
   int64_t k, size = 0;
 
+  // Branch-free compares and a hole that moves down (one store per level, not a swap): which
+  // child is worse and whether the new entry sinks are data-dependent coin flips, and a branch
+  // on each cost more than the rest of the heap's work.
   static RBKD_INLINE bool worse(float a, int32_t ia, float b, int32_t ib) {
-    return a < b || (a == b && ia > ib);
+    return (a < b) | ((a == b) & (ia > ib));
   }
   void sift_down(int64_t r) {
+    const float xv = v[r];
+    const int32_t xi = id[r];
     for (;;) {
       const int64_t l = 2 * r + 1;
-      if (l >= size) return;
-      int64_t w = l;
-      if (l + 1 < size && worse(v[l + 1], id[l + 1], v[l], id[l])) w = l + 1;
-      if (!worse(v[w], id[w], v[r], id[r])) return;
-      std::swap(v[w], v[r]);
-      std::swap(id[w], id[r]);
+      if (l >= size) break;
+      const int64_t w = l + 1 < size && worse(v[l + 1], id[l + 1], v[l], id[l]) ? l + 1 : l;
+      if (!worse(v[w], id[w], xv, xi)) break;
+      v[r] = v[w];
+      id[r] = id[w];
       r = w;
     }
+    v[r] = xv;
+    id[r] = xi;
   }
   void push(float x, int32_t j) {
     int64_t c = size++;
-    v[c] = x;
-    id[c] = j;
     while (c > 0) {
       const int64_t p = (c - 1) / 2;
-      if (!worse(v[c], id[c], v[p], id[p])) return;
-      std::swap(v[c], v[p]);
-      std::swap(id[c], id[p]);
+      if (!worse(x, j, v[p], id[p])) break;
+      v[c] = v[p];
+      id[c] = id[p];
       c = p;
     }
+    v[c] = x;
+    id[c] = j;
   }
   // The threshold a value must beat (NaN never does; -inf until the heap is full).
   float floor() const { return size < k ? -INFINITY : v[0]; }
@@ -199,6 +208,26 @@ RBKD_CLONES void capture_row(const CaptureArgs& a, int64_t i, float* scratch) {
   int* level = J <= 64 ? level_buf : nullptr;
   const int L = level != nullptr ? chain_levels(a.temps, J, T_max, level) : 0;
   float chain_S[kChain], chain_D[kChain];
+  // The top-k's pre-pass: k runs hold a value >= the k-th largest run maximum M_k, so every
+  // one of the k best is >= M_k; only values >= M_k are offered while the heap fills (a full
+  // heap's floor is then >= M_k), and only runs whose max reaches it are looked at. On a small
+  // vocabulary most of the heap's work was the early runs' values, all offered and soon pushed
+  // out again: at V = 8192 and k = 32 about 177 insertions a row, down to the few dozen above M_k.
+  const int64_t runs = (V + kRun - 1) / kRun;
+  float* run_max = top.v + 2 * k;  // [runs], then a copy to select in
+  const bool prepass = runs >= k && V * size <= kPrepassBytes;
+  float M_k = -INFINITY;
+  if (prepass) {
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, V - j0);
+      const float* x = block_as_float(row, a.dtype, j0, n, xbuf);
+      for (int64_t r0 = 0; r0 < n; r0 += kRun) run_max[(j0 + r0) / kRun] = row_max(x + r0, std::min(kRun, n - r0));
+    }
+    float* sel = run_max + runs;
+    std::copy(run_max, run_max + runs, sel);
+    std::nth_element(sel, sel + (k - 1), sel + runs, [](float l, float r) { return l > r; });
+    M_k = sel[k - 1];  // run maxima skip NaN: -inf at worst, which bounds nothing
+  }
   float m = -INFINITY;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t n = std::min(kBlock, V - j0);
@@ -209,17 +238,21 @@ RBKD_CLONES void capture_row(const CaptureArgs& a, int64_t i, float* scratch) {
     const float mb = row_max(x, n);
     // Top-k: a block whose max does not beat the k-th best is skipped whole (an equal value
     // loses to the earlier id). A row still filling its heap takes every element.
-    if (top.size < k || mb > top.floor()) {
+    if (top.size < k ? !(mb < M_k) : mb > top.floor()) {
       // ... and within it, a run of kRun whose max does not beat it (one simd max, no branch
       // per element): at k = 32 and V = 128k most blocks hold a new top-k entry, few runs do.
       for (int64_t r0 = 0; r0 < n; r0 += kRun) {
         const int64_t rn = std::min(kRun, n - r0);
-        if (top.size < k) {  // still filling: every element
-          for (int64_t j = r0; j < r0 + rn; ++j) top.offer(x[j], static_cast<int32_t>(j0 + j));
+        const float rmax = prepass ? run_max[(j0 + r0) / kRun] : row_max(x + r0, rn);
+        if (top.size < k) {  // still filling: every value that may be among the k best
+          if (rmax < M_k) continue;
+          for (int64_t j = r0; j < r0 + rn; ++j) {
+            if (!(x[j] < M_k)) top.offer(x[j], static_cast<int32_t>(j0 + j));
+          }
           continue;
         }
         const float floor = top.floor();
-        if (!(row_max(x + r0, rn) > floor)) continue;
+        if (!(rmax > floor)) continue;
         // The run's few values above the floor, gathered without a branch per element (a
         // branch taken at random for a row's early runs mispredicts half the time), then
         // offered in id order: offer checks each against the floor of the moment.
@@ -292,7 +325,7 @@ RBKD_CLONES void capture_row(const CaptureArgs& a, int64_t i, float* scratch) {
 void capture_soft_labels_fwd(const CaptureArgs& a, int num_threads) {
   if (a.N == 0 || a.V == 0) return;
   const int nt = pick_threads(num_threads, a.N * a.V * a.J, a.N);
-  const int64_t floats = 2 * kBlock + 3 * a.J + 2 * a.k + 16;
+  const int64_t floats = 2 * kBlock + 3 * a.J + 2 * a.k + 2 * ((a.V + kRun - 1) / kRun) + 16;
   parallel_rows_with_scratch(nt, a.N, floats, "capture_soft_labels_fwd",
                              [&](int64_t i, float* scratch) { capture_row(a, i, scratch); });
 }
