@@ -117,6 +117,21 @@ def test_every_cell_runs_once_and_a_rerun_trains_nothing(ran):
         assert (ran["out"] / name).read_bytes() == data, name
 
 
+def test_a_cell_needs_every_cell_it_reads(ran):
+    """What a runner waits for before it claims a cell: a store its teacher, a store student its
+    store, an online student its teacher, and a hard-label student every teacher (its KL to
+    each is measured), so that a second runner never starts one early."""
+    cells = ran["first"].cells
+    teachers = {c.teacher: c.key for c in cells if c.kind == "teacher"}
+    for c in cells:
+        if c.kind == "store" or (c.kind == "student" and c.inputs["mode"] == "online"):
+            assert c.needs == [teachers[c.teacher]], c.name
+        elif c.kind == "student" and c.inputs["mode"] == "hard":
+            assert sorted(c.needs) == sorted(teachers.values()), c.name
+        elif c.kind == "student":
+            assert len(c.needs) == 1 and c.needs[0] == c.inputs["source"], c.name
+
+
 def test_the_table_has_every_student_and_its_numbers(ran):
     rows = _rows(ran["out"])
     # a hard-label student appears under each teacher (its KL to each); the others once

@@ -167,7 +167,9 @@ def make_lm_plan(study: dict, out: Path, data: dict, device: str = "auto") -> li
                                 _student(out, base, name, mode, T, k, s["alpha"], seed, src)
                             )
         if "hard" in g["modes"]:
-            cells.append(_student(out, base, None, "hard", None, None, 0.0, seed, None))
+            hard = _student(out, base, None, "hard", None, None, 0.0, seed, None)
+            hard.needs = [teachers[name].key for name in g["teachers"]]  # its KL to each
+            cells.append(hard)
     return cells
 
 
