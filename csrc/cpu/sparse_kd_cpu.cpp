@@ -23,7 +23,6 @@ namespace {
 
 using kd::kMaxPowT;
 using kd::pow_int_block;
-using kd::sum;
 
 // 4 KB of float32 per block: its exps, CE exps and converted logits stay in L1.
 constexpr int64_t kBlock = 1024;
@@ -102,6 +101,15 @@ Scratch carve(float* f, int64_t V, int64_t k) {
   r.zk = reinterpret_cast<float*>(r.cid + k);
   r.ek = r.zk + k;
   return r;
+}
+
+// A block's sum as one simd reduction (the accumulators stay in registers; kd::sum's array of
+// partial sums went through the stack).
+RBKD_INLINE float block_sum(const float* x, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  return s;
 }
 
 RBKD_INLINE float load_any(const void* row, int dtype, int64_t j) {
@@ -380,12 +388,12 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
       e[s.sid[c] - j0] = 0.0f;
       if (own_ce) ec[s.sid[c] - j0] = 0.0f;
     }
-    s.bst[b] = sum(e, n);
+    s.bst[b] = block_sum(e, n);
     if (pow_T != 0) {
       pow_int_block(s.cebuf, e, n, pow_T);
-      s.bsce[b] = sum(s.cebuf, n);
+      s.bsce[b] = block_sum(s.cebuf, n);
     } else {
-      s.bsce[b] = own_ce ? sum(ec, n) : s.bst[b];
+      s.bsce[b] = own_ce ? block_sum(ec, n) : s.bst[b];
     }
     s.bsh[b] = mb > -INFINITY ? sh : -INFINITY;
     m = max_f(m, mb);
