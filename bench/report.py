@@ -65,7 +65,8 @@ def op_rows(data: dict) -> list[dict]:
         info = bench.get("extra_info", {})
         if "op" not in info or not bench.get("stats"):
             continue
-        median, best = bench["stats"]["median"], bench["stats"]["min"]
+        median = bench["stats"]["median"]
+        best = bench["stats"].get("min", median)  # a hand-made JSON may hold the median only
         row = dict(info, median_s=median, time_s=best, gbps=info["bytes"] / best / 1e9)
         bandwidth = copy_gbps(data, info["device"], info.get("copy_gbps"))
         row["copy_fraction"] = row["gbps"] / bandwidth if bandwidth else None
