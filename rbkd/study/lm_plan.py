@@ -167,13 +167,14 @@ def make_lm_plan(study: dict, out: Path, data: dict, device: str = "auto") -> li
                                 _student(out, base, name, mode, T, k, s["alpha"], seed, src)
                             )
         if "hard" in g["modes"]:
-            hard = _student(out, base, None, "hard", None, None, 0.0, seed, None)
-            hard.needs = [teachers[name].key for name in g["teachers"]]  # its KL to each
-            cells.append(hard)
+            every = [teachers[name] for name in g["teachers"]]  # its KL is measured to each
+            cells.append(_student(out, base, None, "hard", None, None, 0.0, seed, None, every))
     return cells
 
 
-def _student(out, base, teacher, mode, T, k, alpha, seed, source: LMCell | None) -> LMCell:
+def _student(out, base, teacher, mode, T, k, alpha, seed, source: LMCell | None,
+             reads: list[LMCell] | None = None) -> LMCell:  # fmt: skip
+    """A student cell; `reads` (default: its source) are the cells it waits for."""
     inputs = {**base, "mode": mode, "T": T, "k": k, "alpha": alpha,
               "source": None if source is None else source.key}  # fmt: skip
     key = run_key("lm-study-student", inputs)
@@ -187,5 +188,7 @@ def _student(out, base, teacher, mode, T, k, alpha, seed, source: LMCell | None)
         + ([f"k{k}"] if k is not None else [])
         + [f"s{seed}", key[:KEY_CHARS]]
     )
-    needs = [] if source is None else [source.key]
-    return LMCell("student", name, key, out / "students" / slug, inputs, teacher, needs)
+    if reads is None:
+        reads = [] if source is None else [source]
+    return LMCell("student", name, key, out / "students" / slug, inputs, teacher,
+                  [c.key for c in reads])  # fmt: skip
