@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 import pytest
 import torch
 
+from rbkd import memory_policy
+
 
 def quick_mode() -> bool:
     """RBKD_BENCH_QUICK=1: small shapes and few rounds (a smoke run, not a measurement)."""
@@ -128,6 +130,10 @@ def cpu_model() -> str:
 
 
 def pytest_configure(config) -> None:
+    # As the `rbkd` command does (rbkd/memory_policy.py): freed memory is kept for reuse, so a
+    # case's fresh [N, C] gradient is not faulted in from the system on every call. Every
+    # backend of a case runs under it. RBKD_MALLOC=system measures under glibc's defaults.
+    memory_policy.keep_freed_memory()
     threads = os.environ.get("RBKD_BENCH_THREADS")
     if threads:  # e.g. 1 on a shared machine, where 2 OpenMP threads wait on each other's cores
         torch.set_num_threads(int(threads))
@@ -157,6 +163,7 @@ def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
         "copy_gbps": dict(_copy_gbps),
         "copy_gbps_end": {key: _time_copy(torch.device(key)) for key in _copy_gbps},
         "copy_bytes": COPY_BYTES,
+        "freed_memory": memory_policy.describe(),
         "loadavg_start": list(_load_at_start),
         "loadavg_end": list(os.getloadavg()),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

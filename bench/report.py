@@ -304,6 +304,8 @@ def machine_lines(data: dict) -> list[str]:
     ]
     if info.get("gpu"):
         lines.append(f"- GPU: {info['gpu']} (CUDA {info.get('cuda_version')})")
+    if info.get("freed_memory"):  # rbkd/memory_policy.py; runs before it recorded none
+        lines.append(f"- Freed memory: {info['freed_memory']}")
     if load_start and load_end:
         lines.append(
             f"- Load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load_start)}; "

@@ -16,6 +16,7 @@ from typer import _click as click
 from typer.main import get_command
 
 import rbkd
+from rbkd.memory_policy import keep_freed_memory
 
 # Every command: its module (imported only when the command runs, or its own help is asked
 # for) and the one-line summary `rbkd --help` lists. The summaries are the commands' own first
@@ -125,6 +126,7 @@ def _root(
 def main() -> None:
     """Console-script entry point: the last line of defence for errors outside a command."""
     try:
+        keep_freed_memory()  # before the first large tensor (rbkd/memory_policy.py says why)
         app(prog_name="rbkd")
     except Exception as exc:  # commands report their own errors; this catches the rest
         if debug_enabled():

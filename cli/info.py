@@ -13,6 +13,7 @@ from rbkd.cli.threads import physical_cores
 from rbkd.cli.typer_app import new_app
 
 import rbkd
+from rbkd import memory_policy
 
 app = new_app()
 
@@ -73,6 +74,7 @@ def collect_info() -> dict[str, str]:
     info["cpu_cores"] = f"{physical_cores()} physical, {os.cpu_count()} logical"
     info["torch_threads"] = str(torch.get_num_threads())
     info["rbkd_backend"] = os.environ.get("RBKD_BACKEND", "auto (unset)")
+    info["freed_memory"] = memory_policy.describe()
     return info
 
 
