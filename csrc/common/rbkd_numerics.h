@@ -154,6 +154,28 @@ RBKD_INLINE float fast_exp_lite(float x) {
          bits_float(static_cast<uint32_t>(n2 + 127) << 23);
 }
 
+// fast_exp_lite for x <= 0 (a logit minus its row's or block's max, times 1 / T): one scaling
+// by 2^n, n >= -126, instead of two, and no overflow clamp. Results below e^-87 (1.6e-38, where
+// float turns subnormal) are flushed to 0 (fast_exp_lite keeps them down to e^-104): for
+// probabilities that are summed or scaled into a gradient, a difference below 1e-38. NaN stays
+// NaN; -inf gives 0. Five vector instructions of twenty-two fewer than fast_exp_lite.
+RBKD_INLINE float fast_exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;  // NaN passes the compare
+  const float shifter = 12582912.0f;
+  const float k = xc * 1.44269504088896341f + shifter;
+  const float n = k - shifter;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 8.3125336096e-3f;
+  p = p * r + 4.1890129447e-2f;
+  p = p * r + 1.6667114198e-1f;
+  p = p * r + 4.9999231100e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(float_bits(k) - float_bits(shifter));  // in [-126, 0]
+  const float e = y * bits_float(static_cast<uint32_t>(ni + 127) << 23);
+  return x < -87.0f ? 0.0f : e;
+}
+
 // log(2^fe (1 + f)) for f in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes' logf polynomial, the one
 // copy the Cephes-based logs share (fast_log, log1p_unit).
 RBKD_INLINE float log_poly(float f, float fe) {

@@ -74,7 +74,7 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
         const float zs = (zb[j] - mz) * inv_T;
         const float ts = (tb[j] - mt) * inv_T;
         const float e_t = fast_exp_lite(ts);
-        esb[j] = fast_exp_lite(zs);
+        esb[j] = fast_exp_nonpos(zs);
         etb[j] = e_t;
         kt[j] = kl_term(e_t, ts, zs);
       }
@@ -83,7 +83,7 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
       for (int64_t j = 0; j < n; ++j) {
         const float zs = (zb[j] - mz) * inv_T;
         const float p = fast_exp_lite(tb[j]);
-        esb[j] = fast_exp_lite(zs);
+        esb[j] = fast_exp_nonpos(zs);
         etb[j] = p;
         kt[j] = kl_term(p, tb[j], zs);
       }
@@ -91,7 +91,7 @@ RBKD_CLONES void kd_row(const KdLossArgs& a, int64_t i, float* scratch) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float zs = (zb[j] - mz) * inv_T;
-        esb[j] = fast_exp_lite(zs);
+        esb[j] = fast_exp_nonpos(zs);
         etb[j] = tb[j];
         kt[j] = kl_term(tb[j], fast_log(tb[j]), zs);
       }

@@ -103,15 +103,6 @@ Scratch carve(float* f, int64_t V, int64_t k) {
   return r;
 }
 
-// A block's sum as one simd reduction (the accumulators stay in registers; kd::sum's array of
-// partial sums went through the stack).
-RBKD_INLINE float block_sum(const float* x, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += x[j];
-  return s;
-}
-
 RBKD_INLINE float load_any(const void* row, int dtype, int64_t j) {
   if (dtype == kFloat32) return static_cast<const float*>(row)[j];
   const uint16_t v = static_cast<const uint16_t*>(row)[j];
@@ -379,21 +370,21 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     float* e = s.es + j0;
     float* ec = s.ece + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) e[j] = fast_exp_lite((x[j] - sh) * inv_T);
+    for (int64_t j = 0; j < n; ++j) e[j] = fast_exp_nonpos((x[j] - sh) * inv_T);
     if (own_ce) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ec[j] = fast_exp_lite(x[j] - sh);
+      for (int64_t j = 0; j < n; ++j) ec[j] = fast_exp_nonpos(x[j] - sh);
     }
     for (; c < k && s.sid[c] < j0 + n; ++c) {
       e[s.sid[c] - j0] = 0.0f;
       if (own_ce) ec[s.sid[c] - j0] = 0.0f;
     }
-    s.bst[b] = block_sum(e, n);
+    s.bst[b] = kd::sum(e, n);
     if (pow_T != 0) {
       pow_int_block(s.cebuf, e, n, pow_T);
-      s.bsce[b] = block_sum(s.cebuf, n);
+      s.bsce[b] = kd::sum(s.cebuf, n);
     } else {
-      s.bsce[b] = own_ce ? block_sum(ec, n) : s.bst[b];
+      s.bsce[b] = own_ce ? kd::sum(ec, n) : s.bst[b];
     }
     s.bsh[b] = mb > -INFINITY ? sh : -INFINITY;
     m = max_f(m, mb);
