@@ -71,13 +71,15 @@ struct Scratch {
   float *lp, *lq, *p, *q, *h;      // [k + 1] bucket log-probabilities, probabilities and h
   int64_t* sid;                    // [k] the kept ids, ascending
   int64_t* cid;                    // [k] the kept ids in the row's order (sampled: drawn ones)
-  float *zk, *ek;                  // [k] the student's logits at the kept ids, exp(z - m) there
+  int64_t* sord;                   // [k] sid[c]'s position in cid
+  float *zk, *ek;                  // [k] the student's logits at the kept ids (then their
+                                   // gradients), exp(z - m) there
 };
 
 int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
 
 int64_t scratch_floats(int64_t V, int64_t k) {
-  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 6 * k + 16;
+  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 8 * k + 16;
 }
 
 Scratch carve(float* f, int64_t V, int64_t k) {
@@ -98,7 +100,8 @@ Scratch carve(float* f, int64_t V, int64_t k) {
   const uintptr_t end = reinterpret_cast<uintptr_t>(r.h + (k + 1));
   r.sid = reinterpret_cast<int64_t*>((end + 7) & ~uintptr_t{7});
   r.cid = r.sid + k;
-  r.zk = reinterpret_cast<float*>(r.cid + k);
+  r.sord = r.cid + k;
+  r.zk = reinterpret_cast<float*>(r.sord + k);
   r.ek = r.zk + k;
   return r;
 }
@@ -142,11 +145,13 @@ bool teacher_buckets(const SparseKdArgs& a, int64_t i, float T, bool has_tail, f
   }
   double s = 0.0;
   const double top = mx / Td - shift;
+  const double e_top = exp(top);  // one exp per kept id: exp(l) = exp(l - top) exp(top)
   for (int64_t c = 0; c < k; ++c) {
     const double l = t[c] / Td - shift;
+    const double el = exp(l - top);
     lq[c] = static_cast<float>(l);
-    q[c] = static_cast<float>(exp(l));
-    s += exp(l - top);
+    q[c] = static_cast<float>(el * e_top);
+    s += el;
   }
   if (!has_tail) return true;
   if (a.tail == kTailRenormalize) {
@@ -337,11 +342,13 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     for (int64_t c = 0; c < k; ++c) s.cid[c] = kept_id(a, i, c);
   }
   for (int64_t c = 0; ok && c < k; ++c) {
-    s.sid[c] = s.cid[c];
-    ok = s.sid[c] >= 0 && s.sid[c] < V;
+    s.sord[c] = c;
+    ok = s.cid[c] >= 0 && s.cid[c] < V;
   }
-  if (ok) {
-    std::sort(s.sid, s.sid + k);
+  if (ok) {  // sorted with their positions: pass 1 and 2 meet each kept id in its block
+    const int64_t* cid = s.cid;
+    std::sort(s.sord, s.sord + k, [cid](int64_t l, int64_t r) { return cid[l] < cid[r]; });
+    for (int64_t c = 0; c < k; ++c) s.sid[c] = cid[s.sord[c]];
     for (int64_t c = 1; ok && c < k; ++c) ok = s.sid[c] != s.sid[c - 1];
   }
   const bool has_tail = k < V;
@@ -375,9 +382,11 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) ec[j] = fast_exp_nonpos(x[j] - sh);
     }
-    for (; c < k && s.sid[c] < j0 + n; ++c) {
-      e[s.sid[c] - j0] = 0.0f;
-      if (own_ce) ec[s.sid[c] - j0] = 0.0f;
+    for (; c < k && s.sid[c] < j0 + n; ++c) {  // the block is in L1: no gather later
+      const int64_t j = s.sid[c] - j0;
+      s.zk[s.sord[c]] = x[j];
+      e[j] = 0.0f;
+      if (own_ce) ec[j] = 0.0f;
     }
     s.bst[b] = kd::sum(e, n);
     if (pow_T != 0) {
@@ -402,10 +411,9 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     scale_T[b] = f_T;
     s.bsce[b] = f_1;
   }
-  // The kept ids' exps from their logits, gathered once (row order: lp and h follow lq's
+  // The kept ids' exps from their logits, read in pass 1 (row order: lp and h follow lq's
   // order); ek keeps exp(z - m), the CE's, for the kept ids' gradient. One simd loop: three
   // libm expf per kept id were 8 us a row at k = 128.
-  for (int64_t c = 0; c < k; ++c) s.zk[c] = load_any(z_row, a.s_dtype, s.cid[c]);
   float S_kept = 0.0f, Sce_kept = 0.0f;
 #pragma omp simd reduction(+ : S_kept, Sce_kept)
   for (int64_t c = 0; c < k; ++c) {
@@ -460,7 +468,18 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   const float A = kd_on ? c_kl * (spread - H / S) : 0.0f;
   const float C = kd_on && exact && S_t > 0.0f ? c_kl * h_tail / S_t : 0.0f;
   const float B = has_ce ? cf.c_ce / Sce : 0.0f;
-  for (int64_t b = 0; b < nb; ++b) {
+  // The kept ids' gradients (zeroed in pass 1), into zk: c_kl (h_i - p_i H) + c_ce (pce_i -
+  // [id == y]). Pass 2 stores each while its block is in L1 (a scatter after the row was
+  // written missed the cache for most of them at V = 128256).
+  bool label_kept = false;
+  for (int64_t c = 0; c < k; ++c) {
+    const int64_t id = s.cid[c];
+    float g = kd_on ? c_kl * (s.h[c] - s.p[c] * H) : 0.0f;
+    if (has_ce) g += cf.c_ce * (s.ek[c] / Sce - (id == rp.label ? 1.0f : 0.0f));
+    label_kept |= id == rp.label;
+    s.zk[c] = g;
+  }
+  for (int64_t b = 0, c = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
     const float* e = s.es + j0;
     const float* ec = own_ce ? s.ece + j0 : e;
@@ -475,15 +494,7 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     } else {
       store_grad_any<false>(a.s_dtype, g_row, j0, n, e, ec, Ab, Bb, nullptr, 0.0f, 0.0f, inv_T);
     }
-  }
-  // The kept ids (zeroed above): c_kl (h_i - p_i H) + c_ce (pce_i - [id == y]).
-  bool label_kept = false;
-  for (int64_t c = 0; c < k; ++c) {
-    const int64_t id = s.cid[c];
-    float g = kd_on ? c_kl * (s.h[c] - s.p[c] * H) : 0.0f;
-    if (has_ce) g += cf.c_ce * (s.ek[c] / Sce - (id == rp.label ? 1.0f : 0.0f));
-    label_kept |= id == rp.label;
-    kd::store_one(g_row, a.s_dtype, id, g);
+    for (; c < k && s.sid[c] < j0 + n; ++c) kd::store_one(g_row, a.s_dtype, s.sid[c], s.zk[s.sord[c]]);
   }
   if (has_ce && !label_kept) {  // a tail id: its formula once more, with the label's -1
     const float p_y = expf((z_y - m) * inv_T) * inv_S;
