@@ -54,6 +54,16 @@ def strided(z, t, y):
     return torch.cat([z, z], 1)[::1, ::2], wide_t[::2, 3 : 3 + z.shape[1]], y
 
 
+def padded_rows(z, t, y):
+    """Rows with unit column stride but a row stride past C (3 and 5 floats of padding): the
+    CPU tile kernels' 8 x 8 transposes read and write such rows (C >= 8, 16-row tiles)."""
+    return (
+        torch.cat([z, z[:, :3]], 1)[:, : z.shape[1]],
+        torch.cat([t, t[:, :5]], 1)[:, : t.shape[1]],
+        y,
+    )
+
+
 def float_teacher(z, t, y):
     return z, t.float(), y
 
@@ -89,6 +99,8 @@ ROWS = [  # (name, shape, dtype, options: kd_loss's arguments and kd_case's)
      {"T": 1.0, "alpha": 1.0, "teacher_kind": "probs", "t_squared": False,
       "prep": one_hot_probs}),
     ("non-contiguous", (15, 20), torch.float32, {"T": 2.0, "alpha": 0.6, "prep": strided}),
+    *[("padded rows", (45, c), torch.float32, {"T": 2.0, "alpha": 0.6, "prep": padded_rows})
+      for c in (8, 10, 31)],
     ("bf16 student, f32 teacher", (10, 37), torch.bfloat16, {"prep": float_teacher}),
     *[(f"[b, s, C] int32 labels {r}", (2, 5, 17), torch.float32,
        {"T": per_row(1, 4), "alpha": 0.6, "reduction": r, "prep": int32_padding})

@@ -298,11 +298,90 @@ RBKD_INLINE void store_one(void* row, int dtype, int64_t j, float v) {
 }
 
 // Loads a [C][kLanes] tile: tile[j][r] = row (i0 + r), element j; missing rows read as 0.
+using v8f = float __attribute__((vector_size(32)));
+using v8f_unaligned = float __attribute__((vector_size(32), aligned(4)));
+
+// An 8 x 8 transpose of float vectors: unpack pairs of rows, shuffle pairs of pairs, swap 128-bit
+// halves (each __builtin_shufflevector one AVX instruction). Row r in, column r out. Eight named
+// vectors, not an array: an array went through the stack, and its 16-byte halves read back as
+// 32-byte vectors stalled store forwarding.
+RBKD_INLINE void transpose8(v8f& m0, v8f& m1, v8f& m2, v8f& m3, v8f& m4, v8f& m5, v8f& m6,
+                            v8f& m7) {
+  const v8f t0 = __builtin_shufflevector(m0, m1, 0, 8, 1, 9, 4, 12, 5, 13);
+  const v8f t1 = __builtin_shufflevector(m0, m1, 2, 10, 3, 11, 6, 14, 7, 15);
+  const v8f t2 = __builtin_shufflevector(m2, m3, 0, 8, 1, 9, 4, 12, 5, 13);
+  const v8f t3 = __builtin_shufflevector(m2, m3, 2, 10, 3, 11, 6, 14, 7, 15);
+  const v8f t4 = __builtin_shufflevector(m4, m5, 0, 8, 1, 9, 4, 12, 5, 13);
+  const v8f t5 = __builtin_shufflevector(m4, m5, 2, 10, 3, 11, 6, 14, 7, 15);
+  const v8f t6 = __builtin_shufflevector(m6, m7, 0, 8, 1, 9, 4, 12, 5, 13);
+  const v8f t7 = __builtin_shufflevector(m6, m7, 2, 10, 3, 11, 6, 14, 7, 15);
+  // Rows 0-3 (u0..u3) and 4-7 (u4..u7): column c in the low half, c + 4 in the high half.
+  const v8f u0 = __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+  const v8f u1 = __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8f u2 = __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+  const v8f u3 = __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8f u4 = __builtin_shufflevector(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);
+  const v8f u5 = __builtin_shufflevector(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8f u6 = __builtin_shufflevector(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);
+  const v8f u7 = __builtin_shufflevector(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+  m0 = __builtin_shufflevector(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11);
+  m1 = __builtin_shufflevector(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11);
+  m2 = __builtin_shufflevector(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11);
+  m3 = __builtin_shufflevector(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11);
+  m4 = __builtin_shufflevector(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15);
+  m5 = __builtin_shufflevector(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15);
+  m6 = __builtin_shufflevector(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15);
+  m7 = __builtin_shufflevector(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// A full float32 tile (16 rows, C >= 8) by 8 x 8 blocks: eight row loads and one transpose per
+// block, where the gathers cost a gather per column and lane half (a fifth of a 65536 x 10
+// kd_loss call). The last block of a row overlaps the one before (C = 10: columns 0-7, 2-9).
+// to_tile: rows at p (stride row_stride) into tile; else tile into rows at p.
+template <bool to_tile>
+RBKD_INLINE void transpose_tile_f32(float* p, int64_t row_stride, int64_t C, float (*tile)[kLanes]) {
+  for (int h = 0; h < kLanes; h += 8) {
+    for (int64_t j0 = 0; j0 < C; j0 += 8) {
+      const int64_t jj = std::min<int64_t>(j0, C - 8);
+      float* row = p + h * row_stride + jj;
+      float* col = &tile[jj][h];  // 32-byte aligned: tile rows are 64-byte aligned, h is 0 or 8
+      static_assert(kLanes == 16, "a tile row is two vectors");
+      // Loads and stores through pointers to vector types, the rows' unaligned: no function
+      // returns a vector (the SSE clone would change its ABI).
+      v8f m0, m1, m2, m3, m4, m5, m6, m7;
+      if constexpr (to_tile) {
+        auto r = [&](int k) {
+          return reinterpret_cast<const v8f_unaligned*>(row + k * row_stride);
+        };
+        m0 = *r(0), m1 = *r(1), m2 = *r(2), m3 = *r(3), m4 = *r(4), m5 = *r(5), m6 = *r(6);
+        m7 = *r(7);
+      } else {
+        const auto* c = reinterpret_cast<const v8f*>(col);  // kLanes floats = two vectors a row
+        m0 = c[0], m1 = c[2], m2 = c[4], m3 = c[6], m4 = c[8], m5 = c[10], m6 = c[12], m7 = c[14];
+      }
+      transpose8(m0, m1, m2, m3, m4, m5, m6, m7);
+      if constexpr (to_tile) {
+        auto* c = reinterpret_cast<v8f*>(col);
+        c[0] = m0, c[2] = m1, c[4] = m2, c[6] = m3, c[8] = m4, c[10] = m5, c[12] = m6, c[14] = m7;
+      } else {
+        auto r = [&](int k) { return reinterpret_cast<v8f_unaligned*>(row + k * row_stride); };
+        *r(0) = m0, *r(1) = m1, *r(2) = m2, *r(3) = m3, *r(4) = m4, *r(5) = m5, *r(6) = m6;
+        *r(7) = m7;
+      }
+    }
+  }
+}
+
 template <int D>
 RBKD_INLINE void load_tile(const void* base, int64_t row_stride, int64_t i0, int rows, int64_t C,
                            float (*tile)[kLanes]) {
   using S = typename Storage<D>::type;
   const S* p = static_cast<const S*>(base) + i0 * row_stride;
+  if constexpr (D == kFloat32) {
+    if (rows == kLanes && C >= 8) {
+      return transpose_tile_f32<true>(const_cast<float*>(p), row_stride, C, tile);
+    }
+  }
   if (rows == kLanes && row_stride <= INT32_MAX / kLanes) {
     // A full tile: column j of the 16 rows is one gather (int32 offsets), not 16 scalar moves.
     alignas(64) int32_t off[kLanes];
@@ -339,6 +418,12 @@ template <int D>
 RBKD_INLINE void store_tile(void* base, int64_t i0, int rows, int64_t C,
                             const float (*tile)[kLanes]) {
   using S = typename Storage<D>::type;
+  if constexpr (D == kFloat32) {
+    if (rows == kLanes && C >= 8) {
+      return transpose_tile_f32<false>(static_cast<float*>(base) + i0 * C, C, C,
+                                       const_cast<float(*)[kLanes]>(tile));
+    }
+  }
   const float* col = &tile[0][0];
   for (int r = 0; r < rows; ++r) {
     S* p = static_cast<S*>(base) + (i0 + r) * C;

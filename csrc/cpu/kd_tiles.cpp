@@ -98,10 +98,10 @@ RBKD_INLINE void pass_exps(int64_t C, Tile& T) {
     for (int r = 0; r < kLanes; ++r) {
       const float t = T.t[j][r];
       const float ls = (T.z[j][r] - T.sh_s[r]) * T.sc_s[r];
-      float es = fast_exp(ls), lt = 0.0f, et;
+      float es = fast_exp_nonpos<false>(ls), lt = 0.0f, et;  // dkd's label: > 0, zeroed below
       if constexpr (KIND == kLogits) {
         lt = (t - T.sh_t[r]) * T.sc_t[r];
-        et = fast_exp(lt);
+        et = fast_exp_nonpos<false>(lt);
       } else if constexpr (KIND == kLogProbs) {
         lt = t;
         et = fast_exp(t);
