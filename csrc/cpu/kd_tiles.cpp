@@ -63,6 +63,11 @@ RBKD_INLINE void tile_zscore(int64_t C, const float (*x)[kLanes], float* mean, f
 }
 
 // Maxima (NaN is skipped here and surfaces through the exps' sums) and the label's logits.
+// Every update is unconditional arithmetic: a select that keeps the old value (`isl ? z : zy`,
+// `max_f(mr, isl ? -inf : z)`) became a masked store (vmaskmovps, microcoded on AMD Zen) behind
+// a branch, half of a dkd call at 65536 x 10. The label's logit is a sum of z [j == label] (one
+// term is non-zero: exact), the max off the label a max of z + (0 or -inf) (+inf at the label
+// gives NaN, which the max skips, as it did -inf).
 template <int KIND, bool DKD>
 RBKD_INLINE void pass_max(int64_t C, Tile& T) {
   for (int r = 0; r < kLanes; ++r) {
@@ -74,13 +79,14 @@ RBKD_INLINE void pass_max(int64_t C, Tile& T) {
     for (int r = 0; r < kLanes; ++r) {
       const float z = T.z[j][r], t = T.t[j][r];
       const bool isl = j == T.label[r];
-      T.zy[r] = isl ? z : T.zy[r];
-      T.ty[r] = isl ? t : T.ty[r];
+      T.zy[r] += isl ? z : 0.0f;
+      T.ty[r] += isl ? t : 0.0f;
       T.mz[r] = max_f(T.mz[r], z);
       if constexpr (KIND == kLogits) T.mt[r] = max_f(T.mt[r], t);
       if constexpr (DKD) {
-        T.mr[r] = max_f(T.mr[r], isl ? -INFINITY : z);
-        if constexpr (KIND == kLogits) T.mtr[r] = max_f(T.mtr[r], isl ? -INFINITY : t);
+        const float off = isl ? -INFINITY : 0.0f;
+        T.mr[r] = max_f(T.mr[r], z + off);
+        if constexpr (KIND == kLogits) T.mtr[r] = max_f(T.mtr[r], t + off);
       }
     }
   }
@@ -347,8 +353,9 @@ RBKD_INLINE float dkd_lane(const Tile& T, int r, bool logprobs, float tol, const
   const float lSs = log_add_exp(lSr, ls_y);
   const float lSt = LOGITS ? log_add_exp(lTr, lt_y) : 0.0f;
   const float lp_y = ls_y - lSs, lq_y = lt_y - lSt;
-  const float e_qy = fast_exp(lq_y), e_py = fast_exp(lp_y);
-  const float lQr = lTr - lSt, lPr = lSr - lSs, e_qr = fast_exp(lQr);
+  // Log-probabilities (<= 0 up to rounding): the one-scaling exp.
+  const float e_qy = fast_exp_nonpos<false>(lq_y), e_py = fast_exp_nonpos<false>(lp_y);
+  const float lQr = lTr - lSt, lPr = lSr - lSs, e_qr = fast_exp_nonpos<false>(lQr);
   const float tckd = (e_qy > 0.0f ? e_qy * (lq_y - lp_y) : 0.0f) +
                      (e_qr > 0.0f ? e_qr * (lQr - lPr) : 0.0f);
   const float nckd = Str > 0.0f ? (Sr > 0.0f ? T.A[r] / Str + (lSr - lTr) : INFINITY) : 0.0f;
