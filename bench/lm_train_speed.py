@@ -4,8 +4,9 @@
 
 Each step is timed by the loop itself (a metrics row per step, no validation); the first step
 (allocations, kernel choice) is left out and the median of the rest printed as one JSON line,
-with the load average and thread count, since this CPU is often shared. Numbers from this
-machine are in docs/lm-training.md.
+with the load average and thread count, since this CPU is often shared. Freed memory is kept
+for reuse as in the `rbkd` command (rbkd/memory_policy.py); RBKD_MALLOC=system measures without.
+Numbers from this machine are in docs/lm-training.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 
 import torch
 
+from rbkd import memory_policy
 from rbkd.lm.tokens import corpus_tokens
 from rbkd.lm.train.config import LMTrainConfig
 from rbkd.lm.train.loop import fit_lm
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     args = ap.parse_args()
+    memory_policy.keep_freed_memory()  # as the `rbkd` command does; RBKD_MALLOC=system: glibc's
     train = corpus_tokens("train")
     cfg = LMTrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
                         warmup_steps=1, eval_every=1, precision=args.precision, device="cpu")  # fmt: skip
@@ -44,6 +47,7 @@ def main() -> None:
         "context": args.context, "batch_size": args.batch_size, "steps_timed": len(rates),
         "tokens_per_s_median": statistics.median(rates), "tokens_per_s": [round(r) for r in rates],
         "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "freed_memory": memory_policy.describe(),
     }), flush=True)  # fmt: skip
 
 

@@ -6,12 +6,14 @@ model's [tokens, vocabulary] logits and their gradient, a loss's [N, V] gradient
 them is faulted in and zeroed by the kernel, every step, before any work is done on it. With
 mmap off and trimming off, freed blocks stay in the heap and the next step reuses them.
 
-Measured on the 2-core CPU machine (bench/results/cpu-sparse-2026-12-05c.md): a 1.46M-parameter
-GPT-2 student's training step at 16 x 256 tokens ran 5,447 and 4,821 tokens/s with glibc's
-defaults, 7,153 and 6,881 with this policy; a 1024 x 128256 kd_loss forward + backward with a
-fresh gradient each call spends about 20 ms of its 150 in page faults.
+Measured on the 2-core CPU machine (docs/lm-training.md, bench/results/cpu-sparse-2026-12-05c.md):
+the 2.5M-parameter GPT-2 student of bench/lm_train_speed.py trains at 7,265 tokens/s (median of
+three runs) with this policy against 5,337 with glibc's defaults; dense kd_loss forward +
+backward at 1024 x 128256 with a fresh gradient each call takes 118 ms against 141 (fastest of
+20 interleaved rounds): the difference is page faults.
 
-The cost: the process keeps its peak heap until it exits (nothing freed goes back to the system).
+The cost: the process keeps its peak heap until it exits (nothing freed goes back to the system;
+that student's run peaked at 1.85 GB resident against 1.41 GB).
 That is what a training process wants, and what a library must not impose: the `rbkd` command
 calls keep_freed_memory() at start; a Python program calls it itself if it wants the same.
 RBKD_MALLOC=system leaves glibc's defaults (to measure the difference, or on a shared machine).
