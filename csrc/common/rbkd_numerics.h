@@ -102,71 +102,27 @@ RBKD_INLINE void store(typename Storage<D>::type* p, int64_t j, float v) {
 
 // ---- exp and log, vectorisable: range reduction + polynomial, no libm calls ----
 
-// exp(x) in float, within ~1 ulp for normal results (Cody-Waite reduction by ln 2, the Cephes
-// expf polynomial), 0 for -inf and x < -103.9, +inf above 88.7, NaN for NaN. Branch- and
-// select-free apart from two clamps (vmaxps/vminps): the scale 2^n is applied as two factors
-// 2^(n/2) * 2^(n - n/2), so underflow to subnormals and 0 and overflow to inf happen in the
-// multiply itself; that halves the instructions of the compare-and-blend version (0.7 -> 0.4 ns
-// per exp pair on the Zen 4 this was tuned on).
-RBKD_INLINE float fast_exp(float x) {
-  float xc = x < -110.0f ? -110.0f : x;  // exp(-110) rounds to 0; NaN passes both compares
-  xc = xc > 89.0f ? 89.0f : xc;          // exp(89) overflows to inf
-  const float shifter = 12582912.0f;     // 1.5 * 2^23: adding it rounds to an integer
-  const float k = xc * 1.44269504088896341f + shifter;
-  const float n = k - shifter;
-  float r = xc - n * 0.693359375f;  // ln 2 split in two so n * C1 is exact
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * (r * r) + r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(float_bits(k) - float_bits(shifter));  // in [-159, 129]
-  const int32_t n1 = ni >> 1;
-  const int32_t n2 = ni - n1;
-  return y * bits_float(static_cast<uint32_t>(n1 + 127) << 23) *
-         bits_float(static_cast<uint32_t>(n2 + 127) << 23);
-}
+// The fast exps share one reduction and one polynomial: x = n ln 2 + r (Cody-Waite, ln 2 split
+// in two so n * C1 is exact; the shifter 1.5 * 2^23 rounds x / ln 2 to the integer n, which
+// stays in k's low mantissa bits) and exp(r) = 1 + r + r^2 p(r) on [-ln2/2, ln2/2].
+struct ExpSplit {
+  float r;
+  int32_t n;
+};
 
-// fast_exp with a degree-5 polynomial (two FMAs fewer): within ~3 ulp (1.7e-7 relative) for
-// normal results, same special values. Coefficients: relative-error minimax of
-// (exp(r) - 1 - r) / r^2 on [-ln2/2, ln2/2]. For kernels whose exps are the bottleneck and whose
-// results are sums of many terms anyway (the CPU kd_loss rows).
-RBKD_INLINE float fast_exp_lite(float x) {
-  float xc = x < -110.0f ? -110.0f : x;
-  xc = xc > 89.0f ? 89.0f : xc;
+RBKD_INLINE ExpSplit exp_split(float xc) {
   const float shifter = 12582912.0f;
   const float k = xc * 1.44269504088896341f + shifter;
   const float n = k - shifter;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 8.3125336096e-3f;
-  p = p * r + 4.1890129447e-2f;
-  p = p * r + 1.6667114198e-1f;
-  p = p * r + 4.9999231100e-1f;
-  const float y = p * (r * r) + r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(float_bits(k) - float_bits(shifter));
-  const int32_t n1 = ni >> 1;
-  const int32_t n2 = ni - n1;
-  return y * bits_float(static_cast<uint32_t>(n1 + 127) << 23) *
-         bits_float(static_cast<uint32_t>(n2 + 127) << 23);
+  return {r, static_cast<int32_t>(float_bits(k) - float_bits(shifter))};
 }
 
-// exp(x) for x <= 0 (a logit minus its row's or block's max, times 1 / T): fast_exp's polynomial
-// (kLite: fast_exp_lite's) and one scaling by 2^n, n >= -126, instead of two, and no overflow
-// clamp. Results below e^-87 (1.6e-38, where float turns subnormal) are flushed to 0 (fast_exp
-// keeps them down to e^-104): for probabilities that are summed or scaled into a gradient, a
-// difference below 1e-38. NaN stays NaN; -inf gives 0. Five vector instructions fewer.
-template <bool kLite = true>
-RBKD_INLINE float fast_exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;  // NaN passes the compare
-  const float shifter = 12582912.0f;
-  const float k = xc * 1.44269504088896341f + shifter;
-  const float n = k - shifter;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+// exp(r) for |r| <= ln2/2: the Cephes expf polynomial (~1 ulp), or with kLite a degree-5 one
+// (two FMAs fewer, ~3 ulp: relative-error minimax of (exp(r) - 1 - r) / r^2).
+template <bool kLite>
+RBKD_INLINE float exp_poly(float r) {
   float p;
   if constexpr (kLite) {
     p = 8.3125336096e-3f;
@@ -181,10 +137,42 @@ RBKD_INLINE float fast_exp_nonpos(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
   }
-  const float y = p * (r * r) + r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(float_bits(k) - float_bits(shifter));  // in [-126, 0]
-  const float e = y * bits_float(static_cast<uint32_t>(ni + 127) << 23);
-  return x < -87.0f ? 0.0f : e;
+  return p * (r * r) + r + 1.0f;
+}
+
+// exp(x) at any x: 0 for -inf and x < -103.9, +inf above 88.7, NaN for NaN. Branch- and
+// select-free apart from two clamps (vmaxps/vminps): the scale 2^n is applied as two factors
+// 2^(n/2) * 2^(n - n/2), so underflow to subnormals and 0 and overflow to inf happen in the
+// multiply itself; that halves the instructions of the compare-and-blend version (0.7 -> 0.4 ns
+// per exp pair on the Zen 4 this was tuned on).
+template <bool kLite>
+RBKD_INLINE float exp_any(float x) {
+  float xc = x < -110.0f ? -110.0f : x;  // exp(-110) rounds to 0; NaN passes both compares
+  xc = xc > 89.0f ? 89.0f : xc;          // exp(89) overflows to inf
+  const ExpSplit e = exp_split(xc);      // n in [-159, 129]
+  const int32_t n1 = e.n >> 1;
+  const int32_t n2 = e.n - n1;
+  return exp_poly<kLite>(e.r) * bits_float(static_cast<uint32_t>(n1 + 127) << 23) *
+         bits_float(static_cast<uint32_t>(n2 + 127) << 23);
+}
+
+// exp(x) in float, within ~1 ulp for normal results.
+RBKD_INLINE float fast_exp(float x) { return exp_any<false>(x); }
+
+// fast_exp within ~3 ulp (1.7e-7 relative), same special values. For kernels whose exps are the
+// bottleneck and whose results are sums of many terms anyway (the CPU kd_loss rows).
+RBKD_INLINE float fast_exp_lite(float x) { return exp_any<true>(x); }
+
+// exp(x) for x <= 0 (a logit minus its row's or block's max, times 1 / T): one scaling by 2^n,
+// n >= -126, instead of two, and no overflow clamp. Results below e^-87 (1.6e-38, where float
+// turns subnormal) are flushed to 0 (fast_exp keeps them down to e^-104): for probabilities that
+// are summed or scaled into a gradient, a difference below 1e-38. NaN stays NaN; -inf gives 0.
+// Five vector instructions fewer. Small positive x (rounding) is exact up to 88.
+template <bool kLite = true>
+RBKD_INLINE float fast_exp_nonpos(float x) {
+  const ExpSplit e = exp_split(x < -87.0f ? -87.0f : x);  // NaN passes the compare
+  const float y = exp_poly<kLite>(e.r) * bits_float(static_cast<uint32_t>(e.n + 127) << 23);
+  return x < -87.0f ? 0.0f : y;
 }
 
 // log(2^fe (1 + f)) for f in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes' logf polynomial, the one
