@@ -207,6 +207,14 @@ def test_a_file_size_limit_gives_one_clear_line(tmp_path, tiny_data_root):
 
 
 # ------------------------------------------------------------------ signals
+def _sigint_default() -> None:
+    """In the child, before exec: SIGINT back to its default. A suite started in the background
+    (`cmd &` without job control) hands its children SIGINT ignored, and Python then never
+    installs its KeyboardInterrupt handler: the run would finish instead of stopping, as a
+    background job should. A terminal's Ctrl-C reaches a process with the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigterm_and_sigint_print_the_resume_command_and_the_resumed_runs_match(
     tmp_path, tiny_data, monkeypatch
 ):
@@ -226,6 +234,7 @@ def test_sigterm_and_sigint_print_the_resume_command_and_the_resumed_runs_match(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_sigint_default,
         )
         for name in ("SIGTERM", "SIGINT")
     }
