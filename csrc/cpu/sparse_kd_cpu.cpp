@@ -469,8 +469,9 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   const float C = kd_on && exact && S_t > 0.0f ? c_kl * h_tail / S_t : 0.0f;
   const float B = has_ce ? cf.c_ce / Sce : 0.0f;
   // The kept ids' gradients (zeroed in pass 1), into zk: c_kl (h_i - p_i H) + c_ce (pce_i -
-  // [id == y]). Pass 2 stores each while its block is in L1 (a scatter after the row was
-  // written missed the cache for most of them at V = 128256).
+  // [id == y]). Pass 2 stores each while its block is in L1: a scatter after the whole row was
+  // written reached blocks that had left L1 and L2 (at V = 128256 the gradient row and the
+  // exps are 1 MB, the L2 of a core here 512 KB).
   bool label_kept = false;
   for (int64_t c = 0; c < k; ++c) {
     const int64_t id = s.cid[c];
