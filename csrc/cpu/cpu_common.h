@@ -6,7 +6,6 @@
 #include <stdlib.h>
 
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -186,26 +185,25 @@ constexpr int64_t kSmallC = 32;
 constexpr int kLanes = 16;
 constexpr int64_t kBlock = 512;  // elements per block of pass 2: its temporaries stay in L1
 
+// Eight floats as one value, for the loops GCC's vectoriser does not lay out well (partial sums,
+// transposes); unaligned: for loads and stores through rows at any float offset.
+using v8f = float __attribute__((vector_size(32)));
+using v8f_unaligned = float __attribute__((vector_size(32), aligned(4)));
+
 // Sum of x[0, n) in four vector accumulators, so consecutive adds do not wait on each other: one
 // simd reduction keeps one accumulator, and its add latency made the block sums a quarter of a
 // divergence row's time at 32000 classes and a fifth of the sparse loss's first pass. GCC's
 // vector types stay in registers (an array of 32 partial sums went through the stack).
 RBKD_INLINE float sum(const float* x, int64_t n) {
-  using v8 = float __attribute__((vector_size(32)));
-  v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
-    v8 b0, b1, b2, b3;
-    memcpy(&b0, x + j, sizeof b0);
-    memcpy(&b1, x + j + 8, sizeof b1);
-    memcpy(&b2, x + j + 16, sizeof b2);
-    memcpy(&b3, x + j + 24, sizeof b3);
-    a0 += b0;
-    a1 += b1;
-    a2 += b2;
-    a3 += b3;
+    a0 += *reinterpret_cast<const v8f_unaligned*>(x + j);
+    a1 += *reinterpret_cast<const v8f_unaligned*>(x + j + 8);
+    a2 += *reinterpret_cast<const v8f_unaligned*>(x + j + 16);
+    a3 += *reinterpret_cast<const v8f_unaligned*>(x + j + 24);
   }
-  const v8 a = (a0 + a1) + (a2 + a3);
+  const v8f a = (a0 + a1) + (a2 + a3);
   float s = 0.0f;
   for (int r = 0; r < 8; ++r) s += a[r];
   for (; j < n; ++j) s += x[j];
@@ -297,10 +295,6 @@ RBKD_INLINE void store_one(void* row, int dtype, int64_t j, float v) {
   }
 }
 
-// Loads a [C][kLanes] tile: tile[j][r] = row (i0 + r), element j; missing rows read as 0.
-using v8f = float __attribute__((vector_size(32)));
-using v8f_unaligned = float __attribute__((vector_size(32), aligned(4)));
-
 // An 8 x 8 transpose of float vectors: unpack pairs of rows, shuffle pairs of pairs, swap 128-bit
 // halves (each __builtin_shufflevector one AVX instruction). Row r in, column r out. Eight named
 // vectors, not an array: an array went through the stack, and its 16-byte halves read back as
@@ -372,6 +366,7 @@ RBKD_INLINE void transpose_tile_f32(float* p, int64_t row_stride, int64_t C, flo
   }
 }
 
+// Loads a [C][kLanes] tile: tile[j][r] = row (i0 + r), element j; missing rows read as 0.
 template <int D>
 RBKD_INLINE void load_tile(const void* base, int64_t row_stride, int64_t i0, int rows, int64_t C,
                            float (*tile)[kLanes]) {
