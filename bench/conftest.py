@@ -129,20 +129,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def bench_malloc() -> str:
-    """RBKD_BENCH_MALLOC: "system" (glibc's defaults, the default) or "keep"."""
-    policy = (os.environ.get("RBKD_BENCH_MALLOC") or "system").strip().lower()
-    if policy not in memory_policy.POLICIES:
-        raise ValueError(f"RBKD_BENCH_MALLOC must be 'keep' or 'system', got {policy!r}")
-    return policy
-
-
 def pytest_configure(config) -> None:
     # RBKD_BENCH_MALLOC=keep: freed memory kept for reuse, as the `rbkd` command does
     # (rbkd/memory_policy.py), for every backend of a case. The default is glibc's, under which
     # every earlier result in bench/results was measured and a user's own torch code runs: each
     # fresh [N, C] buffer (eager's temporaries, every gradient) is then faulted in per call.
-    if bench_malloc() == "keep":
+    if memory_policy.malloc_policy("RBKD_BENCH_MALLOC", default="system") == "keep":
         memory_policy.keep_freed_memory()
     threads = os.environ.get("RBKD_BENCH_THREADS")
     if threads:  # e.g. 1 on a shared machine, where 2 OpenMP threads wait on each other's cores

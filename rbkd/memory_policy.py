@@ -34,12 +34,14 @@ _INT_MAX = 2**31 - 1
 _applied = False
 
 
-def malloc_policy() -> str:
-    """RBKD_MALLOC: "keep" (the default: keep freed memory) or "system" (glibc's defaults)."""
-    policy = (os.environ.get("RBKD_MALLOC") or "keep").strip().lower()
+def malloc_policy(variable: str = "RBKD_MALLOC", default: str = "keep") -> str:
+    """The policy an environment variable asks for: "keep" (keep freed memory) or "system"
+    (glibc's defaults). RBKD_MALLOC, the command's, defaults to "keep"; the benchmarks read
+    RBKD_BENCH_MALLOC with "system" as the default."""
+    policy = (os.environ.get(variable) or default).strip().lower()
     if policy not in POLICIES:
         raise ValueError(
-            f"RBKD_MALLOC must be 'keep' or 'system', got {policy!r}; unset it for the default"
+            f"{variable} must be 'keep' or 'system', got {policy!r}; unset it for the default"
         )
     return policy
 
