@@ -328,43 +328,25 @@ RBKD_INLINE void transpose8(v8f& m0, v8f& m1, v8f& m2, v8f& m3, v8f& m4, v8f& m5
   m7 = __builtin_shufflevector(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// A full float32 tile (16 rows, C >= 8) by 8 x 8 blocks: eight row loads and one transpose per
-// block, where the gathers cost a gather per column and lane half (a fifth of a 65536 x 10
-// kd_loss call). The last block of a row overlaps the one before (C = 10: columns 0-7, 2-9).
-// to_tile: rows at p (stride row_stride) into tile; else tile into rows at p.
-template <bool to_tile>
-RBKD_INLINE void transpose_tile_f32(float* p, int64_t row_stride, int64_t C, float (*tile)[kLanes]) {
-  for (int h = 0; h < kLanes; h += 8) {
-    for (int64_t j0 = 0; j0 < C; j0 += 8) {
-      const int64_t jj = std::min<int64_t>(j0, C - 8);
-      float* row = p + h * row_stride + jj;
-      float* col = &tile[jj][h];  // 32-byte aligned: tile rows are 64-byte aligned, h is 0 or 8
-      static_assert(kLanes == 16, "a tile row is two vectors");
-      // Loads and stores through pointers to vector types, the rows' unaligned: no function
-      // returns a vector (the SSE clone would change its ABI).
-      v8f m0, m1, m2, m3, m4, m5, m6, m7;
-      if constexpr (to_tile) {
-        auto r = [&](int k) {
-          return reinterpret_cast<const v8f_unaligned*>(row + k * row_stride);
-        };
-        m0 = *r(0), m1 = *r(1), m2 = *r(2), m3 = *r(3), m4 = *r(4), m5 = *r(5), m6 = *r(6);
-        m7 = *r(7);
-      } else {
-        const auto* c = reinterpret_cast<const v8f*>(col);  // kLanes floats = two vectors a row
-        m0 = c[0], m1 = c[2], m2 = c[4], m3 = c[6], m4 = c[8], m5 = c[10], m6 = c[12], m7 = c[14];
-      }
-      transpose8(m0, m1, m2, m3, m4, m5, m6, m7);
-      if constexpr (to_tile) {
-        auto* c = reinterpret_cast<v8f*>(col);
-        c[0] = m0, c[2] = m1, c[4] = m2, c[6] = m3, c[8] = m4, c[10] = m5, c[12] = m6, c[14] = m7;
-      } else {
-        auto r = [&](int k) { return reinterpret_cast<v8f_unaligned*>(row + k * row_stride); };
-        *r(0) = m0, *r(1) = m1, *r(2) = m2, *r(3) = m3, *r(4) = m4, *r(5) = m5, *r(6) = m6;
-        *r(7) = m7;
-      }
-    }
-  }
+// dst[c * ds + r] = src[r * ss + c] for r, c < 8: eight vector loads, one transpose, eight
+// stores, unaligned on both sides (a tile's side is aligned; the instructions cost the same).
+// Loads and stores go through pointers to vector types: no function returns a vector (the SSE
+// clone would change its ABI).
+RBKD_INLINE void transpose_block8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  auto in = [&](int r) { return reinterpret_cast<const v8f_unaligned*>(src + r * ss); };
+  v8f m0 = *in(0), m1 = *in(1), m2 = *in(2), m3 = *in(3), m4 = *in(4), m5 = *in(5),
+      m6 = *in(6), m7 = *in(7);
+  transpose8(m0, m1, m2, m3, m4, m5, m6, m7);
+  auto out = [&](int r) { return reinterpret_cast<v8f_unaligned*>(dst + r * ds); };
+  *out(0) = m0, *out(1) = m1, *out(2) = m2, *out(3) = m3, *out(4) = m4, *out(5) = m5;
+  *out(6) = m6, *out(7) = m7;
 }
+
+// A full float32 tile (kLanes rows, C >= 8) moves by 8 x 8 blocks (rows h..h+7, columns
+// jj..jj+7), where gathers cost one gather per column and lane half (a fifth of a 65536 x 10
+// kd_loss call). The last block of a row overlaps the one before (C = 10: columns 0-7, 2-9).
+static_assert(kLanes % 8 == 0, "a tile's lanes are whole blocks of 8 rows");
+RBKD_INLINE int64_t block8_column(int64_t j0, int64_t C) { return std::min<int64_t>(j0, C - 8); }
 
 // Loads a [C][kLanes] tile: tile[j][r] = row (i0 + r), element j; missing rows read as 0.
 template <int D>
@@ -374,7 +356,13 @@ RBKD_INLINE void load_tile(const void* base, int64_t row_stride, int64_t i0, int
   const S* p = static_cast<const S*>(base) + i0 * row_stride;
   if constexpr (D == kFloat32) {
     if (rows == kLanes && C >= 8) {
-      return transpose_tile_f32<true>(const_cast<float*>(p), row_stride, C, tile);
+      for (int h = 0; h < kLanes; h += 8) {
+        for (int64_t j0 = 0; j0 < C; j0 += 8) {
+          const int64_t jj = block8_column(j0, C);
+          transpose_block8(p + h * row_stride + jj, row_stride, &tile[jj][h], kLanes);
+        }
+      }
+      return;
     }
   }
   if (rows == kLanes && row_stride <= INT32_MAX / kLanes) {
@@ -415,8 +403,14 @@ RBKD_INLINE void store_tile(void* base, int64_t i0, int rows, int64_t C,
   using S = typename Storage<D>::type;
   if constexpr (D == kFloat32) {
     if (rows == kLanes && C >= 8) {
-      return transpose_tile_f32<false>(static_cast<float*>(base) + i0 * C, C, C,
-                                       const_cast<float(*)[kLanes]>(tile));
+      float* rows = static_cast<float*>(base) + i0 * C;
+      for (int h = 0; h < kLanes; h += 8) {
+        for (int64_t j0 = 0; j0 < C; j0 += 8) {
+          const int64_t jj = block8_column(j0, C);
+          transpose_block8(&tile[jj][h], kLanes, rows + h * C + jj, C);
+        }
+      }
+      return;
     }
   }
   const float* col = &tile[0][0];

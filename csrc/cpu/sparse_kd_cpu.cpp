@@ -72,14 +72,14 @@ struct Scratch {
   int64_t* sid;                    // [k] the kept ids, ascending
   int64_t* cid;                    // [k] the kept ids in the row's order (sampled: drawn ones)
   int64_t* sord;                   // [k] sid[c]'s position in cid
-  float *zk, *ek;                  // [k] the student's logits at the kept ids (then their
-                                   // gradients), exp(z - m) there
+  float *zk, *ek, *gk;             // [k] the student's logits at the kept ids, exp(z - m)
+                                   // there, their gradients
 };
 
 int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
 
 int64_t scratch_floats(int64_t V, int64_t k) {
-  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 8 * k + 16;
+  return 2 * V + 2 * kBlock + 3 * num_blocks(V) + 5 * (k + 1) + 9 * k + 16;
 }
 
 Scratch carve(float* f, int64_t V, int64_t k) {
@@ -103,6 +103,7 @@ Scratch carve(float* f, int64_t V, int64_t k) {
   r.sord = r.cid + k;
   r.zk = reinterpret_cast<float*>(r.sord + k);
   r.ek = r.zk + k;
+  r.gk = r.ek + k;
   return r;
 }
 
@@ -468,7 +469,7 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
   const float A = kd_on ? c_kl * (spread - H / S) : 0.0f;
   const float C = kd_on && exact && S_t > 0.0f ? c_kl * h_tail / S_t : 0.0f;
   const float B = has_ce ? cf.c_ce / Sce : 0.0f;
-  // The kept ids' gradients (zeroed in pass 1), into zk: c_kl (h_i - p_i H) + c_ce (pce_i -
+  // The kept ids' gradients (zeroed in pass 1): c_kl (h_i - p_i H) + c_ce (pce_i -
   // [id == y]). Pass 2 stores each while its block is in L1: a scatter after the whole row was
   // written reached blocks that had left L1 and L2 (at V = 128256 the gradient row and the
   // exps are 1 MB, the L2 of a core here 512 KB).
@@ -478,7 +479,7 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     float g = kd_on ? c_kl * (s.h[c] - s.p[c] * H) : 0.0f;
     if (has_ce) g += cf.c_ce * (s.ek[c] / Sce - (id == rp.label ? 1.0f : 0.0f));
     label_kept |= id == rp.label;
-    s.zk[c] = g;
+    s.gk[c] = g;
   }
   for (int64_t b = 0, c = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
@@ -495,7 +496,9 @@ RBKD_CLONES void sparse_row(const SparseKdArgs& a, int64_t i, float* scratch, co
     } else {
       store_grad_any<false>(a.s_dtype, g_row, j0, n, e, ec, Ab, Bb, nullptr, 0.0f, 0.0f, inv_T);
     }
-    for (; c < k && s.sid[c] < j0 + n; ++c) kd::store_one(g_row, a.s_dtype, s.sid[c], s.zk[s.sord[c]]);
+    for (; c < k && s.sid[c] < j0 + n; ++c) {
+      kd::store_one(g_row, a.s_dtype, s.sid[c], s.gk[s.sord[c]]);
+    }
   }
   if (has_ce && !label_kept) {  // a tail id: its formula once more, with the label's -1
     const float p_y = expf((z_y - m) * inv_T) * inv_S;
